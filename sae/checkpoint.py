@@ -1,0 +1,125 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
+    state.safetensors   SAE parameters (unfolded, in training scale), optimizer tensors, the
+                        dead-latent counters and the RNG state
+    state.json          step, tokens seen, input scale, optimizer hyperparameters, the data stream's
+                        position, the wandb run id, the run's config
+It is written into a hidden temporary folder, fsynced, then renamed into place: a crash mid-write
+leaves no folder named step-*, so an incomplete checkpoint is never found, let alone loaded.
+Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+_PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically, then prune all but the newest `keep`."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(tmp / STATE_TENSORS))
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+    for name in (STATE_TENSORS, STATE_JSON):
+        with open(tmp / name, "rb") as file:
+            os.fsync(file.fileno())
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint folder; a clear error when a file is missing or corrupt."""
+    path = Path(path)
+    for name in (STATE_TENSORS, STATE_JSON):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {path / name}")
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
+    return tensors, state
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict into named tensors and a JSON-able rest."""
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            name = f"optimizer.{param_id}.{key}"
+            if isinstance(value, Tensor):
+                tensors[name] = value
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of `optimizer_to_flat`."""
+    state: dict[int, dict[str, Any]] = {}
+    items = [(n, t) for n, t in tensors.items() if n.startswith("optimizer.")] + list(meta["scalars"].items())
+    for name, value in items:
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors() -> dict[str, Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, rng_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = rng_state
+    return tensors
+
+
+def restore_rng(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,335 @@
+"""Configuration: one set of dataclasses that is also the YAML schema and the command line.
+
+`TrainConfig` nests `SaeConfig` (the SAE's shape and losses) and `DataConfig` (where the text comes
+from). A run's config is a YAML file (`configs/*.yaml`) plus command-line overrides, in either form:
+
+    python train.py --config configs/default.yaml --sae.k 32 --batch_size=8192 --resume
+
+The `--key=value` form is exactly what a wandb sweep agent passes. Unknown keys and values of the
+wrong type are errors that name the key and the type it expects; configs are never mutated after
+parsing (derived values, such as `d_in` from the model, go into a `dataclasses.replace` copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Shape and losses of a TopK sparse autoencoder (Gao et al. 2024)."""
+
+    d_in: int = 0
+    """Width of the activations. 0 in a training config: taken from the model's hookpoint."""
+
+    n_latents: int = 2048
+    """Number of latents (dictionary size). Saved in cfg.json as `num_latents` (sparsify's name)."""
+
+    k: int = 32
+    """Number of latents kept per token by the TopK activation."""
+
+    k_aux: int = 512
+    """Dead latents used by the AuxK loss per token (capped at the number of dead latents)."""
+
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss; 0 turns AuxK off."""
+
+    dead_tokens: int = 10_000_000
+    """A latent is dead once it has not fired for this many training tokens."""
+
+    multi_topk: bool = False
+    """Add the Multi-TopK loss: nmse with the top 4k latents, weighted 1/8."""
+
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm (gradient projected, renormalised after each step)."""
+
+    def __post_init__(self):
+        if self.n_latents <= 0 or self.k <= 0:
+            raise ValueError(f"SaeConfig: n_latents and k must be positive, got {self.n_latents}, {self.k}")
+        if self.k > self.n_latents:
+            raise ValueError(f"SaeConfig: k={self.k} exceeds n_latents={self.n_latents}")
+        if self.d_in < 0 or self.k_aux < 0 or self.auxk_coef < 0 or self.dead_tokens < 0:
+            raise ValueError("SaeConfig: d_in, k_aux, auxk_coef and dead_tokens must be non-negative")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training text comes from and how it is cut into windows."""
+
+    dataset: str = CORPUS_NAME
+    """A hub dataset name, a local .txt/.json/.jsonl/.parquet file, folder or glob, or
+    "stdlib-docs" (the embedded corpus of Python's own docstrings, built on first use)."""
+
+    dataset_config: str | None = None
+    """The hub dataset's configuration name, if it has several."""
+
+    split: str = "train"
+    """Split to stream."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+
+    ctx_len: int = 64
+    """Tokens per window fed to the LM (Gao et al. use 64). The first position of each is dropped."""
+
+    shuffle_buffer_tokens: int = 65536
+    """Activations mixed together before batching (tokens, across many windows). Bounds memory."""
+
+    lm_batch_windows: int = 64
+    """Windows per LM forward pass."""
+
+    data_dir: str = "data"
+    """Where generated corpora (the embedded default) are written."""
+
+    def __post_init__(self):
+        if self.ctx_len < 2:
+            raise ValueError(f"DataConfig: ctx_len must be at least 2 (the first position is dropped), got {self.ctx_len}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: which LM and hookpoint, which SAE, how to optimise, where to log and save."""
+
+    model: str = str(EMBEDDED_MODEL_DIR)
+    """LM name on the hub or local folder, for `AutoModelForCausalLM.from_pretrained`."""
+
+    hookpoint: str = "transformer.h.2"
+    """Module whose output is the residual stream to encode (GPT-2: `transformer.h.8`)."""
+
+    sae: SaeConfig = field(default_factory=lambda: SaeConfig(n_latents=2048, k=16, k_aux=256, dead_tokens=500_000))
+    """The SAE. The default suits the embedded model (Gao et al. use dead_tokens=10M on larger runs)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+    batch_size: int = 4096
+    """Activations (tokens) per optimiser step."""
+
+    max_tokens: int = 4_000_000
+    """Training tokens in total."""
+
+    lr: float | None = None
+    """Adam learning rate; None uses Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)."""
+
+    lr_warmup_steps: int = 100
+    """Linear warmup steps."""
+
+    lr_decay_frac: float = 0.0
+    """Fraction of training, at the end, over which the learning rate decays linearly to 0."""
+
+    grad_clip: float = 1.0
+    """Gradient-norm clip; 0 turns it off."""
+
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the LM's forward pass (activations are trained on in float32)."""
+
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda" or "cuda:N"."""
+
+    seed: int = 0
+    """Seeds parameter init and the activation shuffle."""
+
+    run_name: str = "default"
+    """The run's folder under `out_dir`, and its wandb name."""
+
+    out_dir: str = "runs"
+    """Runs are written to OUT_DIR/RUN_NAME/ (checkpoints/ and one SAE folder per hookpoint)."""
+
+    log_every: int = 10
+    """Steps between metric lines (stdout and wandb)."""
+
+    save_every: int = 200
+    """Steps between checkpoints; 0 saves only at the end."""
+
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are pruned)."""
+
+    resume: bool = False
+    """Continue from the latest checkpoint in OUT_DIR/RUN_NAME/checkpoints."""
+
+    wandb_project: str = "topk-sae"
+    """wandb project."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    """wandb mode; offline and disabled need no network."""
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_tokens", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError(f"TrainConfig.lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value has the wrong type."""
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, checking every key and value type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against type `hint`, converting only where it loses nothing (e.g. 1e6 -> int)."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' expects {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"config key '{key}' expects one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = _as_number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+    elif hint is float:
+        number = _as_number(value)
+        if number is not None:
+            return float(number)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {_type_name(hint)}, got {value!r}")
+
+
+def _as_number(value: Any) -> float | int | None:
+    """A number from an int, float or numeric string ("1e6", "10_000"; YAML reads 1e6 as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain dict of a config (for YAML, JSON and wandb)."""
+    return dataclasses.asdict(config)
+
+
+def _set_nested(tree: dict, dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for parent in parents:
+        node = tree.setdefault(parent, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{parent}' is not a section, cannot set '{dotted_key}'")
+        tree = node
+    tree[leaf] = value
+
+
+def _bool_keys(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of the boolean fields, which may appear on the command line without a value."""
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _bool_keys(hint, f"{prefix}{name}.")
+        elif hint is bool:
+            keys.add(prefix + name)
+    return keys
+
+
+def parse_args(argv: list[str], cls: type = TrainConfig) -> Any:
+    """Config from `--config FILE` (YAML) and `--key value` / `--key=value` / `--flag` overrides.
+
+    Dotted keys reach nested sections (`--sae.k 64`). Values are read as YAML scalars, then checked
+    against the field's type.
+    """
+    tree: dict[str, Any] = {}
+    overrides: list[tuple[str, Any]] = []
+    bool_keys = _bool_keys(cls)
+    position = 0
+    while position < len(argv):
+        argument = argv[position]
+        position += 1
+        if not argument.startswith("--"):
+            raise ConfigError(f"unexpected argument {argument!r}; options look like --key value or --key=value")
+        key, has_value, value = argument[2:].partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            next_is_value = position < len(argv) and not argv[position].startswith("--")
+            if key in bool_keys and not next_is_value:
+                value = "true"
+            elif not next_is_value:
+                raise ConfigError(f"option --{key} needs a value")
+            else:
+                value = argv[position]
+                position += 1
+        if key == "config":
+            tree = load_yaml(value)
+        else:
+            overrides.append((key, yaml.safe_load(value) if value != "" else ""))
+    for key, value in overrides:
+        _set_nested(tree, key, value)
+    return from_dict(cls, tree)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as file:
+        tree = yaml.safe_load(file) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    return tree
+
+
+def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
+    """Config from a YAML file alone."""
+    return from_dict(cls, load_yaml(path))

@@ -1,0 +1,151 @@
+"""Text in, token windows out: HF `datasets` streaming -> tokenizer -> fixed windows of ctx_len tokens.
+
+Documents are concatenated with the tokenizer's end-of-text token between them and cut into windows
+of exactly `ctx_len` tokens (no padding). The stream's position is a small JSON-able state (the
+dataset's own `state_dict()` plus the tokens read but not yet emitted), so a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from .config import DataConfig
+from .embedded import CORPUS_NAME, build_corpus
+
+# Builders of `datasets` for local files, by extension.
+_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, world_size: int = 1) -> IterableDataset:
+    """A streaming dataset of documents for `cfg`, sharded to this rank (disjoint across ranks).
+
+    `cfg.dataset` is the embedded corpus name, a local file / folder / glob, or a hub dataset name.
+    """
+    split = split or cfg.split
+    if cfg.dataset == CORPUS_NAME:
+        files = build_corpus(Path(cfg.data_dir) / CORPUS_NAME)
+        if split not in files:
+            raise ValueError(f"the embedded corpus has splits {sorted(files)}, not '{split}'")
+        dataset = load_dataset("json", data_files={split: str(files[split])}, split=split, streaming=True)
+    elif _looks_local(cfg.dataset):
+        files = _local_files(cfg.dataset)
+        builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
+        dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+    else:
+        dataset = load_dataset(cfg.dataset, cfg.dataset_config, split=split, streaming=True)
+    if world_size > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    return dataset
+
+
+def _looks_local(name: str) -> bool:
+    return (
+        Path(name).exists()
+        or name.startswith((".", "/", "~"))
+        or any(char in name for char in "*?[")
+        or Path(name).suffix.lower() in _LOCAL_BUILDERS
+    )
+
+
+def _local_files(pattern: str) -> list[str]:
+    """Data files for a local path: the file itself, every data file under a folder, or a glob's matches."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        candidates = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in _LOCAL_BUILDERS)
+    elif path.is_file():
+        candidates = [str(path)]
+    else:
+        candidates = sorted(glob.glob(str(path)))
+    if not candidates:
+        raise FileNotFoundError(f"data file not found: {pattern}")
+    suffixes = {Path(c).suffix.lower() for c in candidates}
+    unknown = suffixes - set(_LOCAL_BUILDERS)
+    if unknown or len({_LOCAL_BUILDERS[s] for s in suffixes}) != 1:
+        raise ValueError(f"{pattern}: data files must all be one of {sorted(_LOCAL_BUILDERS)}; found {sorted(suffixes)}")
+    return candidates
+
+
+class TokenWindows:
+    """Endless (or single-pass) iterator of (ctx_len,) int64 token windows from a text dataset.
+
+    After the last document it starts the dataset again (a new epoch) unless `loop=False`.
+    """
+
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        tokenizer: Any,
+        ctx_len: int,
+        text_column: str = "text",
+        docs_per_batch: int = 64,
+        loop: bool = True,
+    ):
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.ctx_len = ctx_len
+        self.text_column = text_column
+        self.docs_per_batch = docs_per_batch
+        self.loop = loop
+        self.separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self._initial_dataset_state = copy.deepcopy(dataset.state_dict())
+        self.epoch = 0
+        self._documents_this_epoch = 0
+        self._pending: list[int] = []
+        self._documents: Iterator[dict] = iter(dataset)
+
+    def __iter__(self) -> "TokenWindows":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while len(self._pending) < self.ctx_len:
+            self._read_documents()
+        window = self._pending[: self.ctx_len]
+        del self._pending[: self.ctx_len]
+        return torch.tensor(window, dtype=torch.long)
+
+    def _read_documents(self) -> None:
+        texts = []
+        for document in self._documents:
+            if self.text_column not in document:
+                raise KeyError(f"text column '{self.text_column}' not in the dataset; columns: {sorted(document)}")
+            if document[self.text_column]:
+                texts.append(document[self.text_column])
+            if len(texts) == self.docs_per_batch:
+                break
+        if not texts:  # the dataset is exhausted
+            if not self.loop:
+                raise StopIteration
+            if self._documents_this_epoch == 0:
+                raise ValueError("the dataset has no non-empty documents")
+            self.epoch += 1
+            self._documents_this_epoch = 0
+            self.dataset.load_state_dict(copy.deepcopy(self._initial_dataset_state))
+            self._documents = iter(self.dataset)
+            return
+        self._documents_this_epoch += len(texts)
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            self._pending.extend(ids)
+            self._pending.extend(self.separator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position: epoch, the dataset's own state and the tokens read but not emitted."""
+        return {
+            "epoch": self.epoch,
+            "documents_this_epoch": self._documents_this_epoch,
+            "dataset": copy.deepcopy(self.dataset.state_dict()),
+            "pending": list(self._pending),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self._documents_this_epoch = state["documents_this_epoch"]
+        self._pending = list(state["pending"])
+        self.dataset.load_state_dict(copy.deepcopy(state["dataset"]))
+        self._documents = iter(self.dataset)

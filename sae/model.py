@@ -1,0 +1,297 @@
+"""The TopK sparse autoencoder of Gao et al. 2024, "Scaling and evaluating sparse autoencoders".
+
+Parameter names and the saved file layout follow EleutherAI's sparsify, so a folder saved here loads
+there (`SparseCoder.load_from_disk`) and gives the same outputs:
+
+    encoder.weight  W_enc (n_latents, d_in)     encoder.bias  b_enc (n_latents)
+    W_dec           (n_latents, d_in), unit-norm rows          b_dec (d_in)
+
+    encode:  pre = W_enc (x - b_dec) + b_enc;  keep the top k per row;  values = ReLU(top values)
+    decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
+
+This module is the eager torch implementation; it is also the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import ConfigError, SaeConfig, from_dict
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+PARAMETER_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+# cfg.json keys that name SaeConfig fields differently (sparsify's names).
+_FILE_KEYS = {"n_latents": "num_latents"}
+
+
+class ForwardOutput(NamedTuple):
+    """What `SparseAutoencoder.forward` returns. Losses are scalars."""
+
+    x_hat: Tensor
+    """Reconstruction, (N, d_in)."""
+
+    latent_acts: Tensor
+    """Values of the top-k latents after ReLU, (N, k)."""
+
+    latent_indices: Tensor
+    """Indices of the top-k latents, (N, k) int64."""
+
+    fvu: Tensor
+    """Main loss: normalized MSE, sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""
+
+    auxk_loss: Tensor
+    """AuxK loss (normalized MSE of the dead latents' reconstruction of the residual); 0 when off."""
+
+    multi_topk_fvu: Tensor
+    """Normalized MSE with the top 4k latents; 0 unless `multi_topk`."""
+
+    loss: Tensor
+    """Training objective: fvu + auxk_coef * auxk_loss + multi_topk_fvu / 8."""
+
+
+def normalized_mse(target: Tensor, prediction: Tensor) -> Tensor:
+    """sum ||target - prediction||^2 / sum ||target - mean_batch(target)||^2 (fraction of variance unexplained)."""
+    total_variance = (target - target.mean(0)).pow(2).sum()
+    return (target - prediction).pow(2).sum() / total_variance
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]]  -> (N, d_in), without materialising (N, n_latents)."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Point minimising the sum of Euclidean distances to `points` (N, d), by Weiszfeld's algorithm.
+
+    Gao et al. initialise b_dec to the geometric median of a batch of activations.
+    """
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(max_iter):
+        distances = (points - median).norm(dim=1).clamp_min(1e-12)
+        weights = 1 / distances
+        new_median = (weights[:, None] * points).sum(0) / weights.sum()
+        converged = (new_median - median).norm() <= tol * median.norm().clamp_min(1e-12)
+        median = new_median
+        if converged:
+            break
+    return median
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK SAE with AuxK and optional Multi-TopK losses. See the module docstring for the math."""
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        super().__init__()
+        if cfg.d_in <= 0:
+            raise ValueError(f"SaeConfig.d_in must be positive to build an SAE, got {cfg.d_in}")
+        self.cfg = cfg
+        self.encoder = nn.Linear(cfg.d_in, cfg.n_latents, device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2)."""
+        self.W_dec.normal_()
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        self.encoder.weight.copy_(self.W_dec)
+        self.encoder.bias.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    # ---- the forward pass -------------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations W_enc (x - b_dec) + b_enc, (N, n_latents)."""
+        return F.linear(x.to(self.dtype) - self.b_dec, self.encoder.weight, self.encoder.bias)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64)."""
+        return self._select(self.pre_acts(x), self.cfg.k)
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k)."""
+        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+
+    @staticmethod
+    def _select(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        # ReLU after the top-k (not before) keeps indices well defined when fewer than k are positive.
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        """Encode, decode and compute the losses for a batch `x` (N, d_in).
+
+        dead_mask: (n_latents,) bool, the latents the AuxK loss may use; None or all-False turns it off.
+        """
+        x = x.to(self.dtype)
+        pre_acts = self.pre_acts(x)
+        latent_acts, latent_indices = self._select(pre_acts, self.cfg.k)
+        x_hat = self.decode(latent_acts, latent_indices)
+        fvu = normalized_mse(x, x_hat)
+        zero = fvu.new_zeros(())
+
+        auxk_loss = zero
+        if dead_mask is not None and self.cfg.auxk_coef > 0:
+            auxk_loss = self.auxk_loss(pre_acts, (x - x_hat).detach(), dead_mask)
+
+        multi_topk_fvu = zero
+        if self.cfg.multi_topk:
+            multi_k = min(4 * self.cfg.k, self.cfg.n_latents)
+            multi_x_hat = self.decode(*self._select(pre_acts, multi_k))
+            multi_topk_fvu = normalized_mse(x, multi_x_hat)
+
+        loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
+        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
+
+    def auxk_loss(self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
+        """AuxK (Gao et al. §2.4): the top-k_aux dead latents reconstruct the detached residual.
+
+        pre_acts (N, n_latents); residual e = x - x_hat (N, d_in), detached; dead_mask (n_latents,) bool.
+        L_aux = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, e_hat decoded without b_dec; NaN -> 0.
+        """
+        num_dead = int(dead_mask.sum())
+        k_aux = min(self.cfg.k_aux, num_dead)
+        if k_aux == 0:
+            return pre_acts.new_zeros(())
+        masked = pre_acts.masked_fill(~dead_mask, -math.inf)
+        aux_values, aux_indices = self._select(masked, k_aux)
+        residual_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
+        loss = normalized_mse(residual, residual_hat)
+        return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
+
+    # ---- decoder constraint -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).eps)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each decoder row's gradient onto the tangent space of the unit sphere."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # ---- saving and loading -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def folded_state_dict(self, input_scale: float = 1.0) -> dict[str, Tensor]:
+        """Parameters for raw inputs, when this SAE was trained on inputs multiplied by `input_scale`.
+
+        With s = input_scale: pre(s x) = W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec/s) + b_enc/s),
+        and TopK and ReLU commute with a positive factor, so b_enc/s and b_dec/s give latents 1/s as
+        large; decoding them with the same unit-norm W_dec plus b_dec/s gives x_hat(s x) / s. Exact.
+        """
+        if not input_scale > 0:
+            raise ValueError(f"input_scale must be positive, got {input_scale}")
+        return {
+            "encoder.weight": self.encoder.weight.detach().clone().contiguous(),
+            "encoder.bias": (self.encoder.bias / input_scale).contiguous(),
+            "W_dec": self.W_dec.detach().clone().contiguous(),
+            "b_dec": (self.b_dec / input_scale).contiguous(),
+        }
+
+    def save(self, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
+        """Write path/cfg.json and path/sae.safetensors (each written to a temp file, then renamed).
+
+        input_scale: the factor the training inputs were multiplied by; folded into the weights so the
+        saved SAE takes raw activations. metadata: extra cfg.json keys (model, hookpoint, provenance).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = self.folded_state_dict(input_scale)
+        cfg = {_FILE_KEYS.get(key, key): value for key, value in asdict(self.cfg).items()}
+        # sparsify reads these two; "activation" tells it this is a TopK SAE.
+        cfg.update(activation="topk", input_scale_folded=float(input_scale), **(metadata or {}))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SparseAutoencoder":
+        """Load a folder written by `save` (or by sparsify). Never unpickles."""
+        path = Path(path)
+        cfg = read_sae_config(path)
+        weights_path = path / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"SAE weights not found: {weights_path}")
+        expected_shapes = {
+            "encoder.weight": (cfg.n_latents, cfg.d_in),
+            "encoder.bias": (cfg.n_latents,),
+            "W_dec": (cfg.n_latents, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
+        try:
+            with safe_open(str(weights_path), framework="pt", device="cpu") as file:
+                keys = set(file.keys())
+                if keys != set(PARAMETER_NAMES):
+                    raise ValueError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
+                tensors = {name: file.get_tensor(name) for name in PARAMETER_NAMES}
+        except SafetensorError as error:
+            raise ValueError(f"{weights_path}: not a valid safetensors file ({error})") from None
+        for name, shape in expected_shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+        sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype)
+        sae.load_state_dict(tensors)
+        return sae
+
+
+def read_sae_config(path: str | Path) -> SaeConfig:
+    """SaeConfig from path/cfg.json, ignoring keys that are not SaeConfig fields (model, hookpoint...)."""
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"SAE config not found: {cfg_path}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{cfg_path}: not valid JSON ({error})") from None
+    file_to_field = {file_key: name for name, file_key in _FILE_KEYS.items()}
+    field_names = {f.name for f in fields(SaeConfig)}
+    values = {file_to_field.get(key, key): value for key, value in raw.items()}
+    values = {key: value for key, value in values.items() if key in field_names}
+    for required in ("d_in", "n_latents", "k"):
+        if required not in values:
+            raise ValueError(f"{cfg_path}: missing key '{_FILE_KEYS.get(required, required)}'")
+    if raw.get("activation", "topk") != "topk":
+        raise ValueError(f"{cfg_path}: activation '{raw['activation']}' is not supported (only 'topk')")
+    try:
+        return from_dict(SaeConfig, values)
+    except ConfigError as error:
+        raise ValueError(f"{cfg_path}: {error}") from None
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

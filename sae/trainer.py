@@ -1,0 +1,262 @@
+"""The training loop, top to bottom: stream activations from the LM, step the SAE, log, checkpoint.
+
+One step (Gao et al. 2024):
+    x      = input_scale * activations          (scale chosen once so that E||x||^2 = d_in)
+    loss   = nmse(x, x_hat) + auxk_coef * L_aux + [multi-TopK nmse / 8]
+    grad  -= the component of each decoder row's gradient parallel to that row
+    clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
+    renormalise decoder rows to unit norm
+    dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
+from .config import TrainConfig, to_dict
+from .data import TokenWindows, load_text_dataset
+from .model import ForwardOutput, SparseAutoencoder, geometric_median
+
+# Config keys that may differ between a run and its resumption; anything else must match.
+_RESUMABLE_CHANGES = {"max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al.'s learning-rate scaling: 2e-4 at 2^14 latents, proportional to 1/sqrt(n_latents)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, decay_frac: float) -> float:
+    """Linear warmup over `warmup_steps`, constant, then linear decay to 0 over the last `decay_frac`."""
+    scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay_steps = int(decay_frac * total_steps)
+    if decay_steps > 0:
+        scale = min(scale, (total_steps - step) / decay_steps)
+    return base_lr * scale
+
+
+def estimate_input_scale(activations: Tensor) -> float:
+    """s such that E||s x||^2 = d_in over the given activations (N, d_in)."""
+    mean_squared_norm = activations.double().pow(2).sum(-1).mean()
+    return math.sqrt(activations.shape[-1] / mean_squared_norm.item())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def training_step(
+    sae: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    dead_mask: Tensor | None,
+    lr: float,
+    grad_clip: float,
+) -> ForwardOutput:
+    """One optimiser step on batch `x` (N, d_in), already scaled. Returns the forward output."""
+    out = sae(x, dead_mask)
+    if not torch.isfinite(out.loss):
+        raise NonFiniteLossError(f"loss is {out.loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if sae.cfg.normalize_decoder:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    if sae.cfg.normalize_decoder:
+        sae.set_decoder_norm_to_unit_norm()
+    return out
+
+
+@torch.no_grad()
+def update_dead_counters(tokens_since_fired: Tensor, out: ForwardOutput) -> None:
+    """Add the batch's tokens to every latent's counter; reset the latents that fired to 0."""
+    tokens_since_fired += out.latent_indices.shape[0]
+    fired = out.latent_indices[out.latent_acts > 0]
+    tokens_since_fired[fired] = 0
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train one SAE as `cfg` says; returns the folder of the saved SAE (RUN_DIR/HOOKPOINT)."""
+    import wandb
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    run_dir = cfg.run_dir
+    latest = checkpoint.list_checkpoints(run_dir)
+    if latest and not cfg.resume:
+        raise FileExistsError(
+            f"{run_dir} already has checkpoints; pass --resume to continue that run, "
+            f"or choose another --run_name (or delete {run_dir})"
+        )
+
+    # ---- the LM, the data and the activation stream ----
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+    hook_module = get_module(model, cfg.hookpoint)
+    d_in = capture_activations(model, hook_module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
+    dataset = load_text_dataset(cfg.data)
+    windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
+    stream = ActivationStream(
+        model, cfg.hookpoint, windows, cfg.batch_size, cfg.data.shuffle_buffer_tokens, cfg.data.lm_batch_windows, cfg.seed
+    )
+
+    # ---- the SAE and its optimiser ----
+    sae_cfg = replace(cfg.sae, d_in=d_in)
+    sae = SparseAutoencoder(sae_cfg, device=device)
+    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10)
+    total_steps = cfg.max_tokens // cfg.batch_size
+    tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+
+    if latest:
+        tensors, state = checkpoint.load_checkpoint(latest[-1])
+        _check_resumable(cfg, state["config"], latest[-1])
+        sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
+        checkpoint.optimizer_from_flat(optimizer, tensors, state["optimizer"])
+        tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        checkpoint.restore_rng(tensors)
+        stream.load_state_dict(state["stream"])
+        start_step, tokens_seen, input_scale = state["step"], state["tokens_seen"], state["input_scale"]
+        wandb_id = state["wandb_id"]
+        batches = iter(stream)
+        print(f"resumed from {latest[-1]} at step {start_step} ({tokens_seen:,} tokens)")
+    else:
+        # Scale and pre-bias come from the first batch, which is then trained on like any other.
+        first_batch = next(stream)
+        input_scale = estimate_input_scale(first_batch)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(first_batch * input_scale))
+        start_step, tokens_seen, wandb_id = 0, 0, None
+        batches = itertools.chain([first_batch], stream)
+
+    run = wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.run_name,
+        mode=cfg.wandb_mode,
+        config=to_dict(cfg),
+        dir=str(run_dir),
+        id=wandb_id,
+        resume="allow",
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(run_dir / "log.jsonl", "a")
+
+    # ---- the loop ----
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    started, tokens_at_start, metrics = time.perf_counter(), tokens_seen, {}
+    out = None
+    for step in range(start_step, total_steps):
+        x = next(batches) * input_scale
+        dead_mask = tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
+        lr = lr_at(step, base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
+        try:
+            out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip)
+        except NonFiniteLossError as error:
+            last = checkpoint.list_checkpoints(run_dir)
+            raise NonFiniteLossError(
+                f"{error} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
+            ) from None
+        update_dead_counters(tokens_since_fired, out)
+        tokens_seen += x.shape[0]
+        tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
+        progress.update(1)
+
+        last_step = step + 1 == total_steps
+        if (step + 1) % cfg.log_every == 0 or last_step:
+            metrics = {
+                "step": step + 1,
+                "nmse": out.fvu.item(),
+                "auxk_loss": out.auxk_loss.item(),
+                "multi_topk_nmse": out.multi_topk_fvu.item(),
+                "l0": (out.latent_acts > 0).sum(-1).float().mean().item(),
+                "dead_frac": (tokens_since_fired >= sae_cfg.dead_tokens).float().mean().item(),
+                "lr": lr,
+                "tokens": tokens_seen,
+                "tokens_per_s": tokens_per_second,
+            }
+            run.log(metrics, step=step + 1)
+            log_file.write(json.dumps(metrics) + "\n")
+            log_file.flush()
+            progress.set_postfix(nmse=f"{metrics['nmse']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+            tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in metrics.items()))
+
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
+            tensors = {
+                **sae.state_dict(),
+                "tokens_since_fired": tokens_since_fired,
+                **checkpoint.rng_tensors(),
+            }
+            optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(optimizer)
+            state = {
+                "step": step + 1,
+                "tokens_seen": tokens_seen,
+                "input_scale": input_scale,
+                "optimizer": optimizer_meta,
+                "stream": stream.state_dict(),
+                "wandb_id": run.id,
+                "config": to_dict(cfg),
+            }
+            checkpoint.save_checkpoint(run_dir, step + 1, {**tensors, **optimizer_tensors}, state, cfg.keep_checkpoints)
+    progress.close()
+    log_file.close()
+
+    # ---- the final SAE, folded to take raw activations ----
+    sae_dir = sae.save(
+        run_dir / cfg.hookpoint,
+        input_scale=input_scale,
+        metadata={
+            "model": cfg.model,
+            "hookpoint": cfg.hookpoint,
+            "ctx_len": cfg.data.ctx_len,
+            "dataset": cfg.data.dataset,
+            "dataset_config": cfg.data.dataset_config,
+            "split": cfg.data.split,
+            "tokens_trained": tokens_seen,
+            "run_name": cfg.run_name,
+            "final_metrics": metrics,
+        },
+    )
+    if metrics:
+        run.summary.update({f"final/{key}": value for key, value in metrics.items()})
+        print(
+            f"final: nmse={metrics['nmse']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} "
+            f"tokens={tokens_seen:,}"
+        )
+    print(f"saved SAE to {sae_dir}")
+    run.finish()
+    return sae_dir
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    current = to_dict(cfg)
+    changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and current[key] != saved.get(key))
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise ValueError(f"cannot resume from {path}: the config changed ({details})")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

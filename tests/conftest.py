@@ -1,0 +1,71 @@
+"""Shared fixtures. Everything runs on CPU, offline, writing nothing outside temporary folders."""
+
+import os
+import tempfile
+
+# Set before anything imports transformers, datasets, wandb or a Triton kernel module.
+_SANDBOX = tempfile.mkdtemp(prefix="sae-tests-")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HOME"] = os.path.join(_SANDBOX, "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_DIR"] = os.path.join(_SANDBOX, "wandb")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import json  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_WORDS = (
+    "the a an sparse latent model token window stream residual layer value index decoder encoder "
+    "returns list string number file path error name class function method object module python "
+    "when if each every only one two three first last new old small large read write open close"
+).split()
+
+
+def make_documents(count: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English documents of varying length."""
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(count):
+        sentences = []
+        for _ in range(rng.randint(1, 6)):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        documents.append(" ".join(sentences))
+    return documents
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A JSON-lines file of 300 small documents, {"text": ...} per line."""
+    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    with open(path, "w") as file:
+        for document in make_documents(300):
+            file.write(json.dumps({"text": document}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 3-layer GPT-2 (width 32) with a byte-level BPE tokenizer, saved with
+    `save_pretrained` so it loads through the same `from_pretrained` path as a real model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(make_documents(200, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"])
+    bpe.save(str(path / "tokenizer.json"))
+    tokenizer = GPT2TokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=3, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path

@@ -1,0 +1,26 @@
+"""Train a TopK sparse autoencoder on a language model's residual stream.
+
+    python train.py                                    # the embedded default (CPU, offline, minutes)
+    python train.py --config configs/gpt2-small.yaml --sae.k 64 --run_name k64
+    python train.py --config configs/default.yaml --resume
+
+Every field of `sae.config.TrainConfig` is an option (`--key value` or `--key=value`, dotted for
+nested sections: `--sae.n_latents`, `--data.ctx_len`).
+"""
+
+import sys
+
+from sae.config import ConfigError, parse_args
+from sae.trainer import train
+
+
+def main(argv: list[str]) -> None:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
