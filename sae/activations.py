@@ -135,7 +135,7 @@ class ActivationStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.windows.load_state_dict(state["windows"])
         self._block = None
-        self.block_index = state["block_index"] - 1
+        self.block_index = -1
         self.batches_done = 0
         if state["block_index"] >= 0:
             self._fill_block(state["block_index"])  # the same windows, the same permutation

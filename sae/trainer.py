@@ -150,6 +150,7 @@ def train(cfg: TrainConfig) -> Path:
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=cfg.wandb_project,
         name=cfg.run_name,
@@ -159,7 +160,6 @@ def train(cfg: TrainConfig) -> Path:
         id=wandb_id,
         resume="allow",
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(run_dir / "log.jsonl", "a")
 
     # ---- the loop ----

@@ -1,0 +1,91 @@
+"""LM activations: the hook equals output_hidden_states, the stream shuffles and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from sae.activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
+from sae.config import DataConfig
+from sae.data import TokenWindows, load_text_dataset
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    return load_model_and_tokenizer(str(tiny_lm_dir))
+
+
+def make_stream(lm, text_file, **kwargs):
+    model, tokenizer = lm
+    windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, ctx_len=16)
+    options = dict(batch_size=50, shuffle_buffer_tokens=300, lm_batch_windows=7, seed=3)
+    options.update(kwargs)
+    return ActivationStream(model, "transformer.h.1", windows, **options)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_hook_equals_output_hidden_states(lm, layer):
+    model, _ = lm
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    captured = capture_activations(model, get_module(model, f"transformer.h.{layer}"), input_ids)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is the output of block i (for the last block, only before ln_f).
+    if layer < model.config.n_layer - 1:
+        torch.testing.assert_close(captured, hidden[layer + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_stops_after_the_hooked_block(lm):
+    model, _ = lm
+    ran = []
+    handle = model.transformer.h[2].register_forward_hook(lambda *args: ran.append(True))
+    try:
+        capture_activations(model, get_module(model, "transformer.h.0"), torch.zeros(1, 4, dtype=torch.long))
+    finally:
+        handle.remove()
+    assert not ran
+
+
+def test_unknown_hookpoint_lists_module_names(lm):
+    with pytest.raises(ValueError, match=r"hookpoint 'transformer.h.9' is not a module.*transformer.h.2"):
+        get_module(lm[0], "transformer.h.9")
+
+
+def test_stream_batches_are_the_hooked_activations_without_first_positions(lm, text_file):
+    model, tokenizer = lm
+    stream = make_stream(lm, text_file)
+    batches = torch.cat([next(stream) for _ in range(stream.batches_per_block)])
+    assert batches.shape == (stream.batches_per_block * 50, model.config.n_embd)
+
+    windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, ctx_len=16)
+    input_ids = torch.stack([next(windows) for _ in range(stream.windows_per_block)])
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states[2]
+    without_first = hidden[:, 1:].reshape(-1, hidden.shape[-1])
+    # Every streamed row is one of the block's activations (position 0 of each window never is).
+    distances = torch.cdist(batches, without_first, compute_mode="donot_use_mm_for_euclid_dist")
+    assert distances.min(dim=1).values.max() < 1e-4
+    first_positions = hidden[:, 0]
+    assert torch.cdist(batches, first_positions).min() > 1e-3
+    # Shuffled: consecutive rows of a batch come from many different windows.
+    source_window = distances.argmin(dim=1) // 15
+    assert len(set(source_window[:50].tolist())) > 10
+
+
+def test_stream_resumes_exactly(lm, text_file):
+    reference = make_stream(lm, text_file)
+    expected = [next(reference) for _ in range(3 * reference.batches_per_block + 2)]
+    for stop in (0, 1, reference.batches_per_block, reference.batches_per_block + 2):
+        stream = make_stream(lm, text_file)
+        for _ in range(stop):
+            next(stream)
+        state = json.loads(json.dumps(stream.state_dict()))
+        resumed = make_stream(lm, text_file)
+        resumed.load_state_dict(state)
+        for index in range(stop, len(expected)):
+            assert torch.equal(next(resumed), expected[index]), (stop, index)
+
+
+def test_different_seeds_shuffle_differently(lm, text_file):
+    a, b = make_stream(lm, text_file, seed=1), make_stream(lm, text_file, seed=2)
+    assert not torch.equal(next(a), next(b))

@@ -1,0 +1,74 @@
+"""Config: YAML + command line, the sweep agent's --key=value form, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from sae.config import ConfigError, TrainConfig, load_config, parse_args
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_default_yaml_is_the_built_in_default():
+    assert load_config(CONFIGS / "default.yaml") == TrainConfig()
+    assert parse_args([]) == TrainConfig()
+
+
+def test_gpt2_small_config():
+    cfg = load_config(CONFIGS / "gpt2-small.yaml")
+    assert (cfg.model, cfg.hookpoint, cfg.sae.n_latents, cfg.sae.k, cfg.data.ctx_len) == (
+        "gpt2", "transformer.h.8", 32768, 32, 64)
+
+
+def test_overrides_in_every_form():
+    cfg = parse_args([
+        "--config", str(CONFIGS / "default.yaml"),
+        "--sae.k=64", "--sae.n_latents", "4096", "--lr=3e-4", "--max_tokens=1e6",
+        "--resume", "--data.dataset", "some/hub-set", "--run-name", "x", "--sae.multi_topk=true",
+    ])
+    assert cfg.sae.k == 64 and cfg.sae.n_latents == 4096 and cfg.lr == 3e-4
+    assert cfg.max_tokens == 1_000_000 and isinstance(cfg.max_tokens, int)
+    assert cfg.resume is True and cfg.sae.multi_topk is True
+    assert cfg.data.dataset == "some/hub-set" and cfg.run_name == "x"
+    assert cfg.sae.k_aux == 256  # untouched keys keep the file's values
+    # Overrides win even when given before --config.
+    assert parse_args(["--sae.k=8", "--config", str(CONFIGS / "default.yaml")]).sae.k == 8
+    assert parse_args(["--lr=null"]).lr is None
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'sae.kk'.*k_aux"):
+        parse_args(["--sae.kk=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        parse_args(["--learning_rate", "1"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'sae.k' expects int, got 'many'"):
+        parse_args(["--sae.k=many"])
+    with pytest.raises(ConfigError, match=r"'batch_size' expects int, got 1.5"):
+        parse_args(["--batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"'wandb_mode' expects one of \['online', 'offline', 'disabled'\]"):
+        parse_args(["--wandb_mode=cloud"])
+    with pytest.raises(ConfigError, match=r"'resume' expects bool"):
+        parse_args(["--resume=maybe"])
+    with pytest.raises(ConfigError, match="k=99999 exceeds"):
+        parse_args(["--sae.k=99999"])
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sae:\n  k: 8\n  widht: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'sae.widht'"):
+        load_config(bad)
+
+
+def test_train_py_reports_config_errors(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "train.py", "--sae.kk=1"], cwd=CONFIGS.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "unknown config key 'sae.kk'" in result.stderr

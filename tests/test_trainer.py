@@ -1,0 +1,139 @@
+"""The training loop: it learns, resumes exactly, stops cleanly on a bad loss, never corrupts a checkpoint."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae import SparseAutoencoder
+from sae import checkpoint, trainer
+from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.trainer import NonFiniteLossError, train
+
+
+def tiny_config(tiny_lm_dir, text_file, tmp_path, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(tiny_lm_dir),
+        hookpoint="transformer.h.1",
+        sae=SaeConfig(n_latents=128, k=4, k_aux=16, dead_tokens=2000),
+        data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
+        batch_size=128,
+        max_tokens=128 * 40,
+        lr_warmup_steps=5,
+        log_every=5,
+        save_every=10,
+        out_dir=str(tmp_path / "runs"),
+        run_name="run",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_log(sae_dir):
+    return [json.loads(line) for line in (sae_dir.parent / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_nmse_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tmp_path):
+    sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 80, log_every=1))
+    log = read_log(sae_dir)
+    assert log[-1]["nmse"] < 0.6 * log[0]["nmse"]
+    assert log[-1]["l0"] <= 4 and 0 <= log[-1]["dead_frac"] <= 1 and log[-1]["tokens"] == 128 * 80
+    assert {"nmse", "auxk_loss", "l0", "dead_frac", "lr", "tokens", "tokens_per_s"} <= set(log[-1])
+    sae = SparseAutoencoder.load(sae_dir)
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert sae_dir.name == "transformer.h.1" and cfg["hookpoint"] == "transformer.h.1" and cfg["d_in"] == 32
+    assert cfg["tokens_trained"] == 128 * 80
+
+
+def test_auxk_revives_dead_latents(tiny_lm_dir, text_file, tmp_path):
+    # Few latents die at this size; AuxK must at least produce a positive loss once some are dead.
+    sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, sae=SaeConfig(n_latents=512, k=2, k_aux=32, dead_tokens=256),
+                                max_tokens=128 * 30))
+    log = read_log(sae_dir)
+    assert any(entry["dead_frac"] > 0 for entry in log)
+    assert any(entry["auxk_loss"] > 0 for entry in log if entry["dead_frac"] > 0)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
+    full = train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="full"))
+    # "Stop" after 20 of 40 steps (the last checkpoint is at step 20), then resume to the end.
+    train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="split", max_tokens=128 * 20))
+    resumed = train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="split", resume=True))
+    full_tensors, resumed_tensors = load_file(full / "sae.safetensors"), load_file(resumed / "sae.safetensors")
+    for name, tensor in full_tensors.items():
+        assert torch.equal(tensor, resumed_tensors[name]), name
+    full_state, _ = checkpoint.load_checkpoint(checkpoint.list_checkpoints(full.parent)[-1])
+    resumed_state, _ = checkpoint.load_checkpoint(checkpoint.list_checkpoints(resumed.parent)[-1])
+    for name in ("tokens_since_fired", "optimizer.0.exp_avg_sq", "optimizer.2.exp_avg"):
+        assert torch.equal(full_state[name], resumed_state[name]), name
+
+
+def test_existing_run_needs_resume_and_resume_rejects_a_changed_config(tiny_lm_dir, text_file, tmp_path):
+    train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 10))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 10))
+    with pytest.raises(ValueError, match="config changed.*batch_size"):
+        train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=64 * 40, batch_size=64, resume=True))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_lm_dir, text_file, tmp_path, monkeypatch):
+    real_step = trainer.training_step
+    calls = []
+
+    def poisoned_step(sae, optimizer, x, *args):
+        calls.append(1)
+        if len(calls) == 14:
+            x = x.clone()
+            x[3, 0] = float("nan")
+        return real_step(sae, optimizer, x, *args)
+
+    monkeypatch.setattr(trainer, "training_step", poisoned_step)
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="at step 13.*step-00000010"):
+        train(cfg)
+    saved = checkpoint.list_checkpoints(cfg.run_dir)
+    assert [path.name for path in saved] == ["step-00000010"]
+    tensors, state = checkpoint.load_checkpoint(saved[0])
+    assert state["step"] == 10 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def test_crash_while_writing_a_checkpoint_leaves_nothing_loadable(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    checkpoint.save_checkpoint(run_dir, 5, {"w": torch.ones(3)}, {"step": 5})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(run_dir, 10, {"w": torch.zeros(3)}, {"step": 10})
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000005"]
+    tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
+    assert state["step"] == 5 and torch.equal(tensors["w"], torch.ones(3))
+
+
+def test_corrupt_checkpoint_file_is_a_clear_error(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1})
+    (path / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="step-00000001 is unreadable"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_checkpoints_are_pruned(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save_checkpoint(tmp_path, step, {"w": torch.ones(1)}, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
+
+
+def test_lr_schedule():
+    assert trainer.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert trainer.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
+    assert trainer.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
+    assert trainer.default_lr(2**14) == pytest.approx(2e-4) and trainer.default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():
+    from transformers.utils import import_utils
+
+    assert not import_utils.is_kernels_available()
