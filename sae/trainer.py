@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,11 @@ def train(cfg: TrainConfig) -> Path:
     """Train one SAE as `cfg` says; returns the folder of the saved SAE (RUN_DIR/HOOKPOINT)."""
     import wandb
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "multi-process training is not built yet: run one process (python train.py, or "
+            "torchrun --nproc_per_node 1); several processes would each train and write the same run"
+        )
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     run_dir = cfg.run_dir

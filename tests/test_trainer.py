@@ -137,3 +137,24 @@ def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():
     from transformers.utils import import_utils
 
     assert not import_utils.is_kernels_available()
+
+
+def test_short_run_on_the_embedded_model_and_corpus(tmp_path):
+    """The embedded default end to end (model committed in sae/embedded, corpus built from the stdlib)."""
+    cfg = TrainConfig(
+        sae=SaeConfig(n_latents=512, k=16, k_aux=64, dead_tokens=100_000),
+        data=DataConfig(data_dir=str(tmp_path / "data"), shuffle_buffer_tokens=8192),
+        batch_size=1024,
+        max_tokens=1024 * 60,
+        lr_warmup_steps=10,
+        log_every=1,
+        save_every=0,
+        out_dir=str(tmp_path / "runs"),
+        wandb_mode="offline",
+    )
+    sae_dir = train(cfg)
+    log = read_log(sae_dir)
+    assert log[-1]["nmse"] < 0.5 * log[0]["nmse"], (log[0]["nmse"], log[-1]["nmse"])
+    assert SparseAutoencoder.load(sae_dir).cfg.d_in == 128
+    # wandb in offline mode wrote its run locally, needing no network.
+    assert list((tmp_path / "runs" / "default" / "wandb").glob("offline-run-*"))
