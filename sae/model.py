@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ CONFIG_FILE = "cfg.json"
 PARAMETER_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 # cfg.json keys that name SaeConfig fields differently (sparsify's names).
 _FILE_KEYS = {"n_latents": "num_latents"}
+
+VarianceFn = Callable[[Tensor], Tensor]
+"""Maps a batch (N, d) to sum ||t - mean_batch(t)||^2, the denominator of the normalized MSE."""
 
 
 class ForwardOutput(NamedTuple):
@@ -61,10 +64,18 @@ class ForwardOutput(NamedTuple):
     """Training objective: fvu + auxk_coef * auxk_loss + multi_topk_fvu / 8."""
 
 
-def normalized_mse(target: Tensor, prediction: Tensor) -> Tensor:
-    """sum ||target - prediction||^2 / sum ||target - mean_batch(target)||^2 (fraction of variance unexplained)."""
-    total_variance = (target - target.mean(0)).pow(2).sum()
-    return (target - prediction).pow(2).sum() / total_variance
+def batch_variance(x: Tensor) -> Tensor:
+    """sum ||x - mean_batch(x)||^2 over the rows of x (N, d)."""
+    return (x - x.mean(0)).pow(2).sum()
+
+
+def normalized_mse(target: Tensor, prediction: Tensor, variance: VarianceFn = batch_variance) -> Tensor:
+    """sum ||target - prediction||^2 / variance(target): the fraction of variance unexplained.
+
+    `variance` computes sum ||t - mean_batch(t)||^2; data-parallel training passes one that covers
+    the global batch, so each rank's share of the loss sums to the single-process loss.
+    """
+    return (target - prediction).pow(2).sum() / variance(target)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -140,32 +151,35 @@ class SparseAutoencoder(nn.Module):
         values, indices = pre_acts.topk(k, dim=-1, sorted=False)
         return values.relu(), indices
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
         """Encode, decode and compute the losses for a batch `x` (N, d_in).
 
         dead_mask: (n_latents,) bool, the latents the AuxK loss may use; None or all-False turns it off.
+        variance: the normalized MSEs' denominator (see `normalized_mse`); the local batch's by default.
         """
         x = x.to(self.dtype)
         pre_acts = self.pre_acts(x)
         latent_acts, latent_indices = self._select(pre_acts, self.cfg.k)
         x_hat = self.decode(latent_acts, latent_indices)
-        fvu = normalized_mse(x, x_hat)
+        fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
         if dead_mask is not None and self.cfg.auxk_coef > 0:
-            auxk_loss = self.auxk_loss(pre_acts, (x - x_hat).detach(), dead_mask)
+            auxk_loss = self.auxk_loss(pre_acts, (x - x_hat).detach(), dead_mask, variance)
 
         multi_topk_fvu = zero
         if self.cfg.multi_topk:
             multi_k = min(4 * self.cfg.k, self.cfg.n_latents)
             multi_x_hat = self.decode(*self._select(pre_acts, multi_k))
-            multi_topk_fvu = normalized_mse(x, multi_x_hat)
+            multi_topk_fvu = normalized_mse(x, multi_x_hat, variance)
 
         loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
 
-    def auxk_loss(self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
+    def auxk_loss(
+        self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn = batch_variance
+    ) -> Tensor:
         """AuxK (Gao et al. §2.4): the top-k_aux dead latents reconstruct the detached residual.
 
         pre_acts (N, n_latents); residual e = x - x_hat (N, d_in), detached; dead_mask (n_latents,) bool.
@@ -178,7 +192,7 @@ class SparseAutoencoder(nn.Module):
         masked = pre_acts.masked_fill(~dead_mask, -math.inf)
         aux_values, aux_indices = self._select(masked, k_aux)
         residual_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-        loss = normalized_mse(residual, residual_hat)
+        loss = normalized_mse(residual, residual_hat, variance)
         return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
 
     # ---- decoder constraint -------------------------------------------------------------------

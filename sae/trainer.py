@@ -7,6 +7,10 @@ One step (Gao et al. 2024):
     clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
     renormalise decoder rows to unit norm
     dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
+
+Under torchrun every rank streams its own shard and computes its share of the global batch's loss;
+gradients are summed and dead-latent statistics merged (sae/distributed.py), so all ranks take the
+same step and equal a single process with the same global batch. Rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +31,19 @@ from . import checkpoint
 from .activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset
-from .model import ForwardOutput, SparseAutoencoder, geometric_median
+from .distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    gather_rows,
+    global_variance,
+    init_distributed,
+    shutdown,
+    sum_gradients,
+)
+from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
 
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {"max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device"}
@@ -58,9 +73,10 @@ def estimate_input_scale(activations: Tensor) -> float:
     return math.sqrt(activations.shape[-1] / mean_squared_norm.item())
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """"auto" is this rank's GPU (by LOCAL_RANK) when there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -71,13 +87,20 @@ def training_step(
     dead_mask: Tensor | None,
     lr: float,
     grad_clip: float,
+    info: DistInfo = DistInfo(),
 ) -> ForwardOutput:
-    """One optimiser step on batch `x` (N, d_in), already scaled. Returns the forward output."""
-    out = sae(x, dead_mask)
+    """One optimiser step on this rank's part of the batch, `x` (N, d_in), already scaled.
+
+    Under data parallelism the losses are this rank's share of the global batch's losses and the
+    gradients are summed over ranks, so every rank takes the same step.
+    """
+    variance = (lambda t: global_variance(t, info)) if info.enabled else batch_variance
+    out = sae(x, dead_mask, variance)
     if not torch.isfinite(out.loss):
         raise NonFiniteLossError(f"loss is {out.loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    sum_gradients(sae.parameters(), info)
     if sae.cfg.normalize_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     if grad_clip > 0:
@@ -91,24 +114,61 @@ def training_step(
 
 
 @torch.no_grad()
-def update_dead_counters(tokens_since_fired: Tensor, out: ForwardOutput) -> None:
-    """Add the batch's tokens to every latent's counter; reset the latents that fired to 0."""
-    tokens_since_fired += out.latent_indices.shape[0]
-    fired = out.latent_indices[out.latent_acts > 0]
-    tokens_since_fired[fired] = 0
+def update_dead_counters(tokens_since_fired: Tensor, out: ForwardOutput, info: DistInfo = DistInfo()) -> None:
+    """Add the global batch's tokens to every latent's counter; reset the latents that fired anywhere."""
+    fired = torch.zeros_like(tokens_since_fired, dtype=torch.uint8)
+    fired[out.latent_indices[out.latent_acts > 0]] = 1
+    all_reduce_max(fired, info)
+    tokens_since_fired += out.latent_indices.shape[0] * info.world_size
+    tokens_since_fired[fired.bool()] = 0
+
+
+@torch.no_grad()
+def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, info: DistInfo) -> float:
+    """Input scale (E||s x||^2 = d_in) and b_dec (geometric median), from the global first batch.
+
+    Every rank gets the same numbers: both are computed from all ranks' first batches together.
+    """
+    global_batch = gather_rows(first_batch, info)
+    input_scale = estimate_input_scale(global_batch)
+    sae.b_dec.copy_(geometric_median(global_batch * input_scale))
+    return input_scale
+
+
+@torch.no_grad()
+def step_metrics(out: ForwardOutput, tokens_since_fired: Tensor, dead_tokens: int, info: DistInfo) -> dict[str, float]:
+    """Global-batch metrics of a step: losses summed over ranks' shares, L0 averaged."""
+    values = torch.stack([
+        out.fvu.detach().float(),
+        out.auxk_loss.detach().float(),
+        out.multi_topk_fvu.detach().float(),
+        (out.latent_acts > 0).sum(-1).float().mean() / info.world_size,
+    ])
+    nmse, auxk_loss, multi_topk_nmse, l0 = all_reduce_sum(values, info).tolist()
+    dead_frac = (tokens_since_fired >= dead_tokens).float().mean().item()
+    return {"nmse": nmse, "auxk_loss": auxk_loss, "multi_topk_nmse": multi_topk_nmse, "l0": l0, "dead_frac": dead_frac}
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train one SAE as `cfg` says; returns the folder of the saved SAE (RUN_DIR/HOOKPOINT)."""
+    """Train one SAE as `cfg` says; returns the folder of the saved SAE (RUN_DIR/HOOKPOINT).
+
+    Run alone or under torchrun (data parallel: `cfg.batch_size` is the global batch).
+    """
+    info = init_distributed()
+    try:
+        return _train(cfg, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     import wandb
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            "multi-process training is not built yet: run one process (python train.py, or "
-            "torchrun --nproc_per_node 1); several processes would each train and write the same run"
-        )
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
+    local_batch_size = cfg.batch_size // info.world_size
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, info)
     run_dir = cfg.run_dir
     latest = checkpoint.list_checkpoints(run_dir)
     if latest and not cfg.resume:
@@ -117,17 +177,18 @@ def train(cfg: TrainConfig) -> Path:
             f"or choose another --run_name (or delete {run_dir})"
         )
 
-    # ---- the LM, the data and the activation stream ----
+    # ---- the LM, this rank's shard of the data, the activation stream ----
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
     hook_module = get_module(model, cfg.hookpoint)
     d_in = capture_activations(model, hook_module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
-    dataset = load_text_dataset(cfg.data)
+    dataset = load_text_dataset(cfg.data, rank=info.rank, world_size=info.world_size)
     windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
     stream = ActivationStream(
-        model, cfg.hookpoint, windows, cfg.batch_size, cfg.data.shuffle_buffer_tokens, cfg.data.lm_batch_windows, cfg.seed
+        model, cfg.hookpoint, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
+        cfg.data.lm_batch_windows, cfg.seed, rank=info.rank,
     )
 
-    # ---- the SAE and its optimiser ----
+    # ---- the SAE and its optimiser (same seed, so the same init on every rank) ----
     sae_cfg = replace(cfg.sae, d_in=d_in)
     sae = SparseAutoencoder(sae_cfg, device=device)
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
@@ -138,119 +199,94 @@ def train(cfg: TrainConfig) -> Path:
     if latest:
         tensors, state = checkpoint.load_checkpoint(latest[-1])
         _check_resumable(cfg, state["config"], latest[-1])
+        if len(state["streams"]) != info.world_size:
+            raise ValueError(f"{latest[-1]} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
         sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
         checkpoint.optimizer_from_flat(optimizer, tensors, state["optimizer"])
         tokens_since_fired.copy_(tensors["tokens_since_fired"])
         checkpoint.restore_rng(tensors)
-        stream.load_state_dict(state["stream"])
+        stream.load_state_dict(state["streams"][info.rank])
         start_step, tokens_seen, input_scale = state["step"], state["tokens_seen"], state["input_scale"]
         wandb_id = state["wandb_id"]
         batches = iter(stream)
-        print(f"resumed from {latest[-1]} at step {start_step} ({tokens_seen:,} tokens)")
+        if info.is_main:
+            print(f"resumed from {latest[-1]} at step {start_step} ({tokens_seen:,} tokens)")
     else:
         # Scale and pre-bias come from the first batch, which is then trained on like any other.
         first_batch = next(stream)
-        input_scale = estimate_input_scale(first_batch)
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(first_batch * input_scale))
+        input_scale = initialize_from_first_batch(sae, first_batch, info)
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=cfg.wandb_project,
-        name=cfg.run_name,
-        mode=cfg.wandb_mode,
-        config=to_dict(cfg),
-        dir=str(run_dir),
-        id=wandb_id,
-        resume="allow",
-    )
-    log_file = open(run_dir / "log.jsonl", "a")
+    run = None
+    if info.is_main:  # only rank 0 logs and writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
+            dir=str(run_dir), id=wandb_id, resume="allow",
+        )
+        log_file = open(run_dir / "log.jsonl", "a")
 
     # ---- the loop ----
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
     started, tokens_at_start, metrics = time.perf_counter(), tokens_seen, {}
-    out = None
     for step in range(start_step, total_steps):
         x = next(batches) * input_scale
         dead_mask = tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
         lr = lr_at(step, base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
         try:
-            out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip)
+            out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip, info)
         except NonFiniteLossError as error:
             last = checkpoint.list_checkpoints(run_dir)
             raise NonFiniteLossError(
                 f"{error} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
             ) from None
-        update_dead_counters(tokens_since_fired, out)
-        tokens_seen += x.shape[0]
-        tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
+        update_dead_counters(tokens_since_fired, out, info)
+        tokens_seen += cfg.batch_size
         progress.update(1)
 
         last_step = step + 1 == total_steps
         if (step + 1) % cfg.log_every == 0 or last_step:
-            metrics = {
-                "step": step + 1,
-                "nmse": out.fvu.item(),
-                "auxk_loss": out.auxk_loss.item(),
-                "multi_topk_nmse": out.multi_topk_fvu.item(),
-                "l0": (out.latent_acts > 0).sum(-1).float().mean().item(),
-                "dead_frac": (tokens_since_fired >= sae_cfg.dead_tokens).float().mean().item(),
-                "lr": lr,
-                "tokens": tokens_seen,
-                "tokens_per_s": tokens_per_second,
-            }
-            run.log(metrics, step=step + 1)
-            log_file.write(json.dumps(metrics) + "\n")
-            log_file.flush()
-            progress.set_postfix(nmse=f"{metrics['nmse']:.4f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-            tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in metrics.items()))
+            metrics = step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, info)
+            tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
+            metrics = {"step": step + 1, **metrics, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_second}
+            if info.is_main:
+                run.log(metrics, step=step + 1)
+                log_file.write(json.dumps(metrics) + "\n")
+                log_file.flush()
+                progress.set_postfix(nmse=f"{metrics['nmse']:.4f}", l0=f"{metrics['l0']:.1f}",
+                                     dead=f"{metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in metrics.items()))
 
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
-            tensors = {
-                **sae.state_dict(),
-                "tokens_since_fired": tokens_since_fired,
-                **checkpoint.rng_tensors(),
-            }
-            optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(optimizer)
-            state = {
-                "step": step + 1,
-                "tokens_seen": tokens_seen,
-                "input_scale": input_scale,
-                "optimizer": optimizer_meta,
-                "stream": stream.state_dict(),
-                "wandb_id": run.id,
-                "config": to_dict(cfg),
-            }
-            checkpoint.save_checkpoint(run_dir, step + 1, {**tensors, **optimizer_tensors}, state, cfg.keep_checkpoints)
+            streams = gather_objects(stream.state_dict(), info)
+            barrier(info)
+            if info.is_main:
+                optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(optimizer)
+                tensors = {**sae.state_dict(), **optimizer_tensors, "tokens_since_fired": tokens_since_fired, **checkpoint.rng_tensors()}
+                state = {
+                    "step": step + 1, "tokens_seen": tokens_seen, "input_scale": input_scale, "optimizer": optimizer_meta,
+                    "streams": streams, "world_size": info.world_size, "wandb_id": run.id, "config": to_dict(cfg),
+                }
+                checkpoint.save_checkpoint(run_dir, step + 1, tensors, state, cfg.keep_checkpoints)
+            barrier(info)
     progress.close()
-    log_file.close()
 
     # ---- the final SAE, folded to take raw activations ----
-    sae_dir = sae.save(
-        run_dir / cfg.hookpoint,
-        input_scale=input_scale,
-        metadata={
-            "model": cfg.model,
-            "hookpoint": cfg.hookpoint,
-            "ctx_len": cfg.data.ctx_len,
-            "dataset": cfg.data.dataset,
-            "dataset_config": cfg.data.dataset_config,
-            "split": cfg.data.split,
-            "tokens_trained": tokens_seen,
-            "run_name": cfg.run_name,
-            "final_metrics": metrics,
-        },
-    )
-    if metrics:
-        run.summary.update({f"final/{key}": value for key, value in metrics.items()})
-        print(
-            f"final: nmse={metrics['nmse']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} "
-            f"tokens={tokens_seen:,}"
-        )
-    print(f"saved SAE to {sae_dir}")
-    run.finish()
+    sae_dir = run_dir / cfg.hookpoint
+    if info.is_main:
+        log_file.close()
+        sae.save(sae_dir, input_scale=input_scale, metadata={
+            "model": cfg.model, "hookpoint": cfg.hookpoint, "ctx_len": cfg.data.ctx_len,
+            "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
+            "tokens_trained": tokens_seen, "run_name": cfg.run_name, "final_metrics": metrics,
+        })
+        if metrics:
+            run.summary.update({f"final/{key}": value for key, value in metrics.items()})
+            print(f"final: nmse={metrics['nmse']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
+        print(f"saved SAE to {sae_dir}")
+        run.finish()
+    barrier(info)
     return sae_dir
 
 

@@ -1,0 +1,118 @@
+"""Data parallelism over `torch.distributed` (NCCL on GPUs, gloo on CPU), as launched by torchrun.
+
+Every rank streams its own disjoint shard of the text, runs its own LM forward and holds a full copy
+of the SAE. The loss is the *global* batch's normalized MSE: each rank divides its squared error by
+the variance of the whole global batch (an all-reduce of two small sums), so the sum of the ranks'
+gradients is exactly the gradient of a single process seeing the whole batch. Gradients are
+summed, dead-latent statistics OR-ed, and every rank then takes the same optimiser step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_s: float = 300) -> DistInfo:
+    """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
+
+    The device is chosen from LOCAL_RANK, never from the global rank, so multi-node jobs work.
+    `timeout_s` bounds how long a collective waits for a rank that died, so the others exit.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def all_reduce_sum(tensor: Tensor, info: DistInfo) -> Tensor:
+    """Sum over ranks, in place (a no-op when running alone)."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: Tensor, info: DistInfo) -> Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def global_variance(x: Tensor, info: DistInfo) -> Tensor:
+    """sum ||x - mean(x)||^2 over the global batch (all ranks' rows of x), without gathering x."""
+    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+    sums = torch.cat([x.double().sum(0), x.double().pow(2).sum().reshape(1)])
+    all_reduce_sum(sums, info)
+    all_reduce_sum(count, info)
+    total, squared = sums[:-1], sums[-1]
+    return (squared - total.pow(2).sum() / count).to(x.dtype).reshape(())
+
+
+def sum_gradients(parameters, info: DistInfo) -> None:
+    """Sum gradients over ranks (the per-rank losses are already divided by global totals)."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def gather_rows(x: Tensor, info: DistInfo) -> Tensor:
+    """Concatenate every rank's rows of x (equal row counts), in rank order."""
+    if not info.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(info.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `value` (JSON-able), in rank order."""
+    if not info.enabled:
+        return [value]
+    values: list[Any] = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
