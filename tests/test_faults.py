@@ -1,0 +1,97 @@
+"""Crashes: SIGKILL mid-run then --resume equals a run that never stopped; a dead rank ends the job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sae import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_args(tiny_lm_dir, text_file, out_dir, run_name, steps):
+    return [
+        "train.py", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1", f"--data.dataset={text_file}",
+        "--data.ctx_len=16", "--data.shuffle_buffer_tokens=512", "--sae.n_latents=256", "--sae.k=4",
+        "--sae.dead_tokens=500", "--batch_size=64", f"--max_tokens={64 * steps}", "--log_every=5",
+        "--save_every=5", "--keep_checkpoints=3", f"--out_dir={out_dir}", f"--run_name={run_name}",
+    ]
+
+
+def wait_for(condition, timeout, process=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process is not None and process.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
+    steps = 300
+    subprocess.run([sys.executable, *train_args(tiny_lm_dir, text_file, tmp_path, "whole", steps)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *train_args(tiny_lm_dir, text_file, tmp_path, "killed", steps)],
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: len(checkpoint.list_checkpoints(run_dir)) >= 2, 120, process), "no checkpoint before the run ended"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    killed_at = checkpoint.list_checkpoints(run_dir)[-1].name
+    assert killed_at != f"step-{steps:08d}"
+
+    subprocess.run([sys.executable, *train_args(tiny_lm_dir, text_file, tmp_path, "killed", steps), "--resume"],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+    whole = load_file(tmp_path / "whole" / "transformer.h.1" / "sae.safetensors")
+    resumed = load_file(run_dir / "transformer.h.1" / "sae.safetensors")
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming from {killed_at}"
+
+
+def _worker_pids(torchrun_pid):
+    """PIDs of torchrun's worker processes, by the RANK in their environment."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration):
+            continue
+        if parent == torchrun_pid:
+            for variable in environ:
+                if variable.startswith(b"RANK="):
+                    workers[int(variable[5:])] = int(entry.name)
+    return workers
+
+
+def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_still_loads(tiny_lm_dir, text_file, tmp_path):
+    run_dir = tmp_path / "dp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *train_args(tiny_lm_dir, text_file, tmp_path, "dp", 100_000)]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(checkpoint.list_checkpoints(run_dir)) >= 1, 180, process), "no checkpoint written"
+        workers = _worker_pids(process.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)
+        started = time.monotonic()
+        returncode = process.wait(timeout=60)
+        assert returncode != 0 and time.monotonic() - started < 60
+    finally:
+        if process.poll() is None:
+            process.kill()
+    tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
+    assert state["step"] % 5 == 0 and len(state["streams"]) == 2 and "W_dec" in tensors
