@@ -1,0 +1,164 @@
+"""Run by tests/test_sharded.py under torchrun: latent-sharded training equals one process.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/sharded_worker.py OUT_DIR SHARDS[,SHARDS...]
+
+For each layout (world = N/SHARDS replicas x SHARDS shards) and each case below whose n_latents the
+layout divides, every rank trains a sharded SAE on its replica's rows of fixed global batches and,
+beside it, a single-process `SparseAutoencoder` on the whole global batches with the trainer's own
+`training_step` / `update_dead_counters` / `initialize_from_first_batch`. It checks the selection at
+every step and the parameters, Adam state and dead counters at the end, writes the gathered SAE
+(`save_full`) and the reference as ordinary SAE folders, and continues one step from the gathered
+state loaded into a fresh sharded SAE. Any mismatch fails an assert (non-zero exit); rank 0 writes
+OUT_DIR/summary.json for the test's own checks.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae import SaeConfig, SparseAutoencoder, checkpoint, trainer
+from sae.distributed import DistInfo, barrier, init_distributed, shutdown
+from sae.sharded import (
+    ShardedSparseAutoencoder,
+    ShardLayout,
+    gather_full_state,
+    initialize_from_first_batch,
+    load_from_full_state,
+    save_full,
+    training_step,
+    update_dead_counters,
+)
+
+F64 = torch.float64
+CASES = {
+    # AuxK active with k_aux capped by the dead count at some steps, Multi-TopK on.
+    "auxk": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, multi_topk=True), batch=32, steps=6),
+    # a latent count that is not a power of two
+    "odd": dict(cfg=SaeConfig(d_in=10, n_latents=90, k=5, k_aux=16, dead_tokens=32, multi_topk=True), batch=32, steps=5),
+    "k1": dict(cfg=SaeConfig(d_in=8, n_latents=48, k=1, k_aux=6, dead_tokens=16, multi_topk=True), batch=16, steps=5),
+}
+LR, CLIP, TOL = 1e-2, 0.05, dict(rtol=1e-9, atol=1e-9)
+
+
+def close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def run_case(name, spec, layout, info, out_dir):
+    cfg, batch, steps = spec["cfg"], spec["batch"], spec["steps"]
+    tag = f"{name}-{layout.replicas}x{layout.shards}"
+    torch.manual_seed(0)
+    ref = SparseAutoencoder(cfg, dtype=F64)
+    torch.manual_seed(0)
+    sae = ShardedSparseAutoencoder(cfg, layout, dtype=F64)
+    lo, hi = sae.latent_start, sae.latent_stop
+    for pname, param in sae.named_parameters():
+        full = ref.get_parameter(pname)
+        assert torch.equal(param, full[lo:hi] if pname != "b_dec" else full), f"{tag}: init of {pname} is not the slice"
+
+    batches = torch.randn(steps + 1, batch, cfg.d_in, dtype=F64, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    rows = slice(layout.replica * batch // layout.replicas, (layout.replica + 1) * batch // layout.replicas)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, eps=6.25e-10)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=6.25e-10)
+    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], DistInfo())
+    scale = initialize_from_first_batch(sae, layout.broadcast_rows(batches[0, rows]))
+    assert abs(scale - ref_scale) <= 1e-12 * ref_scale, (scale, ref_scale)
+    close(sae.b_dec, ref.b_dec, f"{tag}: b_dec init")
+    ref_counters = torch.zeros(cfg.n_latents, dtype=torch.long)
+    counters = torch.zeros(sae.n_local, dtype=torch.long)
+
+    record = {"tag": tag, "k_aux": cfg.k_aux, "dead": [], "auxk": [], "clipped": []}
+
+    def step_both(step, model, optimizer, model_counters):
+        x = layout.broadcast_rows(batches[step, rows]) * scale
+        out = training_step(model, optimizer, x, model_counters >= cfg.dead_tokens, LR, CLIP)
+        update_dead_counters(model, model_counters, out)
+        return out
+
+    for step in range(steps):
+        dead = ref_counters >= cfg.dead_tokens
+        ref_out = trainer.training_step(ref, ref_opt, batches[step] * ref_scale, dead, LR, CLIP)
+        trainer.update_dead_counters(ref_counters, ref_out)
+        out = step_both(step, sae, opt, counters)
+        ref_indices, order = ref_out.latent_indices[rows].sort(1)
+        indices, my_order = out.latent_indices.sort(1)
+        assert torch.equal(indices, ref_indices), f"{tag} step {step}: a different top-k selection"
+        ref_acts = ref_out.latent_acts[rows].gather(1, order).detach()
+        close(out.latent_acts.gather(1, my_order), ref_acts, f"{tag} step {step}: acts")
+        # each replica's losses are its share of the global batch's: they sum to the reference's
+        losses = [(o.fvu, o.auxk_loss, o.multi_topk_fvu, o.loss) for o in (out, ref_out)]
+        shares, expected = (torch.stack(values).detach() for values in losses)
+        close(layout.sum_over_replicas(shares), expected, f"{tag} step {step}: losses")
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+        record["dead"].append(int(dead.sum()))
+        record["auxk"].append(ref_out.auxk_loss.item())
+        record["clipped"].append(abs(grad_norm.item() - CLIP) < 1e-4)
+
+    for pname, param in sae.named_parameters():
+        full = ref.get_parameter(pname)
+        close(param, full[lo:hi] if pname != "b_dec" else full, f"{tag}: {pname} after {steps} steps")
+    assert torch.equal(counters, ref_counters[lo:hi]), f"{tag}: dead counters"
+
+    # one full state (params + Adam + counters) on rank 0, named as a single-process run's
+    full = gather_full_state(sae, opt, extra={"tokens_since_fired": counters})
+    path = out_dir / tag
+    folder = save_full(sae, path / "sharded", input_scale=scale, metadata={"layout": tag})
+    if layout.is_main:
+        ref_flat, _ = checkpoint.optimizer_to_flat(ref_opt)
+        expected = {**ref.state_dict(), **ref_flat, "tokens_since_fired": ref_counters}
+        assert set(full) == set(expected), (sorted(full), sorted(expected))
+        for key, value in expected.items():
+            close(full[key], value, f"{tag}: full state '{key}'")
+        assert folder == path / "sharded"
+        ref.save(path / "ref", input_scale=ref_scale)
+        save_file(full, str(path / "full.safetensors"))
+    else:
+        assert full is None and folder is None
+    barrier(info)
+
+    # continue from the gathered state in a fresh sharded SAE (another init, another RNG state)
+    torch.manual_seed(123)
+    resumed = ShardedSparseAutoencoder(cfg, layout, dtype=F64, init="local")
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=LR, eps=6.25e-10)
+    resumed_counters = torch.zeros_like(counters)
+    saved = load_file(str(path / "full.safetensors"))
+    load_from_full_state(resumed, saved, resumed_opt, extra={"tokens_since_fired": resumed_counters})
+    ref_out = trainer.training_step(ref, ref_opt, batches[steps] * ref_scale, ref_counters >= cfg.dead_tokens, LR, CLIP)
+    trainer.update_dead_counters(ref_counters, ref_out)
+    step_both(steps, sae, opt, counters)
+    step_both(steps, resumed, resumed_opt, resumed_counters)
+    for (pname, param), resumed_param in zip(sae.named_parameters(), resumed.parameters()):
+        assert torch.equal(param, resumed_param), f"{tag}: resumed {pname} differs from the uninterrupted run"
+        full_param = ref.get_parameter(pname)
+        close(param, full_param[lo:hi] if pname != "b_dec" else full_param, f"{tag}: {pname} after resume")
+    assert torch.equal(counters, resumed_counters) and torch.equal(counters, ref_counters[lo:hi])
+    return record
+
+
+def main(out_dir: str, shard_counts: str) -> None:
+    info = init_distributed(timeout_s=60)
+    out_dir = Path(out_dir)
+    records = []
+    for shards in map(int, shard_counts.split(",")):
+        layout = ShardLayout(info.rank, info.world_size, shards)
+        if shards > 1:
+            try:
+                ShardedSparseAutoencoder(SaeConfig(d_in=4, n_latents=shards * 5 + 1, k=2), layout)
+            except ValueError as error:
+                assert "not divisible" in str(error), error
+            else:
+                raise AssertionError("n_latents not divisible by shards was accepted")
+        for name, spec in CASES.items():
+            if spec["cfg"].n_latents % shards == 0:
+                records.append(run_case(name, spec, layout, info, out_dir))
+    if info.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(records, indent=1))
+    barrier(info)
+    shutdown(info)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

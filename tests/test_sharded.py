@@ -1,0 +1,96 @@
+"""Latent sharding (sae/sharded.py): 2 and 4 CPU processes (gloo) launched with torchrun equal one
+process; the gathered SAE is one ordinary SAE folder. The checks themselves run in
+tests/sharded_worker.py (it fails on any mismatch); here we launch it and check what it wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sae import SparseAutoencoder
+from sae.distributed import DistInfo
+from sae.sharded import ShardLayout
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = "tests/sharded_worker.py"
+
+
+def torchrun_worker(out_dir: Path, nproc: int, shards: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               WORKER, str(out_dir), shards]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def check_records(records: list[dict], out_dir: Path, tags: set[str]) -> None:
+    assert {r["tag"] for r in records} == tags
+    generator = torch.Generator().manual_seed(5)
+    for record in records:
+        tag = record["tag"]
+        # the run really exercised AuxK (also with k_aux capped by the dead count) and the clip
+        assert any(value > 0 for value in record["auxk"]), tag
+        assert all(record["clipped"]), tag
+        if tag.startswith("auxk"):
+            assert any(0 < dead < record["k_aux"] for dead in record["dead"]), tag
+        # the gathered folder is one ordinary SAE, equal to the single-process one
+        sharded = SparseAutoencoder.load(out_dir / tag / "sharded")
+        ref = SparseAutoencoder.load(out_dir / tag / "ref")
+        assert sharded.cfg == ref.cfg
+        assert json.loads((out_dir / tag / "sharded" / "cfg.json").read_text())["layout"] == tag
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(sharded.state_dict()[name], value, rtol=1e-9, atol=1e-9, msg=f"{tag} {name}")
+        x = torch.randn(20, ref.cfg.d_in, generator=generator, dtype=torch.float64) * 3 + 1
+        out, ref_out = sharded(x), ref(x)
+        assert torch.equal(out.latent_indices.sort(1).values, ref_out.latent_indices.sort(1).values), tag
+        torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-9, atol=1e-9)
+
+
+def test_two_ranks_two_shards_equal_one_process(tmp_path):
+    records = torchrun_worker(tmp_path, nproc=2, shards="2")
+    check_records(records, tmp_path, {"auxk-1x2", "odd-1x2", "k1-1x2"})
+
+
+def test_four_ranks_replicas_times_shards_equal_one_process(tmp_path):
+    # 2 replicas x 2 shards, 1 replica x 4 shards, 4 replicas x 1 shard (plain data parallelism)
+    records = torchrun_worker(tmp_path, nproc=4, shards="2,4,1")
+    expected = {"auxk-2x2", "odd-2x2", "k1-2x2", "auxk-1x4", "k1-1x4", "auxk-4x1", "odd-4x1", "k1-4x1"}
+    check_records(records, tmp_path, expected)
+
+
+def test_world_of_one_equals_a_plain_sae_without_any_communication(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import sharded_worker
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a world of one must not communicate")
+
+    for name in ("all_reduce", "all_gather", "broadcast", "gather", "new_group", "barrier"):
+        monkeypatch.setattr(dist, name, forbidden)
+    layout = ShardLayout(0, 1, 1)
+    assert (layout.shard_group, layout.replica_group) == (None, None)
+    records = [sharded_worker.run_case(name, spec, layout, DistInfo(), tmp_path)
+               for name, spec in sharded_worker.CASES.items()]
+    check_records(records, tmp_path, {"auxk-1x1", "odd-1x1", "k1-1x1"})
+
+
+def test_rank_sets_and_layout_checks():
+    shard_sets, replica_sets = ShardLayout.rank_sets(world_size=8, shards=4)
+    assert shard_sets == [[0, 1, 2, 3], [4, 5, 6, 7]]  # same replica: same rows, all latents
+    assert replica_sets == [[0, 4], [1, 5], [2, 6], [3, 7]]  # same latent slice: data parallel
+    assert ShardLayout.rank_sets(2, 1) == ([[0], [1]], [[0, 1]])
+    layout = ShardLayout(0, 1, 1)
+    assert (layout.shard, layout.replica, layout.replicas, layout.latent_range(90)) == (0, 0, 1, (0, 90))
+    with pytest.raises(ValueError, match="cannot be split"):
+        ShardLayout(0, 6, 4)
+    with pytest.raises(ValueError, match="cannot be split"):
+        ShardLayout(0, 1, 2)
