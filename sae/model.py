@@ -9,7 +9,9 @@ there (`SparseCoder.load_from_disk`) and gives the same outputs:
     encode:  pre = W_enc (x - b_dec) + b_enc;  keep the top k per row;  values = ReLU(top values)
     decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
 
-This module is the eager torch implementation; it is also the reference the kernels are tested against.
+`encode`, `decode` and `forward` run on the sparse `kernels` ops (Triton on CUDA, eager torch on CPU).
+`pre_acts`, `_select` and `auxk_loss` are the same math in plain dense torch, used by the latent-sharded
+SAE (sae/sharded.py), whose top-k is distributed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+import kernels
+from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
 
@@ -76,11 +81,6 @@ def normalized_mse(target: Tensor, prediction: Tensor, variance: VarianceFn = ba
     the global batch, so each rank's share of the loss sums to the single-process loss.
     """
     return (target - prediction).pow(2).sum() / variance(target)
-
-
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]]  -> (N, d_in), without materialising (N, n_latents)."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
 def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
@@ -139,7 +139,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64)."""
-        return self._select(self.pre_acts(x), self.cfg.k)
+        return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k)."""
@@ -152,27 +152,36 @@ class SparseAutoencoder(nn.Module):
         return values.relu(), indices
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
-        """Encode, decode and compute the losses for a batch `x` (N, d_in).
+        """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `kernels` ops.
 
         dead_mask: (n_latents,) bool, the latents the AuxK loss may use; None or all-False turns it off.
         variance: the normalized MSEs' denominator (see `normalized_mse`); the local batch's by default.
+        One dense matmul in all: the AuxK and Multi-TopK selections reuse the same pre-activations.
         """
         x = x.to(self.dtype)
-        pre_acts = self.pre_acts(x)
-        latent_acts, latent_indices = self._select(pre_acts, self.cfg.k)
+        k, multi_topk = self.cfg.k, self.cfg.multi_topk
+        use_auxk = dead_mask is not None and self.cfg.auxk_coef > 0 and bool(dead_mask.any())
+        # Multi-TopK selects the top 4k, sorted, so the first k of them are the TopK selection.
+        selected = kernels.topk_encode(
+            x, self.encoder.weight, self.encoder.bias, min(4 * k, self.cfg.n_latents) if multi_topk else k,
+            b_dec=self.b_dec, sorted=multi_topk, dead_mask=dead_mask if use_auxk else None, k_aux=self.cfg.k_aux,
+        )
+        values, indices = selected[0], selected[1]
+        latent_acts, latent_indices = (values[:, :k].contiguous(), indices[:, :k].contiguous()) if multi_topk else (values, indices)
         x_hat = self.decode(latent_acts, latent_indices)
         fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
-        if dead_mask is not None and self.cfg.auxk_coef > 0:
-            auxk_loss = self.auxk_loss(pre_acts, (x - x_hat).detach(), dead_mask, variance)
+        if use_auxk:
+            aux_values, aux_indices, residual = selected[2], selected[3], (x - x_hat).detach()
+            if variance is batch_variance:  # the fused op normalises by the local batch's variance
+                auxk_loss = kernels.auxk_loss(aux_values, aux_indices, self.W_dec, residual)
+            else:
+                auxk_loss = normalized_mse(residual, sparse_decode(aux_values, aux_indices, self.W_dec), variance)
+                auxk_loss = torch.where(auxk_loss.isnan(), torch.zeros_like(auxk_loss), auxk_loss)
 
-        multi_topk_fvu = zero
-        if self.cfg.multi_topk:
-            multi_k = min(4 * self.cfg.k, self.cfg.n_latents)
-            multi_x_hat = self.decode(*self._select(pre_acts, multi_k))
-            multi_topk_fvu = normalized_mse(x, multi_x_hat, variance)
+        multi_topk_fvu = normalized_mse(x, self.decode(values, indices), variance) if multi_topk else zero
 
         loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)

@@ -164,15 +164,17 @@ def test_init_is_tied_with_unit_norm_decoder():
 
 
 def test_decoder_gradient_projection_and_renormalisation():
-    sae = random_sae(16, 48, 4)
-    sae(torch.randn(20, 16)).loss.backward()
+    sae = random_sae(16, 48, 4).double()
+    sae.set_decoder_norm_to_unit_norm()  # unit norm in float64, as the projection assumes
+    sae(torch.randn(20, 16, dtype=torch.float64)).loss.backward()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() > 1e-6  # there was something to remove
     sae.remove_gradient_parallel_to_decoder_directions()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
-    assert parallel.abs().max() < 1e-6
+    assert parallel.abs().max() < 1e-12
     with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(48, 1) + 0.5)
+        sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) + 0.5)
     sae.set_decoder_norm_to_unit_norm()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48, dtype=torch.float64))
 
 
 def test_geometric_median():
