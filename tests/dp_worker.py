@@ -2,6 +2,10 @@
 batches, each rank taking its slice, and save the parameters. Run alone, it trains on whole batches."""
 
 import sys
+from pathlib import Path
+
+# Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from safetensors.torch import save_file

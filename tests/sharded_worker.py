@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+# Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 from safetensors.torch import load_file, save_file
 
