@@ -192,7 +192,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     sae_cfg = replace(cfg.sae, d_in=d_in)
     sae = SparseAutoencoder(sae_cfg, device=device)
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     total_steps = cfg.max_tokens // cfg.batch_size
     tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
 

@@ -1,0 +1,124 @@
+"""The encoder forward: one dense matmul, then the top k per row (and the AuxK top k_aux among dead latents).
+
+Shared by both backends: the dense part is the library matmul (Gao et al. appendix D also keep it
+dense), then torch.topk. On CPU the pre-activations go into a reused buffer, in row chunks of bounded
+size for very large batches; they are never saved for the backward.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor
+
+CPU_CHUNK_ELEMENTS = 1 << 26
+"""Pre-activations held at once on CPU (256 MiB in float32): the batch goes through in row chunks of at
+most this many elements, so memory stays bounded for any batch. Chunks are large because the matmul
+loses efficiency on short row blocks (measured: 256-row chunks cost ~1.3x a single 4096-row matmul)."""
+
+_workspace = threading.local()  # per thread: {(device, dtype): flat buffer}
+
+
+def _pre_buffer(rows: int, n_latents: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """A reused (rows, n_latents) buffer for the pre-activations on CPU, None on other devices.
+
+    Allocating ~200 MB afresh every step costs tens of milliseconds of page faults on CPU (the
+    allocator returns large blocks to the OS); CUDA's caching allocator already reuses its memory.
+    The buffer never escapes encode_select, so reusing it across calls is safe; each thread has its own.
+    """
+    if device.type != "cpu":
+        return None
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    size = rows * n_latents
+    buffer = buffers.get((device, dtype))
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=dtype, device=device)
+        buffers[(device, dtype)] = buffer
+    return buffer[:size].view(rows, n_latents)
+
+
+def clear_workspace() -> None:
+    """Free this thread's CPU pre-activation buffers (they are rebuilt on the next call)."""
+    _workspace.__dict__.pop("buffers", None)
+
+
+TOPK_GROUP = 8
+"""Columns per group in the CPU top-k (see topk_rows)."""
+
+
+def topk_rows(pre: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """Top k of each row of `pre` (M, n): (values (M, k), indices (M, k) int64), before any ReLU.
+
+    On CPU, for wide rows, a two-stage search that does the same selection ~25% faster than
+    torch.topk on the whole row (measured at 4096 x 12288, k = 32, 2 threads: 52 vs 70 ms). Split
+    the first g*m columns into m = n // g strided groups (group j = columns j, j + m, ..., j + (g-1) m),
+    take each group's max (a cheap vectorised pass), keep the k groups with the largest maxima and
+    search only their k*g columns plus the n - g*m leftover columns.
+    Why it is exact: the k kept maxima are k distinct elements of the row, so the k-th largest value
+    v_k is >= the smallest kept maximum t. An element > v_k lies in a group whose max is > t, which
+    is therefore kept; and either every kept maximum is >= v_k (k candidates >= v_k) or some kept
+    maximum is < v_k, in which case every group holding an element >= v_k was kept. Either way the
+    candidates contain a full top k, so the values equal torch.topk's; among equal values the
+    choice of indices may differ (torch.topk does not define it either). NaN ranks highest in both.
+    """
+    n_rows, n = pre.shape
+    g = TOPK_GROUP
+    m = n // g
+    if pre.device.type != "cpu" or m < 4 * k:
+        return pre.topk(k, dim=1, sorted=sorted)
+    group_max = pre[:, : g * m].unflatten(1, (g, m)).amax(1)  # (M, m)
+    _, groups = group_max.topk(k, dim=1, sorted=False)
+    columns = (groups[:, :, None] + torch.arange(0, g * m, m, device=pre.device)).reshape(n_rows, k * g)
+    if g * m < n:
+        leftover = torch.arange(g * m, n, device=pre.device).expand(n_rows, -1)
+        columns = torch.cat([columns, leftover], 1)
+    values, where = pre.gather(1, columns).topk(k, dim=1, sorted=sorted)
+    return values, columns.gather(1, where)
+
+
+def encode_select(
+    xc: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor | None,
+    k: int,
+    dead_latents: Tensor | None = None,
+    k_aux: int = 0,
+    sorted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """pre = xc W_enc^T + b_enc; top k per row; ReLU after the selection (as sae.model does).
+
+    xc (N, d) is the centred input x - b_dec; W_enc (n, d); b_enc (n,) or None. With dead_latents
+    (n_dead,) int64 and k_aux <= n_dead, also the top k_aux of each row among the dead latents, from
+    the same pre-activations. Returns values (N, k), indices (N, k), aux_values (N, k_aux),
+    aux_indices (N, k_aux), and aux_local (N, k_aux), the positions of aux_indices in dead_latents;
+    values in W_enc's dtype, indices int64.
+    """
+    n_rows = xc.shape[0]
+    device, dtype = xc.device, W_enc.dtype
+    values = torch.empty(n_rows, k, dtype=dtype, device=device)
+    indices = torch.empty(n_rows, k, dtype=torch.int64, device=device)
+    aux_values = torch.empty(n_rows, k_aux, dtype=dtype, device=device)
+    aux_indices = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
+    aux_local = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
+    n_latents = W_enc.shape[0]
+    chunk = max(n_rows, 1) if device.type != "cpu" else max(1, min(n_rows, CPU_CHUNK_ELEMENTS // n_latents))
+    weight_t = W_enc.t()
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        rows = xc[start:stop]
+        pre = _pre_buffer(stop - start, n_latents, device, dtype)
+        if b_enc is not None:
+            pre = torch.addmm(b_enc, rows, weight_t, out=pre)
+        else:
+            pre = torch.mm(rows, weight_t, out=pre)
+        top, where = topk_rows(pre, k, sorted)
+        values[start:stop] = top.relu_()
+        indices[start:stop] = where
+        if k_aux > 0:
+            dead_pre = pre.index_select(1, dead_latents)
+            top, where = dead_pre.topk(k_aux, dim=1, sorted=False)
+            aux_values[start:stop] = top.relu_()
+            aux_indices[start:stop] = dead_latents[where]
+            aux_local[start:stop] = where
+    return values, indices, aux_values, aux_indices, aux_local
