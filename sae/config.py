@@ -128,6 +128,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 turns it off."""
 
+    shard_latents: int = 1
+    """Under torchrun: split the latents over this many ranks (world size = replicas x shard_latents);
+    the ranks of a shard group read the same data and pick the global top k together."""
+
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the LM's forward pass (activations are trained on in float32)."""
 
@@ -162,7 +166,7 @@ class TrainConfig:
     """wandb mode; offline and disabled need no network."""
 
     def __post_init__(self):
-        for name in ("batch_size", "max_tokens", "log_every"):
+        for name in ("batch_size", "max_tokens", "log_every", "shard_latents"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.lr_decay_frac <= 1:

@@ -44,6 +44,7 @@ from .distributed import (
     sum_gradients,
 )
 from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
+from . import sharded
 
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {"max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device"}
@@ -164,9 +165,11 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     import wandb
 
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
-    local_batch_size = cfg.batch_size // info.world_size
+    layout = sharded.ShardLayout(info.rank, info.world_size, cfg.shard_latents)
+    sharding = layout.shards > 1
+    if cfg.batch_size % layout.replicas:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
+    local_batch_size = cfg.batch_size // layout.replicas
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
     run_dir = cfg.run_dir
@@ -181,29 +184,38 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
     hook_module = get_module(model, cfg.hookpoint)
     d_in = capture_activations(model, hook_module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
-    dataset = load_text_dataset(cfg.data, rank=info.rank, world_size=info.world_size)
+    # each replica reads its own data shard; the ranks of a shard group read the same one
+    dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
     windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
     stream = ActivationStream(
         model, cfg.hookpoint, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
-        cfg.data.lm_batch_windows, cfg.seed, rank=info.rank,
+        cfg.data.lm_batch_windows, cfg.seed, rank=layout.replica,
     )
 
     # ---- the SAE and its optimiser (same seed, so the same init on every rank) ----
     sae_cfg = replace(cfg.sae, d_in=d_in)
-    sae = SparseAutoencoder(sae_cfg, device=device)
+    if sharding:
+        sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
+    else:
+        sae = SparseAutoencoder(sae_cfg, device=device)
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     total_steps = cfg.max_tokens // cfg.batch_size
-    tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+    n_counters = sae.n_local if sharding else sae_cfg.n_latents
+    tokens_since_fired = torch.zeros(n_counters, dtype=torch.long, device=device)
 
     if latest:
         tensors, state = checkpoint.load_checkpoint(latest[-1])
         _check_resumable(cfg, state["config"], latest[-1])
         if len(state["streams"]) != info.world_size:
             raise ValueError(f"{latest[-1]} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
-        sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
-        checkpoint.optimizer_from_flat(optimizer, tensors, state["optimizer"])
-        tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        if sharding:
+            sharded.load_from_full_state(sae, tensors, optimizer, state["optimizer"],
+                                         extra={"tokens_since_fired": tokens_since_fired})
+        else:
+            sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
+            checkpoint.optimizer_from_flat(optimizer, tensors, state["optimizer"])
+            tokens_since_fired.copy_(tensors["tokens_since_fired"])
         checkpoint.restore_rng(tensors)
         stream.load_state_dict(state["streams"][info.rank])
         start_step, tokens_seen, input_scale = state["step"], state["tokens_seen"], state["input_scale"]
@@ -214,7 +226,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     else:
         # Scale and pre-bias come from the first batch, which is then trained on like any other.
         first_batch = next(stream)
-        input_scale = initialize_from_first_batch(sae, first_batch, info)
+        if sharding:
+            first_batch = layout.broadcast_rows(first_batch)
+            input_scale = sharded.initialize_from_first_batch(sae, first_batch)
+        else:
+            input_scale = initialize_from_first_batch(sae, first_batch, info)
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
@@ -231,23 +247,35 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
     started, tokens_at_start, metrics = time.perf_counter(), tokens_seen, {}
     for step in range(start_step, total_steps):
-        x = next(batches) * input_scale
+        x = next(batches)
+        if sharding:
+            x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
+        x = x * input_scale
         dead_mask = tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
         lr = lr_at(step, base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
         try:
-            out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip, info)
+            if sharding:
+                out = sharded.training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip)
+            else:
+                out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip, info)
         except NonFiniteLossError as error:
             last = checkpoint.list_checkpoints(run_dir)
             raise NonFiniteLossError(
                 f"{error} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
             ) from None
-        update_dead_counters(tokens_since_fired, out, info)
+        if sharding:
+            sharded.update_dead_counters(sae, tokens_since_fired, out)
+        else:
+            update_dead_counters(tokens_since_fired, out, info)
         tokens_seen += cfg.batch_size
         progress.update(1)
 
         last_step = step + 1 == total_steps
         if (step + 1) % cfg.log_every == 0 or last_step:
-            metrics = step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, info)
+            if sharding:
+                metrics = sharded.step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, layout)
+            else:
+                metrics = step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, info)
             tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
             metrics = {"step": step + 1, **metrics, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_second}
             if info.is_main:
@@ -260,10 +288,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
 
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
             streams = gather_objects(stream.state_dict(), info)
+            if sharding:  # collective: every rank calls it; the full state lands on rank 0
+                full = sharded.gather_full_state(sae, optimizer, extra={"tokens_since_fired": tokens_since_fired})
             barrier(info)
             if info.is_main:
                 optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(optimizer)
-                tensors = {**sae.state_dict(), **optimizer_tensors, "tokens_since_fired": tokens_since_fired, **checkpoint.rng_tensors()}
+                if sharding:  # same names and shapes as a single-process checkpoint
+                    tensors = {**full, **checkpoint.rng_tensors()}
+                else:
+                    tensors = {**sae.state_dict(), **optimizer_tensors, "tokens_since_fired": tokens_since_fired, **checkpoint.rng_tensors()}
                 state = {
                     "step": step + 1, "tokens_seen": tokens_seen, "input_scale": input_scale, "optimizer": optimizer_meta,
                     "streams": streams, "world_size": info.world_size, "wandb_id": run.id, "config": to_dict(cfg),
@@ -274,13 +307,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
 
     # ---- the final SAE, folded to take raw activations ----
     sae_dir = run_dir / cfg.hookpoint
+    metadata = {
+        "model": cfg.model, "hookpoint": cfg.hookpoint, "ctx_len": cfg.data.ctx_len,
+        "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
+        "tokens_trained": tokens_seen, "run_name": cfg.run_name, "final_metrics": metrics,
+    }
+    if sharding:  # collective: gathers one ordinary SAE folder, written by rank 0
+        sharded.save_full(sae, sae_dir, input_scale=input_scale, metadata=metadata)
     if info.is_main:
         log_file.close()
-        sae.save(sae_dir, input_scale=input_scale, metadata={
-            "model": cfg.model, "hookpoint": cfg.hookpoint, "ctx_len": cfg.data.ctx_len,
-            "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
-            "tokens_trained": tokens_seen, "run_name": cfg.run_name, "final_metrics": metrics,
-        })
+        if not sharding:
+            sae.save(sae_dir, input_scale=input_scale, metadata=metadata)
         if metrics:
             run.summary.update({f"final/{key}": value for key, value in metrics.items()})
             print(f"final: nmse={metrics['nmse']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} tokens={tokens_seen:,}")

@@ -46,3 +46,20 @@ def test_torchrun_train_py_two_ranks_trains_and_resumes(tiny_lm_dir, text_file, 
     assert len(log) == 4  # steps 5, 10 (first run), 15, 20 (resumed); rank 0 alone writes
     second = SparseAutoencoder.load(tmp_path / "dp" / "transformer.h.1")
     assert not torch.equal(first.W_dec, second.W_dec)
+
+
+def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_file, tmp_path):
+    args = [
+        "train.py", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1", f"--data.dataset={text_file}",
+        "--data.ctx_len=16", "--data.shuffle_buffer_tokens=256", "--sae.n_latents=64", "--sae.k=4",
+        "--sae.dead_tokens=300", "--sae.k_aux=8", "--batch_size=128", "--max_tokens=1280", "--log_every=5",
+        "--save_every=5", f"--out_dir={tmp_path}",
+    ]
+    torchrun([*args, "--run_name=sharded", "--shard_latents=2"], nproc=2)
+    single = subprocess.run([sys.executable, *args, "--run_name=single"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = SparseAutoencoder.load(tmp_path / "sharded" / "transformer.h.1")  # one ordinary SAE folder
+    one = SparseAutoencoder.load(tmp_path / "single" / "transformer.h.1")
+    for name, tensor in one.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
