@@ -95,3 +95,29 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_still_loads(tiny_lm_di
             process.kill()
     tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
     assert state["step"] % 5 == 0 and len(state["streams"]) == 2 and "W_dec" in tensors
+
+
+def test_two_rank_sigkill_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
+    steps = 120
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run([*launch, *train_args(tiny_lm_dir, text_file, tmp_path, "whole", steps)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen([*launch, *train_args(tiny_lm_dir, text_file, tmp_path, "killed", steps)], cwd=REPO,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(checkpoint.list_checkpoints(run_dir)) >= 2, 180, process), "no checkpoint before the end"
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks at once
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert checkpoint.list_checkpoints(run_dir)[-1].name != f"step-{steps:08d}"
+
+    subprocess.run([*launch, *train_args(tiny_lm_dir, text_file, tmp_path, "killed", steps), "--resume"],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+    whole = load_file(tmp_path / "whole" / "transformer.h.1" / "sae.safetensors")
+    resumed = load_file(run_dir / "transformer.h.1" / "sae.safetensors")
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
