@@ -78,12 +78,16 @@ def global_variance(x: Tensor, info: DistInfo) -> Tensor:
 
 
 def sum_gradients(parameters, info: DistInfo) -> None:
-    """Sum gradients over ranks (the per-rank losses are already divided by global totals)."""
-    if not info.enabled:
-        return
+    """Sum gradients over all ranks (the per-rank losses are already divided by global totals)."""
+    if info.enabled:
+        all_reduce_gradients(parameters)
+
+
+def all_reduce_gradients(parameters, group=None) -> None:
+    """Sum the parameters' gradients over the ranks of `group` (default: all), one flattened all-reduce."""
     grads = [p.grad for p in parameters if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))

@@ -115,9 +115,9 @@ class SparseAutoencoder(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2)."""
-        self.W_dec.normal_()
+        self.W_dec.normal_(generator=generator)
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
         self.encoder.weight.copy_(self.W_dec)
         self.encoder.bias.zero_()

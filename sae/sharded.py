@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .config import SaeConfig
+from .distributed import all_reduce_gradients
 from .model import (
     PARAMETER_NAMES,
     ForwardOutput,
@@ -241,11 +242,7 @@ class ShardedSparseAutoencoder(nn.Module):
             return
         seed = int(torch.randint(0, 2**62, (1,)))  # the same draw on every rank
         generator = torch.Generator(device=self.device).manual_seed(seed + self.layout.shard)
-        self.W_dec.normal_(generator=generator)
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-        self.encoder.weight.copy_(self.W_dec)
-        self.encoder.bias.zero_()
-        self.b_dec.zero_()
+        SparseAutoencoder.reset_parameters(self, generator)  # row-wise, so right on the local rows
 
     @property
     def device(self) -> torch.device:
@@ -367,14 +364,8 @@ class ShardedSparseAutoencoder(nn.Module):
     @torch.no_grad()
     def sum_gradients_over_replicas(self) -> None:
         """Data parallelism over replicas: sum every gradient over the replica group (one all-reduce)."""
-        if self.layout.replica_group is None:
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        flat = self.layout.sum_over_replicas(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        if self.layout.replica_group is not None:
+            all_reduce_gradients(self.parameters(), group=self.layout.replica_group)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -406,23 +397,10 @@ def training_step(sae: ShardedSparseAutoencoder, optimizer: torch.optim.Optimize
                   dead_mask_local: Tensor | None, lr: float, grad_clip: float) -> ForwardOutput:
     """`trainer.training_step` for a sharded SAE: `x` is this replica's rows (the same on every rank
     of the shard group), already scaled; `optimizer` is over `sae.parameters()`."""
-    from .trainer import NonFiniteLossError  # lazy: the trainer imports this module
+    from .trainer import optimizer_update  # lazy: the trainer imports this module
 
     out = sae(x, dead_mask_local)
-    if not torch.isfinite(out.loss):
-        raise NonFiniteLossError(f"loss is {out.loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    sae.sum_gradients_over_replicas()
-    if sae.cfg.normalize_decoder:
-        sae.remove_gradient_parallel_to_decoder_directions()
-    if grad_clip > 0:
-        sae.clip_grad_norm_(grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    if sae.cfg.normalize_decoder:
-        sae.set_decoder_norm_to_unit_norm()
+    optimizer_update(sae, optimizer, out.loss, lr, grad_clip, sae.sum_gradients_over_replicas, sae.clip_grad_norm_)
     return out
 
 

@@ -97,21 +97,32 @@ def training_step(
     """
     variance = (lambda t: global_variance(t, info)) if info.enabled else batch_variance
     out = sae(x, dead_mask, variance)
-    if not torch.isfinite(out.loss):
-        raise NonFiniteLossError(f"loss is {out.loss.item()}")
+    optimizer_update(
+        sae, optimizer, out.loss, lr, grad_clip,
+        sum_grads=lambda: sum_gradients(sae.parameters(), info),
+        clip=lambda max_norm: torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm),
+    )
+    return out
+
+
+def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, sum_grads, clip) -> None:
+    """The update after a forward, shared by plain and latent-sharded SAEs: check the loss, backward,
+    sum gradients over ranks (`sum_grads()`), project decoder gradients, clip (`clip(max_norm)`), Adam
+    step at `lr`, renormalise decoder rows. The order matters: clipping sees the projected gradient."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    sum_gradients(sae.parameters(), info)
+    loss.backward()
+    sum_grads()
     if sae.cfg.normalize_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+        clip(grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     if sae.cfg.normalize_decoder:
         sae.set_decoder_norm_to_unit_norm()
-    return out
 
 
 @torch.no_grad()
