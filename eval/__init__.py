@@ -1,4 +1,13 @@
-"""Evaluation of trained SAEs: reconstruction, downstream LM loss, explainability.
+"""Evaluation of trained SAEs: reconstruction, sparsity and downstream LM loss (`python -m eval`).
 
-Not built yet: `python -m eval` is the work of its own issues.
+    from eval import evaluate
+    report = evaluate(sae, model, tokens, hookpoint="transformer.h.8")   # tokens (n_windows, ctx_len)
+
+Modules: splice.py (the LM with its activations replaced), reconstruction.py (nmse, fvu, L0, density),
+downstream.py (cross-entropy, KL, loss recovered), evaluate.py (the loop), data.py (held-out text),
+report.py (table, JSON, wandb), __main__.py (the CLI).
 """
+
+from .evaluate import activation_mean, evaluate, evaluate_many
+
+__all__ = ["activation_mean", "evaluate", "evaluate_many"]

@@ -47,7 +47,7 @@ class SaeConfig:
     """A latent is dead once it has not fired for this many training tokens."""
 
     multi_topk: bool = False
-    """Add the Multi-TopK loss: nmse with the top 4k latents, weighted 1/8."""
+    """Add the Multi-TopK loss: fvu (normalized MSE) with the top 4k latents, weighted 1/8."""
 
     normalize_decoder: bool = True
     """Keep decoder rows at unit norm (gradient projected, renormalised after each step)."""
@@ -147,6 +147,16 @@ class TrainConfig:
     out_dir: str = "runs"
     """Runs are written to OUT_DIR/RUN_NAME/ (checkpoints/ and one SAE folder per hookpoint)."""
 
+    eval_every: int = 0
+    """Steps between held-out evals (eval.evaluate: fvu, L0, ce_recovered, kl ...); 0 turns them off."""
+
+    eval_tokens: int = 16384
+    """Held-out tokens per eval."""
+
+    eval_split: str = ""
+    """Held-out split for those evals; empty picks one (the embedded corpus: validation; a hub dataset:
+    validation or test). A dataset with no other split needs one named here."""
+
     log_every: int = 10
     """Steps between metric lines (stdout and wandb)."""
 
@@ -166,9 +176,12 @@ class TrainConfig:
     """wandb mode; offline and disabled need no network."""
 
     def __post_init__(self):
-        for name in ("batch_size", "max_tokens", "log_every", "shard_latents"):
+        for name in ("batch_size", "max_tokens", "log_every", "shard_latents", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"TrainConfig.lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
 

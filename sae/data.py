@@ -34,7 +34,7 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
         if split not in files:
             raise ValueError(f"the embedded corpus has splits {sorted(files)}, not '{split}'")
         dataset = load_dataset("json", data_files={split: str(files[split])}, split=split, streaming=True)
-    elif _looks_local(cfg.dataset):
+    elif is_local_dataset(cfg.dataset):
         files = _local_files(cfg.dataset)
         builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
         dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=True)
@@ -45,7 +45,8 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
     return dataset
 
 
-def _looks_local(name: str) -> bool:
+def is_local_dataset(name: str) -> bool:
+    """True when `name` is a local file, folder or glob rather than a hub dataset name."""
     return (
         Path(name).exists()
         or name.startswith((".", "/", "~"))
@@ -130,7 +131,7 @@ class TokenWindows:
             self._documents = iter(self.dataset)
             return
         self._documents_this_epoch += len(texts)
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
             self._pending.extend(ids)
             self._pending.extend(self.separator)
 

@@ -237,6 +237,13 @@ class SparseAutoencoder(nn.Module):
             "b_dec": (self.b_dec / input_scale).contiguous(),
         }
 
+    @torch.no_grad()
+    def folded(self, input_scale: float) -> "SparseAutoencoder":
+        """A copy that takes raw activations, when this SAE was trained on inputs times `input_scale`."""
+        copy = type(self)(self.cfg, device=self.device, dtype=self.dtype)
+        copy.load_state_dict(self.folded_state_dict(input_scale))
+        return copy
+
     def save(self, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
         """Write path/cfg.json and path/sae.safetensors (each written to a temp file, then renamed).
 
@@ -283,8 +290,8 @@ class SparseAutoencoder(nn.Module):
         return sae
 
 
-def read_sae_config(path: str | Path) -> SaeConfig:
-    """SaeConfig from path/cfg.json, ignoring keys that are not SaeConfig fields (model, hookpoint...)."""
+def read_sae_metadata(path: str | Path) -> dict[str, Any]:
+    """Everything in path/cfg.json: the SaeConfig fields plus model, hookpoint and training provenance."""
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"SAE config not found: {cfg_path}")
@@ -292,6 +299,15 @@ def read_sae_config(path: str | Path) -> SaeConfig:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{cfg_path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def read_sae_config(path: str | Path) -> SaeConfig:
+    """SaeConfig from path/cfg.json, ignoring keys that are not SaeConfig fields (model, hookpoint...)."""
+    cfg_path = Path(path) / CONFIG_FILE
+    raw = read_sae_metadata(path)
     file_to_field = {file_key: name for name, file_key in _FILE_KEYS.items()}
     field_names = {f.name for f in fields(SaeConfig)}
     values = {file_to_field.get(key, key): value for key, value in raw.items()}

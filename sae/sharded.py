@@ -437,10 +437,10 @@ def step_metrics(out: ForwardOutput, tokens_since_fired_local: Tensor, dead_toke
         out.fvu.detach().float(), out.auxk_loss.detach().float(), out.multi_topk_fvu.detach().float(),
         (out.latent_acts > 0).sum(-1).float().mean() / layout.replicas,
     ])
-    nmse, auxk_loss, multi_topk_nmse, l0 = layout.sum_over_replicas(values).tolist()
+    fvu, auxk_loss, multi_topk_fvu, l0 = layout.sum_over_replicas(values).tolist()
     dead = layout.sum_over_shards((tokens_since_fired_local >= dead_tokens).sum().reshape(1).long())
     dead_frac = dead.item() / (tokens_since_fired_local.numel() * layout.shards)
-    return {"nmse": nmse, "auxk_loss": auxk_loss, "multi_topk_nmse": multi_topk_nmse, "l0": l0, "dead_frac": dead_frac}
+    return {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
 
 
 # ---- one full state, whatever the layout -----------------------------------------------------

@@ -2,7 +2,7 @@
 
 One step (Gao et al. 2024):
     x      = input_scale * activations          (scale chosen once so that E||x||^2 = d_in)
-    loss   = nmse(x, x_hat) + auxk_coef * L_aux + [multi-TopK nmse / 8]
+    loss   = fvu(x, x_hat) + auxk_coef * L_aux + [multi-TopK fvu / 8]      (fvu: normalized MSE)
     grad  -= the component of each decoder row's gradient parallel to that row
     clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
     renormalise decoder rows to unit norm
@@ -47,7 +47,12 @@ from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_m
 from . import sharded
 
 # Config keys that may differ between a run and its resumption; anything else must match.
-_RESUMABLE_CHANGES = {"max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device"}
+_RESUMABLE_CHANGES = {
+    "max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device",
+    "eval_every", "eval_tokens", "eval_split",
+}
+# Keys of the held-out eval report logged during training (as eval/KEY).
+EVAL_LOG_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,9 +161,18 @@ def step_metrics(out: ForwardOutput, tokens_since_fired: Tensor, dead_tokens: in
         out.multi_topk_fvu.detach().float(),
         (out.latent_acts > 0).sum(-1).float().mean() / info.world_size,
     ])
-    nmse, auxk_loss, multi_topk_nmse, l0 = all_reduce_sum(values, info).tolist()
+    fvu, auxk_loss, multi_topk_fvu, l0 = all_reduce_sum(values, info).tolist()
     dead_frac = (tokens_since_fired >= dead_tokens).float().mean().item()
-    return {"nmse": nmse, "auxk_loss": auxk_loss, "multi_topk_nmse": multi_topk_nmse, "l0": l0, "dead_frac": dead_frac}
+    return {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
+
+
+@torch.no_grad()
+def held_out_eval(sae: SparseAutoencoder, input_scale: float, model, windows: Tensor, hookpoint: str, batch_windows: int) -> dict[str, float]:
+    """`eval.evaluate` of the SAE (trained on inputs times `input_scale`) on held-out windows."""
+    from eval import evaluate  # eval builds on sae; imported here so sae does not need it to load
+
+    report = evaluate(sae.folded(input_scale), model, windows, hookpoint, batch_windows=batch_windows)
+    return {f"eval/{key}": report[key] for key in EVAL_LOG_KEYS}
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -202,6 +216,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         model, cfg.hookpoint, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
         cfg.data.lm_batch_windows, cfg.seed, rank=layout.replica,
     )
+
+    eval_windows = None
+    if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)
+        from eval.data import held_out_windows
+
+        eval_windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
 
     # ---- the SAE and its optimiser (same seed, so the same init on every rank) ----
     sae_cfg = replace(cfg.sae, d_in=d_in)
@@ -256,7 +276,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
 
     # ---- the loop ----
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
-    started, tokens_at_start, metrics = time.perf_counter(), tokens_seen, {}
+    started, tokens_at_start, metrics, eval_metrics = time.perf_counter(), tokens_seen, {}, {}
     for step in range(start_step, total_steps):
         x = next(batches)
         if sharding:
@@ -293,9 +313,27 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                 run.log(metrics, step=step + 1)
                 log_file.write(json.dumps(metrics) + "\n")
                 log_file.flush()
-                progress.set_postfix(nmse=f"{metrics['nmse']:.4f}", l0=f"{metrics['l0']:.1f}",
+                progress.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}",
                                      dead=f"{metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
                 tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in metrics.items()))
+
+        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
+            if sharding:  # collective: the whole SAE lands on rank 0
+                full = sharded.gather_full_state(sae)
+            if info.is_main:
+                if sharding:
+                    eval_sae = SparseAutoencoder(sae_cfg, device=device)
+                    eval_sae.load_state_dict(full)
+                else:
+                    eval_sae = sae
+                eval_started = time.perf_counter()
+                eval_metrics = held_out_eval(eval_sae, input_scale, model, eval_windows, cfg.hookpoint, cfg.data.lm_batch_windows)
+                started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
+                run.log(eval_metrics, step=step + 1)
+                log_file.write(json.dumps({"step": step + 1, **eval_metrics}) + "\n")
+                log_file.flush()
+                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in eval_metrics.items()))
+            barrier(info)
 
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
             streams = gather_objects(stream.state_dict(), info)
@@ -321,8 +359,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     metadata = {
         "model": cfg.model, "hookpoint": cfg.hookpoint, "ctx_len": cfg.data.ctx_len,
         "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
-        "tokens_trained": tokens_seen, "run_name": cfg.run_name, "final_metrics": metrics,
+        "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "run_name": cfg.run_name,
+        "final_metrics": {**metrics, **eval_metrics},
     }
+    if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
+        metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)
     if sharding:  # collective: gathers one ordinary SAE folder, written by rank 0
         sharded.save_full(sae, sae_dir, input_scale=input_scale, metadata=metadata)
     if info.is_main:
@@ -330,8 +371,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         if not sharding:
             sae.save(sae_dir, input_scale=input_scale, metadata=metadata)
         if metrics:
-            run.summary.update({f"final/{key}": value for key, value in metrics.items()})
-            print(f"final: nmse={metrics['nmse']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
+            run.summary.update({f"final/{key}": value for key, value in {**metrics, **eval_metrics}.items()})
+            print(f"final: fvu={metrics['fvu']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
         print(f"saved SAE to {sae_dir}")
         run.finish()
     barrier(info)

@@ -69,3 +69,28 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_sae_dir(tmp_path_factory) -> Path:
+    """A short run of the embedded default (committed model, stdlib corpus), with held-out evals every
+    50 steps and wandb offline: RUN_DIR/transformer.h.2."""
+    from sae.config import DataConfig, SaeConfig, TrainConfig
+    from sae.trainer import train
+
+    root = tmp_path_factory.mktemp("embedded")
+    cfg = TrainConfig(
+        sae=SaeConfig(n_latents=512, k=16, k_aux=64, dead_tokens=100_000),
+        data=DataConfig(data_dir=str(root / "data"), shuffle_buffer_tokens=8192),
+        batch_size=1024,
+        max_tokens=1024 * 100,
+        lr=3e-3,
+        lr_warmup_steps=10,
+        log_every=1,
+        save_every=0,
+        eval_every=50,
+        eval_tokens=4096,
+        out_dir=str(root / "runs"),
+        wandb_mode="offline",
+    )
+    return train(cfg)

@@ -34,12 +34,12 @@ def read_log(sae_dir):
     return [json.loads(line) for line in (sae_dir.parent / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_lowers_nmse_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tmp_path):
+def test_training_lowers_fvu_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tmp_path):
     sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 80, log_every=1))
     log = read_log(sae_dir)
-    assert log[-1]["nmse"] < 0.6 * log[0]["nmse"]
+    assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]
     assert log[-1]["l0"] <= 4 and 0 <= log[-1]["dead_frac"] <= 1 and log[-1]["tokens"] == 128 * 80
-    assert {"nmse", "auxk_loss", "l0", "dead_frac", "lr", "tokens", "tokens_per_s"} <= set(log[-1])
+    assert {"fvu", "auxk_loss", "l0", "dead_frac", "lr", "tokens", "tokens_per_s"} <= set(log[-1])
     sae = SparseAutoencoder.load(sae_dir)
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     assert sae_dir.name == "transformer.h.1" and cfg["hookpoint"] == "transformer.h.1" and cfg["d_in"] == 32
@@ -139,23 +139,28 @@ def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():
     assert not import_utils.is_kernels_available()
 
 
-def test_short_run_on_the_embedded_model_and_corpus(tmp_path):
+def test_short_run_on_the_embedded_model_and_corpus(embedded_sae_dir):
     """The embedded default end to end (model committed in sae/embedded, corpus built from the stdlib)."""
-    cfg = TrainConfig(
-        sae=SaeConfig(n_latents=512, k=16, k_aux=64, dead_tokens=100_000),
-        data=DataConfig(data_dir=str(tmp_path / "data"), shuffle_buffer_tokens=8192),
-        batch_size=1024,
-        max_tokens=1024 * 100,
-        lr=3e-3,
-        lr_warmup_steps=10,
-        log_every=1,
-        save_every=0,
-        out_dir=str(tmp_path / "runs"),
-        wandb_mode="offline",
-    )
-    sae_dir = train(cfg)
-    log = read_log(sae_dir)
-    assert log[-1]["nmse"] < 0.5 * log[0]["nmse"], (log[0]["nmse"], log[-1]["nmse"])
-    assert SparseAutoencoder.load(sae_dir).cfg.d_in == 128
+    log = [line for line in read_log(embedded_sae_dir) if "fvu" in line]
+    assert log[-1]["fvu"] < 0.5 * log[0]["fvu"], (log[0]["fvu"], log[-1]["fvu"])
+    assert SparseAutoencoder.load(embedded_sae_dir).cfg.d_in == 128
     # wandb in offline mode wrote its run locally, needing no network.
-    assert list((tmp_path / "runs" / "default" / "wandb").glob("offline-run-*"))
+    assert list((embedded_sae_dir.parent / "wandb").glob("offline-run-*"))
+
+
+def test_held_out_evals_during_training_are_logged_and_saved(embedded_sae_dir):
+    evals = [line for line in read_log(embedded_sae_dir) if "eval/ce_recovered" in line]
+    assert [line["step"] for line in evals] == [50, 100]
+    for line in evals:
+        assert set(line) == {"step", *(f"eval/{key}" for key in trainer.EVAL_LOG_KEYS)}
+        assert 0 < line["eval/ce_recovered"] <= 1 and line["eval/kl"] > 0
+    assert evals[-1]["eval/fvu"] < evals[0]["eval/fvu"]
+    saved = json.loads((embedded_sae_dir / "cfg.json").read_text())
+    assert saved["final_metrics"]["eval/ce_recovered"] == evals[-1]["eval/ce_recovered"]
+    assert saved["wandb_run_id"] and saved["text_column"] == "text"
+
+
+def test_held_out_evals_need_a_held_out_split(tiny_lm_dir, text_file, tmp_path):
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5)
+    with pytest.raises(ValueError, match="no held-out split"):
+        train(cfg)

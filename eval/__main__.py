@@ -1,0 +1,174 @@
+"""`python -m eval SAE_DIR [SAE_DIR ...] [--options]`: evaluate saved SAEs and print a comparison table.
+
+    python -m eval runs/default/transformer.h.2 --out report.json
+    python -m eval runs/k16/transformer.h.2 runs/k32/transformer.h.2 --tokens 262144
+
+Model, hookpoint, dataset and ctx_len come from each SAE's cfg.json unless given. SAEs on the same
+model and data share the eval tokens (and one LM forward per batch per hookpoint), so their numbers
+compare directly.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sae.activations import load_model_and_tokenizer
+from sae.config import ConfigError, DataConfig, parse_args
+from sae.model import SparseAutoencoder, read_sae_metadata
+from sae.trainer import resolve_device
+
+from .data import held_out_windows, resolve_model_path
+from .evaluate import evaluate_many
+from .report import comparison_table, log_to_wandb, write_report
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of `python -m eval`. Empty strings / 0 mean "as in the SAE's cfg.json"."""
+
+    model: str = ""
+    """LM (hub name or local folder)."""
+
+    hookpoint: str = ""
+    """Module whose output the SAE reconstructs."""
+
+    dataset: str = ""
+    """Text to evaluate on: the embedded corpus name, a local file/folder/glob or a hub dataset."""
+
+    dataset_config: str | None = None
+    """The hub dataset's configuration name."""
+
+    split: str = ""
+    """Held-out split; empty picks one (eval/data.py says how, and the report says which)."""
+
+    text_column: str = ""
+    """Column holding the text."""
+
+    ctx_len: int = 0
+    """Tokens per window."""
+
+    data_dir: str = "data"
+    """Where the embedded corpus is written."""
+
+    tokens: int = 131072
+    """Eval tokens (fewer if the held-out text is shorter)."""
+
+    batch: int = 16
+    """Windows per LM forward (each forward carries 3 + n_saes variants of them past the hookpoint)."""
+
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda" or "cuda:N"."""
+
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the LM's forward pass."""
+
+    out: str = ""
+    """Write the report here (JSON: one object, or a list for several SAEs)."""
+
+    wandb: bool = False
+    """Write each report into its training run's wandb summary (or a new eval run)."""
+
+    wandb_project: str = ""
+    """Project for SAEs trained without wandb (default: the training run's, else topk-sae)."""
+
+    wandb_mode: str = ""
+    """wandb mode (online, offline); empty leaves it to wandb (WANDB_MODE)."""
+
+    def __post_init__(self):
+        for name in ("tokens", "batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
+    if value:
+        return value
+    if metadata.get(key) is None:
+        raise ValueError(f"{sae_dir / 'cfg.json'} has no '{key}'; pass {option}")
+    return metadata[key]
+
+
+def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
+    """Evaluate every SAE folder; reports in the order given."""
+    if len(set(map(str, sae_dirs))) != len(sae_dirs):
+        raise ValueError(f"an SAE folder is given twice: {sae_dirs}")
+    device = resolve_device(cfg.device)
+    jobs = []
+    for sae_dir in map(Path, sae_dirs):
+        metadata = read_sae_metadata(sae_dir)
+        dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
+        other_dataset = bool(cfg.dataset) and cfg.dataset != metadata.get("dataset")
+        data = DataConfig(
+            dataset=dataset,
+            dataset_config=cfg.dataset_config if cfg.dataset else metadata.get("dataset_config"),
+            split=metadata.get("split") or "train",
+            text_column=cfg.text_column or metadata.get("text_column") or "text",
+            ctx_len=_require(cfg.ctx_len, metadata, "ctx_len", sae_dir, "--ctx_len"),
+            data_dir=cfg.data_dir,
+        )
+        jobs.append({
+            "dir": sae_dir, "metadata": metadata, "data": data,
+            "model": resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model")),
+            "hookpoint": _require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
+            # a dataset other than training's is held out as a whole: its train split unless told
+            "split": cfg.split or ("train" if other_dataset else ""),
+            "tokens_trained": metadata.get("tokens_trained"),
+        })
+
+    reports: dict[Path, dict] = {}
+    for model_name in dict.fromkeys(job["model"] for job in jobs):
+        model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device)
+        model_jobs = [job for job in jobs if job["model"] == model_name]
+        for data_key in dict.fromkeys((job["data"], job["split"]) for job in model_jobs):
+            data_jobs = [job for job in model_jobs if (job["data"], job["split"]) == data_key]
+            trained = [job["tokens_trained"] for job in data_jobs]
+            tokens_trained = None if None in trained else max(trained)  # past what any of them read
+            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], tokens_trained)
+            for hookpoint in dict.fromkeys(job["hookpoint"] for job in data_jobs):
+                hook_jobs = [job for job in data_jobs if job["hookpoint"] == hookpoint]
+                saes = {str(job["dir"]): SparseAutoencoder.load(job["dir"], device=device) for job in hook_jobs}
+                results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True)
+                for job in hook_jobs:
+                    reports[job["dir"]] = {
+                        "sae": str(job["dir"]), "model": model_name, "hookpoint": hookpoint, "data": source,
+                        **results[str(job["dir"])],
+                    }
+        del model
+    return [reports[job["dir"]] for job in jobs]
+
+
+def split_positionals(argv: list[str]) -> tuple[list[str], list[str]]:
+    """SAE folders (the arguments before the first --option) and the options."""
+    first_option = next((i for i, arg in enumerate(argv) if arg.startswith("--")), len(argv))
+    return argv[:first_option], argv[first_option:]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    sae_dirs, options = split_positionals(sys.argv[1:] if argv is None else argv)
+    if not sae_dirs or options[:1] in (["--help"], ["-h"]):
+        print(__doc__)
+        raise SystemExit(0 if options[:1] in (["--help"], ["-h"]) else 2)
+    try:
+        cfg = parse_args(options, EvalConfig)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    started = time.perf_counter()
+    reports = run_eval(cfg, sae_dirs)
+    print(comparison_table(reports))
+    print(f"evaluated {len(reports)} SAE(s) on {reports[0]['tokens']:,} tokens in {time.perf_counter() - started:.1f} s")
+    if cfg.out:
+        print(f"report written to {write_report(cfg.out, reports)}")
+    if cfg.wandb:
+        for report in reports:
+            metadata = read_sae_metadata(report["sae"])
+            path = log_to_wandb(report, metadata, Path(report["sae"]).parent, cfg.wandb_project, cfg.wandb_mode)
+            print(f"wandb: wrote eval/* into the summary of {path}")
+    return reports
+
+
+if __name__ == "__main__":
+    main()

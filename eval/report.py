@@ -1,0 +1,70 @@
+"""Presenting eval reports: a comparison table, the JSON file, the wandb summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from sae.model import atomic_write
+
+# (report key, column title, format) of the comparison table.
+_COLUMNS = [
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "fvu", "{:.4f}"),
+    ("nmse", "nmse", "{:.4f}"),
+    ("ce_sae", "ce_sae", "{:.4f}"),
+    ("delta_ce", "delta_ce", "{:+.4f}"),
+    ("kl", "kl", "{:.4f}"),
+    ("ce_recovered", "ce_rec", "{:.4f}"),
+    ("ce_recovered_mean", "ce_rec_mean", "{:.4f}"),
+    ("dead_frac", "dead", "{:.4f}"),
+]
+
+
+def comparison_table(reports: Sequence[dict]) -> str:
+    """A plain-text table, one row per SAE, then the SAE-independent losses of each model/hookpoint."""
+    header = ["sae", "hookpoint", *(title for _, title, _ in _COLUMNS)]
+    rows = [[r["sae"], r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    baselines = {}
+    for r in reports:
+        key = (r["model"], r["hookpoint"])
+        baselines[key] = f"{r['model']} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
+                         f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
+                         f"({r['data']['dataset']}, {r['data']['held_out']})"
+    return "\n".join([*lines, "", *baselines.values()])
+
+
+def write_report(path: str | Path, reports: Sequence[dict]) -> Path:
+    """One report: a JSON object; several: a JSON list of them. Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = reports[0] if len(reports) == 1 else list(reports)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=2) + "\n"))
+    return path
+
+
+def log_to_wandb(report: dict, sae_metadata: dict, wandb_dir: str | Path, project: str = "", mode: str = "") -> str:
+    """Write the report into the training run's wandb summary (keys `eval/...`); returns the run's path.
+
+    The training run is the one whose id the trainer stored in cfg.json (`wandb_run_id`); an SAE
+    trained without wandb gets a new run of job type "eval" in `project` (default: the run's project).
+    """
+    import wandb
+
+    run_id = sae_metadata.get("wandb_run_id")
+    run = wandb.init(
+        project=project or sae_metadata.get("wandb_project") or "topk-sae",
+        id=run_id,
+        resume="allow" if run_id else None,
+        name=None if run_id else f"eval-{sae_metadata.get('run_name', Path(report['sae']).parent.name)}",
+        job_type=None if run_id else "eval",
+        dir=str(wandb_dir),
+        mode=mode or None,
+    )
+    run.summary.update({f"eval/{key}": value for key, value in report.items()})
+    path = run.path
+    run.finish()
+    return path

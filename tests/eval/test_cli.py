@@ -1,0 +1,121 @@
+"""`python -m eval`: the report of a trained embedded SAE, several SAEs at once, held-out text, wandb."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.__main__ import main
+from eval.data import held_out_windows, resolve_model_path
+from sae import SparseAutoencoder
+from sae.config import DataConfig
+from sae.data import TokenWindows, load_text_dataset
+from sae.embedded import EMBEDDED_MODEL_DIR
+from sae.model import read_sae_metadata
+
+from known_saes import random_sae
+
+
+def data_dir_of(sae_dir: Path) -> str:
+    return str(sae_dir.parent.parent.parent / "data")  # the embedded fixture builds its corpus there
+
+
+def test_report_of_a_trained_embedded_sae(embedded_sae_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    [report] = main([str(embedded_sae_dir), "--tokens", "4096", "--batch", "8", "--out", str(out),
+                     "--data_dir", data_dir_of(embedded_sae_dir)])
+    assert json.loads(out.read_text()) == report
+    assert 0 < report["ce_recovered"] <= 1 and 0 < report["ce_recovered_mean"] <= 1
+    assert report["ce_clean"] < report["ce_sae"] < report["ce_mean"] < report["ce_zero"]
+    assert 0 < report["fvu"] < 1 and report["kl"] > 0 and report["l0"] <= 16
+    assert report["data"]["split"] == "validation" and "validation" in report["data"]["held_out"]
+    assert report["tokens"] == 64 * 63 and report["model"] == str(EMBEDDED_MODEL_DIR)
+    printed = capsys.readouterr().out
+    assert str(embedded_sae_dir) in printed and "ce_clean=" in printed
+
+
+def test_several_saes_share_the_tokens_and_get_one_row_each(embedded_sae_dir, tmp_path, capsys):
+    other = tmp_path / "random" / "transformer.h.2"
+    metadata = {key: value for key, value in read_sae_metadata(embedded_sae_dir).items() if key in
+                ("model", "hookpoint", "ctx_len", "dataset", "dataset_config", "split", "tokens_trained")}
+    random_sae(128, n_latents=256, k=8).save(other, metadata=metadata)
+    out = tmp_path / "reports.json"
+    reports = main([str(embedded_sae_dir), str(other), "--tokens", "2048", "--out", str(out),
+                    "--data_dir", data_dir_of(embedded_sae_dir)])
+    assert json.loads(out.read_text()) == reports and len(reports) == 2
+    assert reports[0]["ce_clean"] == reports[1]["ce_clean"] and reports[0]["tokens"] == reports[1]["tokens"]
+    assert reports[1]["fvu"] > reports[0]["fvu"]  # a random SAE reconstructs worse than a trained one
+    table = capsys.readouterr().out
+    assert str(embedded_sae_dir) in table and str(other) in table
+
+
+def test_wandb_writes_the_report_into_the_training_run(embedded_sae_dir):
+    main([str(embedded_sae_dir), "--tokens", "1024", "--wandb", "--wandb_mode", "offline",
+          "--data_dir", data_dir_of(embedded_sae_dir)])
+    run_id = read_sae_metadata(embedded_sae_dir)["wandb_run_id"]
+    runs = list((embedded_sae_dir.parent / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) >= 2  # the training run, then the eval resuming the same id
+    eval_run = max(runs, key=lambda path: path.stat().st_mtime)
+    assert b"eval/ce_recovered" in (eval_run / f"run-{run_id}.wandb").read_bytes()  # the summary record
+
+
+def local_sae(tmp_path, tiny_lm_dir, text_file, tokens_trained) -> Path:
+    """A random SAE saved as if trained on the local text file's first `tokens_trained` tokens."""
+    metadata = {"model": str(tiny_lm_dir), "hookpoint": "transformer.h.1", "ctx_len": 16,
+                "dataset": str(text_file), "split": "train", "tokens_trained": tokens_trained}
+    return random_sae(32).save(tmp_path / "sae", metadata=metadata)
+
+
+def test_without_a_held_out_split_eval_reads_past_what_training_read(tiny_lm_dir, text_file, tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    data = DataConfig(dataset=str(text_file), ctx_len=16)
+    windows, source = held_out_windows(data, tokenizer, n_tokens=160, tokens_trained=1000)
+    assert "after the first 1,000 tokens" in source["held_out"] and windows.shape == (10, 16)
+    stream = TokenWindows(load_text_dataset(data), tokenizer, 16, loop=False)
+    read_by_training = [next(stream) for _ in range(math.ceil(1000 / 16))]
+    assert torch.equal(windows[0], next(stream))
+    assert not any(torch.equal(window, seen) for window in windows for seen in read_by_training)
+
+    [report] = main([str(local_sae(tmp_path, tiny_lm_dir, text_file, 1000)), "--tokens", "320"])
+    assert "after the first 1,000 tokens" in report["data"]["held_out"]
+
+
+def test_no_held_out_text_is_a_clear_error(tiny_lm_dir, text_file, tmp_path, tiny_lm):
+    _, tokenizer = tiny_lm
+    data = DataConfig(dataset=str(text_file), ctx_len=16)
+    with pytest.raises(ValueError, match="no held-out split"):
+        held_out_windows(data, tokenizer, n_tokens=160, tokens_trained=None)
+    with pytest.raises(ValueError, match="no held-out text"):  # training looped over the whole file
+        main([str(local_sae(tmp_path, tiny_lm_dir, text_file, 10**7))])
+
+
+def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
+    sae_dir = random_sae(32).save(tmp_path / "bare")  # no model, hookpoint or dataset in cfg.json
+    with pytest.raises(ValueError, match=r"has no 'dataset'; pass --dataset"):
+        main([str(sae_dir)])
+    with pytest.raises(ValueError, match=r"has no 'model'; pass --model"):
+        main([str(sae_dir), "--dataset", str(text_file), "--ctx_len", "16"])
+    with pytest.raises(SystemExit, match="tokens"):
+        main([str(sae_dir), "--tokens", "many"])
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        main([str(tmp_path / "missing")])
+    # a dataset other than training's is held out as a whole
+    [report] = main([str(sae_dir), "--dataset", str(text_file), "--ctx_len", "16", "--model", str(tiny_lm_dir),
+                     "--hookpoint", "transformer.h.1", "--tokens", "160"])
+    assert report["data"]["split"] == "train" and report["data"]["dataset"] == str(text_file)
+
+
+def test_module_entry_point_prints_usage():
+    result = subprocess.run([sys.executable, "-m", "eval"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 2 and "python -m eval SAE_DIR" in result.stdout
+
+
+def test_embedded_model_path_from_another_checkout_maps_to_this_one(tmp_path):
+    assert resolve_model_path("/elsewhere/repo/sae/embedded/gpt2-tiny") == str(EMBEDDED_MODEL_DIR)
+    assert resolve_model_path("gpt2") == "gpt2"
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
