@@ -1,5 +1,6 @@
 """Data parallelism on CPU (gloo), 2 processes launched with torchrun from the test."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
         "train.py", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1", f"--data.dataset={text_file}",
         "--data.ctx_len=16", "--data.shuffle_buffer_tokens=256", "--sae.n_latents=64", "--sae.k=4",
         "--sae.dead_tokens=300", "--sae.k_aux=8", "--batch_size=128", "--max_tokens=1280", "--log_every=5",
-        "--save_every=5", f"--out_dir={tmp_path}",
+        "--save_every=5", f"--out_dir={tmp_path}", "--eval_every=5", "--eval_tokens=256", "--eval_split=train",
     ]
     torchrun([*args, "--run_name=sharded", "--shard_latents=2"], nproc=2)
     single = subprocess.run([sys.executable, *args, "--run_name=single"], cwd=REPO, capture_output=True, text=True,
@@ -63,3 +64,12 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
     one = SparseAutoencoder.load(tmp_path / "single" / "transformer.h.1")
     for name, tensor in one.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # held-out evals of the sharded SAE (gathered to rank 0) equal those of the single-process one
+    evals = {}
+    for run in ("sharded", "single"):
+        lines = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        evals[run] = [line for line in lines if "eval/fvu" in line]
+    assert [line["step"] for line in evals["sharded"]] == [5, 10]
+    for sharded_line, single_line in zip(evals["sharded"], evals["single"], strict=True):
+        for key in ("eval/fvu", "eval/ce_sae", "eval/kl"):
+            assert abs(sharded_line[key] - single_line[key]) < 1e-4, key
