@@ -78,7 +78,52 @@ class EvalConfig:
     wandb_mode: str = ""
     """wandb mode (online, offline); empty leaves it to wandb (WANDB_MODE)."""
 
+    explain: int = 0
+    """Explain and score this many latents (random among those alive), and as many MLP neurons of the
+    hookpoint's block as a baseline (eval/explain/)."""
+
+    explain_latents: str = ""
+    """Comma-separated latent ids to explain instead of random ones."""
+
+    explain_neurons: bool = True
+    """Also explain MLP neurons (the baseline); --explain_neurons false turns it off."""
+
+    neuron_module: str = ""
+    """Module whose output channels are the neurons (default: GPT-2's transformer.h.L.mlp.act)."""
+
+    explain_out: str = ""
+    """JSONL of per-unit explanations, scores and excerpts (default: SAE_DIR/explain.jsonl)."""
+
+    simulators: str = "auto"
+    """Comma-separated: token-lookup, embedding, llm; "auto" uses every one available."""
+
+    explainer_url: str = ""
+    """OpenAI-compatible server (e.g. http://host:8000/v1) that writes explanations (chat completions)."""
+
+    explainer_model: str = ""
+    """Model for explanations: the server's model name with --explainer_url, else a local transformers model."""
+
+    simulator_url: str = ""
+    """OpenAI-compatible server for the all-at-once simulator (completions with echo + logprobs)."""
+
+    simulator_model: str = ""
+    """Model for the simulator: the server's model name with --simulator_url, else a local transformers model."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the servers' API key (never logged)."""
+
+    http_concurrency: int = 4
+    """Requests in flight at once per server."""
+
+    cache_dir: str = ".cache/explain"
+    """Server replies are cached here, so a rerun costs nothing."""
+
+    seed: int = 0
+    """Seeds the choice of latents and neurons and the random excerpts."""
+
     def __post_init__(self):
+        if self.explain < 0:
+            raise ValueError(f"EvalConfig.explain must be >= 0, got {self.explain}")
         for name in ("tokens", "batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
@@ -94,6 +139,8 @@ def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
 
 def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     """Evaluate every SAE folder; reports in the order given."""
+    if cfg.explain_out and len(sae_dirs) > 1:
+        raise ValueError("--explain_out names one file; with several SAEs each writes SAE_DIR/explain.jsonl")
     if len(set(map(str, sae_dirs))) != len(sae_dirs):
         raise ValueError(f"an SAE folder is given twice: {sae_dirs}")
     device = resolve_device(cfg.device)
@@ -137,8 +184,27 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
                         "sae": str(job["dir"]), "model": model_name, "hookpoint": hookpoint, "data": source,
                         **results[str(job["dir"])],
                     }
+                    if cfg.explain:
+                        reports[job["dir"]]["explain"] = _explain(cfg, saes[str(job["dir"])], model, tokenizer, hookpoint, windows, job["dir"], device)
         del model
     return [reports[job["dir"]] for job in jobs]
+
+
+def _explain(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows, sae_dir: Path, device) -> dict:
+    """The report's `explain` section for one SAE (eval/explain/pipeline.py)."""
+    from .explain.choose import SimulatorSet, make_backend
+    from .explain.pipeline import explain_sae, explain_table
+
+    backend_options = dict(api_key_env=cfg.api_key_env, concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir, device=str(device))
+    simulators = SimulatorSet(cfg.simulators, make_backend(cfg.simulator_url, cfg.simulator_model, **backend_options))
+    explainer_backend = make_backend(cfg.explainer_url, cfg.explainer_model, **backend_options)
+    latents = [int(part) for part in str(cfg.explain_latents).split(",") if part.strip()] or None
+    jsonl = Path(cfg.explain_out) if cfg.explain_out else sae_dir / "explain.jsonl"
+    section = explain_sae(sae, model, tokenizer, hookpoint, windows, n_units=cfg.explain, simulators=simulators,
+                          explainer_backend=explainer_backend, latents=latents, neurons=cfg.explain_neurons,
+                          neuron_module=cfg.neuron_module or None, seed=cfg.seed, batch_windows=cfg.batch, jsonl_path=jsonl)
+    print(explain_table(section))
+    return section
 
 
 def split_positionals(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,12 @@
+"""Latent explainability: explain -> simulate -> score (Bills et al. 2023, "Language models can explain
+neurons in language models"), applied to SAE latents and, for comparison, to the LM's MLP neurons.
+
+records.py     top-activating and random excerpts per unit (latent or neuron), from held-out text
+prompts.py     the explainer and simulator prompts (activations as integers 0-10)
+explainers.py  TokenLookupExplainer (LM-free baseline), LLMExplainer
+simulators.py  TokenLookupSimulator, EmbeddingSimulator (offline), LLMSimulator (all at once)
+backends.py    a local transformers causal LM; http.py: an OpenAI-compatible server
+scoring.py     Pearson correlation of simulated and true activations (top-and-random, random-only)
+pipeline.py    explain and score many units, with the neuron baseline and a shuffled control
+puzzles.py     synthetic latents with known explanations: `python -m eval.explain puzzles`
+"""

@@ -1,0 +1,381 @@
+"""An OpenAI-compatible HTTP backend for the explain -> simulate -> score pipeline.
+
+    backend = HttpBackend("http://127.0.0.1:8000/v1", model="meta-llama/Llama-3.1-8B-Instruct")
+    explanation = backend.generate(explainer_prompt, max_tokens=64)
+    distributions = backend.digit_distributions(simulator_prompt, slot_offsets)   # 11 floats per slot
+
+The explainer writes free text through `/chat/completions`. The simulator (Bills et al. 2023, "all at
+once") writes a prompt in which every activation is the placeholder "unknown"; one `/completions`
+request with `echo` (and `max_tokens: 1`: some servers refuse 0; the one generated token comes after
+the prompt and is ignored) makes the server score the prompt itself, and the top
+logprobs of the token at each placeholder give the model's distribution over the values "0".."10".
+
+Every request is retried on what is usually transient (429, 5xx, dropped connections, timeouts and
+malformed replies) with exponential backoff, and fails at once on other 4xx. Nothing is ever turned
+into a silent zero: a request that fails for good raises `HttpError`, a reply that cannot answer the
+question raises `ValueError`. With `cache_dir` every well-formed reply is kept on disk, so a rerun of
+the same experiment makes no requests. Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+DIGITS = [str(value) for value in range(11)]
+"""The tokens a simulator may predict at a placeholder: "0".."10"; index = activation value."""
+
+MAX_SLEEP_S = 30.0
+"""No single wait between retries is longer, whatever the backoff or a Retry-After header asks."""
+
+BODY_EXCERPT_CHARS = 200
+"""How much of a failed reply's body goes into an error message: enough to read the server's reason."""
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class HttpError(RuntimeError):
+    """A request that failed for good: a non-retryable status, or every retry used up.
+
+    The message names the URL path, the HTTP status (or the connection problem) and a short excerpt
+    of the reply's body. It never contains the API key.
+    """
+
+
+class _Retryable(Exception):
+    """A failed attempt worth retrying; `wait_s` is the server's Retry-After, when it gave one."""
+
+    def __init__(self, problem: str, wait_s: float | None = None):
+        super().__init__(problem)
+        self.wait_s = wait_s
+
+
+class HttpBackend:
+    """Client of an OpenAI-compatible server (vLLM, llama.cpp, OpenAI ...) at `base_url`.
+
+    `concurrency` bounds both `map`'s workers and the requests in flight from this object, so
+    several callers sharing one backend still never flood the server. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        cache_dir: str | Path | None = None,
+        top_logprobs: int = 20,
+    ):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0, got {max_retries}")
+        if top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be at least 1, got {top_logprobs}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.top_logprobs = top_logprobs
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.name = f"http:{model}@{self.base_url}"
+        # Read once, kept private, and kept out of __repr__, messages and cache keys.
+        self._api_key = os.environ.get(api_key_env) or None
+        self._in_flight = threading.BoundedSemaphore(concurrency)
+
+    def __repr__(self) -> str:
+        return f"HttpBackend({self.name!r})"
+
+    # ----------------------------------------------------------------------------------- public API
+
+    def generate(self, prompt: str, max_tokens: int = 64, stop: list[str] | None = None) -> str:
+        """Explanation text: POST {base_url}/chat/completions with one user message = prompt,
+        temperature 0; returns choices[0].message.content."""
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
+        if stop:
+            payload["stop"] = list(stop)
+        reply = self._request("/chat/completions", payload, _check_chat_reply)
+        return reply["choices"][0]["message"]["content"]
+
+    def digit_distributions(self, prompt: str, slot_offsets: list[int]) -> list[list[float]]:
+        """For each character offset in `slot_offsets` (where a token of the prompt must begin), the
+        model's probabilities of the next token being "0".."10" at that point, renormalised over
+        those 11: a list of 11 floats summing to 1, index = value.
+
+        One POST {base_url}/completions with echo and max_tokens 1: the server scores the prompt
+        itself, and `top_logprobs[i]` of its reply is the distribution of token i given the tokens
+        before it, so the entry of the token that starts at a slot is what the model expected there.
+
+        Keys are matched exactly against "0".."10" (" 5" is not "5"). A digit missing from the top
+        logprobs gets probability 0. A server whose tokenizer splits "10" into "1" "0" cannot give
+        P(10) in one request: its "1" covers both 1 and 10 and is counted as value 1, and value 10
+        gets 0 (the top logprobs then simply have no "10" key).
+
+        Raises ValueError naming the slot's offset when no token starts there (the server's
+        tokenizer merged the slot with the text before it), when none of "0".."10" is among its top
+        logprobs (raise `top_logprobs`), or when the entry there is missing or not a dict of
+        numbers. A reply without equal-length `tokens`, `top_logprobs`, `text_offset` lists is
+        malformed: it is retried like a failed request and, if it stays so, raises HttpError.
+        """
+        if not slot_offsets:
+            return []
+        payload = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": self.top_logprobs,
+            "temperature": 0,
+        }
+        reply = self._request("/completions", payload, _check_echo_reply)
+        logprobs = reply["choices"][0]["logprobs"]
+        return [
+            _digit_distribution_at(logprobs, offset, self.top_logprobs) for offset in slot_offsets
+        ]
+
+    def map(self, function: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+        """function(item) for every item, up to `concurrency` at a time, results in input order.
+
+        The first exception (in input order) propagates; work not yet started is cancelled.
+        """
+        items = list(items)
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+            futures = [pool.submit(function, item) for item in items]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    # ------------------------------------------------------------------------------------ requests
+
+    def _request(
+        self, endpoint: str, payload: dict[str, Any], check_reply: Callable[[Any], None]
+    ) -> dict[str, Any]:
+        """The reply JSON of POST {base_url}{endpoint}, from the cache when there, with retries.
+
+        `check_reply` raises ValueError when a reply lacks what the caller will read: such a reply
+        is retried like a failed request, and never cached.
+        """
+        cache_path = self._cache_path(endpoint, payload)
+        cached = _read_cached_reply(cache_path, check_reply) if cache_path else None
+        if cached is not None:
+            return cached
+
+        url = self.base_url + endpoint
+        url_path = urllib.parse.urlsplit(url).path  # no host: base_url might carry credentials
+        body = json.dumps(payload).encode("utf-8")
+        attempts = self.max_retries + 1
+        last_failure = _Retryable("no attempt made")
+        for attempt in range(attempts):
+            try:
+                reply = self._post_once(url, url_path, body)
+                try:
+                    check_reply(reply)
+                except (ValueError, KeyError, IndexError, TypeError) as problem:
+                    raise _Retryable(f"malformed reply ({type(problem).__name__}: {problem})") from None
+            except _Retryable as failure:
+                last_failure = failure
+                if attempt + 1 < attempts:
+                    time.sleep(self._retry_wait(attempt, failure.wait_s))
+                continue
+            if cache_path is not None:
+                _write_atomically(cache_path, json.dumps(reply))
+            return reply
+        raise HttpError(
+            self._redact(
+                f"POST {url_path} failed after {attempts} attempt(s); "
+                f"last problem: {last_failure}"
+            )
+        )
+
+    def _post_once(self, url: str, url_path: str, body: bytes) -> Any:
+        """One POST and its decoded JSON; raises _Retryable or HttpError when it did not work."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with self._in_flight:
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as error:
+                try:
+                    excerpt = _excerpt(error.read())
+                except (OSError, HTTPException):  # the body broke off: the status still says enough
+                    excerpt = "(body unreadable)"
+                finally:
+                    error.close()
+                problem = self._redact(f"POST {url_path}: HTTP {error.code}: {excerpt}")
+                if error.code == 429 or error.code >= 500:
+                    raise _Retryable(problem, _retry_after_s(error.headers.get("Retry-After"))) from None
+                raise HttpError(problem) from None
+            except (OSError, HTTPException) as error:
+                # URLError (an OSError) wraps errors raised while connecting; a read that stalls
+                # raises TimeoutError itself, a dropped connection ConnectionError or HTTPException.
+                reason = error.reason if isinstance(error, urllib.error.URLError) else error
+                if isinstance(reason, TimeoutError):
+                    raise _Retryable(f"POST {url_path}: timed out after {self.timeout:g} s") from None
+                raise _Retryable(self._redact(f"POST {url_path}: connection error: {reason!r}")) from None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Retryable(f"malformed reply (not JSON): {_excerpt(raw)}") from None
+
+    def _retry_wait(self, attempt: int, retry_after_s: float | None) -> float:
+        """Seconds to wait before retry `attempt` + 1: the server's Retry-After when it gave one
+        (it knows its own load), else exponential backoff; never more than MAX_SLEEP_S."""
+        wait_s = retry_after_s if retry_after_s is not None else self.backoff * 2**attempt
+        return min(max(wait_s, 0.0), MAX_SLEEP_S)
+
+    def _redact(self, text: str) -> str:
+        """`text` without the API key: some servers echo a rejected key back in their error body."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    # --------------------------------------------------------------------------------------- cache
+
+    def _cache_path(self, endpoint: str, payload: dict[str, Any]) -> Path | None:
+        """Where the reply to this request is kept: sha256 of the endpoint and the canonical payload
+        (which names the model). The API key and the host are not part of it, so a cache survives
+        a key rotation or a move of the same model to another server."""
+        if self.cache_dir is None:
+            return None
+        request = endpoint + "\n" + json.dumps(payload, sort_keys=True, ensure_ascii=False)
+        return self.cache_dir / f"{hashlib.sha256(request.encode('utf-8')).hexdigest()}.json"
+
+
+# ------------------------------------------------------------------------------------ reply checks
+
+
+def _check_chat_reply(reply: Any) -> None:
+    """Raises ValueError unless choices[0].message.content is a string."""
+    content = reply["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        raise ValueError(f"choices[0].message.content is {type(content).__name__}, not a string")
+
+
+def _check_echo_reply(reply: Any) -> None:
+    """Raises ValueError unless choices[0].logprobs has lists tokens, top_logprobs and text_offset
+    of one length (one entry per prompt token)."""
+    logprobs = reply["choices"][0]["logprobs"]
+    if not isinstance(logprobs, dict):
+        raise ValueError("choices[0].logprobs is missing (does the server support echo with logprobs?)")
+    lengths = {}
+    for field in ("tokens", "top_logprobs", "text_offset"):
+        if not isinstance(logprobs.get(field), list):
+            raise ValueError(f"choices[0].logprobs.{field} is missing or not a list")
+        lengths[field] = len(logprobs[field])
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"choices[0].logprobs lists differ in length: {lengths}")
+
+
+def _digit_distribution_at(logprobs: dict[str, Any], offset: int, top_logprobs: int) -> list[float]:
+    """P("0".."10") renormalised over those 11 for the token that starts at character `offset`."""
+    # The first token at an offset: later ones at the same offset (zero-width pieces some
+    # tokenizers emit) are conditioned on it, not on the text before the slot.
+    index = next((i for i, start in enumerate(logprobs["text_offset"]) if start == offset), None)
+    if index is None:
+        raise ValueError(
+            f"no token of the prompt starts at slot offset {offset}: the server's tokenizer merged "
+            "the slot with the text before it"
+        )
+    candidates = logprobs["top_logprobs"][index]
+    if not isinstance(candidates, dict):
+        raise ValueError(
+            f"malformed reply: top_logprobs at slot offset {offset} (token {index}) is "
+            f"{type(candidates).__name__}, not a dict of token -> logprob"
+        )
+    digit_logprobs: dict[int, float] = {}
+    for value, digit in enumerate(DIGITS):
+        if digit not in candidates:
+            continue
+        logprob = candidates[digit]
+        if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or math.isnan(logprob):
+            raise ValueError(f"malformed reply: logprob of {digit!r} at slot offset {offset} is {logprob!r}")
+        if logprob > -math.inf:  # -inf is a probability of 0, as good as absent
+            digit_logprobs[value] = float(logprob)
+    if not digit_logprobs:
+        raise ValueError(
+            f"none of \"0\"..\"10\" is among the top {top_logprobs} logprobs at slot offset {offset}: "
+            "raise top_logprobs"
+        )
+    # Softmax over the digits present, shifted by the largest so that very negative logprobs do
+    # not all underflow to 0.
+    largest = max(digit_logprobs.values())
+    weights = {value: math.exp(logprob - largest) for value, logprob in digit_logprobs.items()}
+    total = sum(weights.values())
+    return [weights.get(value, 0.0) / total for value in range(len(DIGITS))]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _excerpt(raw: bytes) -> str:
+    """The start of a reply body as one readable line."""
+    text = raw.decode("utf-8", errors="replace").strip().replace("\n", " ")
+    if not text:
+        return "(empty body)"
+    return text[:BODY_EXCERPT_CHARS] + ("..." if len(text) > BODY_EXCERPT_CHARS else "")
+
+
+def _retry_after_s(header: str | None) -> float | None:
+    """A numeric Retry-After header in seconds; None when absent or an HTTP date (not worth parsing
+    for a wait that is capped at MAX_SLEEP_S anyway)."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _read_cached_reply(path: Path, check_reply: Callable[[Any], None]) -> dict[str, Any] | None:
+    """The cached reply at `path`; None when there is none or it is unreadable (then refetched)."""
+    try:
+        reply = json.loads(path.read_text(encoding="utf-8"))
+        check_reply(reply)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return reply
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same folder and os.replace, so a
+    reader (or a concurrent writer of the same request) never sees a half-written file."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
