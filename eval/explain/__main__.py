@@ -1,0 +1,97 @@
+"""`python -m eval.explain puzzles`: does the scorer know a true explanation when it sees one?
+
+Scores every puzzle (eval/explain/puzzles.py) under each available simulator on held-out text of the
+embedded corpus (or --dataset with --model), and reports how often the true explanation beats all of
+its decoys and the mean margin over the best decoy.
+
+    python -m eval.explain puzzles
+    python -m eval.explain puzzles --simulator_url http://127.0.0.1:8000/v1 --simulator_model NAME
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae.activations import load_model_and_tokenizer
+from sae.config import ConfigError, DataConfig, parse_args
+from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
+from sae.model import atomic_write
+
+from ..data import held_out_windows
+from .choose import SimulatorSet, make_backend
+from .puzzles import PUZZLES, puzzle_records, run_puzzles
+from .records import TokenStrings
+
+
+@dataclass(frozen=True)
+class PuzzleConfig:
+    """Options of `python -m eval.explain puzzles`."""
+
+    model: str = str(EMBEDDED_MODEL_DIR)
+    """Tokenizer source (the puzzles are rules over its token strings)."""
+
+    dataset: str = CORPUS_NAME
+    """Held-out text: the embedded corpus (its validation split), or a local file / hub dataset."""
+
+    split: str = ""
+    """Split to read; empty picks the held-out one."""
+
+    data_dir: str = "data"
+    """Where the embedded corpus is written."""
+
+    ctx_len: int = 64
+    """Tokens per excerpt window."""
+
+    tokens: int = 32768
+    """Held-out tokens to draw excerpts from."""
+
+    simulators: str = "auto"
+    """Comma-separated: token-lookup, embedding, llm; "auto" uses every one available."""
+
+    simulator_url: str = ""
+    """OpenAI-compatible server for the LLM simulator."""
+
+    simulator_model: str = ""
+    """The server's model name, or (without a URL) a local transformers model."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    http_concurrency: int = 4
+    cache_dir: str = ".cache/explain"
+    seed: int = 0
+    out: str = ""
+    """Write the full report (every score) here as JSON."""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["puzzles"]:
+        print(__doc__)
+        raise SystemExit(2)
+    try:
+        cfg = parse_args(argv[1:], PuzzleConfig)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    _, tokenizer = load_model_and_tokenizer(cfg.model)
+    data = DataConfig(dataset=cfg.dataset, ctx_len=cfg.ctx_len, data_dir=cfg.data_dir)
+    windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split, tokens_trained=None)
+    backend = make_backend(cfg.simulator_url, cfg.simulator_model, api_key_env=cfg.api_key_env,
+                           concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir)
+    simulators = SimulatorSet(cfg.simulators, backend)
+    records = puzzle_records(windows, TokenStrings(tokenizer), seed=cfg.seed)
+    report = {"data": source, "puzzles": len(PUZZLES), "simulators": run_puzzles(records, simulators.for_unit("latent"))}
+    print(f"{len(PUZZLES)} puzzles on {windows.numel():,} tokens ({source['held_out']})")
+    print(f"{'simulator':14} {'true best':>9} {'mean margin':>11} {'mean true score':>15}")
+    for name, result in report["simulators"].items():
+        print(f"{name:14} {result['true_is_best']:9.2f} {result['mean_margin']:11.3f} {result['mean_true_score']:15.3f}")
+    for note in simulators.notes:
+        print(f"note: {note}")
+    if cfg.out:
+        atomic_write(Path(cfg.out), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
