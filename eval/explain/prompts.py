@@ -8,6 +8,8 @@ examples are this project's own.
 
 from __future__ import annotations
 
+import re
+
 from .records import Excerpt
 
 UNKNOWN = "unknown"
@@ -82,9 +84,13 @@ def explainer_prompt(excerpts: list[Excerpt], unit: str = "latent") -> str:
     return "".join(parts)
 
 
+_ECHOED_LEAD = re.compile(r"^(explanation of \w+ \d+:\s*)?(the main thing this \w+ does is find)\s*", re.IGNORECASE)
+
+
 def clean_explanation(completion: str) -> str:
-    """The first line of a completion, without surrounding spaces or a final period."""
-    line = completion.strip().split("\n")[0].strip()
+    """The first line of a completion, without surrounding spaces, a final period, or the lead-in
+    ("the main thing this latent does is find") that chat models tend to repeat."""
+    line = _ECHOED_LEAD.sub("", completion.strip().split("\n")[0].strip())
     return line[:-1].strip() if line.endswith(".") else line
 
 

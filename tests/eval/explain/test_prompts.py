@@ -32,3 +32,4 @@ def test_explainer_prompt_shows_scaled_excerpts_and_repeats_sparse_lines():
 def test_clean_explanation():
     assert clean_explanation(" numbers in tables.\nLatent 4") == "numbers in tables"
     assert clean_explanation("") == ""
+    assert clean_explanation("The main thing this latent does is find file paths.") == "file paths"
