@@ -39,8 +39,9 @@ class TokenLookupExplainer:
                 sums[token] += max(activation, 0.0)
                 counts[token] += 1
         table = {token: sums[token] / counts[token] for token in sums}
-        ranked = [token for token in sorted(table, key=table.get, reverse=True) if table[token] > 0][: self.n_listed]
-        text = "the tokens " + ", ".join(f'"{token.strip() or token}"' for token in ranked) if ranked else "nothing"
+        shown = dict.fromkeys(token.strip() or token for token in sorted(table, key=table.get, reverse=True) if table[token] > 0)
+        ranked = list(shown)[: self.n_listed]  # " base" and "base" read the same: listed once
+        text = "the tokens " + ", ".join(f'"{token}"' for token in ranked) if ranked else "nothing"
         return Explanation(text, table)
 
     def explain_many(self, records: list[UnitRecords]) -> list[Explanation]:
