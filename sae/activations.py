@@ -1,7 +1,9 @@
 """Residual-stream activations from a causal LM, streamed and shuffled into training batches.
 
-token windows -> LM forward with a hook at the hookpoint (the forward stops as soon as the hooked
-module has run) -> drop the first position of each window -> shuffle buffer -> (batch_size, d_in).
+token windows -> LM forward with hooks at the hookpoints (the forward stops as soon as the last
+hooked module has run) -> drop the first position of each window -> shuffle buffer ->
+{hookpoint: (batch_size, d_in)}. The window activations come from a "source": the LM
+(LMWindowSource) or an activation cache on disk (sae.cache.CachedWindows), in the same order.
 
 The shuffle buffer works in blocks: it fills with `shuffle_buffer_tokens` activations from many
 windows, permutes them with a generator seeded by (seed, rank, block number) and hands them out in
@@ -42,98 +44,139 @@ def get_module(model: nn.Module, hookpoint: str) -> nn.Module:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the hooked module has run: the rest of the LM is not needed."""
+    """Raised by the capture hooks once every hooked module has run: the rest of the LM is not needed."""
 
 
 @torch.no_grad()
-def capture_activations(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
-    """Output of `module` (a submodule of `model`) for `input_ids` (B, T): (B, T, d)."""
-    captured: list[Tensor] = []
+def capture_many(model: nn.Module, modules: list[nn.Module], input_ids: Tensor) -> list[Tensor]:
+    """Outputs of several submodules of `model` for `input_ids` (B, T), each (B, T, d), in one forward
+    that stops as soon as the last of them has run."""
+    captured: dict[int, Tensor] = {}
 
-    def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
+    def make_hook(position: int):
+        def hook(_module, _inputs, output):
+            captured[position] = output[0] if isinstance(output, tuple) else output
+            if len(captured) == len(modules):
+                raise _StopForward
 
-    handle = module.register_forward_hook(hook)
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(position)) for position, module in enumerate(modules)]
     try:
         model(input_ids=input_ids)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the hooked module {type(module).__name__} did not run in the forward pass")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [type(modules[position]).__name__ for position in range(len(modules)) if position not in captured]
+    if missing:
+        raise RuntimeError(f"the hooked module(s) {missing} did not run in the forward pass")
+    return [captured[position] for position in range(len(modules))]
+
+
+def capture_activations(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
+    """Output of `module` (a submodule of `model`) for `input_ids` (B, T): (B, T, d)."""
+    return capture_many(model, [module], input_ids)[0]
+
+
+class LMWindowSource:
+    """Activations of consecutive token windows, computed by the LM: the source of a streamed run.
+
+    `next_activations(n)` reads the next n windows, runs the LM on them in batches of
+    `lm_batch_windows`, drops each window's first position and returns, per hookpoint, the rows in
+    window order: (n * (ctx_len - 1), d) float32.
+    """
+
+    def __init__(self, model: nn.Module, hookpoints: list[str], windows: TokenWindows, lm_batch_windows: int = 64):
+        self.model = model
+        self.hookpoints = list(hookpoints)
+        self.modules = [get_module(model, hookpoint) for hookpoint in self.hookpoints]
+        self.windows = windows
+        self.lm_batch_windows = lm_batch_windows
+        self.ctx_len = windows.ctx_len
+        self.device = next(model.parameters()).device
+
+    def next_activations(self, n_windows: int) -> list[Tensor]:
+        input_ids = torch.stack([next(self.windows) for _ in range(n_windows)]).to(self.device)
+        per_batch = [
+            capture_many(self.model, self.modules, input_ids[i : i + self.lm_batch_windows])
+            for i in range(0, len(input_ids), self.lm_batch_windows)
+        ]
+        return [torch.cat([outputs[h][:, 1:] for outputs in per_batch]).flatten(0, 1).float() for h in range(len(self.modules))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.windows.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows.load_state_dict(state)
 
 
 class ActivationStream:
-    """Endless iterator of shuffled activation batches, (batch_size, d_in) float32, with exact resume."""
+    """Endless iterator of shuffled activation batches with exact resume.
+
+    Yields, per step, a dict {hookpoint: (batch_size, d) float32}: the same tokens (rows) for every
+    hookpoint, so several SAEs trained from one stream see the same batches. `source` hands out the
+    activations of consecutive windows: an LMWindowSource (streaming) or sae.cache.CachedWindows.
+    """
 
     def __init__(
         self,
-        model: nn.Module,
-        hookpoint: str,
-        windows: TokenWindows,
+        source,
         batch_size: int,
         shuffle_buffer_tokens: int,
-        lm_batch_windows: int = 64,
         seed: int = 0,
         rank: int = 0,
     ):
-        tokens_per_window = windows.ctx_len - 1  # the first position of each window is dropped
+        tokens_per_window = source.ctx_len - 1  # the first position of each window is dropped
         self.windows_per_block = -(-max(shuffle_buffer_tokens, batch_size) // tokens_per_window)
         self.batches_per_block = self.windows_per_block * tokens_per_window // batch_size
-        self.model = model
-        self.module = get_module(model, hookpoint)
-        self.windows = windows
+        self.source = source
+        self.hookpoints = list(source.hookpoints)
         self.batch_size = batch_size
-        self.lm_batch_windows = lm_batch_windows
         self.seed = seed
         self.rank = rank
-        self.device = next(model.parameters()).device
         self.block_index = -1  # the block being handed out; -1 before the first
         self.batches_done = 0  # batches of the current block handed out
-        self._block: Tensor | None = None
-        self._windows_state_at_block_start: dict[str, Any] | None = None
+        self._block: list[Tensor] | None = None
+        self._source_state_at_block_start: dict[str, Any] | None = None
+
+    @classmethod
+    def from_lm(cls, model: nn.Module, hookpoints: str | list[str], windows: TokenWindows, batch_size: int,
+                shuffle_buffer_tokens: int, lm_batch_windows: int = 64, seed: int = 0, rank: int = 0) -> "ActivationStream":
+        hookpoints = [hookpoints] if isinstance(hookpoints, str) else hookpoints
+        return cls(LMWindowSource(model, hookpoints, windows, lm_batch_windows), batch_size, shuffle_buffer_tokens, seed, rank)
 
     def __iter__(self) -> "ActivationStream":
         return self
 
-    def __next__(self) -> Tensor:
+    def __next__(self) -> dict[str, Tensor]:
         if self._block is None or self.batches_done == self.batches_per_block:
             self._fill_block(self.block_index + 1)
         start = self.batches_done * self.batch_size
         self.batches_done += 1
-        return self._block[start : start + self.batch_size]
+        return {hookpoint: block[start : start + self.batch_size] for hookpoint, block in zip(self.hookpoints, self._block)}
 
     def _fill_block(self, block_index: int) -> None:
-        """Run the LM on the next windows_per_block windows and shuffle their activations."""
-        self._windows_state_at_block_start = self.windows.state_dict()
-        window_batches = []
-        for _ in range(self.windows_per_block):
-            window_batches.append(next(self.windows))
-        input_ids = torch.stack(window_batches).to(self.device)
-        chunks = [
-            capture_activations(self.model, self.module, input_ids[i : i + self.lm_batch_windows])[:, 1:]
-            for i in range(0, len(input_ids), self.lm_batch_windows)
-        ]
-        activations = torch.cat(chunks).flatten(0, 1).float()
+        """Take the next windows_per_block windows' activations and shuffle them (one permutation for all hookpoints)."""
+        self._source_state_at_block_start = self.source.state_dict()
+        activations = self.source.next_activations(self.windows_per_block)
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, block_index)) & (2**63 - 1))
-        order = torch.randperm(len(activations), generator=generator)[: self.batches_per_block * self.batch_size]
-        self._block = activations[order.to(activations.device)]
+        order = torch.randperm(len(activations[0]), generator=generator)[: self.batches_per_block * self.batch_size]
+        self._block = [rows[order.to(rows.device)] for rows in activations]
         self.block_index = block_index
         self.batches_done = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able: the token stream's position at the start of the current block, and progress in it."""
+        """JSON-able: the source's position at the start of the current block, and progress in it."""
         return {
             "block_index": self.block_index,
             "batches_done": self.batches_done,
-            "windows": self._windows_state_at_block_start if self._block is not None else self.windows.state_dict(),
+            "windows": self._source_state_at_block_start if self._block is not None else self.source.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.windows.load_state_dict(state["windows"])
+        self.source.load_state_dict(state["windows"])
         self._block = None
         self.block_index = -1
         self.batches_done = 0

@@ -13,9 +13,10 @@ parsing (derived values, such as `d_in` from the model, go into a `dataclasses.r
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +97,35 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SaeVariant:
+    """One of several SAEs trained together from one activation stream (`TrainConfig.variants`).
+
+    Fields left unset (None / empty) take the run's values: `TrainConfig.sae`, `hookpoint`, `lr`.
+    """
+
+    name: str
+    """Folder name of this SAE under the run (RUN_DIR/NAME) and the prefix of its metrics (NAME/fvu)."""
+
+    hookpoint: str = ""
+    n_latents: int | None = None
+    k: int | None = None
+    k_aux: int | None = None
+    auxk_coef: float | None = None
+    dead_tokens: int | None = None
+    multi_topk: bool | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"SaeVariant.name must be a plain folder name, got {self.name!r}")
+
+    def sae_config(self, base: SaeConfig) -> SaeConfig:
+        """`base` with this variant's SAE fields applied."""
+        names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk")
+        return replace(base, **{name: getattr(self, name) for name in names if getattr(self, name) is not None})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A training run: which LM and hookpoint, which SAE, how to optimise, where to log and save."""
 
@@ -109,6 +139,10 @@ class TrainConfig:
     """The SAE. The default suits the embedded model (Gao et al. use dead_tokens=10M on larger runs)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+
+    variants: tuple[SaeVariant, ...] = ()
+    """Several SAEs trained at once from the same activations (one LM forward per batch for all), e.g.
+    a sweep of k or width, or several hookpoints. Empty: the one SAE `sae` at `hookpoint`."""
 
     batch_size: int = 4096
     """Activations (tokens) per optimiser step."""
@@ -142,7 +176,8 @@ class TrainConfig:
     """Seeds parameter init and the activation shuffle."""
 
     run_name: str = "default"
-    """The run's folder under `out_dir`, and its wandb name."""
+    """The run's folder under `out_dir`, and its wandb name; "auto" takes the run id that `wandb agent`
+    sets (WANDB_RUN_ID), so each run of a sweep gets its own folder."""
 
     out_dir: str = "runs"
     """Runs are written to OUT_DIR/RUN_NAME/ (checkpoints/ and one SAE folder per hookpoint)."""
@@ -184,6 +219,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"TrainConfig.lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
+        names = [variant.name for variant in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TrainConfig.variants: names must be unique, got {names}")
+        if self.variants and self.shard_latents > 1:
+            raise ValueError("TrainConfig.variants cannot be combined with shard_latents > 1 (yet): train sharded SAEs one per run")
 
     @property
     def run_dir(self) -> Path:
@@ -230,6 +270,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}' expects {_type_name(hint)}, got {value!r}")
+    if origin is tuple and len(typing.get_args(hint)) == 2 and typing.get_args(hint)[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        item_hint = typing.get_args(hint)[0]
+        return tuple(_coerce(item_hint, item, f"{key}[{index}]") for index, item in enumerate(value))
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(f"config key '{key}' expects one of {list(typing.get_args(hint))}, got {value!r}")
@@ -276,8 +321,8 @@ def _type_name(hint: Any) -> str:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Nested plain dict of a config (for YAML, JSON and wandb)."""
-    return dataclasses.asdict(config)
+    """Nested plain dict of a config (for YAML, JSON and wandb); tuples become lists, as in JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _set_nested(tree: dict, dotted_key: str, value: Any) -> None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
+from .activations import ActivationStream, capture_many, get_module, load_model_and_tokenizer
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset
 from .distributed import (
@@ -175,11 +176,124 @@ def held_out_eval(sae: SparseAutoencoder, input_scale: float, model, windows: Te
     return {f"eval/{key}": report[key] for key in EVAL_LOG_KEYS}
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train one SAE as `cfg` says; returns the folder of the saved SAE (RUN_DIR/HOOKPOINT).
+@dataclass
+class Member:
+    """One SAE of a run: a run trains one (`cfg.sae` at `cfg.hookpoint`) or several (`cfg.variants`),
+    all from the same activation batches, each with its own optimiser, counters and output folder."""
 
-    Run alone or under torchrun (data parallel: `cfg.batch_size` is the global batch).
+    name: str
+    """"" for the single SAE of a plain run (unprefixed metrics and checkpoint names), else the variant's name."""
+
+    hookpoint: str
+    sae: Any
+    """A SparseAutoencoder, or a sharded.ShardedSparseAutoencoder under --shard_latents."""
+
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    tokens_since_fired: Tensor
+    """Tokens since each (local) latent last fired; dead when >= dead_tokens."""
+
+    out_dir: Path
+    """The final SAE folder."""
+
+    input_scale: float = 1.0
+    metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        """Metric and checkpoint-tensor names: prefixed with the variant's name when there are several."""
+        return f"{self.name}/{name}" if self.name else name
+
+
+def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.ShardLayout, device: torch.device) -> list[Member]:
+    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run would)."""
+    specs = [(variant.name, variant.hookpoint or cfg.hookpoint, variant.sae_config(cfg.sae),
+              variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
+    specs = specs or [("", cfg.hookpoint, cfg.sae, cfg.lr)]
+    members = []
+    for name, hookpoint, sae_cfg, lr in specs:
+        sae_cfg = replace(sae_cfg, d_in=d_in_of[hookpoint])
+        torch.manual_seed(cfg.seed)
+        if layout.shards > 1:
+            sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
+        else:
+            sae = SparseAutoencoder(sae_cfg, device=device)
+        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+        n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
+        out_dir = cfg.run_dir / (name or hookpoint)
+        members.append(Member(name, hookpoint, sae, optimizer, base_lr,
+                              torch.zeros(n_counters, dtype=torch.long, device=device), out_dir))
+    return members
+
+
+def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> ForwardOutput:
+    """One optimiser step of one member on its (already scaled) batch, and its dead-latent counters."""
+    sae_cfg = member.sae.cfg
+    dead_mask = member.tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
+    if layout.shards > 1:
+        out = sharded.training_step(member.sae, member.optimizer, x, dead_mask, lr, cfg.grad_clip)
+        sharded.update_dead_counters(member.sae, member.tokens_since_fired, out)
+    else:
+        out = training_step(member.sae, member.optimizer, x, dead_mask, lr, cfg.grad_clip, info)
+        update_dead_counters(member.tokens_since_fired, out, info)
+    return out
+
+
+def member_state(member: Member, layout: sharded.ShardLayout) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """Checkpoint tensors (named by `member.key`) and JSON state of a member; on rank 0 (None elsewhere).
+    Collective under latent sharding: call it on every rank."""
+    extra = {"tokens_since_fired": member.tokens_since_fired}
+    if layout.shards > 1:
+        full = sharded.gather_full_state(member.sae, member.optimizer, extra=extra)
+        _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
+        if full is None:
+            return None
+        tensors = full
+    else:
+        optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
+        tensors = {**member.sae.state_dict(), **optimizer_tensors, **extra}
+    named = {member.key(name): tensor for name, tensor in tensors.items()}
+    return named, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
+
+
+def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any], layout: sharded.ShardLayout) -> None:
+    """Inverse of `member_state`, on every rank."""
+    prefix = member.key("")
+    own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)} if prefix else tensors
+    if layout.shards > 1:
+        sharded.load_from_full_state(member.sae, own, member.optimizer, state["optimizer"],
+                                     extra={"tokens_since_fired": member.tokens_since_fired})
+    else:
+        member.sae.load_state_dict({name: own[name] for name in member.sae.state_dict()})
+        checkpoint.optimizer_from_flat(member.optimizer, own, state["optimizer"])
+        member.tokens_since_fired.copy_(own["tokens_since_fired"])
+    member.input_scale = state["input_scale"]
+
+
+def full_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:
+    """The member's whole SAE (in training scale) on rank 0; collective under latent sharding."""
+    if layout.shards == 1:
+        return member.sae
+    full = sharded.gather_full_state(member.sae)
+    if full is None:
+        return None
+    sae = SparseAutoencoder(member.sae.cfg, device=member.tokens_since_fired.device)
+    sae.load_state_dict(full)
+    return sae
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the SAE(s) `cfg` describes; returns the folder of the (first) saved SAE.
+
+    Run alone or under torchrun (data parallel: `cfg.batch_size` is the global batch). A plain run
+    saves RUN_DIR/HOOKPOINT; a run with `variants` saves RUN_DIR/NAME for each.
     """
+    if cfg.run_name == "auto":  # under `wandb agent`: one folder per sweep run, named by its id
+        run_id = os.environ.get("WANDB_RUN_ID")
+        if not run_id:
+            raise ValueError("run_name 'auto' uses the run id `wandb agent` sets (WANDB_RUN_ID), and none is set; name the run")
+        cfg = replace(cfg, run_name=run_id)
     info = init_distributed()
     try:
         return _train(cfg, info)
@@ -191,7 +305,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     import wandb
 
     layout = sharded.ShardLayout(info.rank, info.world_size, cfg.shard_latents)
-    sharding = layout.shards > 1
     if cfg.batch_size % layout.replicas:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     local_batch_size = cfg.batch_size // layout.replicas
@@ -205,63 +318,47 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
             f"or choose another --run_name (or delete {run_dir})"
         )
 
-    # ---- the LM, this rank's shard of the data, the activation stream ----
+    # ---- the LM, this rank's shard of the data, one activation stream for every SAE ----
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
-    hook_module = get_module(model, cfg.hookpoint)
-    d_in = capture_activations(model, hook_module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
+    hookpoints = list(dict.fromkeys([variant.hookpoint or cfg.hookpoint for variant in cfg.variants] or [cfg.hookpoint]))
+    probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
+    d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
     # each replica reads its own data shard; the ranks of a shard group read the same one
     dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
     windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
-    stream = ActivationStream(
-        model, cfg.hookpoint, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
-        cfg.data.lm_batch_windows, cfg.seed, rank=layout.replica,
-    )
-
+    stream = ActivationStream.from_lm(model, hookpoints, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
+                                      cfg.data.lm_batch_windows, cfg.seed, rank=layout.replica)
     eval_windows = None
     if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)
         from eval.data import held_out_windows
 
         eval_windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
 
-    # ---- the SAE and its optimiser (same seed, so the same init on every rank) ----
-    sae_cfg = replace(cfg.sae, d_in=d_in)
-    if sharding:
-        sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
-    else:
-        sae = SparseAutoencoder(sae_cfg, device=device)
-    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    # ---- the SAEs and their optimisers (same seed: the same init on every rank) ----
+    members = build_members(cfg, d_in_of, layout, device)
     total_steps = cfg.max_tokens // cfg.batch_size
-    n_counters = sae.n_local if sharding else sae_cfg.n_latents
-    tokens_since_fired = torch.zeros(n_counters, dtype=torch.long, device=device)
-
     if latest:
         tensors, state = checkpoint.load_checkpoint(latest[-1])
         _check_resumable(cfg, state["config"], latest[-1])
         if len(state["streams"]) != info.world_size:
             raise ValueError(f"{latest[-1]} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
-        if sharding:
-            sharded.load_from_full_state(sae, tensors, optimizer, state["optimizer"],
-                                         extra={"tokens_since_fired": tokens_since_fired})
-        else:
-            sae.load_state_dict({name: tensors[name] for name in sae.state_dict()})
-            checkpoint.optimizer_from_flat(optimizer, tensors, state["optimizer"])
-            tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        for member in members:
+            load_member(member, tensors, state["members"][member.name], layout)
         checkpoint.restore_rng(tensors)
         stream.load_state_dict(state["streams"][info.rank])
-        start_step, tokens_seen, input_scale = state["step"], state["tokens_seen"], state["input_scale"]
-        wandb_id = state["wandb_id"]
+        start_step, tokens_seen, wandb_id = state["step"], state["tokens_seen"], state["wandb_id"]
         batches = iter(stream)
         if info.is_main:
             print(f"resumed from {latest[-1]} at step {start_step} ({tokens_seen:,} tokens)")
     else:
         # Scale and pre-bias come from the first batch, which is then trained on like any other.
         first_batch = next(stream)
-        if sharding:
-            first_batch = layout.broadcast_rows(first_batch)
-            input_scale = sharded.initialize_from_first_batch(sae, first_batch)
-        else:
-            input_scale = initialize_from_first_batch(sae, first_batch, info)
+        for member in members:
+            rows = first_batch[member.hookpoint]
+            if layout.shards > 1:
+                member.input_scale = sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows))
+            else:
+                member.input_scale = initialize_from_first_batch(member.sae, rows, info)
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
@@ -276,107 +373,104 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
 
     # ---- the loop ----
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
-    started, tokens_at_start, metrics, eval_metrics = time.perf_counter(), tokens_seen, {}, {}
+    started, tokens_at_start = time.perf_counter(), tokens_seen
     for step in range(start_step, total_steps):
-        x = next(batches)
-        if sharding:
-            x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
-        x = x * input_scale
-        dead_mask = tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
-        lr = lr_at(step, base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
-        try:
-            if sharding:
-                out = sharded.training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip)
-            else:
-                out = training_step(sae, optimizer, x, dead_mask, lr, cfg.grad_clip, info)
-        except NonFiniteLossError as error:
-            last = checkpoint.list_checkpoints(run_dir)
-            raise NonFiniteLossError(
-                f"{error} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
-            ) from None
-        if sharding:
-            sharded.update_dead_counters(sae, tokens_since_fired, out)
-        else:
-            update_dead_counters(tokens_since_fired, out, info)
+        batch = next(batches)
+        last_step = step + 1 == total_steps
+        log_now = (step + 1) % cfg.log_every == 0 or last_step
+        line = {"step": step + 1}
+        for member in members:
+            x = batch[member.hookpoint]
+            if layout.shards > 1:
+                x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
+            lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
+            try:
+                out = member_step(member, x * member.input_scale, lr, cfg, info, layout)
+            except NonFiniteLossError as error:
+                last = checkpoint.list_checkpoints(run_dir)
+                raise NonFiniteLossError(
+                    f"{error} at step {step}{' (' + member.name + ')' if member.name else ''}; stopped. "
+                    f"Last good checkpoint: {last[-1] if last else 'none'}"
+                ) from None
+            if log_now:
+                if layout.shards > 1:
+                    member.metrics = sharded.step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, layout)
+                else:
+                    member.metrics = step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, info)
+                member.metrics["lr"] = lr
+                line.update({member.key(name): value for name, value in member.metrics.items()})
         tokens_seen += cfg.batch_size
         progress.update(1)
 
-        last_step = step + 1 == total_steps
-        if (step + 1) % cfg.log_every == 0 or last_step:
-            if sharding:
-                metrics = sharded.step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, layout)
-            else:
-                metrics = step_metrics(out, tokens_since_fired, sae_cfg.dead_tokens, info)
+        if log_now:
             tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
-            metrics = {"step": step + 1, **metrics, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_second}
+            line.update(tokens=tokens_seen, tokens_per_s=tokens_per_second)
             if info.is_main:
-                run.log(metrics, step=step + 1)
-                log_file.write(json.dumps(metrics) + "\n")
+                run.log(line, step=step + 1)
+                log_file.write(json.dumps(line) + "\n")
                 log_file.flush()
-                progress.set_postfix(fvu=f"{metrics['fvu']:.4f}", l0=f"{metrics['l0']:.1f}",
-                                     dead=f"{metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in metrics.items()))
+                first = members[0]
+                progress.set_postfix(fvu=f"{first.metrics['fvu']:.4f}", l0=f"{first.metrics['l0']:.1f}",
+                                     dead=f"{first.metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
 
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
-            if sharding:  # collective: the whole SAE lands on rank 0
-                full = sharded.gather_full_state(sae)
+            eval_started = time.perf_counter()
+            for member in members:
+                sae = full_sae(member, layout)  # collective under sharding
+                if info.is_main:
+                    member.eval_metrics = held_out_eval(sae, member.input_scale, model, eval_windows, member.hookpoint,
+                                                        cfg.data.lm_batch_windows)
             if info.is_main:
-                if sharding:
-                    eval_sae = SparseAutoencoder(sae_cfg, device=device)
-                    eval_sae.load_state_dict(full)
-                else:
-                    eval_sae = sae
-                eval_started = time.perf_counter()
-                eval_metrics = held_out_eval(eval_sae, input_scale, model, eval_windows, cfg.hookpoint, cfg.data.lm_batch_windows)
-                started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-                run.log(eval_metrics, step=step + 1)
-                log_file.write(json.dumps({"step": step + 1, **eval_metrics}) + "\n")
+                eval_line = {"step": step + 1, **{m.key(k): v for m in members for k, v in m.eval_metrics.items()}}
+                run.log(eval_line, step=step + 1)
+                log_file.write(json.dumps(eval_line) + "\n")
                 log_file.flush()
-                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in eval_metrics.items()))
+                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in eval_line.items()))
+            started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
             barrier(info)
 
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
             streams = gather_objects(stream.state_dict(), info)
-            if sharding:  # collective: every rank calls it; the full state lands on rank 0
-                full = sharded.gather_full_state(sae, optimizer, extra={"tokens_since_fired": tokens_since_fired})
+            states = [member_state(member, layout) for member in members]  # collective under sharding
             barrier(info)
             if info.is_main:
-                optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(optimizer)
-                if sharding:  # same names and shapes as a single-process checkpoint
-                    tensors = {**full, **checkpoint.rng_tensors()}
-                else:
-                    tensors = {**sae.state_dict(), **optimizer_tensors, "tokens_since_fired": tokens_since_fired, **checkpoint.rng_tensors()}
+                tensors = {name: tensor for named, _ in states for name, tensor in named.items()}
                 state = {
-                    "step": step + 1, "tokens_seen": tokens_seen, "input_scale": input_scale, "optimizer": optimizer_meta,
-                    "streams": streams, "world_size": info.world_size, "wandb_id": run.id, "config": to_dict(cfg),
+                    "step": step + 1, "tokens_seen": tokens_seen, "streams": streams, "world_size": info.world_size,
+                    "members": {member.name: member_state for member, (_, member_state) in zip(members, states)},
+                    "wandb_id": run.id, "config": to_dict(cfg),
                 }
-                checkpoint.save_checkpoint(run_dir, step + 1, tensors, state, cfg.keep_checkpoints)
+                checkpoint.save_checkpoint(run_dir, step + 1, {**tensors, **checkpoint.rng_tensors()}, state, cfg.keep_checkpoints)
             barrier(info)
     progress.close()
 
-    # ---- the final SAE, folded to take raw activations ----
-    sae_dir = run_dir / cfg.hookpoint
-    metadata = {
-        "model": cfg.model, "hookpoint": cfg.hookpoint, "ctx_len": cfg.data.ctx_len,
-        "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
-        "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "run_name": cfg.run_name,
-        "final_metrics": {**metrics, **eval_metrics},
-    }
-    if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
-        metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)
-    if sharding:  # collective: gathers one ordinary SAE folder, written by rank 0
-        sharded.save_full(sae, sae_dir, input_scale=input_scale, metadata=metadata)
+    # ---- the final SAEs, folded to take raw activations ----
+    for member in members:
+        metadata = {
+            "model": cfg.model, "hookpoint": member.hookpoint, "ctx_len": cfg.data.ctx_len,
+            "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
+            "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "run_name": cfg.run_name,
+            "variant": member.name or None, "final_metrics": {**member.metrics, **member.eval_metrics},
+        }
+        if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
+            metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)
+        if layout.shards > 1:  # collective: gathers one ordinary SAE folder, written by rank 0
+            sharded.save_full(member.sae, member.out_dir, input_scale=member.input_scale, metadata=metadata)
+        elif info.is_main:
+            member.sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
     if info.is_main:
         log_file.close()
-        if not sharding:
-            sae.save(sae_dir, input_scale=input_scale, metadata=metadata)
-        if metrics:
-            run.summary.update({f"final/{key}": value for key, value in {**metrics, **eval_metrics}.items()})
-            print(f"final: fvu={metrics['fvu']:.4f} l0={metrics['l0']:.1f} dead_frac={metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
-        print(f"saved SAE to {sae_dir}")
+        for member in members:
+            final = {**member.metrics, **member.eval_metrics}
+            run.summary.update({f"final/{member.key(key)}": value for key, value in final.items()})
+            if member.metrics:
+                print(f"final{' ' + member.name if member.name else ''}: fvu={member.metrics['fvu']:.4f} "
+                      f"l0={member.metrics['l0']:.1f} dead_frac={member.metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
+            print(f"saved SAE to {member.out_dir}")
         run.finish()
     barrier(info)
-    return sae_dir
+    return members[0].out_dir
 
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:

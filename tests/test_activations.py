@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sae.activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
+from sae.activations import ActivationStream, capture_activations, capture_many, get_module, load_model_and_tokenizer
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
 
@@ -15,12 +15,15 @@ def lm(tiny_lm_dir):
     return load_model_and_tokenizer(str(tiny_lm_dir))
 
 
+H = "transformer.h.1"
+
+
 def make_stream(lm, text_file, **kwargs):
     model, tokenizer = lm
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, ctx_len=16)
     options = dict(batch_size=50, shuffle_buffer_tokens=300, lm_batch_windows=7, seed=3)
-    options.update(kwargs)
-    return ActivationStream(model, "transformer.h.1", windows, **options)
+    options.update({key: value for key, value in kwargs.items() if key != "hookpoints"})
+    return ActivationStream.from_lm(model, kwargs.pop("hookpoints", H), windows, **options)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -54,7 +57,7 @@ def test_unknown_hookpoint_lists_module_names(lm):
 def test_stream_batches_are_the_hooked_activations_without_first_positions(lm, text_file):
     model, tokenizer = lm
     stream = make_stream(lm, text_file)
-    batches = torch.cat([next(stream) for _ in range(stream.batches_per_block)])
+    batches = torch.cat([next(stream)[H] for _ in range(stream.batches_per_block)])
     assert batches.shape == (stream.batches_per_block * 50, model.config.n_embd)
 
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, ctx_len=16)
@@ -74,18 +77,32 @@ def test_stream_batches_are_the_hooked_activations_without_first_positions(lm, t
 
 def test_stream_resumes_exactly(lm, text_file):
     reference = make_stream(lm, text_file)
-    expected = [next(reference) for _ in range(3 * reference.batches_per_block + 2)]
+    expected = [next(reference)[H] for _ in range(3 * reference.batches_per_block + 2)]
     for stop in (0, 1, reference.batches_per_block, reference.batches_per_block + 2):
         stream = make_stream(lm, text_file)
         for _ in range(stop):
-            next(stream)
+            next(stream)[H]
         state = json.loads(json.dumps(stream.state_dict()))
         resumed = make_stream(lm, text_file)
         resumed.load_state_dict(state)
         for index in range(stop, len(expected)):
-            assert torch.equal(next(resumed), expected[index]), (stop, index)
+            assert torch.equal(next(resumed)[H], expected[index]), (stop, index)
 
 
 def test_different_seeds_shuffle_differently(lm, text_file):
     a, b = make_stream(lm, text_file, seed=1), make_stream(lm, text_file, seed=2)
-    assert not torch.equal(next(a), next(b))
+    assert not torch.equal(next(a)[H], next(b)[H])
+
+
+def test_several_hookpoints_share_one_forward_and_one_shuffle(lm, text_file):
+    model, _ = lm
+    both = make_stream(lm, text_file, hookpoints=["transformer.h.0", H])
+    first, second = make_stream(lm, text_file, hookpoints=["transformer.h.0"]), make_stream(lm, text_file)
+    for _ in range(both.batches_per_block + 1):
+        batch = next(both)
+        assert torch.equal(batch["transformer.h.0"], next(first)["transformer.h.0"])
+        assert torch.equal(batch[H], next(second)[H])
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    outputs = capture_many(model, [get_module(model, H), get_module(model, "transformer.h.0")], input_ids)
+    assert torch.equal(outputs[0], capture_activations(model, get_module(model, H), input_ids))
+    assert torch.equal(outputs[1], capture_activations(model, get_module(model, "transformer.h.0"), input_ids))
