@@ -1,0 +1,200 @@
+"""The index page of the site: the run, headline numbers, plots and sortable tables of the units."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .inputs import Unit, log_series, read_training_log
+from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
+from .svg import bar_chart, esc, format_number, line_chart
+
+LOG_CURVES = [
+    ("Fraction of variance unexplained", ["fvu", "eval/fvu"]),
+    ("Normalized MSE", ["nmse", "eval/nmse"]),
+    ("L0 (active latents per token)", ["l0", "eval/l0"]),
+    ("Dead latent fraction", ["dead_frac", "eval/dead_frac"]),
+    ("CE loss recovered (eval)", ["eval/ce_recovered", "eval/ce_recovered_mean"]),
+]
+"""(chart title, log keys drawn in it); a chart is drawn when the log has any of its keys."""
+
+REPORT_METRICS = [
+    ("fvu", "fraction of variance unexplained"),
+    ("nmse", "normalized MSE"),
+    ("l0", "L0 (active latents per token)"),
+    ("dead_frac", "dead latent fraction"),
+    ("ce_clean", "LM cross-entropy, clean"),
+    ("ce_sae", "LM cross-entropy, SAE spliced in"),
+    ("ce_recovered", "CE loss recovered (vs zero ablation)"),
+    ("ce_recovered_mean", "CE loss recovered (vs mean ablation)"),
+    ("kl", "KL(clean ‖ SAE)"),
+    ("tokens", "eval tokens"),
+]
+"""Headline numbers of an eval report, in the order shown."""
+
+TRAINING_METRICS = [
+    ("step", "step"),
+    ("fvu", "fraction of variance unexplained"),
+    ("nmse", "normalized MSE"),
+    ("l0", "L0 (active latents per token)"),
+    ("dead_frac", "dead latent fraction"),
+    ("tokens", "tokens"),
+]
+"""Headline numbers of cfg.json's final_metrics (the last training step), in the order shown."""
+
+SORT_SCRIPT = """
+"use strict";
+// Click a header of a table.sortable to sort its rows by that column (again to reverse).
+function cellKey(row, column) {
+  const cell = row.cells[column];
+  return cell.dataset.value === undefined ? cell.textContent.trim().toLowerCase() : Number(cell.dataset.value);
+}
+function isMissing(key) {
+  return typeof key === "number" && isNaN(key);
+}
+function sortTable(table, column) {
+  const header = table.tHead.rows[0].cells[column];
+  const direction = header.dataset.direction === "ascending" ? "descending" : "ascending";
+  for (const cell of table.tHead.rows[0].cells) delete cell.dataset.direction;
+  header.dataset.direction = direction;
+  const sign = direction === "ascending" ? 1 : -1;
+  const body = table.tBodies[0];
+  const rows = Array.from(body.rows);
+  rows.sort((a, b) => {
+    const ka = cellKey(a, column), kb = cellKey(b, column);
+    if (isMissing(ka) || isMissing(kb)) return isMissing(ka) - isMissing(kb);  // blanks last
+    return sign * (ka < kb ? -1 : ka > kb ? 1 : 0);
+  });
+  for (const row of rows) body.appendChild(row);
+}
+for (const table of document.querySelectorAll("table.sortable")) {
+  Array.from(table.tHead.rows[0].cells).forEach((header, column) => {
+    header.title = "click to sort";
+    header.addEventListener("click", () => sortTable(table, column));
+  });
+}
+"""
+
+
+def sae_facts(cfg: dict) -> str:
+    """The SAE's shape and training length from cfg.json."""
+    keys = [("model", "model"), ("hookpoint", "hookpoint"), ("d_in", "d_in"), ("num_latents", "latents"),
+            ("k", "k (active latents per token)"), ("tokens_trained", "tokens trained")]
+    return facts_table([(label, cfg[key]) for key, label in keys if key in cfg])
+
+
+def headline_html(cfg: dict, report: dict | None, report_path: Path | None) -> str:
+    """Headline numbers side by side: the SAE's shape, the last training step's numbers (cfg.json) and,
+    when given, the eval report's."""
+    cards = [("SAE", "", sae_facts(cfg))]
+    final = cfg.get("final_metrics") or {}
+    rows = [(label, final[key]) for key, label in TRAINING_METRICS if key in final]
+    if rows:
+        cards.append(("End of training", "cfg.json's final_metrics (training batches)", facts_table(rows)))
+    if report is not None:
+        data = report.get("data") if isinstance(report.get("data"), dict) else {}
+        where = ", ".join(str(data[key]) for key in ("dataset", "held_out") if data.get(key))
+        source = f"{report_path}" + (f" ({where})" if where else "")
+        rows = [(label, report[key]) for key, label in REPORT_METRICS if key in report]
+        cards.append(("Evaluation", source, facts_table(rows)))
+    parts = []
+    for title, source, table in cards:
+        note = f'<p class="note">{esc(source)}</p>' if source else ""
+        parts.append(f"<section><h2>{esc(title)}</h2>{note}{table}</section>")
+    return f'<div class="cards">{"".join(parts)}</div>'
+
+
+def density_histogram_html(report: dict) -> str:
+    """The report's latent-density histogram as an SVG bar chart ("" when the report has none)."""
+    density = report.get("density_histogram")
+    if not isinstance(density, dict) or not density.get("counts"):
+        return ""
+    if len(density.get("log10_bin_edges") or []) != len(density["counts"]) + 1:
+        return ('<h2>Latent density</h2>\n'
+                '<p class="note">The report\'s density histogram has mismatched edges and counts.</p>')
+    chart = bar_chart("Latent density", density["log10_bin_edges"], density["counts"],
+                      "log10(fraction of eval tokens the latent fires on)", "latents")
+    never = density.get("never_fired")
+    note = "" if never is None else ('<p class="note">Latents that never fired on the eval tokens (not in the chart): '
+                                     f"{esc(format_number(never))}.</p>")
+    return f"<h2>Latent density</h2>\n{chart}\n{note}"
+
+
+def training_curves_html(log_path: Path) -> str:
+    """Training curves from the log as SVG line charts, or a note that there is no log."""
+    log = read_training_log(log_path)
+    if log is None:
+        return (f'<h2>Training curves</h2>\n<p class="note" id="no-training-log">No training log at {esc(log_path)}: '
+                "training curves are not shown.</p>")
+    records, unreadable = log
+    charts = []
+    for title, keys in LOG_CURVES:
+        series = {key: log_series(records, key) for key in keys}
+        series = {key: points for key, points in series.items() if points}
+        if series:
+            charts.append(line_chart(title, series))
+    note = f'<p class="note">From {esc(log_path)}'
+    note += f"; {unreadable} unreadable line(s) skipped.</p>" if unreadable else ".</p>"
+    if not charts:
+        note = f'<p class="note" id="no-training-log">{esc(log_path)} has no curves to plot.</p>'
+    return f'<h2>Training curves</h2>\n{note}\n<div class="plots">{"".join(charts)}</div>'
+
+
+def mean_score_row(label: str, unit_scores: list[dict], simulators: list[str]) -> str:
+    """A table row: `label`, then the mean top+random score of `unit_scores` under each simulator."""
+    cells = []
+    for name in simulators:
+        values = [value for value in (score_of(scores, name) for scores in unit_scores) if value is not None]
+        cells.append(number_cell(sum(values) / len(values) if values else None))
+    return f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>"
+
+
+def score_summary_html(units: list[Unit]) -> str:
+    """Mean top+random score per simulator: each kind, and its shuffled-explanation control."""
+    simulators = simulator_names(units)
+    if not simulators:
+        return ""
+    head = "".join(f'<th class="num">{esc(name)}</th>' for name in simulators)
+    rows = []
+    for kind in kinds_of(units):
+        of_kind = [unit for unit in units if unit.kind == kind]
+        rows.append(mean_score_row(f"{plural(kind)} ({len(of_kind)})", [unit.scores for unit in of_kind], simulators))
+        shuffled = [unit.shuffled_scores for unit in of_kind if unit.shuffled_scores]
+        if shuffled:
+            rows.append(mean_score_row(f"{plural(kind)}, shuffled control ({len(shuffled)})", shuffled, simulators))
+    return ('<h2>Explanation scores</h2>\n<p class="note">Mean correlation of the simulated with the true activations '
+            "(top and random excerpts). The shuffled control scores each unit with another unit's explanation.</p>\n"
+            f"<table><thead><tr><th>units</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def units_table_html(units: list[Unit], kind: str) -> str:
+    """The sortable table of the units of one kind, each linking to its page."""
+    of_kind = [unit for unit in units if unit.kind == kind]
+    simulators = simulator_names(of_kind)
+    head = ('<th class="num">unit</th><th class="num">max act.</th><th class="num">density*</th><th>explanation</th>'
+            + "".join(f'<th class="num">{esc(name)}</th>' for name in simulators))
+    rows = []
+    for unit in of_kind:
+        cells = [f'<td class="num" data-value="{unit.unit}"><a href="{esc(unit.page)}">{unit.unit}</a></td>',
+                 number_cell(unit.max_activation), number_cell(unit.random_density), text_cell(unit.explanation),
+                 *(number_cell(score_of(unit.scores, name)) for name in simulators)]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f'<h2 id="{esc(kind)}s">{esc(plural(kind))} ({len(of_kind)})</h2>\n'
+            f'<table class="sortable units" id="{esc(kind)}-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>\n"
+            '<p class="note">max act.: largest activation over the unit\'s excerpts. *density: fraction of the tokens '
+            "of its random excerpts where it is &gt; 0 (measured on the random excerpts only). Scores: top+random "
+            "correlation per simulator. Click a header to sort.</p>")
+
+
+def index_html(cfg: dict, units: list[Unit], report: dict | None, report_path: Path | None, log_path: Path) -> str:
+    """The index page: run, headline numbers, plots and the tables of units."""
+    title = run_title(cfg) or "SAE"
+    contents = " · ".join(f'<a href="#{esc(kind)}s">{esc(plural(kind))}</a>' for kind in kinds_of(units))
+    body = [f"<h1>{esc(title)}</h1>",
+            f'<p class="subtitle">{len(units)} explained units; jump to {contents}</p>',
+            headline_html(cfg, report, report_path),
+            density_histogram_html(report) if report is not None else "",
+            training_curves_html(log_path),
+            score_summary_html(units),
+            *(units_table_html(units, kind) for kind in kinds_of(units))]
+    return page(f"SAE latents: {title}", "\n".join(part for part in body if part), SORT_SCRIPT)

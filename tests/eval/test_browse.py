@@ -1,0 +1,288 @@
+"""`python -m eval.browse`: the static site of an SAE's latents, checked as HTML and in a headless browser."""
+
+import json
+import re
+
+import pytest
+
+from eval.browse import BrowseError, build_site, nice_ticks
+from eval.browse.__main__ import main
+
+from browser_helpers import CHROMIUM_INSTALL_HINT, chromium_executable, parse_html, render_pages, svg_fragments
+
+SCRIPT_TOKEN = "<script>alert(1)</script>"
+
+# unit kind, id, explanation, [(tokens, activations)] of the top excerpts; random excerpts are made below.
+UNITS = [
+    ("latent", 3, "closing <b>tags</b> & ampersands", [
+        ([" a", SCRIPT_TOKEN, " &", "\n", "\tb"], [0.0, 4.0, 1.0, 2.0, 0.5]),
+        ([" x", " y"], [3.0, 0.0]),
+    ]),
+    ("latent", 7, "the word dog", [([" the", " dog"], [0.0, 2.5])]),
+    ("latent", 12, "never active here", [([" nothing"], [0.0])]),
+    ("neuron", 5, "commas", [([",", " and"], [1.5, -0.1])]),
+]
+
+RANDOM_EXCERPTS = [([" r1", " r2", " r3", " r4"], [0.0, 1.0, 0.0, 0.0])]
+SILENT_UNIT = 12
+"""The latent that is zero on all its excerpts, random ones included."""
+
+
+def random_excerpts(unit):
+    """The random excerpts of a unit: one token in four active, except for SILENT_UNIT."""
+    return [([" r1", " r2"], [0.0, 0.0])] if unit == SILENT_UNIT else RANDOM_EXCERPTS
+
+
+def unit_record(kind, unit, explanation, top, shuffled_of=None):
+    """One line of explain.jsonl, as `python -m eval --explain` writes it."""
+    def excerpts(pairs):
+        return [{"tokens": tokens, "activations": activations} for tokens, activations in pairs]
+
+    flagged = {"random_only": "constant activations"}
+    record = {
+        "kind": kind, "unit": unit, "explanation": explanation,
+        "scores": {"token-lookup": {"top_and_random": 0.5 + unit / 100, "random_only": 0.1, "flags": {}},
+                   "embedding": {"top_and_random": 0.25, "random_only": 0.0, "flags": flagged}},
+        "excerpts": {"top": excerpts(top), "random": excerpts(random_excerpts(unit))},
+    }
+    if shuffled_of is not None:
+        record["shuffled_scores"] = {"token-lookup": {"top_and_random": -0.02, "random_only": 0.01, "flags": {}}}
+        record["shuffled_explanation_of"] = shuffled_of
+    return record
+
+
+def make_sae_dir(root, with_log=True, with_explain=True):
+    """A run folder with SAE_DIR = root/run/layer.1 (cfg.json, explain.jsonl) and optionally run/log.jsonl."""
+    sae_dir = root / "run" / "layer.1"
+    sae_dir.mkdir(parents=True)
+    cfg = {"d_in": 8, "num_latents": 32, "k": 2, "model": "tiny-lm", "hookpoint": "layer.1",
+           "run_name": "unit-test-run", "tokens_trained": 4096,
+           "final_metrics": {"step": 40, "fvu": 0.3, "l0": 2.0, "dead_frac": 0.0}}
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    if with_explain:
+        lines = [unit_record(kind, unit, explanation, top, shuffled_of=7 if unit == 3 else None)
+                 for kind, unit, explanation, top in UNITS]
+        (sae_dir / "explain.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if with_log:
+        log = [{"step": step, "fvu": 1 / step, "auxk_loss": 0.0, "l0": 2.0, "dead_frac": 0.1 / step, "lr": 1e-3,
+                "tokens": 64 * step, "tokens_per_s": 1000.0} for step in range(10, 50, 10)]
+        log.insert(2, {"step": 20, "eval/fvu": 0.6, "eval/ce_recovered": 0.8})
+        log.append({"step": 40, "eval/fvu": 0.3, "eval/ce_recovered": 0.9})
+        (root / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
+    return sae_dir
+
+
+def write_report(path):
+    """A small eval report as `python -m eval --out` writes it (the keys the index shows)."""
+    report = {"sae": "elsewhere", "nmse": 0.2, "fvu": 0.25, "l0": 2.0, "dead_frac": 0.125, "ce_clean": 3.0,
+              "ce_sae": 3.5, "ce_recovered": 0.9375, "ce_recovered_mean": 0.75, "kl": 0.4,
+              "density_histogram": {"log10_bin_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [1, 5, 2], "never_fired": 4}}
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.fixture
+def site(tmp_path):
+    """(SAE folder, site folder) of a site built with the training log and an eval report."""
+    sae_dir = make_sae_dir(tmp_path)
+    out = tmp_path / "site"
+    build_site(sae_dir, out, report_path=write_report(tmp_path / "report.json"))
+    return sae_dir, out
+
+
+def read(path):
+    return path.read_text(encoding="utf-8")
+
+
+def token_spans(page_text):
+    """(shown text, exact activation from the title, background alpha from the style) of every token span."""
+    spans = []
+    for element in parse_html(page_text):
+        if element.tag == "span" and element.attributes.get("class") == "tok":
+            alpha = re.fullmatch(r"background-color: rgba\(\d+, \d+, \d+, ([0-9.]+)\)", element.attributes["style"])
+            assert alpha, element.attributes["style"]
+            spans.append((element.text, float(element.attributes["title"]), float(alpha.group(1))))
+    return spans
+
+
+def test_site_has_an_index_linking_every_unit_page(site):
+    _, out = site
+    expected = {f"{kind}-{unit}.html" for kind, unit, _, _ in UNITS}
+    assert {path.name for path in out.glob("*.html")} == expected | {"index.html"}
+    index = read(out / "index.html")
+    links = {element.attributes["href"] for element in parse_html(index) if element.tag == "a"}
+    assert expected <= links
+    assert "unit-test-run" in index and "tiny-lm" in index and "layer.1" in index
+    # Latents and neurons in separate tables, each row linking to its own page.
+    for kind, table_id in (("latent", "latent-table"), ("neuron", "neuron-table")):
+        tables = [element for element in parse_html(index) if element.attributes.get("id") == table_id]
+        assert len(tables) == 1
+        rows = [child for child in tables[0].children if child.tag == "tbody"][0].children
+        assert len(rows) == sum(unit_kind == kind for unit_kind, *_ in UNITS)
+
+
+def test_every_page_is_balanced_html_with_nothing_external(site):
+    _, out = site
+    for path in out.glob("*.html"):
+        text = read(path)
+        elements = parse_html(text)
+        assert text.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in text
+        assert not re.search(r"\b(src|href)=\"(https?:)?//", text), path.name
+        assert not any(element.tag in ("link", "img", "iframe") for element in elements)
+        scripts = [element for element in elements if element.tag == "script"]
+        assert len(scripts) == (1 if path.name == "index.html" else 0)  # the index's sort script only
+        assert not any("src" in script.attributes for script in scripts)
+        svg_fragments(text)  # each inline SVG is well-formed XML
+
+
+def test_tokens_and_explanations_are_escaped(site):
+    _, out = site
+    page = read(out / "latent-3.html")
+    assert SCRIPT_TOKEN not in page and "<b>tags</b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and " &amp;<" in page
+    assert "closing &lt;b&gt;tags&lt;/b&gt; &amp; ampersands" in read(out / "index.html")
+    shown = [text for text, _, _ in token_spans(page)]
+    assert SCRIPT_TOKEN in shown  # the parser unescapes it back to the token's text: shown, not run
+
+
+def test_shading_is_activation_over_the_units_max(site):
+    _, out = site
+    for kind, unit, _, top in UNITS:
+        activations = [value for _, values in top + random_excerpts(unit) for value in values]
+        spans = token_spans(read(out / f"{kind}-{unit}.html"))
+        assert [exact for _, exact, _ in spans] == activations  # the title holds the exact value
+        peak = max(activations)
+        for _, activation, alpha in spans:
+            expected = min(max(activation / peak, 0.0), 1.0) if peak > 0 else 0.0
+            assert alpha == pytest.approx(expected, abs=1e-4)
+    assert max(alpha for _, _, alpha in token_spans(read(out / "latent-3.html"))) == 1.0
+
+
+def test_newlines_and_tabs_are_shown_as_symbols(site):
+    _, out = site
+    elements = parse_html(read(out / "latent-3.html"))
+    excerpts = [element for element in elements if element.attributes.get("class") == "excerpt"]
+    assert "⏎" in excerpts[0].text and "⇥b" in excerpts[0].text
+    assert not any("\n" in excerpt.text or "\t" in excerpt.text for excerpt in excerpts)
+
+
+def test_unit_page_has_scores_histogram_and_neighbour_links(site):
+    _, out = site
+    page = read(out / "latent-7.html")
+    links = {element.attributes["href"] for element in parse_html(page) if element.tag == "a"}
+    assert {"index.html#latents", "latent-3.html", "latent-12.html"} <= links
+    assert "token-lookup" in page and "constant activations" in page
+    assert [svg.find("title").text for svg in svg_fragments(page)] == ["Non-zero activations (2 tokens)"]
+    shuffled = read(out / "latent-3.html")
+    assert "Shuffled control" in shuffled and 'href="latent-7.html"' in shuffled
+    assert "zero on every token" in read(out / f"latent-{SILENT_UNIT}.html")  # no histogram without a non-zero value
+
+
+def test_index_density_is_measured_on_the_random_excerpts(site):
+    _, out = site
+    index = read(out / "index.html")
+    assert "measured on the random excerpts" in index
+    rows = [element for element in parse_html(index) if element.tag == "tr" and element.children[0].tag == "td"
+            and element.children[0].children and element.children[0].children[0].tag == "a"]
+    density = {row.children[0].text: float(row.children[2].attributes["data-value"]) for row in rows}
+    # 1 of the 4 random tokens is > 0, except for SILENT_UNIT (its unit ids are unique across kinds here)
+    assert density == {str(unit): 0.0 if unit == SILENT_UNIT else 0.25 for _, unit, _, _ in UNITS}
+
+
+def test_index_shows_the_report_and_training_curves(site):
+    _, out = site
+    index = read(out / "index.html")
+    titles = [svg.find("title").text for svg in svg_fragments(index)]
+    assert titles == ["Latent density", "Fraction of variance unexplained", "L0 (active latents per token)",
+                      "Dead latent fraction", "CE loss recovered (eval)"]
+    assert "0.9375" in index and "CE loss recovered (vs zero ablation)" in index
+    assert "never fired on the eval tokens (not in the chart): 4" in index
+    fvu_chart = svg_fragments(index)[1]
+    assert len(fvu_chart.findall("polyline")) == 2  # train fvu and eval/fvu, with a legend
+    for svg in svg_fragments(index):  # a title, axes with ticks, tick labels
+        assert svg.find("text") is not None and len(svg.findall("line")) >= 4
+
+
+def test_without_log_or_report_there_are_no_plots_but_a_note(tmp_path):
+    sae_dir = make_sae_dir(tmp_path, with_log=False)
+    index = read(build_site(sae_dir, tmp_path / "site"))
+    assert svg_fragments(index) == []
+    assert 'id="no-training-log"' in index and "training curves are not shown" in index
+    assert "Latent density" not in index
+
+
+def test_missing_explain_jsonl_says_how_to_make_it(tmp_path, capsys):
+    sae_dir = make_sae_dir(tmp_path, with_explain=False)
+    with pytest.raises(BrowseError, match=r"explain\.jsonl not found; run `python -m eval .* --explain N` first"):
+        build_site(sae_dir, tmp_path / "site")
+    with pytest.raises(SystemExit, match="explain.jsonl not found"):
+        main([str(sae_dir), "--out", str(tmp_path / "site")])
+    assert not (tmp_path / "site").exists()
+    with pytest.raises(BrowseError, match="cfg.json"):
+        build_site(tmp_path / "run", tmp_path / "site")  # the run folder, not the SAE folder
+
+
+def test_refuses_a_foreign_non_empty_folder_unless_forced(tmp_path):
+    sae_dir = make_sae_dir(tmp_path)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    with pytest.raises(BrowseError, match="not empty.*--force"):
+        build_site(sae_dir, out)
+    assert sorted(path.name for path in out.iterdir()) == ["todo.txt"]
+    build_site(sae_dir, out, force=True)
+    assert (out / "index.html").is_file() and (out / "todo.txt").read_text() == "mine"
+
+
+def test_rebuilding_replaces_the_previous_site(tmp_path):
+    sae_dir = make_sae_dir(tmp_path)
+    out = tmp_path / "site"
+    build_site(sae_dir, out)
+    lines = (sae_dir / "explain.jsonl").read_text().splitlines()
+    (sae_dir / "explain.jsonl").write_text("\n".join(line for line in lines if '"unit": 12' not in line) + "\n")
+    build_site(sae_dir, out)  # a previous output: no --force needed
+    assert not (out / "latent-12.html").exists() and (out / "latent-7.html").exists()
+    assert not [path for path in out.iterdir() if ".tmp-" in path.name]
+
+
+def test_cli(tmp_path, capsys):
+    sae_dir = make_sae_dir(tmp_path)
+    report = write_report(tmp_path / "report.json")
+    index = main([str(sae_dir), "--out", str(tmp_path / "site"), "--report", str(report)])
+    assert index == tmp_path / "site" / "index.html" and "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--out"):
+        main([str(sae_dir)])
+    with pytest.raises(SystemExit, match="eval report not found"):
+        main([str(sae_dir), "--out", str(tmp_path / "site"), "--report", str(tmp_path / "missing.json")])
+
+
+def test_nice_ticks_cover_the_range_with_round_steps():
+    assert nice_ticks(10, 976) == [0, 200, 400, 600, 800, 1000]
+    assert nice_ticks(0.13, 0.87) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0, 0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # a constant 0: above it
+    assert nice_ticks(0, 3, integer=True) == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(chromium_executable() is None, reason=f"chromium not on PATH; {CHROMIUM_INSTALL_HINT}")
+def test_pages_render_in_headless_chromium_without_console_errors(site, tmp_path):
+    _, out = site
+    control = tmp_path / "control.html"  # proves that console errors would be seen
+    control.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>c</title></head><body>'
+                       '<script>console.error("seen"); notDefined();</script></body></html>')
+    pages = [out / "index.html", out / "latent-3.html", control]
+    index, latent, rendered_control = render_pages(pages, tmp_path / "chromium")
+    assert any("Uncaught ReferenceError" in line for line in rendered_control.console)
+
+    assert index.console == [] and latent.console == []
+    elements = parse_html(index.dom)
+    table = next(element for element in elements if element.attributes.get("id") == "latent-table")
+    links = [element.attributes["href"] for element in parse_html(index.dom) if element.tag == "a"]
+    assert {"latent-3.html", "latent-7.html", "latent-12.html", "neuron-5.html"} <= set(links)
+    assert all(header.attributes.get("title") == "click to sort"  # set by the sort script: it ran
+               for row in table.children if row.tag == "thead" for header in row.children[0].children)
+
+    spans = token_spans(latent.dom)
+    top_text, top_activation, top_alpha = max(spans, key=lambda span: span[1])
+    assert top_text == SCRIPT_TOKEN and top_activation == 4.0 and top_alpha == 1.0
+    assert sum(alpha > 0 for _, _, alpha in spans) == 6
+    assert not any(element.tag == "script" for element in parse_html(latent.dom))
