@@ -91,6 +91,10 @@ class DataConfig:
     data_dir: str = "data"
     """Where generated corpora (the embedded default) are written."""
 
+    activation_cache: str = ""
+    """Read activations from this cache (`python -m sae.cache`) instead of running the LM. It must have
+    been built for the same model, hookpoint and data settings; training then equals streaming."""
+
     def __post_init__(self):
         if self.ctx_len < 2:
             raise ValueError(f"DataConfig: ctx_len must be at least 2 (the first position is dropped), got {self.ctx_len}")

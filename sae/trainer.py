@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import ActivationStream, capture_many, get_module, load_model_and_tokenizer
+from .activations import ActivationStream, LMWindowSource, capture_many, get_module, load_model_and_tokenizer
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset
 from .distributed import (
@@ -283,6 +283,25 @@ def full_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder |
     return sae
 
 
+def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):
+    """sae.cache.CachedWindows for `cfg.data.activation_cache`, after checking the cache holds what
+    this run would have streamed (same model, hookpoint, data and LM batching)."""
+    from .cache import ActivationCache, CachedWindows, cache_identity, check_same_identity, windows_for_training
+
+    if layout.replicas > 1:
+        raise ValueError("data.activation_cache is read by one process (or one shard group); "
+                         "data-parallel replicas would each need their own share of the data")
+    cache = ActivationCache(cfg.data.activation_cache)
+    if hookpoints != [cache.hookpoint]:
+        raise ValueError(f"{cfg.data.activation_cache} caches '{cache.hookpoint}'; this run needs {hookpoints}")
+    check_same_identity(cache.manifest, cache_identity(cfg, cache.manifest["storage_dtype"]), Path(cfg.data.activation_cache))
+    needed = windows_for_training(cfg)
+    if cache.n_windows < needed and layout.is_main:
+        print(f"note: the run reads {needed:,} windows and {cfg.data.activation_cache} holds {cache.n_windows:,}; "
+              "it will go over the cache again (streaming would read new text)")
+    return CachedWindows(cache)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the SAE(s) `cfg` describes; returns the folder of the (first) saved SAE.
 
@@ -319,15 +338,22 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         )
 
     # ---- the LM, this rank's shard of the data, one activation stream for every SAE ----
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
     hookpoints = list(dict.fromkeys([variant.hookpoint or cfg.hookpoint for variant in cfg.variants] or [cfg.hookpoint]))
-    probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
-    d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
-    # each replica reads its own data shard; the ranks of a shard group read the same one
-    dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
-    windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
-    stream = ActivationStream.from_lm(model, hookpoints, windows, local_batch_size, cfg.data.shuffle_buffer_tokens,
-                                      cfg.data.lm_batch_windows, cfg.seed, rank=layout.replica)
+    model = tokenizer = None
+    if cfg.data.activation_cache:  # activations from disk; the LM is loaded only for held-out evals
+        source = open_cache_source(cfg, hookpoints, layout)
+        d_in_of = {hookpoints[0]: source.cache.d_in}
+        if cfg.eval_every > 0:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+        probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
+        d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
+        # each replica reads its own data shard; the ranks of a shard group read the same one
+        dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
+        windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
+        source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
+    stream = ActivationStream(source, local_batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed, rank=layout.replica)
     eval_windows = None
     if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)
         from eval.data import held_out_windows

@@ -164,3 +164,19 @@ def test_held_out_evals_need_a_held_out_split(tiny_lm_dir, text_file, tmp_path):
     cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5)
     with pytest.raises(ValueError, match="no held-out split"):
         train(cfg)
+
+
+def test_training_from_an_activation_cache_equals_streaming(tiny_lm_dir, text_file, tmp_path):
+    from dataclasses import replace
+
+    from sae.cache import build_cache
+
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, save_every=0)
+    build_cache(cfg, tmp_path / "cache", progress=False)  # as many windows as the run reads
+    streamed = SparseAutoencoder.load(train(cfg))
+    cached_cfg = replace(cfg, run_name="cached", data=replace(cfg.data, activation_cache=str(tmp_path / "cache")))
+    cached = SparseAutoencoder.load(train(cached_cfg))
+    for name, tensor in streamed.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="caches 'transformer.h.1'"):
+        train(replace(cached_cfg, run_name="other", hookpoint="transformer.h.0"))

@@ -1,0 +1,86 @@
+"""The command line, `python -m sae.cache ...` (see the package docstring): `main` builds and/or verifies a cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError, TrainConfig, parse_args
+from .format import DEFAULT_SHARD_TOKENS, STORAGE_DTYPES, CacheError
+from .reader import ActivationCache
+from .writer import BuildReport, build_cache
+
+# ---------------------------------------------------------------- command line
+
+
+def _count(text: str) -> int:
+    """A positive whole number from '200000', '2e5' or '200_000'."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(value)
+
+
+def _cache_arguments() -> argparse.ArgumentParser:
+    """The cache's own options; everything else on the command line is a TrainConfig override."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sae.cache", allow_abbrev=False,
+        description="Write the activations of a config's LM hookpoint to a sharded on-disk cache.",
+        epilog="Every TrainConfig key is accepted too: --config FILE, --model, --hookpoint, --data.dataset, --device ...",
+    )
+    parser.add_argument("--out", required=True, help="cache folder (created; resumed if it holds a cache of the same config)")
+    parser.add_argument("--tokens", type=_count, default=None,
+                        help="activation rows wanted, rounded up to whole windows (default: what training on the config reads)")
+    parser.add_argument("--shard_tokens", type=_count, default=None, help=f"rows per shard (default {DEFAULT_SHARD_TOKENS})")
+    parser.add_argument("--storage_dtype", choices=sorted(STORAGE_DTYPES), default=None,
+                        help="dtype on disk (default float32; bfloat16/float16 halve the size, "
+                             "but only float32 is bitwise equal to streaming)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted build (also automatic for the same config)")
+    parser.add_argument("--verify", action="store_true", help="check every shard's sha256; alone (no --tokens), only that")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sae.cache ...`: build (and/or verify) a cache; prints a summary. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options, rest = _cache_arguments().parse_known_args(argv)
+    verify_only = options.verify and options.tokens is None
+    if not verify_only:
+        try:
+            cfg = parse_args(rest, TrainConfig)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        try:
+            report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
+                                 options.resume, progress=not options.no_progress)
+        except (CacheError, FileNotFoundError, ValueError) as error:  # wrong folder, data, hookpoint ...
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(_summary(report))
+    if options.verify:
+        try:
+            cache = ActivationCache(options.out, verify=True)
+        except (CacheError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"verified {len(cache.manifest['shards'])} shard(s) of {cache.directory}: sha256 match the manifest")
+    return 0
+
+
+def _summary(report: BuildReport) -> str:
+    """One paragraph: the cache's totals, what this run wrote, how fast."""
+    lines = [
+        f"cache {report.out}: {report.n_windows:,} windows, {report.n_tokens:,} tokens, {report.bytes_total / 1e9:.3f} GB",
+        f"this run wrote {report.windows_written:,} windows ({report.tokens_written:,} tokens, "
+        f"{report.bytes_written / 1e9:.3f} GB) in {report.seconds:.1f} s: {report.tokens_per_second:,.0f} tokens/s",
+    ]
+    if report.shards_rewritten:
+        lines.append(f"rewrote corrupt shard(s): {', '.join(report.shards_rewritten)}")
+    if report.files_removed:
+        lines.append(f"removed leftover file(s): {', '.join(report.files_removed)}")
+    return "\n".join(lines)

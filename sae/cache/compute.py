@@ -1,0 +1,107 @@
+"""Computing the activations: the LM cut at the hookpoint, run on the stream's LM batches, cut into shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..activations import capture_activations, get_module, load_model_and_tokenizer
+from ..config import TrainConfig
+from ..data import TokenWindows, load_text_dataset
+from ..trainer import resolve_device
+from .batching import LmBatches
+from .format import STORAGE_DTYPES
+
+# ---------------------------------------------------------------- computing the activations
+
+
+@dataclass
+class _Lm:
+    """The LM cut at the hookpoint: activations of windows, position 0 dropped, in the storage dtype, on CPU."""
+
+    model: nn.Module
+    module: nn.Module
+    device: torch.device
+    storage_dtype: torch.dtype
+
+    def activations(self, input_ids: Tensor) -> Tensor:
+        """(windows, ctx_len - 1, d_in) for `input_ids` (windows, ctx_len): one LM forward, as the stream does it."""
+        captured = capture_activations(self.model, self.module, input_ids.to(self.device))[:, 1:]
+        return captured.float().to(self.storage_dtype).cpu()
+
+
+@dataclass
+class _Shard:
+    """One shard's worth of computed windows, and the token stream's state just after its last window."""
+
+    first_window: int
+    input_ids: Tensor
+    activations: Tensor
+    windows_state: dict[str, Any]
+
+
+def _compute_shards(lm: _Lm, windows: TokenWindows, lm_batches: LmBatches, shard_bounds: list[tuple[int, int]],
+                    prefix: list[Tensor], on_rows: Callable[[int], None] = lambda rows: None) -> Iterator[_Shard]:
+    """The shards [first, end) of `shard_bounds` (consecutive), computed in `lm_batches`' groups.
+
+    `windows` yields window number shard_bounds[0][0] next; `prefix` holds the windows of its LM batch that
+    come before it (so that batch is the stream's batch). The last LM batch reads windows past the last
+    shard if it must (they are only run through the LM), which leaves `windows` past that point: each
+    shard carries the state to continue from just after it.
+    """
+    first, stop = shard_bounds[0][0], shard_bounds[-1][1]
+    batch_first = lm_batches.start(first)
+    if len(prefix) != first - batch_first:
+        raise AssertionError(f"window {first} needs the {first - batch_first} windows before it, got {len(prefix)}")
+    shard_ends = {end for _, end in shard_bounds}
+    states: dict[int, dict[str, Any]] = {}
+    pending_bounds = list(shard_bounds)
+    ids_parts: list[Tensor] = []
+    activation_parts: list[Tensor] = []
+    next_window = first
+    while batch_first < stop:
+        batch_end = lm_batches.end(batch_first)
+        batch = list(prefix) if batch_first < first else []
+        while next_window < batch_end:
+            batch.append(next(windows))
+            next_window += 1
+            if next_window in shard_ends:
+                states[next_window] = windows.state_dict()
+        input_ids = torch.stack(batch)
+        activations = lm.activations(input_ids)
+        window = max(batch_first, first)
+        while window < min(batch_end, stop):
+            shard_first, shard_end = pending_bounds[0]
+            upto = min(shard_end, batch_end, stop)
+            ids_parts.append(input_ids[window - batch_first : upto - batch_first])
+            activation_parts.append(activations[window - batch_first : upto - batch_first])
+            on_rows((upto - window) * activations.shape[1])
+            window = upto
+            if window == shard_end:
+                pending_bounds.pop(0)
+                yield _Shard(shard_first, torch.cat(ids_parts), torch.cat(activation_parts).flatten(0, 1),
+                             states.pop(shard_end))
+                ids_parts, activation_parts = [], []
+        batch_first = batch_end
+
+
+def _shard_bounds(first: int, stop: int, windows_per_shard: int) -> list[tuple[int, int]]:
+    """[first, stop) cut into shards of windows_per_shard windows (the last may hold fewer)."""
+    return [(start, min(start + windows_per_shard, stop)) for start in range(first, stop, windows_per_shard)]
+
+
+def _token_windows(cfg: TrainConfig, tokenizer: Any) -> TokenWindows:
+    """The token stream of a one-process training run of `cfg`, from its start."""
+    return TokenWindows(load_text_dataset(cfg.data), tokenizer, cfg.data.ctx_len, cfg.data.text_column)
+
+
+def _load_lm(cfg: TrainConfig, storage_dtype: str) -> tuple[_Lm, Any, int]:
+    """The config's LM cut at its hookpoint on its device ("auto" as in training), its tokenizer, and d_in."""
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+    module = get_module(model, cfg.hookpoint)
+    d_in = capture_activations(model, module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
+    return _Lm(model, module, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in
