@@ -5,7 +5,8 @@
 
 Modules: splice.py (the LM with its activations replaced), reconstruction.py (nmse, fvu, L0, density),
 downstream.py (cross-entropy, KL, loss recovered), evaluate.py (the loop), data.py (held-out text),
-report.py (table, JSON, wandb), __main__.py (the CLI).
+report.py (table, JSON, wandb), __main__.py (the CLI). Subpackages: explain/ (explain -> simulate ->
+score, `--explain N`), browse/ (the static latent browser, `python -m eval.browse`).
 """
 
 from .evaluate import activation_mean, evaluate, evaluate_many
