@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .distributed import (
     shutdown,
     sum_gradients,
 )
+from .members import Member, build_members, default_lr, full_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
 from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
 from . import sharded
 
@@ -58,11 +59,6 @@ EVAL_LOG_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_rec
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops without writing a checkpoint."""
-
-
-def default_lr(n_latents: int) -> float:
-    """Gao et al.'s learning-rate scaling: 2e-4 at 2^14 latents, proportional to 1/sqrt(n_latents)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, decay_frac: float) -> float:
@@ -176,57 +172,6 @@ def held_out_eval(sae: SparseAutoencoder, input_scale: float, model, windows: Te
     return {f"eval/{key}": report[key] for key in EVAL_LOG_KEYS}
 
 
-@dataclass
-class Member:
-    """One SAE of a run: a run trains one (`cfg.sae` at `cfg.hookpoint`) or several (`cfg.variants`),
-    all from the same activation batches, each with its own optimiser, counters and output folder."""
-
-    name: str
-    """"" for the single SAE of a plain run (unprefixed metrics and checkpoint names), else the variant's name."""
-
-    hookpoint: str
-    sae: Any
-    """A SparseAutoencoder, or a sharded.ShardedSparseAutoencoder under --shard_latents."""
-
-    optimizer: torch.optim.Optimizer
-    base_lr: float
-    tokens_since_fired: Tensor
-    """Tokens since each (local) latent last fired; dead when >= dead_tokens."""
-
-    out_dir: Path
-    """The final SAE folder."""
-
-    input_scale: float = 1.0
-    metrics: dict = field(default_factory=dict)
-    eval_metrics: dict = field(default_factory=dict)
-
-    def key(self, name: str) -> str:
-        """Metric and checkpoint-tensor names: prefixed with the variant's name when there are several."""
-        return f"{self.name}/{name}" if self.name else name
-
-
-def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.ShardLayout, device: torch.device) -> list[Member]:
-    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run would)."""
-    specs = [(variant.name, variant.hookpoint or cfg.hookpoint, variant.sae_config(cfg.sae),
-              variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
-    specs = specs or [("", cfg.hookpoint, cfg.sae, cfg.lr)]
-    members = []
-    for name, hookpoint, sae_cfg, lr in specs:
-        sae_cfg = replace(sae_cfg, d_in=d_in_of[hookpoint])
-        torch.manual_seed(cfg.seed)
-        if layout.shards > 1:
-            sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
-        else:
-            sae = SparseAutoencoder(sae_cfg, device=device)
-        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
-        n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
-        out_dir = cfg.run_dir / (name or hookpoint)
-        members.append(Member(name, hookpoint, sae, optimizer, base_lr,
-                              torch.zeros(n_counters, dtype=torch.long, device=device), out_dir))
-    return members
-
-
 def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> ForwardOutput:
     """One optimiser step of one member on its (already scaled) batch, and its dead-latent counters."""
     sae_cfg = member.sae.cfg
@@ -238,49 +183,6 @@ def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: Di
         out = training_step(member.sae, member.optimizer, x, dead_mask, lr, cfg.grad_clip, info)
         update_dead_counters(member.tokens_since_fired, out, info)
     return out
-
-
-def member_state(member: Member, layout: sharded.ShardLayout) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """Checkpoint tensors (named by `member.key`) and JSON state of a member; on rank 0 (None elsewhere).
-    Collective under latent sharding: call it on every rank."""
-    extra = {"tokens_since_fired": member.tokens_since_fired}
-    if layout.shards > 1:
-        full = sharded.gather_full_state(member.sae, member.optimizer, extra=extra)
-        _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-        if full is None:
-            return None
-        tensors = full
-    else:
-        optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-        tensors = {**member.sae.state_dict(), **optimizer_tensors, **extra}
-    named = {member.key(name): tensor for name, tensor in tensors.items()}
-    return named, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
-
-
-def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any], layout: sharded.ShardLayout) -> None:
-    """Inverse of `member_state`, on every rank."""
-    prefix = member.key("")
-    own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)} if prefix else tensors
-    if layout.shards > 1:
-        sharded.load_from_full_state(member.sae, own, member.optimizer, state["optimizer"],
-                                     extra={"tokens_since_fired": member.tokens_since_fired})
-    else:
-        member.sae.load_state_dict({name: own[name] for name in member.sae.state_dict()})
-        checkpoint.optimizer_from_flat(member.optimizer, own, state["optimizer"])
-        member.tokens_since_fired.copy_(own["tokens_since_fired"])
-    member.input_scale = state["input_scale"]
-
-
-def full_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:
-    """The member's whole SAE (in training scale) on rank 0; collective under latent sharding."""
-    if layout.shards == 1:
-        return member.sae
-    full = sharded.gather_full_state(member.sae)
-    if full is None:
-        return None
-    sae = SparseAutoencoder(member.sae.cfg, device=member.tokens_since_fired.device)
-    sae.load_state_dict(full)
-    return sae
 
 
 def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):

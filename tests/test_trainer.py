@@ -40,7 +40,7 @@ def test_training_lowers_fvu_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tm
     assert log[-1]["fvu"] < 0.6 * log[0]["fvu"]
     assert log[-1]["l0"] <= 4 and 0 <= log[-1]["dead_frac"] <= 1 and log[-1]["tokens"] == 128 * 80
     assert {"fvu", "auxk_loss", "l0", "dead_frac", "lr", "tokens", "tokens_per_s"} <= set(log[-1])
-    sae = SparseAutoencoder.load(sae_dir)
+    SparseAutoencoder.load(sae_dir)  # loads
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     assert sae_dir.name == "transformer.h.1" and cfg["hookpoint"] == "transformer.h.1" and cfg["d_in"] == 32
     assert cfg["tokens_trained"] == 128 * 80

@@ -11,7 +11,6 @@ import torch
 
 from eval.__main__ import main
 from eval.data import held_out_windows, resolve_model_path
-from sae import SparseAutoencoder
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
 from sae.embedded import EMBEDDED_MODEL_DIR
