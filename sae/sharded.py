@@ -393,6 +393,31 @@ def _top(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # ---- the trainer's pieces, for a sharded SAE ----------------------------------------------------
 
 
+class PlaceholderWindowSource:
+    """Window source of the ranks of a latent-shard group other than its first.
+
+    All ranks of a group train on the first rank's batches (`ShardLayout.broadcast_rows`), so the
+    others need batches of the right shape only: zeros, with no LM forward and no data read. Its
+    stream state is empty; on resume the first rank's state alone restores the group's data.
+    """
+
+    def __init__(self, hookpoints: list[str], ctx_len: int, d_in_of: dict[str, int], device: torch.device | str):
+        self.hookpoints = list(hookpoints)
+        self.ctx_len = ctx_len
+        self.d_in_of = d_in_of
+        self.device = device
+
+    def next_activations(self, n_windows: int) -> list[Tensor]:
+        rows = n_windows * (self.ctx_len - 1)
+        return [torch.zeros(rows, self.d_in_of[hookpoint], device=self.device) for hookpoint in self.hookpoints]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def training_step(sae: ShardedSparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor,
                   dead_mask_local: Tensor | None, lr: float, grad_clip: float) -> ForwardOutput:
     """`trainer.training_step` for a sharded SAE: `x` is this replica's rows (the same on every rank

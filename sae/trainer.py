@@ -255,6 +255,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
         source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
+    if layout.shards > 1 and layout.shard != 0:
+        # The shard group's first rank streams for the group: its batches replace this rank's
+        # (ShardLayout.broadcast_rows), so here only their shapes are needed and the LM does not run.
+        source = sharded.PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
     stream = ActivationStream(source, local_batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed, rank=layout.replica)
     eval_windows = None
     if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)

@@ -55,7 +55,10 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
         "--sae.dead_tokens=300", "--sae.k_aux=8", "--batch_size=128", "--max_tokens=1280", "--log_every=5",
         "--save_every=5", f"--out_dir={tmp_path}", "--eval_every=5", "--eval_tokens=256", "--eval_split=train",
     ]
-    torchrun([*args, "--run_name=sharded", "--shard_latents=2"], nproc=2)
+    # stopped at step 5 and resumed: the second rank of the shard group streams nothing itself
+    # (its batches are the first rank's), so its empty stream state must resume too
+    torchrun([*args, "--run_name=sharded", "--shard_latents=2", "--max_tokens=640"], nproc=2)
+    torchrun([*args, "--run_name=sharded", "--shard_latents=2", "--resume"], nproc=2)
     single = subprocess.run([sys.executable, *args, "--run_name=single"], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
