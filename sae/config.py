@@ -230,6 +230,12 @@ class TrainConfig:
             raise ValueError("TrainConfig.variants cannot be combined with shard_latents > 1 (yet): train sharded SAEs one per run")
 
     @property
+    def hookpoints(self) -> list[str]:
+        """The hookpoints the run reads, in order, each once: its variants' (a variant without one takes
+        `hookpoint`), or `[hookpoint]` without variants."""
+        return list(dict.fromkeys([variant.hookpoint or self.hookpoint for variant in self.variants] or [self.hookpoint]))
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name
 

@@ -187,21 +187,20 @@ def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: Di
 
 def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):
     """sae.cache.CachedWindows for `cfg.data.activation_cache`, after checking the cache holds what
-    this run would have streamed (same model, hookpoint, data and LM batching)."""
+    this run would have streamed (same model, data and LM batching; at least the run's hookpoints)."""
     from .cache import ActivationCache, CachedWindows, cache_identity, check_same_identity, windows_for_training
 
     if layout.replicas > 1:
         raise ValueError("data.activation_cache is read by one process (or one shard group); "
                          "data-parallel replicas would each need their own share of the data")
     cache = ActivationCache(cfg.data.activation_cache)
-    if hookpoints != [cache.hookpoint]:
-        raise ValueError(f"{cfg.data.activation_cache} caches '{cache.hookpoint}'; this run needs {hookpoints}")
-    check_same_identity(cache.manifest, cache_identity(cfg, cache.manifest["storage_dtype"]), Path(cfg.data.activation_cache))
+    check_same_identity(cache.manifest, cache_identity(cfg, cache.manifest["storage_dtype"]),
+                        Path(cfg.data.activation_cache), hookpoints_subset=True)
     needed = windows_for_training(cfg)
     if cache.n_windows < needed and layout.is_main:
         print(f"note: the run reads {needed:,} windows and {cfg.data.activation_cache} holds {cache.n_windows:,}; "
               "it will go over the cache again (streaming would read new text)")
-    return CachedWindows(cache)
+    return CachedWindows(cache, hookpoints)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -240,11 +239,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         )
 
     # ---- the LM, this rank's shard of the data, one activation stream for every SAE ----
-    hookpoints = list(dict.fromkeys([variant.hookpoint or cfg.hookpoint for variant in cfg.variants] or [cfg.hookpoint]))
+    hookpoints = cfg.hookpoints
     model = tokenizer = None
     if cfg.data.activation_cache:  # activations from disk; the LM is loaded only for held-out evals
         source = open_cache_source(cfg, hookpoints, layout)
-        d_in_of = {hookpoints[0]: source.cache.d_in}
+        d_in_of = {hookpoint: source.cache.d_in_of[hookpoint] for hookpoint in hookpoints}
         if cfg.eval_every > 0:
             model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
     else:

@@ -1,5 +1,6 @@
 """The activation cache: rows equal the stream's bitwise, crashes and corruption are repaired, never read."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sae import activations as activations_module
 from sae.activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
@@ -22,14 +24,18 @@ from sae.cache import (
     CorruptShardError,
     LmBatches,
     build_cache,
+    cache_identity,
+    check_same_identity,
     main,
+    run_hookpoints,
     windows_for_training,
 )
-from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.config import DataConfig, SaeConfig, SaeVariant, TrainConfig
 from sae.data import TokenWindows, load_text_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOOKPOINT = "transformer.h.1"
+HOOKPOINTS = [HOOKPOINT, "transformer.h.0"]  # a two-hookpoint cache's, in its order (the later layer first)
 CTX_LEN = 16
 TOKENS_PER_WINDOW = CTX_LEN - 1
 WINDOWS_PER_BLOCK = 35  # ceil(shuffle_buffer_tokens 512 / 15): LM batches of 8, 8, 8, 8, 3 in every block
@@ -50,6 +56,12 @@ def cache_config(tiny_lm_dir, text_file, **overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def two_hookpoint_config(tiny_lm_dir, text_file, **overrides) -> TrainConfig:
+    """A variants run over transformer.h.1 (the run's hookpoint) and transformer.h.0: a cache of HOOKPOINTS."""
+    variants = (SaeVariant(name="a"), SaeVariant(name="b", hookpoint="transformer.h.0"))
+    return cache_config(tiny_lm_dir, text_file, variants=variants, **overrides)
 
 
 def build(cfg: TrainConfig, out: Path, **options):
@@ -74,18 +86,18 @@ def lm(tiny_lm_dir):
 
 @pytest.fixture(scope="module")
 def reference(lm, text_file):
-    """(input_ids, rows) of the first N_WINDOWS windows, computed as ActivationStream._fill_block does:
-    the LM runs on blocks of 35 windows in batches of 8 from each block's start; position 0 dropped."""
+    """(input_ids, {hookpoint: rows}) of the first N_WINDOWS windows at each of HOOKPOINTS, computed as
+    ActivationStream._fill_block does: the LM runs on blocks of 35 windows in batches of 8 from each block's
+    start; position 0 dropped. One hookpoint per forward here (the cache captures both in one)."""
     model, tokenizer = lm
-    module = get_module(model, HOOKPOINT)
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
-    ids, rows = [], []
-    for _ in range(-(-N_WINDOWS // WINDOWS_PER_BLOCK)):
-        block = torch.stack([next(windows) for _ in range(WINDOWS_PER_BLOCK)])
-        chunks = [capture_activations(model, module, block[i : i + 8])[:, 1:] for i in range(0, WINDOWS_PER_BLOCK, 8)]
-        ids.append(block)
-        rows.append(torch.cat(chunks).flatten(0, 1).float())
-    return torch.cat(ids)[:N_WINDOWS], torch.cat(rows)[: N_WINDOWS * TOKENS_PER_WINDOW]
+    blocks = [torch.stack([next(windows) for _ in range(WINDOWS_PER_BLOCK)]) for _ in range(-(-N_WINDOWS // WINDOWS_PER_BLOCK))]
+    rows = {}
+    for hookpoint in HOOKPOINTS:
+        module = get_module(model, hookpoint)
+        chunks = [capture_activations(model, module, block[i : i + 8])[:, 1:] for block in blocks for i in range(0, WINDOWS_PER_BLOCK, 8)]
+        rows[hookpoint] = torch.cat(chunks).flatten(0, 1).float()[: N_WINDOWS * TOKENS_PER_WINDOW]
+    return torch.cat(blocks)[:N_WINDOWS], rows
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +105,14 @@ def built(tiny_lm_dir, text_file, tmp_path_factory) -> Path:
     """A cache of the tiny config, built once, never modified (tests copy it to change it)."""
     out = tmp_path_factory.mktemp("cache") / "built"
     build(cache_config(tiny_lm_dir, text_file), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built2(tiny_lm_dir, text_file, tmp_path_factory) -> Path:
+    """A cache of HOOKPOINTS (two_hookpoint_config), built once, never modified."""
+    out = tmp_path_factory.mktemp("cache2") / "built2"
+    build(two_hookpoint_config(tiny_lm_dir, text_file), out)
     return out
 
 
@@ -114,7 +134,9 @@ def assert_same_cache(directory: Path, built: Path, tokenizer) -> None:
     # (the `datasets` part of the state may be spelled differently after a resume; where it leads is the same)
     assert torch.equal(windows_after(ours, tokenizer), windows_after(theirs, tokenizer))
     assert ours.complete and ours.n_windows == theirs.n_windows == N_WINDOWS
-    assert torch.equal(ours.read_windows(0, N_WINDOWS), theirs.read_windows(0, N_WINDOWS))
+    assert ours.hookpoints == theirs.hookpoints and ours.d_in_of == theirs.d_in_of
+    for hookpoint in theirs.hookpoints:
+        assert torch.equal(ours.read_windows(0, N_WINDOWS, hookpoint), theirs.read_windows(0, N_WINDOWS, hookpoint))
     assert torch.equal(ours.input_ids(0, N_WINDOWS), theirs.input_ids(0, N_WINDOWS))
 
 
@@ -141,7 +163,7 @@ def test_the_lm_runs_on_the_same_batches_as_when_streaming(lm, tiny_lm_dir, text
         return capture
 
     monkeypatch.setattr(activations_module, "capture_many", recording(activations_module.capture_many, streamed))
-    monkeypatch.setattr(cache_compute, "capture_activations", recording(cache_compute.capture_activations, cached))
+    monkeypatch.setattr(cache_compute, "capture_many", recording(cache_compute.capture_many, cached))
     stream = ActivationStream.from_lm(model, HOOKPOINT, TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))),
                                       tokenizer, CTX_LEN), batch_size=128, shuffle_buffer_tokens=512, lm_batch_windows=8)
     for _ in range(3 * 4):  # three blocks of 35 windows
@@ -158,7 +180,7 @@ def test_the_lm_runs_on_the_same_batches_as_when_streaming(lm, tiny_lm_dir, text
 
 
 def test_cached_rows_equal_the_streams_unshuffled_rows_bitwise(built, reference):
-    ids, rows = reference
+    ids, rows = reference[0], reference[1][HOOKPOINT]
     cache = ActivationCache(built)
     assert [entry["windows"] for entry in cache.manifest["shards"]] == [23, 23, 23, 23, 8]
     assert cache.read_windows(0, N_WINDOWS).dtype == torch.float32
@@ -205,10 +227,10 @@ def test_training_batches_from_the_cache_equal_the_streamed_ones(built, lm, text
 
 def test_manifest_describes_the_cache(built, tiny_lm_dir, text_file):
     manifest = json.loads((built / "manifest.json").read_text())
-    assert manifest["format"] == "sae-activation-cache" and manifest["format_version"] == 1
-    assert manifest["model"] == str(tiny_lm_dir) and manifest["hookpoint"] == HOOKPOINT
+    assert manifest["format"] == "sae-activation-cache" and manifest["format_version"] == 2
+    assert manifest["model"] == str(tiny_lm_dir) and manifest["hookpoints"] == [HOOKPOINT] and "hookpoint" not in manifest
     assert manifest["model_dtype"] == "float32" and manifest["storage_dtype"] == "float32"
-    assert manifest["d_in"] == 32 and manifest["ctx_len"] == CTX_LEN and manifest["tokens_per_window"] == TOKENS_PER_WINDOW
+    assert manifest["d_in"] == {HOOKPOINT: 32} and manifest["ctx_len"] == CTX_LEN and manifest["tokens_per_window"] == TOKENS_PER_WINDOW
     assert manifest["dataset"] == str(text_file) and manifest["split"] == "train" and manifest["text_column"] == "text"
     assert manifest["lm_batch_windows"] == 8 and manifest["windows_per_block"] == WINDOWS_PER_BLOCK
     assert manifest["n_windows"] == N_WINDOWS and manifest["n_tokens"] == N_WINDOWS * TOKENS_PER_WINDOW
@@ -217,9 +239,12 @@ def test_manifest_describes_the_cache(built, tiny_lm_dir, text_file):
     for entry in manifest["shards"]:
         assert entry["rows"] == entry["windows"] * TOKENS_PER_WINDOW
         assert entry["bytes"] == (built / entry["file"]).stat().st_size and len(entry["sha256"]) == 64
+        with safe_open(str(built / entry["file"]), framework="pt") as shard:
+            assert sorted(shard.keys()) == ["activations.0", "input_ids"]
     assert sorted(path.name for path in built.iterdir() if not path.name.startswith(".")) == ["manifest.json"] + SHARD_FILES
     cache = ActivationCache(built)
     assert (cache.n_windows, cache.n_tokens, cache.d_in, cache.ctx_len) == (100, 1500, 32, 16)
+    assert (cache.hookpoints, cache.hookpoint, cache.d_in_of) == ([HOOKPOINT], HOOKPOINT, {HOOKPOINT: 32})
 
 
 def test_command_line_in_process_and_as_a_module(built, lm, tiny_lm_dir, text_file, tmp_path, capsys):
@@ -347,7 +372,7 @@ def test_a_cache_of_something_else_is_refused_with_the_differing_keys(built, tin
     manifest_before = (out / "manifest.json").read_bytes()
     other = cache_config(tiny_lm_dir, text_file, hookpoint="transformer.h.2",
                          data=DataConfig(dataset=str(text_file), ctx_len=CTX_LEN, shuffle_buffer_tokens=512, lm_batch_windows=4))
-    with pytest.raises(CacheError, match=r"hookpoint: 'transformer.h.1' in the cache, 'transformer.h.2' requested; "
+    with pytest.raises(CacheError, match=r"hookpoints: \['transformer.h.1'\] in the cache, \['transformer.h.2'\] requested; "
                                          r"lm_batch_windows: 8 in the cache, 4 requested\)"):
         build(other, out)
     with pytest.raises(CacheError,
@@ -362,7 +387,7 @@ def test_a_manifest_of_another_version_or_none_is_a_clear_error(built, tmp_path)
     out = copy_of(built, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 7}))
-    with pytest.raises(CacheError, match="format version 7; this code reads version 1"):
+    with pytest.raises(CacheError, match="format version 7; this code reads versions 1 and 2"):
         ActivationCache(out)
 
 
@@ -402,7 +427,7 @@ def test_bfloat16_storage_rounds_each_row_and_halves_the_size(built, tiny_lm_dir
     half, full = ActivationCache(out), ActivationCache(built)
     assert half.manifest["storage_dtype"] == "bfloat16"
     with safe_open(str(out / "shard-00000.safetensors"), framework="pt") as shard:
-        assert shard.get_slice("activations").get_dtype() == "BF16"
+        assert shard.get_slice("activations.0").get_dtype() == "BF16"
     half_rows, full_rows = half.read_windows(0, N_WINDOWS), full.read_windows(0, N_WINDOWS)
     assert half_rows.dtype == torch.float32
     torch.testing.assert_close(half_rows, full_rows, rtol=2**-8, atol=0)
@@ -415,3 +440,175 @@ def test_bfloat16_storage_rounds_each_row_and_halves_the_size(built, tiny_lm_dir
     # resuming without naming the dtype keeps the cache's own
     report = build(cache_config(tiny_lm_dir, text_file), out, tokens=(N_WINDOWS + 10) * TOKENS_PER_WINDOW)
     assert report.windows_written == 10 and ActivationCache(out).manifest["storage_dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- 8. several hookpoints
+
+
+def test_a_two_hookpoint_cache_holds_each_hookpoints_rows_bitwise(built2, built, reference, tiny_lm_dir, text_file):
+    assert run_hookpoints(two_hookpoint_config(tiny_lm_dir, text_file)) == HOOKPOINTS
+    ids, rows = reference
+    manifest = json.loads((built2 / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["hookpoints"] == HOOKPOINTS
+    assert manifest["d_in"] == {HOOKPOINT: 32, "transformer.h.0": 32}
+    with safe_open(str(built2 / "shard-00000.safetensors"), framework="pt") as shard:
+        assert sorted(shard.keys()) == ["activations.0", "activations.1", "input_ids"]
+    cache = ActivationCache(built2, verify=True)
+    assert cache.hookpoints == HOOKPOINTS and cache.d_in_of == {HOOKPOINT: 32, "transformer.h.0": 32}
+    assert (cache.hookpoint, cache.d_in, cache.n_windows) == (HOOKPOINT, 32, N_WINDOWS)
+    assert torch.equal(cache.input_ids(0, N_WINDOWS), ids)
+    for hookpoint in HOOKPOINTS:
+        assert torch.equal(cache.read_windows(0, N_WINDOWS, hookpoint), rows[hookpoint])
+        for first, count in [(22, 50), (99, 1), (5, 0)]:
+            span = slice(first * TOKENS_PER_WINDOW, (first + count) * TOKENS_PER_WINDOW)
+            assert torch.equal(cache.read_windows(first, count, hookpoint), rows[hookpoint][span])
+    assert not torch.equal(rows[HOOKPOINT], rows["transformer.h.0"])
+    assert torch.equal(cache.read_windows(0, N_WINDOWS), rows[HOOKPOINT])  # None: the first hookpoint
+    assert torch.equal(ActivationCache(built).read_windows(0, N_WINDOWS), rows[HOOKPOINT])  # = the one-hookpoint cache
+
+
+def test_training_batches_from_a_two_hookpoint_cache_equal_the_streamed_ones(built2, lm, text_file):
+    model, tokenizer = lm
+    windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
+    streamed = ActivationStream.from_lm(model, HOOKPOINTS, windows, batch_size=128, shuffle_buffer_tokens=512,
+                                        lm_batch_windows=8, seed=5)
+    source = CachedWindows(ActivationCache(built2))
+    assert source.hookpoints == HOOKPOINTS
+    cached = ActivationStream(source, batch_size=128, shuffle_buffer_tokens=512, seed=5)
+    for _ in range(8):  # two whole blocks
+        ours, theirs = next(cached), next(streamed)
+        assert list(ours) == list(theirs) == HOOKPOINTS
+        assert all(torch.equal(ours[hookpoint], theirs[hookpoint]) for hookpoint in HOOKPOINTS)
+    state = json.loads(json.dumps(cached.state_dict()))
+    expected = [next(cached) for _ in range(3)]
+    resumed = ActivationStream(CachedWindows(ActivationCache(built2)), batch_size=128, shuffle_buffer_tokens=512, seed=5)
+    resumed.load_state_dict(state)
+    for batch in expected:
+        ours = next(resumed)
+        assert all(torch.equal(ours[hookpoint], batch[hookpoint]) for hookpoint in HOOKPOINTS)
+
+
+def test_a_crashed_two_hookpoint_build_resumes_to_the_uninterrupted_cache(built2, lm, tiny_lm_dir, text_file, tmp_path, monkeypatch):
+    cfg, out = two_hookpoint_config(tiny_lm_dir, text_file), tmp_path / "crashed2"
+    real_write, real_capture = cache_format._write_bytes, cache_compute.capture_many
+    hooked = []
+
+    def crash_in_fourth_shard(path, data):
+        if "shard-00003" in path:
+            real_write(path, data[: len(data) // 2])
+            raise KeyboardInterrupt("simulated crash half way through shard-00003")
+        real_write(path, data)
+
+    def capture(model, modules, input_ids):
+        hooked.append(len(modules))
+        return real_capture(model, modules, input_ids)
+
+    monkeypatch.setattr(cache_format, "_write_bytes", crash_in_fourth_shard)
+    monkeypatch.setattr(cache_compute, "capture_many", capture)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, out)
+    monkeypatch.setattr(cache_format, "_write_bytes", real_write)
+    assert ActivationCache(out).n_windows == 69
+    (out / "shard-00001.safetensors").write_bytes(b"\0" * (out / "shard-00001.safetensors").stat().st_size)  # corrupt too
+    report = build(cfg, out, resume=True)
+    assert report.shards_rewritten == ["shard-00001.safetensors"] and report.windows_written == N_WINDOWS - 69
+    assert_same_cache(out, built2, lm[1])
+    assert set(hooked) == {2}  # one forward for both hookpoints, every time
+
+
+def test_a_subset_of_the_hookpoints_can_be_read(built2, lm, text_file):
+    cache = ActivationCache(built2)
+    only_h0 = CachedWindows(cache, hookpoints=["transformer.h.0"])
+    assert only_h0.hookpoints == ["transformer.h.0"]
+    (rows,) = only_h0.next_activations(60)
+    assert torch.equal(rows, cache.read_windows(0, 60, "transformer.h.0"))
+    reordered = CachedWindows(cache, hookpoints=["transformer.h.0", HOOKPOINT])
+    h0, h1 = reordered.next_activations(120)  # around the end
+    assert torch.equal(h1, torch.cat([cache.read_windows(0, N_WINDOWS), cache.read_windows(0, 20)]))
+    assert h0.shape == h1.shape == (120 * TOKENS_PER_WINDOW, 32)
+
+    model, tokenizer = lm
+    windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
+    streamed = ActivationStream.from_lm(model, "transformer.h.0", windows, batch_size=128, shuffle_buffer_tokens=512,
+                                        lm_batch_windows=8, seed=2)
+    cached = ActivationStream(CachedWindows(cache, ["transformer.h.0"]), batch_size=128, shuffle_buffer_tokens=512, seed=2)
+    for _ in range(5):
+        ours, theirs = next(cached), next(streamed)
+        assert list(ours) == ["transformer.h.0"] and torch.equal(ours["transformer.h.0"], theirs["transformer.h.0"])
+
+    not_cached = r"hookpoint 'transformer.h.2' is not in the cache in .*, which holds transformer.h.1, transformer.h.0"
+    with pytest.raises(CacheError, match=not_cached):
+        CachedWindows(cache, hookpoints=[HOOKPOINT, "transformer.h.2"])
+    with pytest.raises(CacheError, match=not_cached):
+        cache.read_windows(0, 1, "transformer.h.2")
+    with pytest.raises(ValueError, match="one or more distinct hookpoints"):
+        CachedWindows(cache, hookpoints=[HOOKPOINT, HOOKPOINT])
+
+
+def test_other_hookpoints_or_another_order_is_another_cache(built2, tiny_lm_dir, text_file, tmp_path, capsys):
+    out = copy_of(built2, tmp_path)
+    manifest_before = (out / "manifest.json").read_bytes()
+    one = cache_config(tiny_lm_dir, text_file)
+    with pytest.raises(CacheError, match=r"hookpoints: \['transformer.h.1', 'transformer.h.0'\] in the cache, "
+                                         r"\['transformer.h.1'\] requested\)"):
+        build(one, out)
+    with pytest.raises(CacheError, match=r"hookpoints: .* in the cache, \['transformer.h.0', 'transformer.h.1'\] requested"):
+        build(one, out, hookpoints=["transformer.h.0", HOOKPOINT])
+    # what the trainer checks before training from a cache
+    cache = ActivationCache(out)
+    check_same_identity(cache.manifest, cache_identity(two_hookpoint_config(tiny_lm_dir, text_file), "float32"), out)
+    with pytest.raises(CacheError, match=r"hookpoints: .* in the cache, \['transformer.h.1'\] requested"):
+        check_same_identity(cache.manifest, cache_identity(one, "float32"), out)
+    check_same_identity(cache.manifest, cache_identity(one, "float32"), out, hookpoints_subset=True)  # to read h.1 only
+    with pytest.raises(CacheError, match=r"hookpoints: .* in the cache, \['transformer.h.2'\] requested"):
+        check_same_identity(cache.manifest, cache_identity(one, "float32", ["transformer.h.2"]), out, hookpoints_subset=True)
+
+    # --hookpoints overrides the config's: the same list resumes (nothing to add), another order is refused
+    arguments = cli_arguments(tiny_lm_dir, text_file, out)
+    assert main(arguments + ["--hookpoints", "transformer.h.1,transformer.h.0"]) == 0
+    assert "this run wrote 0 windows" in capsys.readouterr().out
+    assert main(arguments + ["--hookpoints", "transformer.h.0,transformer.h.1"]) == 1
+    assert "hookpoints: ['transformer.h.1', 'transformer.h.0'] in the cache" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == manifest_before
+
+
+def test_cli_hookpoints_build_the_same_cache_as_the_variants_config(built2, lm, tiny_lm_dir, text_file, tmp_path):
+    out = tmp_path / "cli2"
+    assert main(cli_arguments(tiny_lm_dir, text_file, out) + ["--hookpoints", " transformer.h.1, transformer.h.0"]) == 0
+    assert_same_cache(out, built2, lm[1])
+    with pytest.raises(SystemExit):
+        main(cli_arguments(tiny_lm_dir, text_file, tmp_path / "bad") + ["--hookpoints", "transformer.h.0,,"])
+
+
+# ---------------------------------------------------------------- 9. version 1 caches
+
+
+def as_version_1(directory: Path) -> None:
+    """Rewrite a one-hookpoint cache as the previous format wrote it: one "activations" tensor per shard,
+    "hookpoint" and an int "d_in" in the manifest, format_version 1."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (hookpoint,) = manifest.pop("hookpoints")
+    manifest = {"hookpoint": hookpoint, **manifest, "format_version": 1, "d_in": manifest["d_in"][hookpoint]}
+    for entry in manifest["shards"]:
+        path = directory / entry["file"]
+        tensors = load_file(str(path))
+        save_file({"activations": tensors["activations.0"], "input_ids": tensors["input_ids"]}, str(path),
+                  metadata={"first_window": str(entry["first_window"])})
+        entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_version_1_cache_is_read_but_not_added_to(built, tiny_lm_dir, text_file, tmp_path):
+    out = copy_of(built, tmp_path)
+    as_version_1(out)
+    old, new = ActivationCache(out, verify=True), ActivationCache(built)
+    assert old.manifest["format_version"] == 1 and "hookpoint" not in old.manifest
+    assert (old.hookpoints, old.hookpoint, old.d_in_of, old.d_in) == ([HOOKPOINT], HOOKPOINT, {HOOKPOINT: 32}, 32)
+    assert torch.equal(old.read_windows(0, N_WINDOWS, HOOKPOINT), new.read_windows(0, N_WINDOWS))
+    assert torch.equal(old.input_ids(0, N_WINDOWS), new.input_ids(0, N_WINDOWS))
+    assert torch.equal(CachedWindows(old).next_activations(130)[0], CachedWindows(new).next_activations(130)[0])
+    cfg = cache_config(tiny_lm_dir, text_file)
+    check_same_identity(old.manifest, cache_identity(cfg, "float32"), out)  # trainable, as the trainer checks it
+    with pytest.raises(CacheError, match=r"holds a version 1 cache .* can be read and trained from, but not added to"):
+        build(cfg, out, tokens=(N_WINDOWS + 10) * TOKENS_PER_WINDOW)
+    assert ActivationCache(out).n_windows == N_WINDOWS

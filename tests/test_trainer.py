@@ -178,5 +178,5 @@ def test_training_from_an_activation_cache_equals_streaming(tiny_lm_dir, text_fi
     cached = SparseAutoencoder.load(train(cached_cfg))
     for name, tensor in streamed.state_dict().items():
         assert torch.equal(cached.state_dict()[name], tensor), name
-    with pytest.raises(ValueError, match="caches 'transformer.h.1'"):
+    with pytest.raises(ValueError, match=r"hookpoints: \['transformer.h.1'\] in the cache, \['transformer.h.0'\] requested"):
         train(replace(cached_cfg, run_name="other", hookpoint="transformer.h.0"))

@@ -79,3 +79,19 @@ def test_variant_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"variants\[0\].kk"):
         sweep.write_text("variants:\n  - {name: a, kk: 8}\n")
         parse_args(["--config", str(sweep)])
+
+
+def test_variants_at_two_hookpoints_train_from_one_cache_as_from_the_stream(tiny_lm_dir, text_file, tmp_path):
+    from sae.cache import ActivationCache, build_cache
+
+    cfg = base_config(tiny_lm_dir, text_file, tmp_path, variants=VARIANTS, save_every=0, run_name="streamed")
+    build_cache(cfg, tmp_path / "cache", progress=False)
+    assert ActivationCache(tmp_path / "cache").hookpoints == ["transformer.h.1", "transformer.h.2"]
+    train(cfg)
+    cached = replace(cfg, run_name="cached", data=replace(cfg.data, activation_cache=str(tmp_path / "cache")))
+    train(cached)
+    for variant in VARIANTS:
+        a = SparseAutoencoder.load(cfg.run_dir / variant.name)
+        b = SparseAutoencoder.load(cached.run_dir / variant.name)
+        for name, tensor in a.state_dict().items():
+            assert torch.equal(b.state_dict()[name], tensor), (variant.name, name)

@@ -24,14 +24,25 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _names(text: str) -> list[str]:
+    """Hookpoint names from 'transformer.h.0,transformer.h.1' (distinct, none empty)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated module names, got {text!r}")
+    return names
+
+
 def _cache_arguments() -> argparse.ArgumentParser:
     """The cache's own options; everything else on the command line is a TrainConfig override."""
     parser = argparse.ArgumentParser(
         prog="python -m sae.cache", allow_abbrev=False,
-        description="Write the activations of a config's LM hookpoint to a sharded on-disk cache.",
+        description="Write the activations of a config's LM hookpoints to a sharded on-disk cache.",
         epilog="Every TrainConfig key is accepted too: --config FILE, --model, --hookpoint, --data.dataset, --device ...",
     )
     parser.add_argument("--out", required=True, help="cache folder (created; resumed if it holds a cache of the same config)")
+    parser.add_argument("--hookpoints", type=_names, default=None, metavar="H1,H2,...",
+                        help="the hookpoints to cache, in this order (default: those a training run of the config reads: "
+                             "its variants' hookpoints, or --hookpoint)")
     parser.add_argument("--tokens", type=_count, default=None,
                         help="activation rows wanted, rounded up to whole windows (default: what training on the config reads)")
     parser.add_argument("--shard_tokens", type=_count, default=None, help=f"rows per shard (default {DEFAULT_SHARD_TOKENS})")
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
-                                 options.resume, progress=not options.no_progress)
+                                 options.resume, progress=not options.no_progress, hookpoints=options.hookpoints)
         except (CacheError, FileNotFoundError, ValueError) as error:  # wrong folder, data, hookpoint ...
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -76,6 +87,7 @@ def _summary(report: BuildReport) -> str:
     """One paragraph: the cache's totals, what this run wrote, how fast."""
     lines = [
         f"cache {report.out}: {report.n_windows:,} windows, {report.n_tokens:,} tokens, {report.bytes_total / 1e9:.3f} GB",
+        f"hookpoint(s): {', '.join(report.hookpoints)}",
         f"this run wrote {report.windows_written:,} windows ({report.tokens_written:,} tokens, "
         f"{report.bytes_written / 1e9:.3f} GB) in {report.seconds:.1f} s: {report.tokens_per_second:,.0f} tokens/s",
     ]

@@ -1,4 +1,4 @@
-"""Computing the activations: the LM cut at the hookpoint, run on the stream's LM batches, cut into shards."""
+"""Computing the activations: the LM cut after its last hookpoint, run on the stream's LM batches, cut into shards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..activations import capture_activations, get_module, load_model_and_tokenizer
+from ..activations import capture_many, get_module, load_model_and_tokenizer
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
 from ..trainer import resolve_device
@@ -20,17 +20,19 @@ from .format import STORAGE_DTYPES
 
 @dataclass
 class _Lm:
-    """The LM cut at the hookpoint: activations of windows, position 0 dropped, in the storage dtype, on CPU."""
+    """The LM cut after its last hookpoint: activations of windows at every hookpoint, position 0 dropped,
+    in the storage dtype, on CPU."""
 
     model: nn.Module
-    module: nn.Module
+    modules: list[nn.Module]
     device: torch.device
     storage_dtype: torch.dtype
 
-    def activations(self, input_ids: Tensor) -> Tensor:
-        """(windows, ctx_len - 1, d_in) for `input_ids` (windows, ctx_len): one LM forward, as the stream does it."""
-        captured = capture_activations(self.model, self.module, input_ids.to(self.device))[:, 1:]
-        return captured.float().to(self.storage_dtype).cpu()
+    def activations(self, input_ids: Tensor) -> list[Tensor]:
+        """Per hookpoint, (windows, ctx_len - 1, d_in) for `input_ids` (windows, ctx_len): one LM forward for
+        all of them (`capture_many`), as the stream does it."""
+        captured = capture_many(self.model, self.modules, input_ids.to(self.device))
+        return [rows[:, 1:].float().to(self.storage_dtype).cpu() for rows in captured]
 
 
 @dataclass
@@ -39,7 +41,8 @@ class _Shard:
 
     first_window: int
     input_ids: Tensor
-    activations: Tensor
+    activations: list[Tensor]
+    """Per hookpoint, (windows * (ctx_len - 1), d_in) in the storage dtype."""
     windows_state: dict[str, Any]
 
 
@@ -60,7 +63,7 @@ def _compute_shards(lm: _Lm, windows: TokenWindows, lm_batches: LmBatches, shard
     states: dict[int, dict[str, Any]] = {}
     pending_bounds = list(shard_bounds)
     ids_parts: list[Tensor] = []
-    activation_parts: list[Tensor] = []
+    activation_parts: list[list[Tensor]] = [[] for _ in lm.modules]  # per hookpoint
     next_window = first
     while batch_first < stop:
         batch_end = lm_batches.end(batch_first)
@@ -77,14 +80,15 @@ def _compute_shards(lm: _Lm, windows: TokenWindows, lm_batches: LmBatches, shard
             shard_first, shard_end = pending_bounds[0]
             upto = min(shard_end, batch_end, stop)
             ids_parts.append(input_ids[window - batch_first : upto - batch_first])
-            activation_parts.append(activations[window - batch_first : upto - batch_first])
-            on_rows((upto - window) * activations.shape[1])
+            for parts, rows in zip(activation_parts, activations):
+                parts.append(rows[window - batch_first : upto - batch_first])
+            on_rows((upto - window) * activations[0].shape[1])
             window = upto
             if window == shard_end:
                 pending_bounds.pop(0)
-                yield _Shard(shard_first, torch.cat(ids_parts), torch.cat(activation_parts).flatten(0, 1),
+                yield _Shard(shard_first, torch.cat(ids_parts), [torch.cat(parts).flatten(0, 1) for parts in activation_parts],
                              states.pop(shard_end))
-                ids_parts, activation_parts = [], []
+                ids_parts, activation_parts = [], [[] for _ in lm.modules]
         batch_first = batch_end
 
 
@@ -98,10 +102,12 @@ def _token_windows(cfg: TrainConfig, tokenizer: Any) -> TokenWindows:
     return TokenWindows(load_text_dataset(cfg.data), tokenizer, cfg.data.ctx_len, cfg.data.text_column)
 
 
-def _load_lm(cfg: TrainConfig, storage_dtype: str) -> tuple[_Lm, Any, int]:
-    """The config's LM cut at its hookpoint on its device ("auto" as in training), its tokenizer, and d_in."""
+def _load_lm(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str]) -> tuple[_Lm, Any, dict[str, int]]:
+    """The config's LM cut after the last of `hookpoints` on its device ("auto" as in training), its
+    tokenizer, and each hookpoint's width {name: d_in}."""
     device = resolve_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
-    module = get_module(model, cfg.hookpoint)
-    d_in = capture_activations(model, module, torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1]
-    return _Lm(model, module, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in
+    modules = [get_module(model, hookpoint) for hookpoint in hookpoints]
+    probe = capture_many(model, modules, torch.zeros(1, 2, dtype=torch.long, device=device))
+    d_in = {hookpoint: rows.shape[-1] for hookpoint, rows in zip(hookpoints, probe)}
+    return _Lm(model, modules, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in

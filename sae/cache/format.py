@@ -18,7 +18,9 @@ from ..model import atomic_write
 from .batching import windows_per_block
 
 FORMAT = "sae-activation-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version written. Version 1 caches (one hookpoint, "hookpoint" key, one "activations" tensor) are still read."""
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 DEFAULT_SHARD_TOKENS = 2**17
@@ -30,15 +32,17 @@ _SHARD_FILE = re.compile(r"^shard-\d{5,}\.safetensors$")
 _TEMP_FILE = re.compile(r"^\.(shard-\d{5,}\.safetensors|manifest\.json)\.tmp-\d+$")  # atomic_write's names
 
 IDENTITY_KEYS = (
-    "model", "hookpoint", "model_dtype", "storage_dtype", "ctx_len", "dataset", "dataset_config", "split",
+    "model", "hookpoints", "model_dtype", "storage_dtype", "ctx_len", "dataset", "dataset_config", "split",
     "text_column", "lm_batch_windows", "windows_per_block",
 )
-"""Manifest keys that must match for a resume to add to a cache: they decide what every row is."""
+"""Manifest keys that must match for a resume to add to a cache: they decide what every row is. The
+hookpoints are a list: which hookpoints, and in which order (the order of the shards' tensors)."""
 
 _MANIFEST_KEYS = IDENTITY_KEYS + (
     "format", "format_version", "d_in", "tokens_per_window", "windows_per_shard", "shards", "n_windows",
     "n_tokens", "windows_state", "complete",
 )
+_V1_KEYS = tuple("hookpoint" if key == "hookpoints" else key for key in _MANIFEST_KEYS)
 _SHARD_KEYS = ("file", "first_window", "windows", "rows", "bytes", "sha256")
 
 
@@ -53,13 +57,32 @@ class CorruptShardError(CacheError):
 # ---------------------------------------------------------------- manifest and shard files
 
 
-def cache_identity(cfg: TrainConfig, storage_dtype: str) -> dict[str, Any]:
-    """The manifest keys that say what every cached row is (IDENTITY_KEYS), for `cfg`."""
+def run_hookpoints(cfg: TrainConfig) -> list[str]:
+    """The hookpoints a training run of `cfg` reads, in order (`TrainConfig.hookpoints`)."""
+    return cfg.hookpoints
+
+
+def check_hookpoint_list(hookpoints: list[str]) -> list[str]:
+    """`hookpoints` as a list, refused if empty, with an empty name or with a name twice."""
+    hookpoints = list(hookpoints)
+    if not hookpoints or not all(isinstance(name, str) and name for name in hookpoints):
+        raise ValueError(f"a cache needs one or more hookpoint names, got {hookpoints!r}")
+    twice = sorted({name for name in hookpoints if hookpoints.count(name) > 1})
+    if twice:
+        raise ValueError(f"hookpoint(s) {', '.join(twice)} listed more than once in {hookpoints}")
+    return hookpoints
+
+
+def cache_identity(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str] | None = None) -> dict[str, Any]:
+    """The manifest keys that say what every cached row is (IDENTITY_KEYS), for `cfg`.
+
+    "hookpoints" is `hookpoints` if given (the CLI's --hookpoints), else `run_hookpoints(cfg)`.
+    """
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, not {storage_dtype!r}")
     return {
         "model": cfg.model,
-        "hookpoint": cfg.hookpoint,
+        "hookpoints": check_hookpoint_list(run_hookpoints(cfg) if hookpoints is None else hookpoints),
         "model_dtype": cfg.model_dtype,
         "storage_dtype": storage_dtype,
         "ctx_len": cfg.data.ctx_len,
@@ -72,10 +95,20 @@ def cache_identity(cfg: TrainConfig, storage_dtype: str) -> dict[str, Any]:
     }
 
 
-def check_same_identity(manifest: dict[str, Any], identity: dict[str, Any], directory: Path) -> None:
-    """Refuse to add to a cache built for another model, hookpoint, data or LM batching."""
+def check_same_identity(manifest: dict[str, Any], identity: dict[str, Any], directory: Path,
+                        hookpoints_subset: bool = False) -> None:
+    """Refuse to add to (or train from) a cache built for other hookpoints, model, data or LM batching.
+
+    `hookpoints_subset=True` (for reading) accepts a cache that holds the requested hookpoints among others,
+    in any order: a hookpoint's rows do not depend on which others were captured in the same forward.
+    """
+    def same(key: str) -> bool:
+        if key == "hookpoints" and hookpoints_subset:
+            return set(identity[key]) <= set(manifest.get(key) or ())
+        return manifest.get(key) == identity[key]
+
     differing = [f"{key}: {manifest.get(key)!r} in the cache, {identity[key]!r} requested"
-                 for key in IDENTITY_KEYS if manifest.get(key) != identity[key]]
+                 for key in IDENTITY_KEYS if not same(key)]
     if differing:
         raise CacheError(
             f"{directory} holds a cache of something else ({'; '.join(differing)}). Use another --out, or delete "
@@ -83,15 +116,22 @@ def check_same_identity(manifest: dict[str, Any], identity: dict[str, Any], dire
         )
 
 
+def activations_tensor(manifest: dict[str, Any], index: int) -> str:
+    """Name, in every shard, of the activations of hookpoint number `index` of manifest["hookpoints"]:
+    "activations.<index>" (version 2); "activations" in a version 1 cache (one hookpoint)."""
+    return "activations" if manifest["format_version"] == 1 else f"activations.{index}"
 
-def _new_manifest(identity: dict[str, Any], d_in: int, windows_per_shard: int, windows_state: dict[str, Any],
+
+def _new_manifest(identity: dict[str, Any], d_in: dict[str, int], windows_per_shard: int, windows_state: dict[str, Any],
                   cfg: TrainConfig) -> dict[str, Any]:
     """The manifest of an empty cache.
 
-    format, format_version   "sae-activation-cache", 1
-    IDENTITY_KEYS            model, hookpoint, model_dtype, storage_dtype, ctx_len, dataset, dataset_config,
-                             split, text_column, lm_batch_windows, windows_per_block
-    d_in, tokens_per_window  row width; rows per window (ctx_len - 1)
+    format, format_version   "sae-activation-cache", 2
+    IDENTITY_KEYS            model, hookpoints (list of module names, in shard-tensor order), model_dtype,
+                             storage_dtype, ctx_len, dataset, dataset_config, split, text_column,
+                             lm_batch_windows, windows_per_block
+    d_in                     row width of each hookpoint: {name: width}, in the order of "hookpoints"
+    tokens_per_window        rows per window (ctx_len - 1), the same for every hookpoint
     windows_per_shard        windows per new shard (each shard entry has its own count)
     shards                   complete shards in order: {file, first_window, windows, rows, bytes, sha256}
     n_windows, n_tokens      totals over the listed shards (n_tokens = activation rows)
@@ -116,7 +156,11 @@ def _new_manifest(identity: dict[str, Any], d_in: int, windows_per_shard: int, w
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of the cache in `directory`, checked for version, keys and consistent shard entries."""
+    """The manifest of the cache in `directory`, checked for version, keys and consistent shard entries.
+
+    A version 1 manifest is returned in version 2's shape ("hookpoints": [its "hookpoint"], "d_in":
+    {hookpoint: d_in}), keeping "format_version": 1, which says its shards name the tensor "activations".
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no activation cache in {directory}: {path} not found (build one with python -m sae.cache)")
@@ -126,14 +170,31 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path} is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not an activation cache manifest (no \"format\": \"{FORMAT}\")")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path} has format version {manifest.get('format_version')}; this code reads version "
-                         f"{FORMAT_VERSION}: rebuild the cache with python -m sae.cache")
-    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    version = manifest.get("format_version")
+    if version not in READ_VERSIONS:
+        raise CacheError(f"{path} has format version {version}; this code reads versions "
+                         f"{' and '.join(map(str, READ_VERSIONS))}: rebuild the cache with python -m sae.cache")
+    missing = [key for key in (_V1_KEYS if version == 1 else _MANIFEST_KEYS) if key not in manifest]
     if missing:
         raise CacheError(f"{path} lacks the key(s) {', '.join(missing)}")
+    if version == 1:  # in version 2's shape, key order kept
+        hookpoint = manifest["hookpoint"]
+        upgraded = {"hookpoint": ("hookpoints", [hookpoint]), "d_in": ("d_in", {hookpoint: manifest["d_in"]})}
+        manifest = dict(upgraded.get(key, (key, value)) for key, value in manifest.items())
+    _check_hookpoints(manifest, path)
     _check_shard_entries(manifest, path)
     return manifest
+
+
+def _check_hookpoints(manifest: dict[str, Any], path: Path) -> None:
+    """"hookpoints" must be a list of distinct names and "d_in" give each one's width, in that order."""
+    hookpoints, d_in = manifest["hookpoints"], manifest["d_in"]
+    try:
+        check_hookpoint_list(hookpoints if isinstance(hookpoints, list) else [])
+    except ValueError as error:
+        raise CacheError(f"{path}: \"hookpoints\" is not a list of distinct module names ({error})") from None
+    if not isinstance(d_in, dict) or list(d_in) != hookpoints or not all(isinstance(w, int) and w > 0 for w in d_in.values()):
+        raise CacheError(f"{path}: \"d_in\" must give the width of each of {hookpoints} in that order, got {d_in!r}")
 
 
 def _check_shard_entries(manifest: dict[str, Any], path: Path) -> None:
@@ -218,14 +279,17 @@ def _corrupt_shard_message(directory: Path, entry: dict[str, Any], problem: str)
             f"with `python -m sae.cache --out {directory} --resume` and the --config/overrides the cache was built with")
 
 
-def _write_shard(directory: Path, number: int, first_window: int, input_ids: Tensor, activations: Tensor) -> dict[str, Any]:
-    """Write shard `number` atomically; its manifest entry (size and sha256 of the bytes written)."""
+def _write_shard(directory: Path, number: int, first_window: int, input_ids: Tensor,
+                 activations: list[Tensor]) -> dict[str, Any]:
+    """Write shard `number` (version 2: one tensor per hookpoint, "activations.<index>") atomically; its
+    manifest entry (size and sha256 of the bytes written)."""
+    tensors = {f"activations.{index}": rows.contiguous() for index, rows in enumerate(activations)}
     data = safetensors_to_bytes(
-        {"activations": activations.contiguous(), "input_ids": input_ids.contiguous()},
+        tensors | {"input_ids": input_ids.contiguous()},
         metadata={"first_window": str(first_window)},  # one key: safetensors orders several at random
     )
     name = _shard_name(number)
     atomic_write(directory / name, lambda tmp: _write_bytes(tmp, data))
     _fsync_dir(directory)
-    return {"file": name, "first_window": first_window, "windows": len(input_ids), "rows": len(activations),
+    return {"file": name, "first_window": first_window, "windows": len(input_ids), "rows": len(activations[0]),
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

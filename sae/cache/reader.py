@@ -13,13 +13,22 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .format import _SAFETENSORS_DTYPES, CacheError, CorruptShardError, _corrupt_shard_message, read_manifest, shard_problem
+from .format import (
+    _SAFETENSORS_DTYPES,
+    CacheError,
+    CorruptShardError,
+    _corrupt_shard_message,
+    activations_tensor,
+    read_manifest,
+    shard_problem,
+)
 
 # ---------------------------------------------------------------- reading a cache
 
 
 class ActivationCache:
-    """Read-only view of a cache folder: activations and token ids of any run of windows, in stream order.
+    """Read-only view of a cache folder: activations (at any of its hookpoints) and token ids of any run of
+    windows, in stream order. Reads format versions 1 and 2 (`manifest` is in version 2's shape for both).
 
     Opening checks the manifest and that every listed shard file exists with the listed size (a
     truncated shard is refused before anything is read); `verify=True` also checks every sha256. At
@@ -51,12 +60,24 @@ class ActivationCache:
         return self._manifest["n_tokens"]
 
     @property
-    def d_in(self) -> int:
-        return self._manifest["d_in"]
+    def hookpoints(self) -> list[str]:
+        """The cached hookpoints, in the cache's order."""
+        return list(self._manifest["hookpoints"])
+
+    @property
+    def d_in_of(self) -> dict[str, int]:
+        """Width of each cached hookpoint: {hookpoint: d_in}, in the cache's order."""
+        return dict(self._manifest["d_in"])
 
     @property
     def hookpoint(self) -> str:
-        return self._manifest["hookpoint"]
+        """The first cached hookpoint (the only one of a single-hookpoint cache)."""
+        return self._manifest["hookpoints"][0]
+
+    @property
+    def d_in(self) -> int:
+        """Width of the first cached hookpoint."""
+        return self._manifest["d_in"][self.hookpoint]
 
     @property
     def ctx_len(self) -> int:
@@ -82,11 +103,21 @@ class ActivationCache:
         if problems:
             raise CorruptShardError("\n".join(problems))
 
-    def read_windows(self, first_window: int, count: int) -> Tensor:
-        """Activations of windows first_window .. first_window+count-1: (count*(ctx_len-1), d_in) float32."""
-        pieces = self._read("activations", first_window, count, self.tokens_per_window)
+    def index_of(self, hookpoint: str) -> int:
+        """Position of `hookpoint` among the cached ones; CacheError listing them if it is not cached."""
+        if hookpoint not in self._manifest["hookpoints"]:
+            raise CacheError(f"hookpoint '{hookpoint}' is not in the cache in {self.directory}, which holds "
+                             f"{', '.join(self._manifest['hookpoints'])}")
+        return self._manifest["hookpoints"].index(hookpoint)
+
+    def read_windows(self, first_window: int, count: int, hookpoint: str | None = None) -> Tensor:
+        """Activations at `hookpoint` (None: the first cached one) of windows first_window .. first_window+count-1:
+        (count*(ctx_len-1), d_in) float32."""
+        index = 0 if hookpoint is None else self.index_of(hookpoint)
+        name = activations_tensor(self._manifest, index)
+        pieces = self._read(name, first_window, count, self.tokens_per_window)
         if not pieces:
-            return torch.zeros(0, self.d_in)
+            return torch.zeros(0, self._manifest["d_in"][self._manifest["hookpoints"][index]])
         return torch.cat(pieces).float()
 
     def input_ids(self, first_window: int, count: int) -> Tensor:
@@ -131,9 +162,9 @@ class ActivationCache:
     def _check_shard_header(self, handle: Any, entry: dict[str, Any]) -> None:
         """The shard's tensors must have the shapes and dtypes the manifest implies."""
         expected = {
-            "activations": ([entry["rows"], self.d_in], self._manifest["storage_dtype"]),
-            "input_ids": ([entry["windows"], self.ctx_len], "int64"),
-        }
+            activations_tensor(self._manifest, index): ([entry["rows"], d_in], self._manifest["storage_dtype"])
+            for index, d_in in enumerate(self._manifest["d_in"].values())
+        } | {"input_ids": ([entry["windows"], self.ctx_len], "int64")}
         for name, (shape, dtype) in expected.items():
             if name not in handle.keys():
                 problem = f"it has no tensor '{name}'"
@@ -150,35 +181,44 @@ class CachedWindows:
     """The activations of the next windows of a cache, in order, looping over it (epochs): the cache's
     stand-in for `LMWindowSource` (the LM + TokenWindows pair) as the source of an ActivationStream.
 
-    Like that source it has `ctx_len`, `hookpoints` and returns one tensor per hookpoint (a cache holds
-    one hookpoint, so a list of one). Its state is JSON-able: the next window and the passes made. Past
+    Like that source it has `ctx_len`, `hookpoints` and returns one tensor per hookpoint, in `hookpoints`
+    order: the ones asked for (a subset of the cached ones, any order), by default all, in the cache's
+    order. Its state is JSON-able: the next window and the passes made. Past
     the cache's end it starts again from window 0; that differs from streaming, whose token stream goes
     on with new windows, so a run equals its streamed twin only while it reads fewer windows than the
     cache holds (see `windows_for_training`).
     """
 
-    def __init__(self, cache: ActivationCache):
+    def __init__(self, cache: ActivationCache, hookpoints: list[str] | None = None):
         if cache.n_windows == 0:
             raise CacheError(f"the cache in {cache.directory} holds no windows")
+        hookpoints = cache.hookpoints if hookpoints is None else list(hookpoints)
+        if not hookpoints or len(set(hookpoints)) != len(hookpoints):
+            raise ValueError(f"CachedWindows needs one or more distinct hookpoints, got {hookpoints}")
+        for hookpoint in hookpoints:
+            cache.index_of(hookpoint)  # a clear error if it is not cached
         self.cache = cache
         self.ctx_len = cache.ctx_len
-        self.hookpoints = [cache.hookpoint]
+        self.hookpoints = hookpoints
         self.next_window = 0
         self.epoch = 0
 
     def next_activations(self, n_windows: int) -> list[Tensor]:
-        """[(n_windows*(ctx_len-1), d_in) float32]: the next n_windows windows, from the start again after the end."""
-        pieces = []
+        """Per hookpoint, (n_windows*(ctx_len-1), d_in) float32: the next n_windows windows, from the start again
+        after the end."""
+        pieces: list[list[Tensor]] = [[] for _ in self.hookpoints]
         remaining = n_windows
         while remaining > 0:
             count = min(remaining, self.cache.n_windows - self.next_window)
-            pieces.append(self.cache.read_windows(self.next_window, count))
+            for parts, hookpoint in zip(pieces, self.hookpoints):
+                parts.append(self.cache.read_windows(self.next_window, count, hookpoint))
             self.next_window += count
             remaining -= count
             if self.next_window == self.cache.n_windows:
                 self.next_window = 0
                 self.epoch += 1
-        return [torch.cat(pieces) if pieces else torch.zeros(0, self.cache.d_in)]
+        d_in = self.cache.d_in_of
+        return [torch.cat(parts) if parts else torch.zeros(0, d_in[hookpoint]) for parts, hookpoint in zip(pieces, self.hookpoints)]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: the next window to hand out and the number of full passes made."""

@@ -16,6 +16,7 @@ from .format import (
     _SHARD_FILE,
     _TEMP_FILE,
     DEFAULT_SHARD_TOKENS,
+    FORMAT_VERSION,
     LOCK,
     MANIFEST,
     CacheError,
@@ -37,6 +38,7 @@ class BuildReport:
     """What a build did: the cache's totals, and what this run wrote and how fast."""
 
     out: Path
+    hookpoints: list[str]
     n_windows: int
     n_tokens: int
     bytes_total: int
@@ -54,13 +56,16 @@ class BuildReport:
 
 
 def build_cache(cfg: TrainConfig, out_dir: str | Path, tokens: int | None = None, shard_tokens: int | None = None,
-                storage_dtype: str | None = None, resume: bool = False, progress: bool = True) -> BuildReport:
+                storage_dtype: str | None = None, resume: bool = False, progress: bool = True,
+                hookpoints: list[str] | None = None) -> BuildReport:
     """Write (or add to, or repair) the activation cache of `cfg` in `out_dir` until it holds `tokens` rows.
 
-    `tokens` defaults to what a training run of `cfg` reads; it is rounded up to whole windows. A folder
+    It caches `hookpoints`, in that order, all from one LM forward per batch; left out, the hookpoints a
+    training run of `cfg` reads (`run_hookpoints`: its variants' hookpoints, or `cfg.hookpoint`). `tokens` defaults to what a training run of `cfg` reads; it is rounded up to whole windows. A folder
     that already has a manifest for the same IDENTITY_KEYS is resumed whether or not `resume` is set:
     stray and corrupt shard files are deleted and rewritten, then the stream continues after the last
-    listed shard. A manifest for anything else is refused with the differing keys named.
+    listed shard. A manifest for anything else (other hookpoints, or another order, included) is refused
+    with the differing keys named, and so is adding to a version 1 cache (it can only be read).
     `shard_tokens` and `storage_dtype` default to the existing cache's, else DEFAULT_SHARD_TOKENS and float32.
     """
     out = Path(out_dir)
@@ -72,14 +77,19 @@ def build_cache(cfg: TrainConfig, out_dir: str | Path, tokens: int | None = None
         if resume and existing is None:
             print(f"{out} has no manifest: nothing to resume, starting a new cache")
         storage_dtype = storage_dtype or (existing["storage_dtype"] if existing else "float32")
-        identity = cache_identity(cfg, storage_dtype)
+        identity = cache_identity(cfg, storage_dtype, hookpoints)
         if existing is not None:
             check_same_identity(existing, identity, out)
+            if existing["format_version"] != FORMAT_VERSION:
+                raise CacheError(f"{out} holds a version {existing['format_version']} cache (written by an older "
+                                 f"sae.cache): it can be read and trained from, but not added to or repaired. Build a "
+                                 f"new one in another --out, or delete {out} to rebuild it")
 
-        lm, tokenizer, d_in = _load_lm(cfg, storage_dtype)
+        lm, tokenizer, d_in = _load_lm(cfg, storage_dtype, identity["hookpoints"])
         lm_batches = lm_batches_for(cfg)
         if existing is not None and existing["d_in"] != d_in:
-            raise CacheError(f"{out / MANIFEST} has d_in {existing['d_in']}, but {cfg.hookpoint} of {cfg.model} has width {d_in}")
+            raise CacheError(f"{out / MANIFEST} has the widths (d_in) {existing['d_in']}, but those hookpoints of "
+                             f"{cfg.model} have widths {d_in}")
 
         windows_per_shard = (-(-shard_tokens // tokens_per_window) if shard_tokens
                              else existing["windows_per_shard"] if existing
@@ -99,7 +109,7 @@ def build_cache(cfg: TrainConfig, out_dir: str | Path, tokens: int | None = None
         bar.close()
         seconds = time.perf_counter() - started
     return BuildReport(
-        out=out, n_windows=manifest["n_windows"], n_tokens=manifest["n_tokens"],
+        out=out, hookpoints=list(manifest["hookpoints"]), n_windows=manifest["n_windows"], n_tokens=manifest["n_tokens"],
         bytes_total=sum(entry["bytes"] for entry in manifest["shards"]),
         windows_written=sum(entry["windows"] for entry in written),
         tokens_written=sum(entry["rows"] for entry in written),
