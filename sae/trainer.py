@@ -270,6 +270,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     total_steps = cfg.max_tokens // cfg.batch_size
     if latest:
         tensors, state = checkpoint.load_checkpoint(latest[-1])
+        if "members" not in state:
+            raise ValueError(f"{latest[-1]} was written by an older version of this trainer (no per-SAE 'members' "
+                             "state) and cannot be resumed; start a new run (another --run_name)")
         _check_resumable(cfg, state["config"], latest[-1])
         if len(state["streams"]) != info.world_size:
             raise ValueError(f"{latest[-1]} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")

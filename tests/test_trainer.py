@@ -1,5 +1,6 @@
 """The training loop: it learns, resumes exactly, stops cleanly on a bad loss, never corrupts a checkpoint."""
 
+import dataclasses
 import json
 
 import pytest
@@ -180,3 +181,15 @@ def test_training_from_an_activation_cache_equals_streaming(tiny_lm_dir, text_fi
         assert torch.equal(cached.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match=r"hookpoints: \['transformer.h.1'\] in the cache, \['transformer.h.0'\] requested"):
         train(replace(cached_cfg, run_name="other", hookpoint="transformer.h.0"))
+
+
+def test_a_checkpoint_from_before_variants_is_a_clear_error(tiny_lm_dir, text_file, tmp_path):
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 10)
+    train(cfg)
+    [latest] = checkpoint.list_checkpoints(cfg.run_dir)[-1:]
+    state_path = latest / "state.json"
+    state = json.loads(state_path.read_text())
+    state.pop("members")  # the layout written before per-SAE entries existed
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="older version"):
+        train(dataclasses.replace(cfg, resume=True, max_tokens=128 * 20))
