@@ -244,13 +244,9 @@ class ShardedSparseAutoencoder(nn.Module):
         generator = torch.Generator(device=self.device).manual_seed(seed + self.layout.shard)
         SparseAutoencoder.reset_parameters(self, generator)  # row-wise, so right on the local rows
 
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
+    # the same parameters under the same names as a plain SAE: its properties apply as they are
+    device = SparseAutoencoder.device
+    dtype = SparseAutoencoder.dtype
 
     def local_rows(self, full: Tensor) -> Tensor:
         """This rank's rows of a latent-major tensor (n_latents, ...)."""
