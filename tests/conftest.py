@@ -50,25 +50,37 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    """A randomly initialised 3-layer GPT-2 (width 32) with a byte-level BPE tokenizer, saved with
-    `save_pretrained` so it loads through the same `from_pretrained` path as a real model."""
+def save_tiny_gpt2(path: Path, texts: list[str], vocab_size: int, n_positions: int, n_layer: int, seed: int) -> Path:
+    """A randomly initialised GPT-2 (width 32, 2 heads) with a byte-level BPE tokenizer trained on
+    `texts`, saved with `save_pretrained` so it loads through the same `from_pretrained` path as a real model."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-lm")
+    path.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(make_documents(200, seed=1), vocab_size=300, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"])
     bpe.save(str(path / "tokenizer.json"))
     tokenizer = GPT2TokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token="<|endoftext|>",
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=3, n_head=2,
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=n_layer, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_factory():
+    """`save_tiny_gpt2`, for test folders whose own conftest builds other tiny LMs."""
+    return save_tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 3-layer GPT-2 (width 32) with a BPE tokenizer trained on pseudo-English."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-lm"), make_documents(200, seed=1), vocab_size=300,
+                          n_positions=64, n_layer=3, seed=0)
 
 
 @pytest.fixture(scope="session")
