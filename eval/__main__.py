@@ -166,6 +166,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
             "tokens_trained": metadata.get("tokens_trained"),
         })
 
+    explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
     reports: dict[Path, dict] = {}
     for model_name in dict.fromkeys(job["model"] for job in jobs):
         model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device)
@@ -185,19 +186,31 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
                         **results[str(job["dir"])],
                     }
                     if cfg.explain:
-                        reports[job["dir"]]["explain"] = _explain(cfg, saes[str(job["dir"])], model, tokenizer, hookpoint, windows, job["dir"], device)
+                        reports[job["dir"]]["explain"] = _explain(cfg, explain_tools, saes[str(job["dir"])], model, tokenizer,
+                                                                  hookpoint, windows, job["dir"])
         del model
     return [reports[job["dir"]] for job in jobs]
 
 
-def _explain(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows, sae_dir: Path, device) -> dict:
-    """The report's `explain` section for one SAE (eval/explain/pipeline.py)."""
+def _explain_tools(cfg: EvalConfig, device) -> tuple:
+    """The simulators and the explainer's backend, built once for every SAE of the run (loading an
+    embedding model or a local LLM is the slow part). One local model serves both roles when named twice."""
     from .explain.choose import SimulatorSet, make_backend
-    from .explain.pipeline import explain_sae, explain_table
 
     backend_options = dict(api_key_env=cfg.api_key_env, concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir, device=str(device))
-    simulators = SimulatorSet(cfg.simulators, make_backend(cfg.simulator_url, cfg.simulator_model, **backend_options))
-    explainer_backend = make_backend(cfg.explainer_url, cfg.explainer_model, **backend_options)
+    simulator_backend = make_backend(cfg.simulator_url, cfg.simulator_model, **backend_options)
+    if (cfg.explainer_url, cfg.explainer_model) == (cfg.simulator_url, cfg.simulator_model):
+        explainer_backend = simulator_backend
+    else:
+        explainer_backend = make_backend(cfg.explainer_url, cfg.explainer_model, **backend_options)
+    return SimulatorSet(cfg.simulators, simulator_backend), explainer_backend
+
+
+def _explain(cfg: EvalConfig, tools: tuple, sae, model, tokenizer, hookpoint: str, windows, sae_dir: Path) -> dict:
+    """The report's `explain` section for one SAE (eval/explain/pipeline.py)."""
+    from .explain.pipeline import explain_sae, explain_table
+
+    simulators, explainer_backend = tools
     latents = [int(part) for part in str(cfg.explain_latents).split(",") if part.strip()] or None
     jsonl = Path(cfg.explain_out) if cfg.explain_out else sae_dir / "explain.jsonl"
     section = explain_sae(sae, model, tokenizer, hookpoint, windows, n_units=cfg.explain, simulators=simulators,
