@@ -250,14 +250,15 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
-        # each replica reads its own data shard; the ranks of a shard group read the same one
+    # The shard group's first rank streams for the group: its batches replace the others'
+    # (ShardLayout.broadcast_rows), so they need only the shapes: no data read, no LM forward.
+    if layout.shards > 1 and layout.shard != 0:
+        source = sharded.PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
+    elif not cfg.data.activation_cache:
+        # each replica reads its own data shard
         dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
         source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
-    if layout.shards > 1 and layout.shard != 0:
-        # The shard group's first rank streams for the group: its batches replace this rank's
-        # (ShardLayout.broadcast_rows), so here only their shapes are needed and the LM does not run.
-        source = sharded.PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
     stream = ActivationStream(source, local_batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed, rank=layout.replica)
     eval_windows = None
     if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)
