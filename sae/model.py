@@ -43,6 +43,10 @@ _FILE_KEYS = {"n_latents": "num_latents"}
 VarianceFn = Callable[[Tensor], Tensor]
 """Maps a batch (N, d) to sum ||t - mean_batch(t)||^2, the denominator of the normalized MSE."""
 
+DeadMaskFn = Callable[[Tensor, Tensor], Tensor]
+"""Called by `forward` with this batch's (latent_indices (N, k), latent_acts (N, k), detached): counts
+them into the dead-latent statistics and returns the dead mask after this batch, (n_latents,) bool."""
+
 
 class ForwardOutput(NamedTuple):
     """What `SparseAutoencoder.forward` returns. Losses are scalars."""
@@ -151,30 +155,34 @@ class SparseAutoencoder(nn.Module):
         values, indices = pre_acts.topk(k, dim=-1, sorted=False)
         return values.relu(), indices
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
         """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `kernels` ops.
 
-        dead_mask: (n_latents,) bool, the latents the AuxK loss may use; None or all-False turns it off.
+        dead_mask: the latents the AuxK loss may use, (n_latents,) bool; or a `DeadMaskFn`, called
+        with this batch's TopK selection before AuxK, that counts it into the dead-latent statistics
+        and returns the mask after them. Training passes the function, so a latent that fires in this
+        batch is not trained as dead on it (the order of OpenAI's reference). None, or no dead latent,
+        turns AuxK off.
         variance: the normalized MSEs' denominator (see `normalized_mse`); the local batch's by default.
-        One dense matmul in all: the AuxK and Multi-TopK selections reuse the same pre-activations.
         """
         x = x.to(self.dtype)
         k, multi_topk = self.cfg.k, self.cfg.multi_topk
-        use_auxk = dead_mask is not None and self.cfg.auxk_coef > 0 and bool(dead_mask.any())
         # Multi-TopK selects the top 4k, sorted, so the first k of them are the TopK selection.
-        selected = kernels.topk_encode(
+        values, indices = kernels.topk_encode(
             x, self.encoder.weight, self.encoder.bias, min(4 * k, self.cfg.n_latents) if multi_topk else k,
-            b_dec=self.b_dec, sorted=multi_topk, dead_mask=dead_mask if use_auxk else None, k_aux=self.cfg.k_aux,
+            b_dec=self.b_dec, sorted=multi_topk,
         )
-        values, indices = selected[0], selected[1]
         latent_acts, latent_indices = (values[:, :k].contiguous(), indices[:, :k].contiguous()) if multi_topk else (values, indices)
+        if callable(dead_mask):
+            dead_mask = dead_mask(latent_indices, latent_acts.detach())
         x_hat = self.decode(latent_acts, latent_indices)
         fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
-        if use_auxk:
-            aux_values, aux_indices, residual = selected[2], selected[3], (x - x_hat).detach()
+        if dead_mask is not None and self.cfg.auxk_coef > 0 and bool(dead_mask.any()):
+            aux_values, aux_indices = self.encode_among(x, dead_mask.nonzero().squeeze(1), self.cfg.k_aux)
+            residual = (x - x_hat).detach()
             if variance is batch_variance:  # the fused op normalises by the local batch's variance
                 auxk_loss = kernels.auxk_loss(aux_values, aux_indices, self.W_dec, residual)
             else:
@@ -185,6 +193,16 @@ class SparseAutoencoder(nn.Module):
 
         loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
+
+    def encode_among(self, x: Tensor, latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The top min(k, len(latents)) of each row of `x` (N, d_in) among `latents` (n,) int64 only:
+        (values (N, k') after ReLU, indices (N, k') int64 into all latents). The pre-activations of
+        the other latents are never computed: the cost is len(latents) / n_latents of `encode`'s."""
+        values, local = kernels.topk_encode(
+            x, self.encoder.weight.index_select(0, latents), self.encoder.bias.index_select(0, latents),
+            min(k, latents.numel()), b_dec=self.b_dec,
+        )
+        return values, latents[local]
 
     def auxk_loss(
         self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn = batch_variance

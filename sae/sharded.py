@@ -15,13 +15,15 @@ One forward, for the rank's N rows (the same N rows on every rank of the shard g
     pre = W_enc[s] (x - b_dec) + b_enc[s]         (N, n/S)  -- stays on the rank, never gathered
     candidates: the local top-min(K, n/S) per row (K = 4k with Multi-TopK, else k), global ids
     all-gather the candidates in the shard group; the global top-k of the S*K candidates is exactly
-    the top-k of the full pre-activations (every global winner is in its own shard's local top-K)
+    the top-k of the full pre-activations (every global winner is in its own shard's local top-K);
+    the winners are counted into the dead-latent statistics before AuxK (see `training_step`)
     each rank decodes the winners that fall in its slice; the partial reconstructions are summed
     with an all-reduce whose backward is the identity: every rank of the group computes the same
     loss from the same sum, so d loss / d partial_s is d loss / d sum on rank s.
     b_dec: its decoder use (x_hat = sum + b_dec) is counted once (identical on every rank); its
     encoder use goes through an identity whose backward all-reduces, summing the shards' parts.
-AuxK picks the global top-k_aux among dead latents the same way (k_aux = min(k_aux, #dead over all
+AuxK picks the global top-k_aux among the latents dead after this batch the same way (a second
+all-gather, since the dead set depends on the first's winners) (k_aux = min(k_aux, #dead over all
 shards)), so the whole forward -- selection, ReLU after selection, losses -- equals
 `SparseAutoencoder.forward` on the full SAE, up to floating-point summation order.
 
@@ -30,8 +32,8 @@ pre-activations and, in the eager backward, their (N, n/S) gradient; never an (N
 
 Communication per training step (N rows per replica, S shards, d = d_in, kx = min(k_aux used, the
 most dead latents on one shard)):
-    shard group    all-gather 1 int (dead counts, AuxK only); all-gather candidates
-                   N x (min(K, n/S) + kx) x (value + 8 index bytes); all-reduce of the
+    shard group    all-gather candidates N x min(K, n/S) x (value + 8 index bytes); with AuxK,
+                   all-gather 1 int (dead counts) and N x kx candidates; all-reduce of the
                    (1 + multi_topk + auxk) x N x d partial reconstructions; in backward, all-reduce
                    of d (b_dec's encoder part); all-reduce of 1 number (gradient-norm clip).
                    Optional, recommended: `broadcast_rows` of the N x d batch (bitwise-equal rows).
@@ -64,6 +66,7 @@ from .config import SaeConfig
 from .distributed import all_reduce_gradients
 from .model import (
     PARAMETER_NAMES,
+    DeadMaskFn,
     ForwardOutput,
     SparseAutoencoder,
     VarianceFn,
@@ -256,10 +259,13 @@ class ShardedSparseAutoencoder(nn.Module):
 
     # ---- the forward pass -------------------------------------------------------------------
 
-    def forward(self, x: Tensor, dead_mask_local: Tensor | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask_local: Tensor | DeadMaskFn | None = None,
+                variance: VarianceFn | None = None) -> ForwardOutput:
         """`SparseAutoencoder.forward` of the full SAE on this replica's rows `x` (N, d_in).
 
-        dead_mask_local: (n_latents / shards,) bool, this rank's latents the AuxK loss may use.
+        dead_mask_local: (n_latents / shards,) bool, this rank's latents the AuxK loss may use; or a
+        `DeadMaskFn` called with the TopK selection (GLOBAL latent ids) that counts it and returns that
+        mask after this batch (as in `SparseAutoencoder.forward`).
         variance: the normalized MSEs' denominator; by default the global batch's (`layout.variance`).
         Every rank of the shard group returns the same output: x_hat (N, d_in), the losses (this
         replica's share of the global batch's, as in data parallelism), latent_indices as GLOBAL
@@ -274,22 +280,24 @@ class ShardedSparseAutoencoder(nn.Module):
 
         multi_k = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else 0
         values, indices = candidates.topk(min(max(cfg.k, multi_k), self.n_local), dim=1, sorted=False)
-        parts = [(values, indices + self.latent_start)]
+        [main_candidates] = self._all_gather_candidates([(values, indices + self.latent_start)])
+        latent_acts, latent_indices = _top(*main_candidates, cfg.k)
+        latent_acts = latent_acts.relu()
+        if callable(dead_mask_local):
+            dead_mask_local = dead_mask_local(latent_indices, latent_acts)
         k_aux = 0
         if dead_mask_local is not None and cfg.auxk_coef > 0:
             k_aux, n_aux_candidates = self._aux_sizes(dead_mask_local)
             if k_aux > 0:
                 masked = candidates.masked_fill(~dead_mask_local, -math.inf)
                 aux_values, aux_indices = masked.topk(n_aux_candidates, dim=1, sorted=False)
-                parts.append((aux_values, aux_indices + self.latent_start))
-        parts = self._all_gather_candidates(parts)
+                [aux_candidates] = self._all_gather_candidates([(aux_values, aux_indices + self.latent_start)])
 
-        latent_acts, latent_indices = _top(*parts[0], cfg.k)
         partials = [self._partial_decode(pre, latent_indices)]
         if multi_k:
-            partials.append(self._partial_decode(pre, _top(*parts[0], multi_k)[1]))
+            partials.append(self._partial_decode(pre, _top(*main_candidates, multi_k)[1]))
         if k_aux:
-            partials.append(self._partial_decode(pre, _top(*parts[1], k_aux)[1]))
+            partials.append(self._partial_decode(pre, _top(*aux_candidates, k_aux)[1]))
         sums = torch.stack(partials)
         if group is not None:
             sums = _SumOverShards.apply(sums, group)
@@ -307,7 +315,7 @@ class ShardedSparseAutoencoder(nn.Module):
         if multi_k:
             multi_topk_fvu = normalized_mse(x, sums[1] + self.b_dec, lambda _: x_variance)
         loss = fvu + cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
-        return ForwardOutput(x_hat, latent_acts.relu(), latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
+        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
 
     def _aux_sizes(self, dead_mask_local: Tensor) -> tuple[int, int]:
         """(k_aux = min(cfg.k_aux, dead latents over all shards), candidates each shard sends)."""
@@ -415,25 +423,32 @@ class PlaceholderWindowSource:
 
 
 def training_step(sae: ShardedSparseAutoencoder, optimizer: torch.optim.Optimizer, x: Tensor,
-                  dead_mask_local: Tensor | None, lr: float, grad_clip: float) -> ForwardOutput:
+                  tokens_since_fired_local: Tensor, lr: float, grad_clip: float) -> ForwardOutput:
     """`trainer.training_step` for a sharded SAE: `x` is this replica's rows (the same on every rank
-    of the shard group), already scaled; `optimizer` is over `sae.parameters()`."""
+    of the shard group), already scaled; `optimizer` is over `sae.parameters()`; the batch is counted
+    into this rank's dead-latent counters before AuxK, as there."""
     from .trainer import optimizer_update  # lazy: the trainer imports this module
 
-    out = sae(x, dead_mask_local)
+    def dead_after_this_batch(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
+        update_dead_counters(sae, tokens_since_fired_local, latent_indices, latent_acts)
+        return tokens_since_fired_local >= sae.cfg.dead_tokens
+
+    out = sae(x, dead_after_this_batch)
     optimizer_update(sae, optimizer, out.loss, lr, grad_clip, sae.sum_gradients_over_replicas, sae.clip_grad_norm_)
     return out
 
 
 @torch.no_grad()
-def update_dead_counters(sae: ShardedSparseAutoencoder, tokens_since_fired_local: Tensor, out: ForwardOutput) -> None:
+def update_dead_counters(sae: ShardedSparseAutoencoder, tokens_since_fired_local: Tensor,
+                         latent_indices: Tensor, latent_acts: Tensor) -> None:
     """Counters of this rank's latents (n_latents / shards,): + the global batch's tokens for every
-    latent; reset those that fired in any replica."""
+    latent; reset those that fired in any replica. latent_indices (GLOBAL ids), latent_acts (N, k):
+    this replica's TopK selection."""
     fired = torch.zeros_like(tokens_since_fired_local, dtype=torch.uint8)
-    local = out.latent_indices[out.latent_acts > 0] - sae.latent_start
+    local = latent_indices[latent_acts > 0] - sae.latent_start
     fired[local[(local >= 0) & (local < sae.n_local)]] = 1
     sae.layout.max_over_replicas(fired)
-    tokens_since_fired_local += out.latent_indices.shape[0] * sae.layout.replicas
+    tokens_since_fired_local += latent_indices.shape[0] * sae.layout.replicas
     tokens_since_fired_local[fired.bool()] = 0
 
 

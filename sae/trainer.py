@@ -87,18 +87,25 @@ def training_step(
     sae: SparseAutoencoder,
     optimizer: torch.optim.Optimizer,
     x: Tensor,
-    dead_mask: Tensor | None,
+    tokens_since_fired: Tensor,
     lr: float,
     grad_clip: float,
     info: DistInfo = DistInfo(),
 ) -> ForwardOutput:
     """One optimiser step on this rank's part of the batch, `x` (N, d_in), already scaled.
 
+    `tokens_since_fired` (n_latents,) are the dead-latent counters: the step counts the batch into
+    them after its TopK selection and before AuxK, which then uses the latents dead after this batch.
     Under data parallelism the losses are this rank's share of the global batch's losses and the
     gradients are summed over ranks, so every rank takes the same step.
     """
     variance = (lambda t: global_variance(t, info)) if info.enabled else batch_variance
-    out = sae(x, dead_mask, variance)
+
+    def dead_after_this_batch(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
+        update_dead_counters(tokens_since_fired, latent_indices, latent_acts, info)
+        return tokens_since_fired >= sae.cfg.dead_tokens
+
+    out = sae(x, dead_after_this_batch, variance)
     optimizer_update(
         sae, optimizer, out.loss, lr, grad_clip,
         sum_grads=lambda: sum_gradients(sae.parameters(), info),
@@ -128,12 +135,15 @@ def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, 
 
 
 @torch.no_grad()
-def update_dead_counters(tokens_since_fired: Tensor, out: ForwardOutput, info: DistInfo = DistInfo()) -> None:
-    """Add the global batch's tokens to every latent's counter; reset the latents that fired anywhere."""
+def update_dead_counters(tokens_since_fired: Tensor, latent_indices: Tensor, latent_acts: Tensor,
+                         info: DistInfo = DistInfo()) -> None:
+    """Add the global batch's tokens to every latent's counter; reset the latents that fired anywhere.
+
+    latent_indices, latent_acts (N, k): this rank's TopK selection (a latent fires where its value > 0)."""
     fired = torch.zeros_like(tokens_since_fired, dtype=torch.uint8)
-    fired[out.latent_indices[out.latent_acts > 0]] = 1
+    fired[latent_indices[latent_acts > 0]] = 1
     all_reduce_max(fired, info)
-    tokens_since_fired += out.latent_indices.shape[0] * info.world_size
+    tokens_since_fired += latent_indices.shape[0] * info.world_size
     tokens_since_fired[fired.bool()] = 0
 
 
@@ -173,16 +183,10 @@ def held_out_eval(sae: SparseAutoencoder, input_scale: float, model, windows: Te
 
 
 def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> ForwardOutput:
-    """One optimiser step of one member on its (already scaled) batch, and its dead-latent counters."""
-    sae_cfg = member.sae.cfg
-    dead_mask = member.tokens_since_fired >= sae_cfg.dead_tokens if sae_cfg.auxk_coef > 0 else None
+    """One optimiser step of one member on its (already scaled) batch, counting it into its dead-latent counters."""
     if layout.shards > 1:
-        out = sharded.training_step(member.sae, member.optimizer, x, dead_mask, lr, cfg.grad_clip)
-        sharded.update_dead_counters(member.sae, member.tokens_since_fired, out)
-    else:
-        out = training_step(member.sae, member.optimizer, x, dead_mask, lr, cfg.grad_clip, info)
-        update_dead_counters(member.tokens_since_fired, out, info)
-    return out
+        return sharded.training_step(member.sae, member.optimizer, x, member.tokens_since_fired, lr, cfg.grad_clip)
+    return training_step(member.sae, member.optimizer, x, member.tokens_since_fired, lr, cfg.grad_clip, info)
 
 
 def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):

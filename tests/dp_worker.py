@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from sae import SaeConfig, SparseAutoencoder
 from sae.distributed import init_distributed, shutdown
-from sae.trainer import initialize_from_first_batch, training_step, update_dead_counters
+from sae.trainer import initialize_from_first_batch, training_step
 
 
 def main(out_path: str) -> None:
@@ -28,9 +28,7 @@ def main(out_path: str) -> None:
     scale = initialize_from_first_batch(sae, local[0].double(), info)
     tokens_since_fired = torch.zeros(96, dtype=torch.long)
     for step in range(steps):
-        dead = tokens_since_fired >= 64
-        out = training_step(sae, optimizer, local[step].double() * scale, dead, 1e-2, 1.0, info)
-        update_dead_counters(tokens_since_fired, out, info)
+        training_step(sae, optimizer, local[step].double() * scale, tokens_since_fired, 1e-2, 1.0, info)
     if info.is_main:
         save_file({**{k: v.contiguous() for k, v in sae.state_dict().items()}, "tokens_since_fired": tokens_since_fired,
                    "scale": torch.tensor(scale)}, out_path)

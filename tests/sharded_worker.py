@@ -5,7 +5,7 @@
 For each layout (world = N/SHARDS replicas x SHARDS shards) and each case below whose n_latents the
 layout divides, every rank trains a sharded SAE on its replica's rows of fixed global batches and,
 beside it, a single-process `SparseAutoencoder` on the whole global batches with the trainer's own
-`training_step` / `update_dead_counters` / `initialize_from_first_batch`. It checks the selection at
+`training_step` / `initialize_from_first_batch`. It checks the selection at
 every step and the parameters, Adam state and dead counters at the end, writes the gathered SAE
 (`save_full`) and the reference as ordinary SAE folders, and continues one step from the gathered
 state loaded into a fresh sharded SAE. Any mismatch fails an assert (non-zero exit); rank 0 writes
@@ -32,7 +32,6 @@ from sae.sharded import (
     load_from_full_state,
     save_full,
     training_step,
-    update_dead_counters,
 )
 
 F64 = torch.float64
@@ -77,14 +76,11 @@ def run_case(name, spec, layout, info, out_dir):
 
     def step_both(step, model, optimizer, model_counters):
         x = layout.broadcast_rows(batches[step, rows]) * scale
-        out = training_step(model, optimizer, x, model_counters >= cfg.dead_tokens, LR, CLIP)
-        update_dead_counters(model, model_counters, out)
-        return out
+        return training_step(model, optimizer, x, model_counters, LR, CLIP)
 
     for step in range(steps):
-        dead = ref_counters >= cfg.dead_tokens
-        ref_out = trainer.training_step(ref, ref_opt, batches[step] * ref_scale, dead, LR, CLIP)
-        trainer.update_dead_counters(ref_counters, ref_out)
+        ref_out = trainer.training_step(ref, ref_opt, batches[step] * ref_scale, ref_counters, LR, CLIP)
+        dead = ref_counters >= cfg.dead_tokens  # the dead set AuxK used: after this batch was counted
         out = step_both(step, sae, opt, counters)
         ref_indices, order = ref_out.latent_indices[rows].sort(1)
         indices, my_order = out.latent_indices.sort(1)
@@ -129,8 +125,7 @@ def run_case(name, spec, layout, info, out_dir):
     resumed_counters = torch.zeros_like(counters)
     saved = load_file(str(path / "full.safetensors"))
     load_from_full_state(resumed, saved, resumed_opt, extra={"tokens_since_fired": resumed_counters})
-    ref_out = trainer.training_step(ref, ref_opt, batches[steps] * ref_scale, ref_counters >= cfg.dead_tokens, LR, CLIP)
-    trainer.update_dead_counters(ref_counters, ref_out)
+    trainer.training_step(ref, ref_opt, batches[steps] * ref_scale, ref_counters, LR, CLIP)
     step_both(steps, sae, opt, counters)
     step_both(steps, resumed, resumed_opt, resumed_counters)
     for (pname, param), resumed_param in zip(sae.named_parameters(), resumed.parameters()):

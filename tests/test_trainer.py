@@ -47,6 +47,38 @@ def test_training_lowers_fvu_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tm
     assert cfg["tokens_trained"] == 128 * 80
 
 
+def test_auxk_uses_the_dead_set_after_counting_this_batch():
+    """A latent that fires in this batch is not dead for this batch's AuxK (OpenAI's reference updates
+    the counters first). Every latent starts "dead"; after the batch only those that did not fire are."""
+    torch.manual_seed(0)
+    n_latents, k, k_aux, dead_tokens = 48, 3, 40, 10
+    sae = SparseAutoencoder(SaeConfig(d_in=12, n_latents=n_latents, k=k, k_aux=k_aux, dead_tokens=dead_tokens)).double()
+    with torch.no_grad():
+        sae.encoder.weight.normal_()
+        sae.encoder.bias.normal_()
+    x = torch.randn(20, 12, dtype=torch.float64)
+    counters = torch.full((n_latents,), dead_tokens, dtype=torch.long)  # all dead before the batch
+    W_enc, b_enc, b_dec, W_dec = (t.detach().clone() for t in (sae.encoder.weight, sae.encoder.bias, sae.b_dec, sae.W_dec))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.0)
+    out = trainer.training_step(sae, optimizer, x, counters, lr=0.0, grad_clip=0.0)
+
+    # float64 dense reference with the dead set after this batch
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    top = pre.topk(k, dim=1)
+    fired = torch.zeros(n_latents, dtype=torch.bool)
+    fired[top.indices[top.values > 0]] = True
+    assert fired.any() and not fired.all()
+    assert torch.equal(counters == 0, fired) and torch.equal(counters[~fired], torch.full_like(counters[~fired], dead_tokens + 20))
+    dead_after = ~fired
+    codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    residual = x - (codes @ W_dec + b_dec)
+    masked = pre.masked_fill(~dead_after, float("-inf"))
+    aux = masked.topk(min(k_aux, int(dead_after.sum())), dim=1)
+    aux_codes = torch.zeros_like(pre).scatter(1, aux.indices, aux.values.relu())
+    expected = ((residual - aux_codes @ W_dec) ** 2).sum() / ((residual - residual.mean(0)) ** 2).sum()
+    torch.testing.assert_close(out.auxk_loss, expected)
+
+
 def test_auxk_revives_dead_latents(tiny_lm_dir, text_file, tmp_path):
     # Few latents die at this size; AuxK must at least produce a positive loss once some are dead.
     sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, sae=SaeConfig(n_latents=512, k=2, k_aux=32, dead_tokens=256),
