@@ -10,6 +10,12 @@ request with `echo` (and `max_tokens: 1`: some servers refuse 0; the one generat
 the prompt and is ignored) makes the server score the prompt itself, and the top
 logprobs of the token at each placeholder give the model's distribution over the values "0".."10".
 
+Tokenizers that split digits (Llama-2, Mistral) write the value 10 as two tokens, "1" "0", so the
+token at a placeholder cannot tell 1 from 10. Once per backend, a probe request (TEN_PROBE_PROMPT,
+echoed) shows how the server's own tokenizer writes "10" in a slot. When it is two tokens, a second
+request per excerpt asks for the model's next token after each slot's "1", and P(10) = P("1") *
+P("0" | .., "1"), exactly as the local backend (eval/explain/backends.py) computes it.
+
 Every request is retried on what is usually transient (429, 5xx, dropped connections, timeouts and
 malformed replies) with exponential backoff, and fails at once on other 4xx. Nothing is ever turned
 into a silent zero: a request that fails for good raises `HttpError`, a reply that cannot answer the
@@ -42,6 +48,13 @@ MAX_SLEEP_S = 30.0
 
 BODY_EXCERPT_CHARS = 200
 """How much of a failed reply's body goes into an error message: enough to read the server's reason."""
+
+TEN_PROBE_PROMPT = "word\t10\n"
+"""A simulator prompt's line with the value 10 in its slot (after the tab). Echoed once per backend, it
+shows whether the server's tokenizer writes "10" as one token or as "1" "0"."""
+
+TEN_PROBE_OFFSET = TEN_PROBE_PROMPT.index("10")
+"""Where the value starts in TEN_PROBE_PROMPT: a token must begin there, as at every slot."""
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -102,6 +115,10 @@ class HttpBackend:
         # Read once, kept private, and kept out of __repr__, messages and cache keys.
         self._api_key = os.environ.get(api_key_env) or None
         self._in_flight = threading.BoundedSemaphore(concurrency)
+        # How the server writes "10": None until the first digit_distributions call probes it; the
+        # lock makes concurrent first calls wait for that one probe instead of each sending one.
+        self._ten_is_one_token: bool | None = None
+        self._ten_probe_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HttpBackend({self.name!r})"
@@ -124,26 +141,32 @@ class HttpBackend:
 
     def digit_distributions(self, prompt: str, slot_offsets: list[int]) -> list[list[float]]:
         """For each character offset in `slot_offsets` (where a token of the prompt must begin), the
-        model's probabilities of the next token being "0".."10" at that point, renormalised over
-        those 11: a list of 11 floats summing to 1, index = value.
+        model's probabilities of the value written there being 0..10, renormalised over those 11:
+        a list (one per slot) of 11 floats summing to 1, index = value.
 
         One POST {base_url}/completions with echo and max_tokens 1: the server scores the prompt
         itself, and `top_logprobs[i]` of its reply is the distribution of token i given the tokens
         before it, so the entry of the token that starts at a slot is what the model expected there.
+        Keys are matched exactly against "0".."10" (" 5" is not "5"). A value missing from the top
+        logprobs gets probability 0.
 
-        Keys are matched exactly against "0".."10" (" 5" is not "5"). A digit missing from the top
-        logprobs gets probability 0. A server whose tokenizer splits "10" into "1" "0" cannot give
-        P(10) in one request: its "1" covers both 1 and 10 and is counted as value 1, and value 10
-        gets 0 (the top logprobs then simply have no "10" key).
+        Where the server's tokenizer writes "10" as "1" "0" (probed once, see TEN_PROBE_PROMPT),
+        the "1" at a slot starts both 1 and 10. A second request then gives, for every slot,
+        z = P("0" | prompt up to the slot, "1"), and the slot's "1" is shared out as P(10) =
+        P("1") * z and P(1) = P("1") * (1 - z), before the renormalisation, as the local backend
+        does. A "0" missing from the top logprobs after the "1" gets probability 0, like any value
+        missing at the slot.
 
         Raises ValueError naming the slot's offset when no token starts there (the server's
-        tokenizer merged the slot with the text before it), when none of "0".."10" is among its top
-        logprobs (raise `top_logprobs`), or when the entry there is missing or not a dict of
-        numbers. A reply without equal-length `tokens`, `top_logprobs`, `text_offset` lists is
-        malformed: it is retried like a failed request and, if it stays so, raises HttpError.
+        tokenizer merged the slot with the text before it), when no value is among its top logprobs
+        (raise `top_logprobs`), or when the entry there is missing or not a dict of numbers; and
+        naming the model when its tokenizer writes "10" neither as one token nor as "1" "0". A
+        reply without the lists it must have is malformed: it is retried like a failed request and,
+        if it stays so, raises HttpError.
         """
         if not slot_offsets:
             return []
+        ten_is_one_token = self._server_writes_ten_as_one_token()
         payload = {
             "model": self.model,
             "prompt": prompt,
@@ -154,9 +177,19 @@ class HttpBackend:
         }
         reply = self._request("/completions", payload, _check_echo_reply)
         logprobs = reply["choices"][0]["logprobs"]
-        return [
-            _digit_distribution_at(logprobs, offset, self.top_logprobs) for offset in slot_offsets
+        # With "10" split, no token "10" exists: the value 10 is read through the "1".
+        value_tokens = DIGITS if ten_is_one_token else DIGITS[:10]
+        slot_weights = [
+            _value_weights_at(logprobs, offset, value_tokens, self.top_logprobs)
+            for offset in slot_offsets
         ]
+        if not ten_is_one_token:
+            zero_after_one = self._zero_after_one_probabilities(prompt, slot_offsets)
+            for weights, zero in zip(slot_weights, zero_after_one):
+                one_or_ten = weights.pop(1, 0.0)
+                weights[1] = one_or_ten * (1.0 - zero)
+                weights[10] = one_or_ten * zero
+        return [_renormalised(weights) for weights in slot_weights]
 
     def map(self, function: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
         """function(item) for every item, up to `concurrency` at a time, results in input order.
@@ -174,6 +207,54 @@ class HttpBackend:
                 for future in futures:
                     future.cancel()
                 raise
+
+    # ----------------------------------------------------------------------------- the value "10"
+
+    def _server_writes_ten_as_one_token(self) -> bool:
+        """Whether the server's tokenizer writes the value "10" in a slot as one token (else as
+        "1" "0"), from its echo of TEN_PROBE_PROMPT; asked once per backend (and cached on disk
+        like any reply)."""
+        with self._ten_probe_lock:
+            if self._ten_is_one_token is None:
+                payload = {
+                    "model": self.model,
+                    "prompt": TEN_PROBE_PROMPT,
+                    "max_tokens": 1,
+                    "echo": True,
+                    "logprobs": 1,
+                    "temperature": 0,
+                }
+                reply = self._request("/completions", payload, _check_echo_reply)
+                self._ten_is_one_token = _ten_is_one_token(reply["choices"][0]["logprobs"], self.model)
+            return self._ten_is_one_token
+
+    def _zero_after_one_probabilities(self, prompt: str, slot_offsets: list[int]) -> list[float]:
+        """For each slot, P(next token "0" | prompt[:slot] + "1"): the share of the slot's "1"
+        that is the start of "10". One list of S floats for S slots.
+
+        Each slot needs its own prompt: the model must see the prompt before that slot (every
+        earlier value still "unknown") and a "1" in the slot, and nothing after it. All S prompts
+        go in one POST {base_url}/completions (the `prompt` field takes a list; one choice each),
+        without echo: the first generated token's top logprobs are the distribution wanted, and a
+        prompt that only extends the main one lets the server reuse its prefix cache.
+        """
+        prompts = [prompt[:offset] + "1" for offset in slot_offsets]
+        payload = {
+            "model": self.model,
+            "prompt": prompts,
+            "max_tokens": 1,
+            "logprobs": self.top_logprobs,
+            "temperature": 0,
+        }
+        reply = self._request(
+            "/completions", payload, lambda reply: _check_continuation_reply(reply, len(prompts))
+        )
+        # Nothing promises the choices in prompt order; each carries the index of its prompt.
+        choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+        return [
+            _probability_of("0", choice["logprobs"]["top_logprobs"][0], f'after "1" at slot offset {offset}')
+            for choice, offset in zip(choices, slot_offsets)
+        ]
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -297,11 +378,68 @@ def _check_echo_reply(reply: Any) -> None:
         raise ValueError(f"choices[0].logprobs lists differ in length: {lengths}")
 
 
-def _digit_distribution_at(logprobs: dict[str, Any], offset: int, top_logprobs: int) -> list[float]:
-    """P("0".."10") renormalised over those 11 for the token that starts at character `offset`."""
-    # The first token at an offset: later ones at the same offset (zero-width pieces some
-    # tokenizers emit) are conditioned on it, not on the text before the slot.
-    index = next((i for i, start in enumerate(logprobs["text_offset"]) if start == offset), None)
+def _check_continuation_reply(reply: Any, n_prompts: int) -> None:
+    """Raises ValueError unless there is one choice per prompt, indices 0..n_prompts-1, each with
+    top logprobs for its first generated token."""
+    choices = reply["choices"]
+    indices = sorted(choice["index"] for choice in choices)
+    if indices != list(range(n_prompts)):
+        raise ValueError(f"{n_prompts} prompts but choices with indices {indices}")
+    for choice in choices:
+        if not isinstance(choice["logprobs"]["top_logprobs"][0], dict):
+            raise ValueError(f"choices[{choice['index']}].logprobs.top_logprobs[0] is not a dict")
+
+
+def _first_token_at(logprobs: dict[str, Any], offset: int) -> int | None:
+    """Index of the first echoed token that starts at character `offset`, None if none does."""
+    # The first: later ones at the same offset (zero-width pieces some tokenizers emit) are
+    # conditioned on it, not on the text before the offset.
+    return next((i for i, start in enumerate(logprobs["text_offset"]) if start == offset), None)
+
+
+def _ten_is_one_token(probe_logprobs: dict[str, Any], model: str) -> bool:
+    """From the echo of TEN_PROBE_PROMPT: True when "10" is one token, False when it is "1" "0".
+
+    Raises ValueError naming `model` otherwise (e.g. "\t1" "0", or "10\n"): the simulator could
+    neither read P(10) at a slot nor after a "1" written there.
+    """
+    tokens, starts = probe_logprobs["tokens"], probe_logprobs["text_offset"]
+    index = _first_token_at(probe_logprobs, TEN_PROBE_OFFSET)
+    if index is not None and tokens[index] == "10":
+        return True
+    if (index is not None and tokens[index] == "1" and index + 1 < len(tokens)
+            and starts[index + 1] == TEN_PROBE_OFFSET + 1 and tokens[index + 1] == "0"):  # fmt: skip
+        return False
+    raise ValueError(
+        f"{model}: the server tokenizes {TEN_PROBE_PROMPT!r} as {tokens!r}, so the value 10 in a slot "
+        "is neither the one token \"10\" nor \"1\" \"0\"; the simulator cannot read P(10) from it"
+    )
+
+
+def _probability_of(token: str, candidates: dict[str, Any], where: str) -> float:
+    """exp(logprob) of `token` among a top-logprobs dict; 0 when it is not among them."""
+    if token not in candidates:
+        return 0.0
+    # min: a logprob a rounding error above 0 is still a probability of at most 1.
+    return min(1.0, math.exp(_checked_logprob(candidates[token], token, where)))
+
+
+def _checked_logprob(logprob: Any, token: str, where: str) -> float:
+    """`logprob` as a float; raises ValueError when it is not a number or NaN (-inf is fine: P = 0)."""
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or math.isnan(logprob):
+        raise ValueError(f"malformed reply: logprob of {token!r} {where} is {logprob!r}")
+    return float(logprob)
+
+
+def _value_weights_at(
+    logprobs: dict[str, Any], offset: int, value_tokens: list[str], top_logprobs: int
+) -> dict[int, float]:
+    """value -> unnormalised probability that the token starting at character `offset` is
+    value_tokens[value], for the values among its top logprobs (all scaled by one factor).
+
+    `value_tokens` is "0".."10", or "0".."9" where the tokenizer splits "10".
+    """
+    index = _first_token_at(logprobs, offset)
     if index is None:
         raise ValueError(
             f"no token of the prompt starts at slot offset {offset}: the server's tokenizer merged "
@@ -313,24 +451,24 @@ def _digit_distribution_at(logprobs: dict[str, Any], offset: int, top_logprobs: 
             f"malformed reply: top_logprobs at slot offset {offset} (token {index}) is "
             f"{type(candidates).__name__}, not a dict of token -> logprob"
         )
-    digit_logprobs: dict[int, float] = {}
-    for value, digit in enumerate(DIGITS):
-        if digit not in candidates:
-            continue
-        logprob = candidates[digit]
-        if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or math.isnan(logprob):
-            raise ValueError(f"malformed reply: logprob of {digit!r} at slot offset {offset} is {logprob!r}")
-        if logprob > -math.inf:  # -inf is a probability of 0, as good as absent
-            digit_logprobs[value] = float(logprob)
-    if not digit_logprobs:
+    value_logprobs: dict[int, float] = {}
+    for value, token in enumerate(value_tokens):
+        if token in candidates:
+            logprob = _checked_logprob(candidates[token], token, f"at slot offset {offset}")
+            if logprob > -math.inf:  # -inf is a probability of 0, as good as absent
+                value_logprobs[value] = logprob
+    if not value_logprobs:
         raise ValueError(
-            f"none of \"0\"..\"10\" is among the top {top_logprobs} logprobs at slot offset {offset}: "
-            "raise top_logprobs"
+            f"none of {value_tokens[0]!r}..{value_tokens[-1]!r} is among the top {top_logprobs} "
+            f"logprobs at slot offset {offset}: raise top_logprobs"
         )
-    # Softmax over the digits present, shifted by the largest so that very negative logprobs do
-    # not all underflow to 0.
-    largest = max(digit_logprobs.values())
-    weights = {value: math.exp(logprob - largest) for value, logprob in digit_logprobs.items()}
+    # Shifted by the largest so that very negative logprobs do not all underflow to 0.
+    largest = max(value_logprobs.values())
+    return {value: math.exp(logprob - largest) for value, logprob in value_logprobs.items()}
+
+
+def _renormalised(weights: dict[int, float]) -> list[float]:
+    """11 probabilities (index = value 0..10) proportional to `weights`, 0 for values absent."""
     total = sum(weights.values())
     return [weights.get(value, 0.0) / total for value in range(len(DIGITS))]
 
