@@ -29,8 +29,8 @@ def comparison_table(reports: Sequence[dict]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     baselines = {}
-    for r in reports:
-        key = (r["model"], r["hookpoint"])
+    for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
+        key = (r["model"], r["hookpoint"], json.dumps(r["data"], sort_keys=True))
         baselines[key] = f"{r['model']} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
                          f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
                          f"({r['data']['dataset']}, {r['data']['held_out']})"
