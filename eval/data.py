@@ -6,9 +6,10 @@ Where the text comes from, in order:
 3. a hub dataset with a `validation` or `test` split (whichever loads first);
 4. otherwise (a local file or a hub dataset with one split) the training split, after skipping the
    tokens training read (`tokens_trained` in cfg.json). Training read its stream from the start, so
-   what follows is unseen unless training looped over the whole dataset, which is then an error. With
-   data-parallel training each rank read a 1/R share of documents, interleaved; about tokens_trained
-   tokens from the start cover them.
+   what follows is unseen unless training looped over the whole dataset, which is then an error.
+   NOT YET EXACT (issue 11): training reads whole shuffle blocks and each window gives ctx_len - 1
+   activations, so it read more than ceil(tokens_trained / ctx_len) windows; and under data parallelism
+   each rank may read whole files of its own. The fix records each stream's final position in cfg.json.
 The report's `data.held_out` says which rule applied.
 """
 
