@@ -97,14 +97,17 @@ def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
     with pytest.raises(ValueError, match=r"has no 'dataset'; pass --dataset"):
         main([str(sae_dir)])
     with pytest.raises(ValueError, match=r"has no 'model'; pass --model"):
-        main([str(sae_dir), "--dataset", str(text_file), "--ctx_len", "16"])
+        main([str(sae_dir), "--dataset", str(text_file), "--split", "train", "--ctx_len", "16"])
     with pytest.raises(SystemExit, match="tokens"):
         main([str(sae_dir), "--tokens", "many"])
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         main([str(tmp_path / "missing")])
-    # a dataset other than training's is held out as a whole
-    [report] = main([str(sae_dir), "--dataset", str(text_file), "--ctx_len", "16", "--model", str(tiny_lm_dir),
-                     "--hookpoint", "transformer.h.1", "--tokens", "160"])
+    # what training read is unknown: a dataset without a held-out split needs the split named
+    options = ["--dataset", str(text_file), "--ctx_len", "16", "--model", str(tiny_lm_dir), "--hookpoint", "transformer.h.1",
+               "--tokens", "160"]
+    with pytest.raises(ValueError, match="does not say which text.*--split"):
+        main([str(sae_dir), *options])
+    [report] = main([str(sae_dir), *options, "--split", "train"])
     assert report["data"]["split"] == "train" and report["data"]["dataset"] == str(text_file)
 
 
