@@ -2,6 +2,7 @@
 
 import json
 import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +53,46 @@ def test_several_saes_share_the_tokens_and_get_one_row_each(embedded_sae_dir, tm
     assert str(embedded_sae_dir) in table and str(other) in table
 
 
+def read_transaction_log(path: Path) -> list:
+    """The records of a wandb transaction log (run-ID.wandb): a 7-byte W&B header, then the leveldb log
+    format (32 KiB blocks of chunks: crc32 u32, length u16, type u8 full/first/middle/last, then data)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), f"{path} is not a W&B transaction log"
+    records, record, offset = [], b"", 7
+    while offset + 7 <= len(data):
+        if 32768 - offset % 32768 < 7:  # a block's tail too short for a chunk header is zero padding
+            offset += 32768 - offset % 32768
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, offset)
+        chunk, offset = data[offset + 7: offset + 7 + length], offset + 7 + length
+        record = chunk if kind in (1, 2) else record + chunk
+        if kind in (1, 4):
+            records.append(Record.FromString(record))
+    return records
+
+
 def test_wandb_writes_the_report_into_the_training_run(embedded_sae_dir):
-    main([str(embedded_sae_dir), "--tokens", "1024", "--wandb", "--wandb_mode", "offline",
-          "--data_dir", data_dir_of(embedded_sae_dir)])
+    import wandb
+
     run_id = read_sae_metadata(embedded_sae_dir)["wandb_run_id"]
-    runs = list((embedded_sae_dir.parent / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) >= 2  # the training run, then the eval resuming the same id
-    eval_run = max(runs, key=lambda path: path.stat().st_mtime)
-    assert b"eval/ce_recovered" in (eval_run / f"run-{run_id}.wandb").read_bytes()  # the summary record
+    wandb_dir = embedded_sae_dir.parent / "wandb"
+    training_runs = set(wandb_dir.glob(f"offline-run-*-{run_id}"))
+    assert training_runs
+    [report] = main([str(embedded_sae_dir), "--tokens", "1024", "--wandb", "--wandb_mode", "offline",
+                     "--data_dir", data_dir_of(embedded_sae_dir)])
+    # run.finish() only publishes the end of the run to wandb's service process, which closes the run's
+    # transaction log (writing out its buffered records: before, the file may hold just its header) when it
+    # gets to that message. teardown() returns once the service, having handled it, has exited.
+    wandb.teardown()
+    [eval_run] = set(wandb_dir.glob(f"offline-run-*-{run_id}")) - training_runs  # the eval, resuming the id
+    records = read_transaction_log(eval_run / f"run-{run_id}.wandb")
+    assert records and records[-1].WhichOneof("record_type") == "exit"  # the whole log, to the run's end
+    summary = {item.key: json.loads(item.value_json) for record in records if record.HasField("summary")
+               for item in record.summary.update}
+    assert summary["eval/ce_recovered"] == pytest.approx(report["ce_recovered"])
+    assert summary["eval/fvu"] == pytest.approx(report["fvu"])
 
 
 def local_sae(tmp_path, tiny_lm_dir, text_file, tokens_trained) -> Path:
