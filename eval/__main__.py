@@ -21,7 +21,7 @@ from sae.config import ConfigError, DataConfig, parse_args
 from sae.model import SparseAutoencoder, read_sae_metadata
 from sae.trainer import resolve_device
 
-from .data import held_out_windows, resolve_model_path
+from .data import held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
 from .report import comparison_table, log_to_wandb, write_report
 
@@ -137,22 +137,6 @@ def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
     return metadata[key]
 
 
-def _has_held_out_split(cfg: EvalConfig, dataset: str) -> bool:
-    """Whether `dataset` has a split eval/data.py takes as held out without knowing what training read."""
-    from sae.data import is_local_dataset
-    from sae.embedded import CORPUS_NAME
-
-    from .data import _first_loadable_split
-
-    if dataset == CORPUS_NAME:
-        return True
-    if is_local_dataset(dataset):
-        return False
-    data = DataConfig(dataset=dataset, dataset_config=cfg.dataset_config, text_column=cfg.text_column or "text",
-                      data_dir=cfg.data_dir)
-    return _first_loadable_split(data) is not None
-
-
 def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     """Evaluate every SAE folder; reports in the order given."""
     if cfg.explain_out and len(sae_dirs) > 1:
@@ -167,10 +151,11 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
         if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
             # What training read is unknown (e.g. a folder written by sparsify): only a split the user
             # names, or a held-out split the dataset has, may be called held out.
-            split_note = "" if _has_held_out_split(cfg, dataset) else (
-                f"; {dataset} has no validation or test split, so pass --split with text training did not read")
-            if split_note:
-                raise ValueError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on{split_note}")
+            asked = DataConfig(dataset=dataset, dataset_config=cfg.dataset_config, text_column=cfg.text_column or "text",
+                               data_dir=cfg.data_dir)
+            if held_out_split(asked) is None:
+                raise ValueError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on; {dataset} "
+                                 "has no validation or test split, so pass --split with text training did not read")
         other_dataset = bool(cfg.dataset) and metadata.get("dataset") is not None and cfg.dataset != metadata.get("dataset")
         data = DataConfig(
             dataset=dataset,

@@ -58,10 +58,8 @@ def held_out_windows(
     skip_windows = 0
     if split:
         rule = f"split '{split}' (as asked)"
-    elif data.dataset == CORPUS_NAME:
-        split, rule = "validation", "the embedded corpus' validation split"
-    elif not is_local_dataset(data.dataset) and (split := _first_loadable_split(data)):
-        rule = f"the dataset's '{split}' split"
+    elif held_out := held_out_split(data):
+        split, rule = held_out
     else:
         if tokens_trained is None:
             raise ValueError(
@@ -89,6 +87,16 @@ def held_out_windows(
         "ctx_len": data.ctx_len, "windows": len(collected),
     }
     return torch.stack(collected), description
+
+
+def held_out_split(data: DataConfig) -> tuple[str, str] | None:
+    """(split, rule) of rules 2-3, the held-out split a dataset has of its own; None if it has none
+    (a local file, or a hub dataset with one split), when only rule 4 or a named split is left."""
+    if data.dataset == CORPUS_NAME:
+        return "validation", "the embedded corpus' validation split"
+    if not is_local_dataset(data.dataset) and (split := _first_loadable_split(data)):
+        return split, f"the dataset's '{split}' split"
+    return None
 
 
 def _first_loadable_split(data: DataConfig) -> str | None:
