@@ -11,7 +11,7 @@ nested sections: `--sae.n_latents`, `--data.ctx_len`).
 import sys
 
 from sae.config import ConfigError, parse_args
-from sae.trainer import train
+from sae.trainer import NonFiniteLossError, train
 
 
 def main(argv: list[str]) -> None:
@@ -19,7 +19,10 @@ def main(argv: list[str]) -> None:
         cfg = parse_args(argv)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    train(cfg)
+    try:
+        train(cfg)
+    except NonFiniteLossError as error:  # the run diverged: every rank stops with this one line
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
             "hookpoint": _require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
             # a dataset other than training's is held out as a whole: its train split unless told
             "split": cfg.split or ("train" if other_dataset else ""),
-            "tokens_trained": metadata.get("tokens_trained"),
+            "text_read": metadata.get("text_read"),  # what training read, for held-out rule 4 (eval/data.py)
         })
 
     explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
@@ -181,9 +181,8 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
         model_jobs = [job for job in jobs if job["model"] == model_name]
         for data_key in dict.fromkeys((job["data"], job["split"]) for job in model_jobs):
             data_jobs = [job for job in model_jobs if (job["data"], job["split"]) == data_key]
-            trained = [job["tokens_trained"] for job in data_jobs]
-            tokens_trained = None if None in trained else max(trained)  # past what any of them read
-            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], tokens_trained)
+            read_by_training = [job["text_read"] for job in data_jobs]
+            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], read_by_training)
             for hookpoint in dict.fromkeys(job["hookpoint"] for job in data_jobs):
                 hook_jobs = [job for job in data_jobs if job["hookpoint"] == hookpoint]
                 saes = {str(job["dir"]): SparseAutoencoder.load(job["dir"], device=device) for job in hook_jobs}

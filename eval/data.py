@@ -4,12 +4,14 @@ Where the text comes from, in order:
 1. the split asked for (`--split`), as given;
 2. the embedded corpus: its `validation` split;
 3. a hub dataset with a `validation` or `test` split (whichever loads first);
-4. otherwise (a local file or a hub dataset with one split) the training split, after skipping the
-   tokens training read (`tokens_trained` in cfg.json). Training read its stream from the start, so
-   what follows is unseen unless training looped over the whole dataset, which is then an error.
-   NOT YET EXACT (issue 11): training reads whole shuffle blocks and each window gives ctx_len - 1
-   activations, so it read more than ceil(tokens_trained / ctx_len) windows; and under data parallelism
-   each rank may read whole files of its own. The fix records each stream's final position in cfg.json.
+4. otherwise (a local file or a hub dataset with one split) the training split, past what training
+   read. The trainer records in cfg.json (`text_read`) where each data-parallel replica's stream
+   stopped: the end of the last document it read, including documents it tokenized but never trained
+   on. The eval replays each replica's shard from that point, so every window it uses comes from a
+   document no replica read; a replica that went past the end of its shard (a second epoch) read all
+   of it and gives nothing. Several SAEs evaluated together skip the furthest any of them read. A
+   folder without the record (older versions, other tools), SAEs trained with different numbers of
+   replicas, or local files whose sizes changed since training are refused: name a `--split`.
 The report's `data.held_out` says which rule applied.
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sae.config import DataConfig
-from sae.data import TokenWindows, is_local_dataset, load_text_dataset
+from sae.data import TokenWindows, is_local_dataset, load_text_dataset, local_file_sizes
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
 
 HELD_OUT_SPLITS = ("validation", "test")
@@ -42,51 +44,90 @@ def held_out_windows(
     tokenizer,
     n_tokens: int,
     split: str = "",
-    tokens_trained: int | None = None,
+    read_by_training: list[dict | None] | None = None,
 ) -> tuple[Tensor, dict]:
     """(n_windows, ctx_len) int64 windows of held-out text, and a description of where they came from.
 
     n_windows = ceil(n_tokens / ctx_len), or fewer when the held-out text runs out first.
 
     `data` is the training data config (dataset, split, text column, ctx_len); `split` overrides the
-    choice of held-out split. `tokens_trained` None forbids rule 4 (used during training, when the
-    training split is still being read).
+    choice of held-out split. `read_by_training` holds the cfg.json `text_read` record of each SAE to
+    be evaluated (None for a folder without one); None itself forbids rule 4 (used during training,
+    when the training split is still being read).
     """
     if n_tokens <= 0:
         raise ValueError(f"the number of eval tokens must be positive, got {n_tokens}")
     n_windows = math.ceil(n_tokens / data.ctx_len)
-    skip_windows = 0
     if split:
         rule = f"split '{split}' (as asked)"
     elif held_out := held_out_split(data):
         split, rule = held_out
+    if split:
+        streams = [TokenWindows(load_text_dataset(replace(data, split=split)), tokenizer, data.ctx_len, data.text_column,
+                                loop=False)]
     else:
-        if tokens_trained is None:
-            raise ValueError(
-                f"dataset '{data.dataset}' has no held-out split; name one that training does not read "
-                "(a split, or another dataset)"
-            )
         split = data.split
-        skip_windows = math.ceil(tokens_trained / data.ctx_len)
-        rule = f"training split '{split}' after the first {tokens_trained:,} tokens (what training read)"
-    dataset = load_text_dataset(replace(data, split=split))
-    windows = TokenWindows(dataset, tokenizer, data.ctx_len, data.text_column, loop=False)
-    collected = []
-    try:
-        for _ in range(skip_windows):
-            next(windows)
-        for _ in range(n_windows):
-            collected.append(next(windows))
-    except StopIteration:
-        pass
+        streams = unread_streams(data, tokenizer, read_by_training)
+        rule = (f"training split '{split}' past what training read (cfg.json text_read: "
+                f"{len(read_by_training[0]['streams'])} replica stream(s), {len(streams)} with text left)")
+    collected = _round_robin(streams, n_windows)
     if not collected:
-        raise ValueError(f"no held-out text: {data.dataset} ({rule}) ran out after skipping {skip_windows * data.ctx_len:,} "
-                         "tokens; pass a held-out split or dataset")
+        raise ValueError(f"no held-out text: {data.dataset} ({rule}) has none left; pass a held-out split or dataset")
     description = {
         "dataset": data.dataset, "dataset_config": data.dataset_config, "split": split, "held_out": rule,
         "ctx_len": data.ctx_len, "windows": len(collected),
     }
     return torch.stack(collected), description
+
+
+def unread_streams(data: DataConfig, tokenizer, read_by_training: list[dict | None] | None) -> list[TokenWindows]:
+    """Rule 4: per data-parallel replica with text left, its shard of the training split from just past
+    the furthest any of the SAEs' training read (single pass). Refuses what cannot be replayed exactly."""
+    where = f"dataset '{data.dataset}' has no held-out split"
+    if read_by_training is None:
+        raise ValueError(f"{where}; name one that training does not read (a split, or another dataset)")
+    if not read_by_training or any(record is None for record in read_by_training):
+        raise ValueError(f"{where}, and cfg.json does not record what training read of it ('text_read'; folders "
+                         "from older versions or other tools); pass --split with text training did not read")
+    replicas = sorted({record["replicas"] for record in read_by_training})
+    if len(replicas) > 1:
+        raise ValueError(f"{where}, and these SAEs were trained with {replicas} data-parallel replicas, which read "
+                         "different parts of it; evaluate them separately, or pass --split")
+    sizes = local_file_sizes(data)
+    for record in read_by_training:
+        if record["file_sizes"] != sizes:
+            raise ValueError(f"{where}, and its files changed since training (sizes then {record['file_sizes']}, now "
+                             f"{sizes}), so what training read cannot be replayed; pass --split")
+    streams = []
+    for replica in range(replicas[0]):
+        positions = [record["streams"][replica] for record in read_by_training]
+        if any(position["epoch"] > 0 for position in positions):
+            continue  # that replica went past the end of its shard: it read all of it
+        furthest = max(positions, key=lambda position: position["documents_this_epoch"])
+        shard = load_text_dataset(data, rank=replica, world_size=replicas[0])
+        windows = TokenWindows(shard, tokenizer, data.ctx_len, data.text_column, loop=False)
+        try:
+            windows.load_state_dict({**furthest, "pending": []})
+        except (KeyError, ValueError, TypeError, IndexError) as error:
+            raise ValueError(f"{where}, and cfg.json's record of what training read of it does not replay "
+                             f"({type(error).__name__}: {error}); pass --split") from None
+        streams.append(windows)
+    return streams
+
+
+def _round_robin(streams: list[TokenWindows], n_windows: int) -> list[Tensor]:
+    """Up to n_windows windows taken in turn from each stream, until all run out."""
+    collected: list[Tensor] = []
+    active = list(streams)
+    while active and len(collected) < n_windows:
+        for windows in list(active):
+            try:
+                collected.append(next(windows))
+            except StopIteration:
+                active.remove(windows)
+            if len(collected) == n_windows:
+                break
+    return collected
 
 
 def held_out_split(data: DataConfig) -> tuple[str, str] | None:

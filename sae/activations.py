@@ -108,6 +108,10 @@ class LMWindowSource:
     def state_dict(self) -> dict[str, Any]:
         return self.windows.state_dict()
 
+    def text_read(self) -> dict[str, Any]:
+        """The end of the text read so far (TokenWindows.read_position), for cfg.json's `text_read`."""
+        return self.windows.read_position()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.windows.load_state_dict(state)
 

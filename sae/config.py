@@ -179,6 +179,11 @@ class TrainConfig:
     seed: int = 0
     """Seeds parameter init and the activation shuffle."""
 
+    collective_timeout_s: float = 300
+    """Under torchrun: how long a step's collective waits for a rank before the job fails (a hung
+    rank). Waits while rank 0 alone writes a checkpoint, evaluates or starts wandb are not bounded by
+    it (sae/distributed.py, MAIN_RANK_WORK_TIMEOUT)."""
+
     run_name: str = "default"
     """The run's folder under `out_dir`, and its wandb name; "auto" takes the run id that `wandb agent`
     sets (WANDB_RUN_ID), so each run of a sweep gets its own folder."""

@@ -55,6 +55,14 @@ def is_local_dataset(name: str) -> bool:
     )
 
 
+def local_file_sizes(cfg: DataConfig) -> dict[str, int] | None:
+    """{path: size in bytes} of a local dataset's files; None for the embedded corpus or a hub dataset.
+    A record of what training read (cfg.json `text_read`) is replayable only while these are unchanged."""
+    if cfg.dataset == CORPUS_NAME or not is_local_dataset(cfg.dataset):
+        return None
+    return {path: Path(path).stat().st_size for path in _local_files(cfg.dataset)}
+
+
 def _local_files(pattern: str) -> list[str]:
     """Data files for a local path: the file itself, every data file under a folder, or a glob's matches."""
     path = Path(pattern).expanduser()
@@ -71,6 +79,11 @@ def _local_files(pattern: str) -> list[str]:
     if unknown or len({_LOCAL_BUILDERS[s] for s in suffixes}) != 1:
         raise ValueError(f"{pattern}: data files must all be one of {sorted(_LOCAL_BUILDERS)}; found {sorted(suffixes)}")
     return candidates
+
+
+def read_position(windows_state: dict[str, Any]) -> dict[str, Any]:
+    """A TokenWindows state without its pending tokens: where the documents read end (see TokenWindows.read_position)."""
+    return {key: value for key, value in windows_state.items() if key != "pending"}
 
 
 class TokenWindows:
@@ -143,6 +156,13 @@ class TokenWindows:
             "dataset": copy.deepcopy(self.dataset.state_dict()),
             "pending": list(self._pending),
         }
+
+    def read_position(self) -> dict[str, Any]:
+        """Where the documents read so far end: `state_dict()` without the tokens read but not yet emitted.
+
+        A stream of the same dataset loaded from it with no pending tokens (`{**position, "pending": []}`)
+        reads only documents this one has not: what eval/data.py's held-out rule 4 replays."""
+        return read_position(self.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]

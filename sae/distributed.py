@@ -10,13 +10,18 @@ summed, dead-latent statistics OR-ed, and every rank then takes the same optimis
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+# How long the other ranks wait while rank 0 alone does slow work: writing a checkpoint (a 1M-latent
+# SAE with its Adam state is ~19 GB), held-out evals, starting or finishing its wandb run.
+MAIN_RANK_WORK_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    main_rank_wait_group: Any = field(default=None, compare=False, repr=False)
+    """A gloo group of every rank with the long MAIN_RANK_WORK_TIMEOUT, for `wait_for_main_rank`."""
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +58,10 @@ def init_distributed(timeout_s: float = 300) -> DistInfo:
             torch.cuda.set_device(local_rank)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    # On CPU (gloo) whatever the main backend: NCCL's watchdog would abort a long wait on the GPU.
+    wait_group = dist.new_group(backend="gloo", timeout=MAIN_RANK_WORK_TIMEOUT)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    main_rank_wait_group=wait_group)
 
 
 def all_reduce_sum(tensor: Tensor, info: DistInfo) -> Tensor:
@@ -115,6 +125,25 @@ def gather_objects(value: Any, info: DistInfo) -> list[Any]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def wait_for_main_rank(info: DistInfo) -> None:
+    """The barrier after work rank 0 does alone (a checkpoint write, evals, wandb): bounded by
+    MAIN_RANK_WORK_TIMEOUT rather than the collective timeout, so a slow disk does not kill a healthy
+    run. A rank that dies meanwhile still ends the job at once (torchrun stops the others)."""
+    if info.enabled:
+        dist.barrier(group=info.main_rank_wait_group)
+
+
+def every_rank(value: Tensor) -> list[float]:
+    """Each rank's scalar `value`, in rank order, on every rank: a collective over the whole job
+    (`[value]` when running alone). Used where all ranks must take the same decision."""
+    value = value.detach().float().reshape(1)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value.tolist()
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, value)
+    return torch.cat(parts).tolist()
 
 
 def shutdown(info: DistInfo) -> None:

@@ -418,6 +418,10 @@ class PlaceholderWindowSource:
     def state_dict(self) -> dict:
         return {}
 
+    def text_read(self) -> None:
+        """Nothing: the group's first rank reads the text."""
+        return None
+
     def load_state_dict(self, state: dict) -> None:
         pass
 

@@ -31,18 +31,20 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .activations import ActivationStream, LMWindowSource, capture_many, get_module, load_model_and_tokenizer
 from .config import TrainConfig, to_dict
-from .data import TokenWindows, load_text_dataset
+from .data import TokenWindows, load_text_dataset, local_file_sizes
 from .distributed import (
     DistInfo,
     all_reduce_max,
     all_reduce_sum,
     barrier,
+    every_rank,
     gather_objects,
     gather_rows,
     global_variance,
     init_distributed,
     shutdown,
     sum_gradients,
+    wait_for_main_rank,
 )
 from .members import Member, build_members, default_lr, full_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
 from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
@@ -51,7 +53,7 @@ from . import sharded
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {
     "max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device",
-    "eval_every", "eval_tokens", "eval_split",
+    "eval_every", "eval_tokens", "eval_split", "collective_timeout_s",
 }
 # Keys of the held-out eval report logged during training (as eval/KEY).
 EVAL_LOG_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
@@ -118,8 +120,10 @@ def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, 
     """The update after a forward, shared by plain and latent-sharded SAEs: check the loss, backward,
     sum gradients over ranks (`sum_grads()`), project decoder gradients, clip (`clip(max_norm)`), Adam
     step at `lr`, renormalise decoder rows. The order matters: clipping sees the projected gradient."""
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()}")
+    losses = every_rank(loss)  # every rank decides together, so none is left waiting in a collective
+    if bad := [rank for rank, value in enumerate(losses) if not math.isfinite(value)]:
+        where = f" on rank {', '.join(map(str, bad))} of {len(losses)}" if len(losses) > 1 else ""
+        raise NonFiniteLossError(f"loss is {losses[bad[0]]}{where}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sum_grads()
@@ -218,7 +222,7 @@ def train(cfg: TrainConfig) -> Path:
         if not run_id:
             raise ValueError("run_name 'auto' uses the run id `wandb agent` sets (WANDB_RUN_ID), and none is set; name the run")
         cfg = replace(cfg, run_name=run_id)
-    info = init_distributed()
+    info = init_distributed(cfg.collective_timeout_s)
     try:
         return _train(cfg, info)
     finally:
@@ -264,12 +268,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
         source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
     stream = ActivationStream(source, local_batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed, rank=layout.replica)
-    eval_windows = None
-    if cfg.eval_every > 0 and info.is_main:  # held-out text for the periodic evals (rank 0 runs them)
-        from eval.data import held_out_windows
-
-        eval_windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
-
     # ---- the SAEs and their optimisers (same seed: the same init on every rank) ----
     members = build_members(cfg, d_in_of, layout, device)
     total_steps = cfg.max_tokens // cfg.batch_size
@@ -301,14 +299,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
-    run = None
-    if info.is_main:  # only rank 0 logs and writes files
+    run = eval_windows = None
+    if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
         run_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
             project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
             dir=str(run_dir), id=wandb_id, resume="allow",
         )
         log_file = open(run_dir / "log.jsonl", "a")
+        if cfg.eval_every > 0:
+            from eval.data import held_out_windows  # eval builds on sae: imported where it is needed
+
+            eval_windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
+    wait_for_main_rank(info)
 
     # ---- the loop ----
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
@@ -367,7 +370,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                 log_file.flush()
                 tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in eval_line.items()))
             started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-            barrier(info)
+            wait_for_main_rank(info)
 
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
             streams = gather_objects(stream.state_dict(), info)
@@ -381,15 +384,23 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                     "wandb_id": run.id, "config": to_dict(cfg),
                 }
                 checkpoint.save_checkpoint(run_dir, step + 1, {**tensors, **checkpoint.rng_tensors()}, state, cfg.keep_checkpoints)
-            barrier(info)
+            wait_for_main_rank(info)
     progress.close()
 
     # ---- the final SAEs, folded to take raw activations ----
+    # What each replica's stream read of the text (its first rank reads for its shard group), so that an
+    # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
+    text_read = {
+        "replicas": layout.replicas,
+        "streams": gather_objects(source.text_read(), info)[:: layout.shards],  # collective
+        "file_sizes": local_file_sizes(cfg.data),
+    }
     for member in members:
         metadata = {
             "model": cfg.model, "hookpoint": member.hookpoint, "ctx_len": cfg.data.ctx_len,
             "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
-            "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "run_name": cfg.run_name,
+            "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "text_read": text_read,
+            "run_name": cfg.run_name,
             "variant": member.name or None, "final_metrics": {**member.metrics, **member.eval_metrics},
         }
         if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
@@ -408,7 +419,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
                       f"l0={member.metrics['l0']:.1f} dead_frac={member.metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
             print(f"saved SAE to {member.out_dir}")
         run.finish()
-    barrier(info)
+    wait_for_main_rank(info)
     return members[0].out_dir
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from launch import ENV, REPO, torchrun_command
 from sae import checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train_args(tiny_lm_dir, text_file, out_dir, run_name, steps):
@@ -79,8 +78,7 @@ def _worker_pids(torchrun_pid):
 
 def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_still_loads(tiny_lm_dir, text_file, tmp_path):
     run_dir = tmp_path / "dp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               *train_args(tiny_lm_dir, text_file, tmp_path, "dp", 100_000)]
+    command = [*torchrun_command(2), *train_args(tiny_lm_dir, text_file, tmp_path, "dp", 100_000)]
     process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: len(checkpoint.list_checkpoints(run_dir)) >= 1, 180, process), "no checkpoint written"
@@ -99,7 +97,7 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_still_loads(tiny_lm_di
 
 def test_two_rank_sigkill_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
     steps = 120
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launch = torchrun_command(2)
     subprocess.run([*launch, *train_args(tiny_lm_dir, text_file, tmp_path, "whole", steps)],
                    cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
 
@@ -121,3 +119,18 @@ def test_two_rank_sigkill_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, t
     resumed = load_file(run_dir / "transformer.h.1" / "sae.safetensors")
     for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_slow_save_is_waited_for_and_a_nan_on_one_rank_stops_every_rank(tiny_lm_dir, text_file, tmp_path):
+    """Rank 0's checkpoint write at step 5 takes 25 s, longer than the 15 s collective timeout: the run
+    goes on. At the 8th step rank 1's loss alone is NaN: both ranks stop by themselves, with one message."""
+    args = train_args(tiny_lm_dir, text_file, tmp_path, "nan", 20)[1:]  # without "train.py"
+    command = [*torchrun_command(2), "tests/fault_train_worker.py", str(tmp_path), "1", "8", "25", *args,
+               "--collective_timeout_s=15"]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    exits = [tmp_path / f"exit-rank{rank}.txt" for rank in (0, 1)]
+    assert all(path.exists() for path in exits), result.stderr[-3000:]  # rank 0 was not killed waiting
+    message = exits[0].read_text()
+    assert exits[1].read_text() == message
+    assert "loss is nan on rank 1 of 2 at step 7" in message and message.endswith("step-00000005")

@@ -3,8 +3,6 @@ process; the gathered SAE is one ordinary SAE folder. The checks themselves run 
 tests/sharded_worker.py (it fails on any mismatch); here we launch it and check what it wrote."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,20 +10,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from launch import REPO, run_script
 from sae import SparseAutoencoder
 from sae.distributed import DistInfo
 from sae.sharded import ShardLayout
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = "tests/sharded_worker.py"
 
 
 def torchrun_worker(out_dir: Path, nproc: int, shards: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               WORKER, str(out_dir), shards]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_script([WORKER, str(out_dir), shards], nproc=nproc)
     return json.loads((out_dir / "summary.json").read_text())
 
 

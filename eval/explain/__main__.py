@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {error}") from None
     _, tokenizer = load_model_and_tokenizer(cfg.model)
     data = DataConfig(dataset=cfg.dataset, ctx_len=cfg.ctx_len, data_dir=cfg.data_dir)
-    windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split, tokens_trained=None)
+    windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split)
     backend = make_backend(cfg.simulator_url, cfg.simulator_model, api_key_env=cfg.api_key_env,
                            concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir)
     simulators = SimulatorSet(cfg.simulators, backend)

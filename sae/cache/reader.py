@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..data import read_position
 from .format import (
     _SAFETENSORS_DTYPES,
     CacheError,
@@ -223,6 +224,11 @@ class CachedWindows:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: the next window to hand out and the number of full passes made."""
         return {"next_window": self.next_window, "epoch": self.epoch}
+
+    def text_read(self) -> dict[str, Any]:
+        """The end of the text the cache was built from (its token stream's read position): a run
+        reading the cache read at most that much text, in a one-process stream's order."""
+        return read_position(self.cache.manifest["windows_state"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not 0 <= state["next_window"] < self.cache.n_windows:

@@ -1,19 +1,15 @@
 """`python -m eval`: the report of a trained embedded SAE, several SAEs at once, held-out text, wandb."""
 
 import json
-import math
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from eval.__main__ import main
-from eval.data import held_out_windows, resolve_model_path
-from sae.config import DataConfig
-from sae.data import TokenWindows, load_text_dataset
+from eval.data import resolve_model_path
 from sae.embedded import EMBEDDED_MODEL_DIR
 from sae.model import read_sae_metadata
 
@@ -93,36 +89,6 @@ def test_wandb_writes_the_report_into_the_training_run(embedded_sae_dir):
                for item in record.summary.update}
     assert summary["eval/ce_recovered"] == pytest.approx(report["ce_recovered"])
     assert summary["eval/fvu"] == pytest.approx(report["fvu"])
-
-
-def local_sae(tmp_path, tiny_lm_dir, text_file, tokens_trained) -> Path:
-    """A random SAE saved as if trained on the local text file's first `tokens_trained` tokens."""
-    metadata = {"model": str(tiny_lm_dir), "hookpoint": "transformer.h.1", "ctx_len": 16,
-                "dataset": str(text_file), "split": "train", "tokens_trained": tokens_trained}
-    return random_sae(32).save(tmp_path / "sae", metadata=metadata)
-
-
-def test_without_a_held_out_split_eval_reads_past_what_training_read(tiny_lm_dir, text_file, tmp_path, tiny_lm):
-    _, tokenizer = tiny_lm
-    data = DataConfig(dataset=str(text_file), ctx_len=16)
-    windows, source = held_out_windows(data, tokenizer, n_tokens=160, tokens_trained=1000)
-    assert "after the first 1,000 tokens" in source["held_out"] and windows.shape == (10, 16)
-    stream = TokenWindows(load_text_dataset(data), tokenizer, 16, loop=False)
-    read_by_training = [next(stream) for _ in range(math.ceil(1000 / 16))]
-    assert torch.equal(windows[0], next(stream))
-    assert not any(torch.equal(window, seen) for window in windows for seen in read_by_training)
-
-    [report] = main([str(local_sae(tmp_path, tiny_lm_dir, text_file, 1000)), "--tokens", "320"])
-    assert "after the first 1,000 tokens" in report["data"]["held_out"]
-
-
-def test_no_held_out_text_is_a_clear_error(tiny_lm_dir, text_file, tmp_path, tiny_lm):
-    _, tokenizer = tiny_lm
-    data = DataConfig(dataset=str(text_file), ctx_len=16)
-    with pytest.raises(ValueError, match="no held-out split"):
-        held_out_windows(data, tokenizer, n_tokens=160, tokens_trained=None)
-    with pytest.raises(ValueError, match="no held-out text"):  # training looped over the whole file
-        main([str(local_sae(tmp_path, tiny_lm_dir, text_file, 10**7))])
 
 
 def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
