@@ -244,6 +244,14 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name
 
+    def provenance(self, hookpoint: str) -> dict[str, Any]:
+        """What an SAE of this run at `hookpoint` was trained on, for its cfg.json: the LM, the hookpoint
+        and the text (`python -m eval` reads these to find the model and the held-out text)."""
+        return {
+            "model": self.model, "hookpoint": hookpoint, "ctx_len": self.data.ctx_len, "dataset": self.data.dataset,
+            "dataset_config": self.data.dataset_config, "split": self.data.split, "text_column": self.data.text_column,
+        }
+
 
 class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type."""

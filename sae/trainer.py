@@ -397,11 +397,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     }
     for member in members:
         metadata = {
-            "model": cfg.model, "hookpoint": member.hookpoint, "ctx_len": cfg.data.ctx_len,
-            "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config, "split": cfg.data.split,
-            "text_column": cfg.data.text_column, "tokens_trained": tokens_seen, "text_read": text_read,
-            "run_name": cfg.run_name,
-            "variant": member.name or None, "final_metrics": {**member.metrics, **member.eval_metrics},
+            **cfg.provenance(member.hookpoint), "tokens_trained": tokens_seen, "text_read": text_read,
+            "run_name": cfg.run_name, "variant": member.name or None,
+            "final_metrics": {**member.metrics, **member.eval_metrics},
         }
         if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)

@@ -1,0 +1,189 @@
+"""The peer quality benchmark: our SAE against EleutherAI sparsify's and SAELens's, on identical activations.
+
+    python -m eval.peers                                          # embedded default, k=16, 2M tokens
+    python -m eval.peers --ks "[8, 16, 32, 64]" --hookpoints "[transformer.h.1, transformer.h.2]"
+    python -m eval.peers --systems "[ours, ours --grad_clip=0, sparsify]"      # an ablation of ours
+
+One activation cache of `--train_config`'s model and text (all hookpoints, one LM forward per batch),
+then for every hookpoint, k and system: train on the same rows in the same order (our trainer's order
+of that cache, eval/peers/rows.py) for the same tokens, writing an SAE folder every
+`--checkpoint_tokens`. Each peer uses its own trainer with its own defaults: sparsify's `Trainer`
+(eval/peers/sparsify_trainer.py) and SAELens's `SAETrainer` with its TopK SAE (eval/peers/saelens.py).
+A system of the form "ours --key=value ..." is ours with those config overrides (for ablations).
+Then one `python -m eval` pass scores every folder on the same held-out tokens; the table (markdown,
+also in OUT/report.md, and OUT/report.json) has held-out fvu, delta CE, KL, dead fraction and L0 at
+every checkpoint, with each run's wall and CPU seconds. Runs already in OUT are reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sae.cache import ActivationCache, build_cache
+from sae.config import ConfigError, TrainConfig, parse_args
+
+from ..__main__ import EvalConfig, run_eval
+from .ours import train_ours
+from .rows import shared_batches
+
+PEERS = ("sparsify", "saelens")
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """Options of `python -m eval.peers`."""
+
+    train_config: str = "configs/default.yaml"
+    """Our run's config: model, text, SAE width, batch size, shuffle buffer, seed, and our defaults."""
+
+    hookpoints: tuple[str, ...] = ()
+    """Hookpoints to benchmark; empty: the config's."""
+
+    ks: tuple[int, ...] = ()
+    """k values to benchmark; empty: the config's."""
+
+    systems: tuple[str, ...] = ("ours", "sparsify", "saelens")
+    """"ours", "ours --key=value ..." (ours with config overrides), "sparsify", "saelens"."""
+
+    tokens: int = 2_000_000
+    """Training tokens per run (rounded down to whole batches)."""
+
+    checkpoint_tokens: int = 500_000
+    """Tokens between the SAE folders written and scored (rounded down to whole batches)."""
+
+    eval_tokens: int = 131072
+    """Held-out tokens to score on (fewer if the held-out text is shorter)."""
+
+    out: str = "runs/peers"
+    """Folder of the cache, the runs and the report."""
+
+
+def system_label(system: str) -> str:
+    """A folder name for a system spec: "ours --grad_clip=0" -> "ours_grad_clip=0"."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", system.replace("--", "")).strip("_")
+
+
+def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
+    """Our config for one run of the benchmark: the file's, the system's overrides, this hookpoint and k."""
+    name, *overrides = system.split()
+    if name != "ours" and overrides:
+        raise ConfigError(f"system '{system}': only 'ours' takes config overrides")
+    cfg = parse_args(["--config", train_config, *overrides], TrainConfig)
+    return replace(cfg, hookpoint=hookpoint, sae=replace(cfg.sae, k=k), max_tokens=tokens, eval_every=0,
+                   wandb_mode="disabled", resume=False, data=replace(cfg.data, activation_cache=str(cache)))
+
+
+def checkpoint_steps(tokens: int, checkpoint_tokens: int, batch_size: int) -> list[int]:
+    """Steps after which a run of `tokens` writes an SAE folder: every checkpoint_tokens, and the last step."""
+    steps, every = tokens // batch_size, checkpoint_tokens // batch_size
+    if every < 1 or steps < every:
+        raise ConfigError(f"--tokens {tokens:,} and --checkpoint_tokens {checkpoint_tokens:,} must each hold at least "
+                          f"one batch of {batch_size:,}, and checkpoints no more than the run")
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: Path, out_dir: Path) -> dict:
+    """Train one system once (or reuse OUT's earlier run of it):
+    {"folders": {tokens trained: folder}, "wall_s", "cpu_s"} (the time of the whole run)."""
+    record = out_dir / "run.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    # a peer takes from our config only what defines the task: data order, width, batch size, seed
+    train_cfg = run_config(cfg.train_config, system if system.startswith("ours") else "ours", hookpoint, k,
+                           cfg.tokens, cache)
+    steps = checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, train_cfg.batch_size)
+    wall, cpu = time.perf_counter(), time.process_time()
+    if system.startswith("ours"):
+        folders = train_ours(train_cfg, steps, out_dir)
+    else:
+        batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
+        d_in = ActivationCache(cache).d_in_of[hookpoint]
+        metadata = {**train_cfg.provenance(hookpoint), "run_name": system}
+        folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, d_in, train_cfg.sae.n_latents, k,
+                                        steps, out_dir, metadata, seed=train_cfg.seed)
+    result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
+              "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    record.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _peer_trainer(system: str):
+    if system == "sparsify":
+        from .sparsify_trainer import train_sparsify
+
+        return train_sparsify
+    if system == "saelens":
+        from .saelens import train_saelens
+
+        return train_saelens
+    raise ConfigError(f"unknown system '{system}'; systems are 'ours' (with optional --key=value overrides), {', '.join(PEERS)}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | dead | L0 | train wall s | train CPU s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        times = (f"{row['wall_s']:.0f} | {row['cpu_s']:.0f}" if row["final"] else " | ")
+        lines.append(f"| {row['hookpoint']} | {row['k']} | {row['system']} | {row['tokens']:,} | {row['fvu']:.4f} | "
+                     f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['dead_frac']:.3f} | {row['l0']:.1f} | {times} |")
+    return "\n".join(lines)
+
+
+def benchmark(cfg: PeersConfig) -> list[dict]:
+    base = parse_args(["--config", cfg.train_config], TrainConfig)
+    hookpoints = list(cfg.hookpoints or [base.hookpoint])
+    ks = list(cfg.ks or [base.sae.k])
+    checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
+    for system in cfg.systems:  # a bad system spec fails before any work
+        if system.startswith("ours"):
+            run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
+        else:
+            _peer_trainer(system)
+    out = Path(cfg.out)
+    cache = out / "cache"
+    build_cache(replace(base, max_tokens=cfg.tokens, hookpoint=hookpoints[0]), cache, hookpoints=hookpoints)
+
+    runs = []
+    for hookpoint in hookpoints:
+        for k in ks:
+            for system in cfg.systems:
+                print(f"== {hookpoint} k={k} {system}")
+                result = train_system(cfg, system, hookpoint, k, cache, out / hookpoint / f"k{k}" / system_label(system))
+                runs.append({"hookpoint": hookpoint, "k": k, "system": system, **result})
+    folders = [folder for run in runs for folder in run["folders"].values()]
+    reports = {report["sae"]: report for report in run_eval(EvalConfig(tokens=cfg.eval_tokens, data_dir=base.data.data_dir), folders)}
+    rows = []
+    for run in runs:
+        last = max(run["folders"], key=int)
+        for tokens, folder in run["folders"].items():
+            report = reports[folder]
+            rows.append({"hookpoint": run["hookpoint"], "k": run["k"], "system": run["system"], "tokens": int(tokens),
+                         "final": tokens == last, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "sae": folder,
+                         "held_out": report["data"]["held_out"],
+                         **{key: report[key] for key in ("fvu", "delta_ce", "kl", "dead_frac", "l0", "ce_clean")}})
+    table = markdown_table(rows)
+    (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"held-out text: {rows[0]['held_out']}; ce_clean={rows[0]['ce_clean']:.4f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--help"], ["-h"]):
+        print(__doc__)
+        raise SystemExit(0)
+    try:
+        return benchmark(parse_args(argv, PeersConfig))
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

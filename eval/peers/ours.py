@@ -1,0 +1,37 @@
+"""Our SAE in the benchmark: `sae.trainer.train` on the cache, its checkpoints exported as SAE folders."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sae import checkpoint
+from sae.cache import ActivationCache
+from sae.config import TrainConfig
+from sae.members import build_members, load_member
+from sae.sharded import ShardLayout
+from sae.trainer import train
+
+
+def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path) -> dict[int, Path]:
+    """Train `cfg` (its `data.activation_cache` set) with a checkpoint every checkpoint_steps[0] steps;
+    write each as an SAE folder out_dir/step-N (folded to raw activations, like the final one); {step: folder}."""
+    every = checkpoint_steps[0]
+    if any(step % every for step in checkpoint_steps):
+        raise ValueError(f"checkpoint steps {checkpoint_steps} must be multiples of the first")
+    cfg = replace(cfg, out_dir=str(out_dir), run_name="run", save_every=every, keep_checkpoints=len(checkpoint_steps) + 1)
+    train(cfg)
+    cache = ActivationCache(cfg.data.activation_cache)
+    folders = {}
+    for path in checkpoint.list_checkpoints(cfg.run_dir):
+        tensors, state = checkpoint.load_checkpoint(path)
+        if state["step"] not in checkpoint_steps:
+            continue
+        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, ShardLayout(0, 1), torch.device("cpu"))
+        load_member(member, tensors, state["members"][member.name], ShardLayout(0, 1))
+        metadata = {**cfg.provenance(cfg.hookpoint), "system": "ours", "tokens_trained": state["tokens_seen"]}
+        folders[state["step"]] = member.sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,
+                                                 metadata=metadata)
+    return folders
