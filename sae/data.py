@@ -63,6 +63,13 @@ def local_file_sizes(cfg: DataConfig) -> dict[str, int] | None:
     return {path: Path(path).stat().st_size for path in _local_files(cfg.dataset)}
 
 
+def text_read_record(positions: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
+    """cfg.json's `text_read`: where each data-parallel replica's stream stopped reading (its
+    `TokenWindows.read_position`, in replica order) and the local files' sizes then. eval/data.py's
+    held-out rule 4 replays it."""
+    return {"replicas": len(positions), "streams": positions, "file_sizes": local_file_sizes(cfg)}
+
+
 def _local_files(pattern: str) -> list[str]:
     """Data files for a local path: the file itself, every data file under a folder, or a glob's matches."""
     path = Path(pattern).expanduser()

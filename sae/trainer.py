@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .activations import ActivationStream, LMWindowSource, capture_many, get_module, load_model_and_tokenizer
 from .config import TrainConfig, to_dict
-from .data import TokenWindows, load_text_dataset, local_file_sizes
+from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import (
     DistInfo,
     all_reduce_max,
@@ -390,11 +390,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
     # ---- the final SAEs, folded to take raw activations ----
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
-    text_read = {
-        "replicas": layout.replicas,
-        "streams": gather_objects(source.text_read(), info)[:: layout.shards],  # collective
-        "file_sizes": local_file_sizes(cfg.data),
-    }
+    text_read = text_read_record(gather_objects(source.text_read(), info)[:: layout.shards], cfg.data)  # collective
     for member in members:
         metadata = {
             **cfg.provenance(member.hookpoint), "tokens_trained": tokens_seen, "text_read": text_read,

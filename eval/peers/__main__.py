@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sae.cache import ActivationCache, build_cache
+from sae.cache import ActivationCache, CachedWindows, build_cache
+from sae.data import text_read_record
 from sae.config import ConfigError, TrainConfig, parse_args
 
 from ..__main__ import EvalConfig, run_eval
@@ -103,7 +104,8 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     else:
         batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
         d_in = ActivationCache(cache).d_in_of[hookpoint]
-        metadata = {**train_cfg.provenance(hookpoint), "run_name": system}
+        metadata = {**train_cfg.provenance(hookpoint), "run_name": system,
+                    "text_read": text_read_record([CachedWindows(ActivationCache(cache)).text_read()], train_cfg.data)}
         folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, d_in, train_cfg.sae.n_latents, k,
                                         steps, out_dir, metadata, seed=train_cfg.seed)
     result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
@@ -140,7 +142,7 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     ks = list(cfg.ks or [base.sae.k])
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
     for system in cfg.systems:  # a bad system spec fails before any work
-        if system.startswith("ours"):
+        if system.split()[0] == "ours" or len(system.split()) > 1:
             run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
         else:
             _peer_trainer(system)

@@ -1,0 +1,104 @@
+"""python -m eval.peers: every system trains on the batches our trainer reads, is saved at each
+checkpoint as the state after exactly that many steps, and is scored on one held-out text."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from eval.peers.__main__ import main
+from eval.peers.ours import train_ours
+from eval.peers.rows import shared_batches
+from sae.activations import ActivationStream
+from sae.cache import build_cache
+from sae.config import parse_args
+
+pytest.importorskip("sparsify")
+pytest.importorskip("sae_lens")
+
+
+@pytest.fixture
+def train_config(tmp_path, tiny_lm_dir, text_file) -> Path:
+    """A YAML run config of the tiny LM on the local text file (no held-out split: rule 4 applies)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_lm_dir), "hookpoint": "transformer.h.1",
+        "sae": {"n_latents": 64, "k": 4, "k_aux": 8, "dead_tokens": 2000},
+        "data": {"dataset": str(text_file), "ctx_len": 16, "shuffle_buffer_tokens": 512},
+        "batch_size": 128, "lr_warmup_steps": 2, "log_every": 3,
+    }))
+    return path
+
+
+def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_config, tmp_path, capsys):
+    systems = ["ours", "ours --grad_clip=0 --lr=0.01", "sparsify", "saelens"]
+    argv = ["--train_config", str(train_config), "--systems", json.dumps(systems), "--tokens", str(128 * 6),
+            "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--out", str(tmp_path / "peers")]
+    rows = main(argv)
+    assert [(row["system"], row["tokens"]) for row in rows] == [(s, t) for s in systems for t in (384, 768)]
+    assert len({row["held_out"] for row in rows}) == 1 and "past what training read" in rows[0]["held_out"]
+    for row in rows:
+        assert all(torch.isfinite(torch.tensor(row[key])) for key in ("fvu", "delta_ce", "kl")), row
+        assert row["l0"] <= 4 and 0 <= row["dead_frac"] <= 1
+    fvu = {(row["system"], row["tokens"]): row["fvu"] for row in rows}
+    assert fvu[("ours", 768)] != fvu[("ours --grad_clip=0 --lr=0.01", 768)]  # the overrides took effect
+    assert "| transformer.h.1 | 4 | sparsify | 768 |" in (tmp_path / "peers" / "report.md").read_text()
+
+    runs = {row["sae"]: row["wall_s"] for row in rows}
+    capsys.readouterr()
+    again = main(argv)  # trained runs are reused, not retrained
+    assert {row["sae"]: row["wall_s"] for row in again} == runs and "== transformer.h.1" in capsys.readouterr().out
+
+
+def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
+    with pytest.raises(SystemExit, match="unknown system 'sparsfy'"):
+        main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
+    with pytest.raises(SystemExit, match="only 'ours' takes config overrides"):
+        main(["--train_config", str(train_config), "--systems", "[sparsify --lr=1]", "--out", str(tmp_path / "peers")])
+    assert not (tmp_path / "peers").exists()
+
+
+def test_peers_read_exactly_the_batches_our_trainer_trains_on(train_config, tmp_path, monkeypatch):
+    cfg = parse_args(["--config", str(train_config), "--max_tokens", str(128 * 6)])
+    build_cache(cfg, tmp_path / "cache", progress=False)
+    cfg = parse_args(["--config", str(train_config), "--max_tokens", str(128 * 6), "--data.activation_cache",
+                      str(tmp_path / "cache")])
+    trained_on, next_batch = [], ActivationStream.__next__
+
+    def recording_next(self):
+        batch = next_batch(self)
+        trained_on.append(batch["transformer.h.1"])
+        return batch
+
+    monkeypatch.setattr(ActivationStream, "__next__", recording_next)
+    folders = train_ours(cfg, [3, 6], tmp_path / "ours")
+    monkeypatch.undo()
+    assert sorted(folders) == [3, 6] and len(trained_on) == 6
+    peers = shared_batches(tmp_path / "cache", "transformer.h.1", 128, 512, cfg.seed)
+    for ours in trained_on:
+        assert torch.equal(next(peers), ours)
+    # the exported last checkpoint is the trainer's own final SAE folder
+    final = load_file(tmp_path / "ours" / "run" / "transformer.h.1" / "sae.safetensors")
+    exported = load_file(folders[6] / "sae.safetensors")
+    assert final.keys() == exported.keys() and all(torch.equal(final[name], exported[name]) for name in final)
+
+
+def test_a_sparsify_checkpoint_is_the_state_after_that_many_steps(tmp_path):
+    from eval.peers.sparsify_trainer import train_sparsify
+
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randn(4, 64, 16, generator=generator) * torch.linspace(0.1, 3, 16)
+
+    def run(steps, checkpoints, out):
+        return train_sparsify(iter(batches), steps, 64, 16, 48, 4, checkpoints, tmp_path / out, {"model": "m"})
+
+    long_run, short_run = run(4, [2, 4], "long"), run(2, [2], "short")
+    assert sorted(long_run) == [2, 4] and sorted(short_run) == [2]
+    at_two, short = load_file(long_run[2] / "sae.safetensors"), load_file(short_run[2] / "sae.safetensors")
+    for name in short:  # equal up to rounding (sparsify renormalises W_dec around its own saves)
+        torch.testing.assert_close(at_two[name], short[name], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(at_two["W_dec"], load_file(long_run[4] / "sae.safetensors")["W_dec"])
+    assert json.loads((long_run[4] / "cfg.json").read_text())["tokens_trained"] == 4 * 64
