@@ -154,8 +154,12 @@ class TrainConfig:
     max_tokens: int = 4_000_000
     """Training tokens in total."""
 
+    optimizer: Literal["adam", "schedule_free_adam"] = "adam"
+    """"adam": Adam (Gao et al.). "schedule_free_adam": schedule-free AdamW without weight decay
+    (Defazio et al. 2024); its SAEs are the averaged iterate (sae/members.py, `evaluation_sae`)."""
+
     lr: float | None = None
-    """Adam learning rate; None uses Gao et al.'s 2e-4 / sqrt(n_latents / 2^14)."""
+    """Learning rate; None uses `sae.members.default_lr` for the optimizer and width."""
 
     lr_warmup_steps: int = 100
     """Linear warmup steps."""

@@ -7,10 +7,12 @@ that difference from the training loop (gathering to rank 0 where a whole SAE is
 
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -20,9 +22,29 @@ from .config import TrainConfig
 from .model import SparseAutoencoder
 
 
-def default_lr(n_latents: int) -> float:
-    """Gao et al.'s learning-rate scaling: 2e-4 at 2^14 latents, proportional to 1/sqrt(n_latents)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
+def default_lr(n_latents: int, optimizer: str = "adam") -> float:
+    """Learning rate proportional to 1/sqrt(n_latents) (Gao et al.'s scaling in the width).
+
+    adam: Gao et al.'s 2e-4 at 2^14 latents. schedule_free_adam: 5.66e-3 at 2^14 latents (1.6e-2 at
+    2048), the best of 4e-3, 8e-3, 1.6e-2 and 3.2e-2 on the peer benchmark (README)."""
+    at_2_14 = {"adam": 2e-4, "schedule_free_adam": 5.66e-3}[optimizer]
+    return at_2_14 / math.sqrt(n_latents / 2**14)
+
+
+def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+    """The optimiser `TrainConfig.optimizer` names, over `parameters`, at `lr` (the trainer sets the
+    lr of every step itself: warmup, decay)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    if name == "schedule_free_adam":
+        import schedulefree
+
+        # Defazio et al. 2024, "The Road Less Scheduled": gradients are taken at y, an interpolation
+        # between the Adam iterate z and the running average x, which is what gets evaluated.
+        optimizer = schedulefree.AdamWScheduleFree(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, weight_decay=0.0)
+        optimizer.train()
+        return optimizer
+    raise ValueError(f"unknown optimizer '{name}'")
 
 
 @dataclass
@@ -67,8 +89,8 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
             sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
         else:
             sae = SparseAutoencoder(sae_cfg, device=device)
-        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, cfg.optimizer)
+        optimizer = make_optimizer(cfg.optimizer, sae.parameters(), base_lr)
         n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)
         members.append(Member(name, hookpoint, sae, optimizer, base_lr,
@@ -105,6 +127,38 @@ def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any
         checkpoint.optimizer_from_flat(member.optimizer, own, state["optimizer"])
         member.tokens_since_fired.copy_(own["tokens_since_fired"])
     member.input_scale = state["input_scale"]
+
+
+@contextmanager
+def averaged_weights(member: Member) -> Iterator[None]:
+    """Inside, the member's SAE holds the weights its optimiser evaluates: for schedule-free Adam the
+    average x (its `eval()`), else the weights themselves. The swap back (`train()`) is not bitwise
+    exact, so it is used only where every run of the same config does it at the same steps (held-out
+    evals, the final save), never around checkpoints, which keep the training weights y."""
+    swaps = hasattr(member.optimizer, "eval") and hasattr(member.optimizer, "train")
+    if swaps:
+        member.optimizer.eval()
+    try:
+        yield
+    finally:
+        if swaps:
+            member.optimizer.train()
+
+
+def evaluation_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:
+    """A copy of the member's whole SAE as it is evaluated and saved (in training scale): its
+    optimiser's evaluated weights (`averaged_weights`) with the decoder rows renormalised to unit
+    norm. On rank 0 (None elsewhere); collective under latent sharding.
+
+    An average of unit-norm rows is shorter than one; renormalising keeps the saved format's unit-norm
+    decoder, and on the peer benchmark it is much better than the raw average: schedule-free Adam's
+    held-out fvu at 2M tokens was 0.107 with it, 0.193 without."""
+    with averaged_weights(member):
+        sae = full_sae(member, layout)
+        sae = copy.deepcopy(sae) if sae is not None and layout.shards == 1 else sae
+    if sae is not None and sae.cfg.normalize_decoder:
+        sae.set_decoder_norm_to_unit_norm()
+    return sae
 
 
 def full_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:

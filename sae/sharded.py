@@ -53,7 +53,6 @@ slices such a dict back on every rank; `sae_from_full_state` makes the `SparseAu
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -587,13 +586,3 @@ def sae_from_full_state(full: dict[str, Tensor], cfg: SaeConfig) -> SparseAutoen
     sae = SparseAutoencoder(cfg, device="meta")
     sae.load_state_dict({name: full[name] for name in PARAMETER_NAMES}, assign=True)
     return sae
-
-
-def save_full(sae: ShardedSparseAutoencoder, path: str | Path, input_scale: float = 1.0,
-              metadata: dict[str, Any] | None = None) -> Path | None:
-    """Gather the parameters and write one ordinary SAE folder (`SparseAutoencoder.save`) from rank 0.
-    Call on every rank; returns the path on rank 0, None elsewhere."""
-    full = gather_full_state(sae)
-    if full is None:
-        return None
-    return sae_from_full_state(full, sae.cfg).save(path, input_scale=input_scale, metadata=metadata)

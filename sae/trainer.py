@@ -46,7 +46,7 @@ from .distributed import (
     sum_gradients,
     wait_for_main_rank,
 )
-from .members import Member, build_members, default_lr, full_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
+from .members import Member, build_members, default_lr, evaluation_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
 from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
 from . import sharded
 
@@ -359,7 +359,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
             eval_started = time.perf_counter()
             for member in members:
-                sae = full_sae(member, layout)  # collective under sharding
+                sae = evaluation_sae(member, layout)  # collective under sharding
                 if info.is_main:
                     member.eval_metrics = held_out_eval(sae, member.input_scale, model, eval_windows, member.hookpoint,
                                                         cfg.data.lm_batch_windows)
@@ -399,10 +399,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         }
         if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)
-        if layout.shards > 1:  # collective: gathers one ordinary SAE folder, written by rank 0
-            sharded.save_full(member.sae, member.out_dir, input_scale=member.input_scale, metadata=metadata)
-        elif info.is_main:
-            member.sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
+        sae = evaluation_sae(member, layout)  # collective under sharding: one ordinary SAE, on rank 0
+        if info.is_main:
+            sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
     if info.is_main:
         log_file.close()
         for member in members:

@@ -7,7 +7,7 @@ layout divides, every rank trains a sharded SAE on its replica's rows of fixed g
 beside it, a single-process `SparseAutoencoder` on the whole global batches with the trainer's own
 `training_step` / `initialize_from_first_batch`. It checks the selection at
 every step and the parameters, Adam state and dead counters at the end, writes the gathered SAE
-(`save_full`) and the reference as ordinary SAE folders, and continues one step from the gathered
+(`sae_from_full_state`) and the reference as ordinary SAE folders, and continues one step from the gathered
 state loaded into a fresh sharded SAE. Any mismatch fails an assert (non-zero exit); rank 0 writes
 OUT_DIR/summary.json for the test's own checks.
 """
@@ -30,7 +30,7 @@ from sae.sharded import (
     gather_full_state,
     initialize_from_first_batch,
     load_from_full_state,
-    save_full,
+    sae_from_full_state,
     training_step,
 )
 
@@ -104,7 +104,8 @@ def run_case(name, spec, layout, info, out_dir):
     # one full state (params + Adam + counters) on rank 0, named as a single-process run's
     full = gather_full_state(sae, opt, extra={"tokens_since_fired": counters})
     path = out_dir / tag
-    folder = save_full(sae, path / "sharded", input_scale=scale, metadata={"layout": tag})
+    folder = sae_from_full_state(full, sae.cfg).save(path / "sharded", input_scale=scale, metadata={"layout": tag}) \
+        if layout.is_main else None
     if layout.is_main:
         ref_flat, _ = checkpoint.optimizer_to_flat(ref_opt)
         expected = {**ref.state_dict(), **ref_flat, "tokens_since_fired": ref_counters}

@@ -88,18 +88,41 @@ def test_auxk_revives_dead_latents(tiny_lm_dir, text_file, tmp_path):
     assert any(entry["auxk_loss"] > 0 for entry in log if entry["dead_frac"] > 0)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
-    full = train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="full"))
+@pytest.mark.parametrize("optimizer, state_names", [
+    ("adam", ("optimizer.0.exp_avg_sq", "optimizer.2.exp_avg")),
+    ("schedule_free_adam", ("optimizer.0.exp_avg_sq", "optimizer.2.z")),
+])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path, optimizer, state_names):
+    config = lambda **values: tiny_config(tiny_lm_dir, text_file, tmp_path, optimizer=optimizer, **values)  # noqa: E731
+    full = train(config(run_name="full"))
     # "Stop" after 20 of 40 steps (the last checkpoint is at step 20), then resume to the end.
-    train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="split", max_tokens=128 * 20))
-    resumed = train(tiny_config(tiny_lm_dir, text_file, tmp_path, run_name="split", resume=True))
+    train(config(run_name="split", max_tokens=128 * 20))
+    resumed = train(config(run_name="split", resume=True))
     full_tensors, resumed_tensors = load_file(full / "sae.safetensors"), load_file(resumed / "sae.safetensors")
     for name, tensor in full_tensors.items():
         assert torch.equal(tensor, resumed_tensors[name]), name
     full_state, _ = checkpoint.load_checkpoint(checkpoint.list_checkpoints(full.parent)[-1])
     resumed_state, _ = checkpoint.load_checkpoint(checkpoint.list_checkpoints(resumed.parent)[-1])
-    for name in ("tokens_since_fired", "optimizer.0.exp_avg_sq", "optimizer.2.exp_avg"):
+    for name in ("tokens_since_fired", *state_names):
         assert torch.equal(full_state[name], resumed_state[name]), name
+
+
+def test_a_schedule_free_run_saves_its_averaged_weights_with_unit_norm_decoder_rows(tiny_lm_dir, text_file, tmp_path):
+    """Defazio et al.'s x = (y - (1 - beta1) z) / beta1 from the last checkpoint's training weights y and
+    Adam iterate z, decoder rows renormalised, folded: exactly the saved SAE (never y itself)."""
+    sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, optimizer="schedule_free_adam", lr=3e-2))
+    tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(sae_dir.parent)[-1])
+    assert state["step"] == 40
+    names = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]  # the optimiser's parameter order
+    order = [name for name, _ in SparseAutoencoder(SaeConfig(d_in=32, n_latents=128)).named_parameters()]
+    averaged = {name: tensors[name].lerp(tensors[f"optimizer.{order.index(name)}.z"], 1 - 1 / 0.9) for name in names}
+    averaged["W_dec"] /= averaged["W_dec"].norm(dim=1, keepdim=True)
+    scale = state["members"][""]["input_scale"]
+    expected = {**averaged, "encoder.bias": averaged["encoder.bias"] / scale, "b_dec": averaged["b_dec"] / scale}
+    saved = load_file(sae_dir / "sae.safetensors")
+    for name in names:
+        torch.testing.assert_close(saved[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(saved["W_dec"], tensors["W_dec"], atol=1e-3)  # not the training weights y
 
 
 def test_existing_run_needs_resume_and_resume_rejects_a_changed_config(tiny_lm_dir, text_file, tmp_path):
@@ -164,6 +187,9 @@ def test_lr_schedule():
     assert trainer.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
     assert trainer.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
     assert trainer.default_lr(2**14) == pytest.approx(2e-4) and trainer.default_lr(2**16) == pytest.approx(1e-4)
+    # schedule-free Adam: the benchmark's best at 2048 latents, with the same 1/sqrt(n_latents) scaling
+    assert trainer.default_lr(2048, "schedule_free_adam") == pytest.approx(1.6e-2, rel=1e-3)
+    assert trainer.default_lr(8192, "schedule_free_adam") == pytest.approx(8e-3, rel=1e-3)
 
 
 def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():

@@ -11,7 +11,7 @@ from sae import checkpoint
 from sae.cache import ActivationCache, CachedWindows
 from sae.config import TrainConfig
 from sae.data import text_read_record
-from sae.members import build_members, load_member
+from sae.members import build_members, evaluation_sae, load_member
 from sae.sharded import ShardLayout
 from sae.trainer import train
 
@@ -30,10 +30,12 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path) -> 
         tensors, state = checkpoint.load_checkpoint(path)
         if state["step"] not in checkpoint_steps:
             continue
-        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, ShardLayout(0, 1), torch.device("cpu"))
-        load_member(member, tensors, state["members"][member.name], ShardLayout(0, 1))
+        layout = ShardLayout(0, 1)
+        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, layout, torch.device("cpu"))
+        load_member(member, tensors, state["members"][member.name], layout)
         metadata = {**cfg.provenance(cfg.hookpoint), "system": "ours", "tokens_trained": state["tokens_seen"],
                     "text_read": text_read_record([CachedWindows(cache).text_read()], cfg.data)}
-        folders[state["step"]] = member.sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,
-                                                 metadata=metadata)
+        sae = evaluation_sae(member, layout)  # what the trainer's final save writes
+        folders[state["step"]] = sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,
+                                          metadata=metadata)
     return folders
