@@ -139,7 +139,7 @@ class TrainConfig:
     hookpoint: str = "transformer.h.2"
     """Module whose output is the residual stream to encode (GPT-2: `transformer.h.8`)."""
 
-    sae: SaeConfig = field(default_factory=lambda: SaeConfig(n_latents=2048, k=16, k_aux=256, dead_tokens=500_000))
+    sae: SaeConfig = field(default_factory=lambda: SaeConfig(n_latents=2048, k=16, k_aux=256, dead_tokens=20_000))
     """The SAE. The default suits the embedded model (Gao et al. use dead_tokens=10M on larger runs)."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,15 +154,15 @@ class TrainConfig:
     max_tokens: int = 4_000_000
     """Training tokens in total."""
 
-    optimizer: Literal["adam", "schedule_free_adam"] = "adam"
+    optimizer: Literal["adam", "schedule_free_adam"] = "schedule_free_adam"
     """"adam": Adam (Gao et al.). "schedule_free_adam": schedule-free AdamW without weight decay
     (Defazio et al. 2024); its SAEs are the averaged iterate (sae/members.py, `evaluation_sae`)."""
 
     lr: float | None = None
     """Learning rate; None uses `sae.members.default_lr` for the optimizer and width."""
 
-    lr_warmup_steps: int = 100
-    """Linear warmup steps."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps (on the peer benchmark warmup only slowed schedule-free Adam down)."""
 
     lr_decay_frac: float = 0.0
     """Fraction of training, at the end, over which the learning rate decays linearly to 0."""

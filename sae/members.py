@@ -22,13 +22,18 @@ from .config import TrainConfig
 from .model import SparseAutoencoder
 
 
-def default_lr(n_latents: int, optimizer: str = "adam") -> float:
-    """Learning rate proportional to 1/sqrt(n_latents) (Gao et al.'s scaling in the width).
+def default_lr(n_latents: int, k: int, optimizer: str) -> float:
+    """The learning rate when `lr` is not given, proportional to 1/sqrt(n_latents) (Gao et al.'s
+    scaling in the width).
 
-    adam: Gao et al.'s 2e-4 at 2^14 latents. schedule_free_adam: 5.66e-3 at 2^14 latents (1.6e-2 at
-    2048), the best of 4e-3, 8e-3, 1.6e-2 and 3.2e-2 on the peer benchmark (README)."""
-    at_2_14 = {"adam": 2e-4, "schedule_free_adam": 5.66e-3}[optimizer]
-    return at_2_14 / math.sqrt(n_latents / 2**14)
+    adam: Gao et al.'s 2e-4 at 2^14 latents, whatever k. schedule_free_adam: 5.66e-3 at 2^14 latents and
+    k=16 (1.6e-2 at 2048), times sqrt(k / 16). On the peer benchmark (README) 1.6e-2 was the best of
+    4e-3 ... 3.2e-2 at 2048 latents and k=16, and 3.2e-2 beat 1.6e-2 and 2.26e-2 at k=64."""
+    if optimizer == "adam":
+        return 2e-4 / math.sqrt(n_latents / 2**14)
+    if optimizer == "schedule_free_adam":
+        return 5.66e-3 * math.sqrt(k / 16) / math.sqrt(n_latents / 2**14)
+    raise ValueError(f"unknown optimizer '{optimizer}'")
 
 
 def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
@@ -89,7 +94,7 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
             sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
         else:
             sae = SparseAutoencoder(sae_cfg, device=device)
-        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, cfg.optimizer)
+        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer)
         optimizer = make_optimizer(cfg.optimizer, sae.parameters(), base_lr)
         n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)

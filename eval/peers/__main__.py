@@ -12,21 +12,23 @@ of that cache, eval/peers/rows.py) for the same tokens, writing an SAE folder ev
 A system of the form "ours --key=value ..." is ours with those config overrides (for ablations).
 Then one `python -m eval` pass scores every folder on the same held-out tokens; the table (markdown,
 also in OUT/report.md, and OUT/report.json) has held-out fvu, delta CE, KL, dead fraction and L0 at
-every checkpoint, with each run's wall and CPU seconds. Runs already in OUT are reused, not retrained.
+every checkpoint, with each run's wall and CPU seconds. A run already in OUT with the same resolved config
+is reused, not retrained; one with another config (a changed default, say) is trained again.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sae.cache import ActivationCache, CachedWindows, build_cache
+from sae.cache import MANIFEST, ActivationCache, CacheError, CachedWindows, build_cache, read_manifest
 from sae.data import text_read_record
-from sae.config import ConfigError, TrainConfig, parse_args
+from sae.config import ConfigError, TrainConfig, parse_args, to_dict
 
 from ..__main__ import EvalConfig, run_eval
 from .ours import train_ours
@@ -91,13 +93,20 @@ def checkpoint_steps(tokens: int, checkpoint_tokens: int, batch_size: int) -> li
 def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: Path, out_dir: Path) -> dict:
     """Train one system once (or reuse OUT's earlier run of it):
     {"folders": {tokens trained: folder}, "wall_s", "cpu_s"} (the time of the whole run)."""
-    record = out_dir / "run.json"
-    if record.exists():
-        return json.loads(record.read_text())
     # a peer takes from our config only what defines the task: data order, width, batch size, seed
     train_cfg = run_config(cfg.train_config, system if system.startswith("ours") else "ours", hookpoint, k,
                            cfg.tokens, cache)
     steps = checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, train_cfg.batch_size)
+    # the run is reused only if it was trained with this very config (a changed default retrains it)
+    if system.startswith("ours"):
+        identity = {"system": system, "config": to_dict(train_cfg), "checkpoint_steps": steps}
+    else:
+        identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps}
+    record = out_dir / "run.json"
+    if record.exists() and (earlier := json.loads(record.read_text())).get("identity") == identity:
+        return earlier
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     if system.startswith("ours"):
         folders = train_ours(train_cfg, steps, out_dir)
@@ -109,9 +118,16 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
         folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, d_in, train_cfg.sae.n_latents, k,
                                         steps, out_dir, metadata, seed=train_cfg.seed)
     result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
-              "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+              "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "identity": identity}
     record.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def peer_task(train_cfg: TrainConfig) -> dict:
+    """What a peer's run depends on in our config: the rows (cache, hookpoint, order) and the SAE's shape."""
+    return {"hookpoint": train_cfg.hookpoint, "k": train_cfg.sae.k, "n_latents": train_cfg.sae.n_latents,
+            "batch_size": train_cfg.batch_size, "seed": train_cfg.seed, "cache": train_cfg.data.activation_cache,
+            "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens}
 
 
 def _peer_trainer(system: str):
@@ -148,7 +164,10 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
             _peer_trainer(system)
     out = Path(cfg.out)
     cache = out / "cache"
-    build_cache(replace(base, max_tokens=cfg.tokens, hookpoint=hookpoints[0]), cache, hookpoints=hookpoints)
+    cached = read_manifest(cache)["hookpoints"] if (cache / MANIFEST).exists() else []
+    # an earlier call's cache that holds these hookpoints (and maybe more) serves as it is
+    cache_hookpoints = cached if set(hookpoints) <= set(cached) else hookpoints
+    build_cache(replace(base, max_tokens=cfg.tokens, hookpoint=hookpoints[0]), cache, hookpoints=cache_hookpoints)
 
     runs = []
     for hookpoint in hookpoints:
@@ -183,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(0)
     try:
         return benchmark(parse_args(argv, PeersConfig))
-    except ConfigError as error:
+    except (ConfigError, CacheError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -33,7 +33,7 @@ def train_config(tmp_path, tiny_lm_dir, text_file) -> Path:
     return path
 
 
-def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_config, tmp_path, capsys):
+def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_config, tmp_path):
     systems = ["ours", "ours --grad_clip=0 --lr=0.01", "sparsify", "saelens"]
     argv = ["--train_config", str(train_config), "--systems", json.dumps(systems), "--tokens", str(128 * 6),
             "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--out", str(tmp_path / "peers")]
@@ -47,10 +47,16 @@ def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_c
     assert fvu[("ours", 768)] != fvu[("ours --grad_clip=0 --lr=0.01", 768)]  # the overrides took effect
     assert "| transformer.h.1 | 4 | sparsify | 768 |" in (tmp_path / "peers" / "report.md").read_text()
 
-    runs = {row["sae"]: row["wall_s"] for row in rows}
-    capsys.readouterr()
+    runs = {(row["system"], row["tokens"]): row["wall_s"] for row in rows}
     again = main(argv)  # trained runs are reused, not retrained
-    assert {row["sae"]: row["wall_s"] for row in again} == runs and "== transformer.h.1" in capsys.readouterr().out
+    assert {(row["system"], row["tokens"]): row["wall_s"] for row in again} == runs
+
+    # a changed config of ours (a new default, say) retrains ours; the peers' task is the same, so they are reused
+    config = yaml.safe_load(train_config.read_text())
+    train_config.write_text(yaml.safe_dump({**config, "lr": 0.02}))
+    changed = {(row["system"], row["tokens"]): row["wall_s"] for row in main(argv)}
+    assert all(changed[key] != runs[key] for key in runs if key[0] == "ours")
+    assert all(changed[key] == runs[key] for key in runs if key[0] in ("sparsify", "saelens"))
 
 
 def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
