@@ -71,6 +71,10 @@ def system_label(system: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", system.replace("--", "")).strip("_")
 
 
+def is_ours(system: str) -> bool:
+    return system.split()[0] == "ours"
+
+
 def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
     """Our config for one run of the benchmark: the file's, the system's overrides, this hookpoint and k."""
     name, *overrides = system.split()
@@ -94,21 +98,22 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     """Train one system once (or reuse OUT's earlier run of it):
     {"folders": {tokens trained: folder}, "wall_s", "cpu_s"} (the time of the whole run)."""
     # a peer takes from our config only what defines the task: data order, width, batch size, seed
-    train_cfg = run_config(cfg.train_config, system if system.startswith("ours") else "ours", hookpoint, k,
+    train_cfg = run_config(cfg.train_config, system if is_ours(system) else "ours", hookpoint, k,
                            cfg.tokens, cache)
     steps = checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, train_cfg.batch_size)
     # the run is reused only if it was trained with this very config (a changed default retrains it)
-    if system.startswith("ours"):
+    if is_ours(system):
         identity = {"system": system, "config": to_dict(train_cfg), "checkpoint_steps": steps}
     else:
         identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps}
     record = out_dir / "run.json"
     if record.exists() and (earlier := json.loads(record.read_text())).get("identity") == identity:
         return earlier
-    if out_dir.exists():
+    if out_dir.exists():  # the benchmark's own folder of an older run of this system
+        print(f"{out_dir}: trained with another config; training it again")
         shutil.rmtree(out_dir)
     wall, cpu = time.perf_counter(), time.process_time()
-    if system.startswith("ours"):
+    if is_ours(system):
         folders = train_ours(train_cfg, steps, out_dir)
     else:
         batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
@@ -158,7 +163,7 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     ks = list(cfg.ks or [base.sae.k])
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
     for system in cfg.systems:  # a bad system spec fails before any work
-        if system.split()[0] == "ours" or len(system.split()) > 1:
+        if is_ours(system) or len(system.split()) > 1:
             run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
         else:
             _peer_trainer(system)
