@@ -115,16 +115,16 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     if out_dir.exists():  # the benchmark's own folder of an older run of this system
         print(f"{out_dir}: trained with another config; training it again")
         shutil.rmtree(out_dir)
+    activations = ActivationCache(cache)
+    metadata = {**train_cfg.provenance(hookpoint), "run_name": system,
+                "text_read": text_read_record([CachedWindows(activations).text_read()], train_cfg.data)}
     wall, cpu = time.perf_counter(), time.process_time()
     if is_ours(system):
-        folders = train_ours(train_cfg, steps, out_dir)
+        folders = train_ours(train_cfg, steps, out_dir, metadata)
     else:
         batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
-        d_in = ActivationCache(cache).d_in_of[hookpoint]
-        metadata = {**train_cfg.provenance(hookpoint), "run_name": system,
-                    "text_read": text_read_record([CachedWindows(ActivationCache(cache)).text_read()], train_cfg.data)}
-        folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, d_in, train_cfg.sae.n_latents, k,
-                                        steps, out_dir, metadata, seed=train_cfg.seed)
+        folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, activations.d_in_of[hookpoint],
+                                        train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed)
     result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
               "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "identity": identity}
     record.write_text(json.dumps(result, indent=1) + "\n")

@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from sae import checkpoint
-from sae.cache import ActivationCache, CachedWindows
+from sae.cache import ActivationCache
 from sae.config import TrainConfig
-from sae.data import text_read_record
 from sae.members import build_members, evaluation_sae, load_member
 from sae.sharded import ShardLayout
 from sae.trainer import train
 
 
-def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path) -> dict[int, Path]:
+def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path, metadata: dict) -> dict[int, Path]:
     """Train `cfg` (its `data.activation_cache` set) with a checkpoint every checkpoint_steps[0] steps;
-    write each as an SAE folder out_dir/step-N (folded to raw activations, like the final one); {step: folder}."""
+    write each as an SAE folder out_dir/step-N (folded to raw activations, like the final one) with
+    `metadata`; {step: folder}."""
     every = checkpoint_steps[0]
     if any(step % every for step in checkpoint_steps):
         raise ValueError(f"checkpoint steps {checkpoint_steps} must be multiples of the first")
@@ -33,9 +33,7 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path) -> 
         layout = ShardLayout(0, 1)
         [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, layout, torch.device("cpu"))
         load_member(member, tensors, state["members"][member.name], layout)
-        metadata = {**cfg.provenance(cfg.hookpoint), "system": "ours", "tokens_trained": state["tokens_seen"],
-                    "text_read": text_read_record([CachedWindows(cache).text_read()], cfg.data)}
         sae = evaluation_sae(member, layout)  # what the trainer's final save writes
         folders[state["step"]] = sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,
-                                          metadata=metadata)
+                                          metadata={**metadata, "system": "ours", "tokens_trained": state["tokens_seen"]})
     return folders

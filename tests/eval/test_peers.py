@@ -80,7 +80,7 @@ def test_peers_read_exactly_the_batches_our_trainer_trains_on(train_config, tmp_
         return batch
 
     monkeypatch.setattr(ActivationStream, "__next__", recording_next)
-    folders = train_ours(cfg, [3, 6], tmp_path / "ours")
+    folders = train_ours(cfg, [3, 6], tmp_path / "ours", {"model": "m"})
     monkeypatch.undo()
     assert sorted(folders) == [3, 6] and len(trained_on) == 6
     peers = shared_batches(tmp_path / "cache", "transformer.h.1", 128, 512, cfg.seed)
