@@ -170,6 +170,20 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 turns it off."""
 
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay; for schedule_free_adam the interpolation weight of y between the
+    average x and the Adam iterate z (Defazio et al. 2024)."""
+
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
+
+    adam_eps: float = 6.25e-10
+    """Adam's epsilon (Gao et al.'s value, for their normalised loss)."""
+
+    schedule_free_r: float = 0.0
+    """schedule_free_adam only: iterate t enters the average x with weight t^r lr_t^2 (Defazio et al.
+    2024; 0 is their uniform average, a larger r forgets the early iterates faster)."""
+
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (world size = replicas x shard_latents);
     the ranks of a shard group read the same data and pick the global top k together."""
@@ -232,6 +246,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"TrainConfig.lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0 or self.schedule_free_r < 0:
+            raise ValueError(f"TrainConfig.adam_eps must be positive and schedule_free_r >= 0, got {self.adam_eps} and {self.schedule_free_r}")
+        if self.schedule_free_r and self.optimizer != "schedule_free_adam":
+            raise ValueError(f"TrainConfig.schedule_free_r applies to optimizer=schedule_free_adam only, not '{self.optimizer}'")
         names = [variant.name for variant in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"TrainConfig.variants: names must be unique, got {names}")

@@ -36,20 +36,22 @@ def default_lr(n_latents: int, k: int, optimizer: str) -> float:
     raise ValueError(f"unknown optimizer '{optimizer}'")
 
 
-def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
-    """The optimiser `TrainConfig.optimizer` names, over `parameters`, at `lr` (the trainer sets the
-    lr of every step itself: warmup, decay)."""
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
-    if name == "schedule_free_adam":
+def make_optimizer(cfg: TrainConfig, parameters, lr: float) -> torch.optim.Optimizer:
+    """The optimiser `cfg.optimizer` names, with its betas and eps, over `parameters`, at `lr` (the
+    trainer sets the lr of every step itself: warmup, decay)."""
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=cfg.adam_eps, fused=True)
+    if cfg.optimizer == "schedule_free_adam":
         import schedulefree
 
         # Defazio et al. 2024, "The Road Less Scheduled": gradients are taken at y, an interpolation
         # between the Adam iterate z and the running average x, which is what gets evaluated.
-        optimizer = schedulefree.AdamWScheduleFree(parameters, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, weight_decay=0.0)
+        optimizer = schedulefree.AdamWScheduleFree(parameters, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=0.0,
+                                                   r=cfg.schedule_free_r)
         optimizer.train()
         return optimizer
-    raise ValueError(f"unknown optimizer '{name}'")
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}'")
 
 
 @dataclass
@@ -95,7 +97,7 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
         else:
             sae = SparseAutoencoder(sae_cfg, device=device)
         base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer)
-        optimizer = make_optimizer(cfg.optimizer, sae.parameters(), base_lr)
+        optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
         n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)
         members.append(Member(name, hookpoint, sae, optimizer, base_lr,

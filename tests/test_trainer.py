@@ -193,6 +193,24 @@ def test_lr_schedule():
     assert trainer.default_lr(2048, 64, "schedule_free_adam") == pytest.approx(3.2e-2)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
+def test_the_optimiser_gets_the_configured_betas_eps_and_averaging_power(optimizer):
+    from sae.members import make_optimizer
+
+    extra = {"schedule_free_r": 1.5} if optimizer == "schedule_free_adam" else {}
+    cfg = TrainConfig(optimizer=optimizer, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, **extra)
+    group = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], 1e-3).param_groups[0]
+    assert (group["betas"], group["eps"], group["lr"]) == ((0.8, 0.99), 1e-6, 1e-3)
+    assert group.get("r", 0.0) == extra.get("schedule_free_r", 0.0)
+
+
+def test_optimiser_settings_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="adam_beta2"):
+        TrainConfig(adam_beta2=1.0)
+    with pytest.raises(ValueError, match="schedule_free_r applies to optimizer=schedule_free_adam only"):
+        TrainConfig(optimizer="adam", schedule_free_r=1.0)
+
+
 def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():
     from transformers.utils import import_utils
 
@@ -281,7 +299,7 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
         torch.manual_seed(0)
         sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=n_latents, k=k, k_aux=64, dead_tokens=2000))
         lr = trainer.default_lr(n_latents, k, defaults.optimizer)
-        optimizer = make_optimizer(defaults.optimizer, sae.parameters(), lr)
+        optimizer = make_optimizer(defaults, sae.parameters(), lr)
         scale = trainer.initialize_from_first_batch(sae, batches[0], trainer.DistInfo())
         counters = torch.zeros(n_latents, dtype=torch.long)
         for step in range(steps):
