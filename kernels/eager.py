@@ -128,6 +128,8 @@ def row_dots(grad: Tensor, table: Tensor, indices: Tensor, out_dtype: torch.dtyp
     support = _support(indices, table.shape[0])
     if support is not None:
         out = (grad @ tab[support.latents].t()).gather(1, support.local)
+    elif k >= table.shape[0]:  # more entries per row than rows in the table (repeats): CSR can't hold them
+        out = (grad @ tab.t()).gather(1, indices)
     else:
         out = _sampled_dots(grad, tab, indices)
     return out.to(out_dtype or table.dtype)

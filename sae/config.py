@@ -170,6 +170,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 turns it off."""
 
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """b_dec at the start, from the first batch: its geometric median (Gao et al.), its mean, or zeros."""
+
+    scale_inputs: bool = True
+    """Train on activations times one scale, fixed on the first batch so that E||x||^2 = d_in (Gao et
+    al.; the lr rule was measured so); saved SAEs are folded back to raw activations either way."""
+
+    fit_encoder_scale: bool = True
+    """Scale the tied encoder init (W_enc = W_dec^T) by the least-squares factor that best reconstructs
+    the first batch; False keeps Gao et al.'s scale 1, whose first reconstruction overshoots more as k
+    grows (sae/initialization.py)."""
+
     adam_beta1: float = 0.9
     """Adam's first-moment decay; for schedule_free_adam the interpolation weight of y between the
     average x and the Adam iterate z (Defazio et al. 2024)."""

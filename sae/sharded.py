@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .config import SaeConfig
 from .distributed import all_reduce_gradients
+from .initialization import initialize_from_batch
 from .model import (
     PARAMETER_NAMES,
     DeadMaskFn,
@@ -70,7 +71,6 @@ from .model import (
     SparseAutoencoder,
     VarianceFn,
     batch_variance,
-    geometric_median,
     normalized_mse,
     sparse_decode,
 )
@@ -456,15 +456,11 @@ def update_dead_counters(sae: ShardedSparseAutoencoder, tokens_since_fired_local
 
 
 @torch.no_grad()
-def initialize_from_first_batch(sae: ShardedSparseAutoencoder, first_batch: Tensor) -> float:
-    """`trainer.initialize_from_first_batch`: input scale and b_dec from the global first batch
-    (every replica's rows once); the same numbers on every rank."""
-    from .trainer import estimate_input_scale  # lazy: the trainer imports this module
-
+def initialize_from_first_batch(sae: ShardedSparseAutoencoder, first_batch: Tensor, cfg) -> float:
+    """`trainer.initialize_from_first_batch` from the global first batch (every replica's rows once):
+    the same numbers on every rank. `cfg` is the run's TrainConfig. Collective: call it on every rank."""
     global_batch = sae.layout.gather_rows_over_replicas(first_batch)
-    input_scale = estimate_input_scale(global_batch)
-    sae.b_dec.copy_(geometric_median(global_batch * input_scale))
-    return input_scale
+    return initialize_from_batch(sae, global_batch, cfg.b_dec_init, cfg.scale_inputs, cfg.fit_encoder_scale)
 
 
 @torch.no_grad()

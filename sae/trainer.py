@@ -47,7 +47,8 @@ from .distributed import (
     wait_for_main_rank,
 )
 from .members import Member, build_members, default_lr, evaluation_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
-from .model import ForwardOutput, SparseAutoencoder, batch_variance, geometric_median
+from .initialization import initialize_from_batch
+from .model import ForwardOutput, SparseAutoencoder, batch_variance
 from . import sharded
 
 # Config keys that may differ between a run and its resumption; anything else must match.
@@ -70,12 +71,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, decay_
     if decay_steps > 0:
         scale = min(scale, (total_steps - step) / decay_steps)
     return base_lr * scale
-
-
-def estimate_input_scale(activations: Tensor) -> float:
-    """s such that E||s x||^2 = d_in over the given activations (N, d_in)."""
-    mean_squared_norm = activations.double().pow(2).sum(-1).mean()
-    return math.sqrt(activations.shape[-1] / mean_squared_norm.item())
 
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
@@ -152,15 +147,10 @@ def update_dead_counters(tokens_since_fired: Tensor, latent_indices: Tensor, lat
 
 
 @torch.no_grad()
-def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, info: DistInfo) -> float:
-    """Input scale (E||s x||^2 = d_in) and b_dec (geometric median), from the global first batch.
-
-    Every rank gets the same numbers: both are computed from all ranks' first batches together.
-    """
-    global_batch = gather_rows(first_batch, info)
-    input_scale = estimate_input_scale(global_batch)
-    sae.b_dec.copy_(geometric_median(global_batch * input_scale))
-    return input_scale
+def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, cfg: TrainConfig, info: DistInfo) -> float:
+    """`initialization.initialize_from_batch` (b_dec, encoder scale, input scale) from the global first
+    batch: every rank gets the same numbers, computed from all ranks' first batches together."""
+    return initialize_from_batch(sae, gather_rows(first_batch, info), cfg.b_dec_init, cfg.scale_inputs, cfg.fit_encoder_scale)
 
 
 @torch.no_grad()
@@ -293,9 +283,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         for member in members:
             rows = first_batch[member.hookpoint]
             if layout.shards > 1:
-                member.input_scale = sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows))
+                member.input_scale = sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows), cfg)
             else:
-                member.input_scale = initialize_from_first_batch(member.sae, rows, info)
+                member.input_scale = initialize_from_first_batch(member.sae, rows, cfg, info)
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae import SaeConfig, SparseAutoencoder
+from sae.config import TrainConfig
 from sae.distributed import init_distributed, shutdown
 from sae.trainer import initialize_from_first_batch, training_step
 
@@ -25,7 +26,7 @@ def main(out_path: str) -> None:
 
     sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8, dead_tokens=64, multi_topk=True)).double()
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2, eps=6.25e-10)
-    scale = initialize_from_first_batch(sae, local[0].double(), info)
+    scale = initialize_from_first_batch(sae, local[0].double(), TrainConfig(), info)
     tokens_since_fired = torch.zeros(96, dtype=torch.long)
     for step in range(steps):
         training_step(sae, optimizer, local[step].double() * scale, tokens_since_fired, 1e-2, 1.0, info)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae import SaeConfig, SparseAutoencoder, checkpoint, trainer
+from sae.config import TrainConfig
 from sae.distributed import DistInfo, barrier, init_distributed, shutdown
 from sae.sharded import (
     ShardedSparseAutoencoder,
@@ -65,10 +66,11 @@ def run_case(name, spec, layout, info, out_dir):
     rows = slice(layout.replica * batch // layout.replicas, (layout.replica + 1) * batch // layout.replicas)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, eps=6.25e-10)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=6.25e-10)
-    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], DistInfo())
-    scale = initialize_from_first_batch(sae, layout.broadcast_rows(batches[0, rows]))
+    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], TrainConfig(), DistInfo())
+    scale = initialize_from_first_batch(sae, layout.broadcast_rows(batches[0, rows]), TrainConfig())
     assert abs(scale - ref_scale) <= 1e-12 * ref_scale, (scale, ref_scale)
     close(sae.b_dec, ref.b_dec, f"{tag}: b_dec init")
+    close(sae.encoder.weight, ref.encoder.weight[lo:hi], f"{tag}: fitted encoder scale")
     ref_counters = torch.zeros(cfg.n_latents, dtype=torch.long)
     counters = torch.zeros(sae.n_local, dtype=torch.long)
 

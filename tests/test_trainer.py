@@ -300,7 +300,7 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
         sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=n_latents, k=k, k_aux=64, dead_tokens=2000))
         lr = trainer.default_lr(n_latents, k, defaults.optimizer)
         optimizer = make_optimizer(defaults, sae.parameters(), lr)
-        scale = trainer.initialize_from_first_batch(sae, batches[0], trainer.DistInfo())
+        scale = trainer.initialize_from_first_batch(sae, batches[0], defaults, trainer.DistInfo())
         counters = torch.zeros(n_latents, dtype=torch.long)
         for step in range(steps):
             step_lr = trainer.lr_at(step, lr, defaults.lr_warmup_steps, steps, defaults.lr_decay_frac)

@@ -18,9 +18,10 @@ def random_indices(n_rows, k, n_latents, pool=None):
     return indices
 
 
-# (rows, d_in, n_latents, k, pool): the odd shape, k = 1, and k = 70 drawn from 150 latents (the eager
-# dense-over-support path, like AuxK).
-CASES = [(23, 100, 1000, 5, None), (18, 100, 1000, 1, None), (14, 100, 1000, 70, 150)]
+# (rows, d_in, n_latents, k, pool): the odd shape, k = 1, k = 70 drawn from 150 latents (the eager
+# dense-over-support path, like AuxK), and k = 17 over 16 latents (more entries per row than latents:
+# a latent-sharded rank's slice, where the winners of other ranks come in as repeats of latent 0).
+CASES = [(23, 100, 1000, 5, None), (18, 100, 1000, 1, None), (14, 100, 1000, 70, 150), (9, 12, 16, 17, None)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

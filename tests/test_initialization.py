@@ -1,0 +1,74 @@
+"""The data-dependent init: b_dec, the input scale and the tied encoder's fitted scale."""
+
+import pytest
+import torch
+
+from sae.config import SaeConfig
+from sae.initialization import estimate_input_scale, initialize_from_batch
+from sae.model import SparseAutoencoder, geometric_median
+
+
+def reference_fvu(sae: SparseAutoencoder, x: torch.Tensor, tied: torch.Tensor, encoder_scale: float) -> float:
+    """fvu of `sae` with W_enc = `tied` * `encoder_scale` (b_enc = 0), in float64 dense torch."""
+    W_dec, b_dec = sae.W_dec.double(), sae.b_dec.double()
+    W_enc = tied.double() * encoder_scale
+    pre = (x.double() - b_dec) @ W_enc.T
+    values, indices = pre.topk(sae.cfg.k, dim=1)
+    x_hat = torch.einsum("nk,nkd->nd", values.relu(), W_dec[indices]) + b_dec
+    return ((x.double() - x_hat).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
+
+
+def fresh_sae(k: int, d_in: int = 24, n_latents: int = 200) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    return SparseAutoencoder(SaeConfig(d_in=d_in, n_latents=n_latents, k=k, k_aux=16))
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_the_fitted_encoder_scale_is_the_least_squares_optimum(k):
+    raw = torch.randn(300, 24, generator=torch.Generator().manual_seed(k)) * 2.5 + 0.7
+    sae = fresh_sae(k)
+    tied = sae.encoder.weight.clone()
+    assert torch.equal(tied, sae.W_dec)
+    scale = initialize_from_batch(sae, raw)
+    x = raw * scale
+    fitted = (sae.encoder.weight / tied).mean().item()
+    torch.testing.assert_close(sae.encoder.weight, tied * fitted)  # one factor for the whole matrix
+    best = reference_fvu(sae, x, tied, fitted)
+    assert best <= min(reference_fvu(sae, x, tied, fitted * 0.99), reference_fvu(sae, x, tied, fitted * 1.01))
+    if k == 1:  # one latent: its value is the projection on a unit direction, already the best multiple
+        assert fitted == pytest.approx(1.0, abs=1e-5)
+    else:  # k directions' projections overshoot: the fit shrinks them
+        assert fitted < 0.95 and best < reference_fvu(sae, x, tied, 1.0)
+
+
+def test_without_the_fit_a_large_k_starts_worse_than_reconstructing_nothing():
+    """The symptom that made k=64 end worse than k=8 on short runs; the fit removes it."""
+    raw = torch.randn(512, 24, generator=torch.Generator().manual_seed(3))
+    unfitted, fitted = fresh_sae(64), fresh_sae(64)
+    scale = initialize_from_batch(unfitted, raw, fit_encoder_scale=False)
+    assert initialize_from_batch(fitted, raw) == scale
+    assert torch.equal(unfitted.encoder.weight, unfitted.W_dec)
+    with torch.no_grad():
+        assert unfitted(raw * scale).fvu > 1 > 0.9 > fitted(raw * scale).fvu
+
+
+def test_b_dec_init_methods_and_unscaled_inputs():
+    raw = torch.randn(256, 24, generator=torch.Generator().manual_seed(5)).exp()  # skewed: median != mean
+    for method, expected in [("geometric_median", geometric_median(raw * estimate_input_scale(raw))),
+                             ("mean", (raw * estimate_input_scale(raw)).double().mean(0)), ("zeros", torch.zeros(24))]:
+        sae = fresh_sae(4)
+        initialize_from_batch(sae, raw, b_dec_init=method)
+        torch.testing.assert_close(sae.b_dec, expected.float())
+    sae = fresh_sae(4)
+    assert initialize_from_batch(sae, raw, scale_inputs=False) == 1.0
+    torch.testing.assert_close(sae.b_dec, geometric_median(raw).float())
+    with pytest.raises(ValueError, match="b_dec_init 'median'"):
+        initialize_from_batch(fresh_sae(4), raw, b_dec_init="median")
+
+
+def test_fitting_the_scale_of_a_trained_encoder_is_refused():
+    sae = fresh_sae(4)
+    with torch.no_grad():
+        sae.encoder.bias.fill_(0.1)
+    with pytest.raises(ValueError, match="b_enc = 0"):
+        initialize_from_batch(sae, torch.randn(32, 24))
