@@ -178,9 +178,9 @@ class TrainConfig:
     al.; the lr rule was measured so); saved SAEs are folded back to raw activations either way."""
 
     fit_encoder_scale: bool = True
-    """Scale the tied encoder init (W_enc = W_dec^T) by the least-squares factor that best reconstructs
-    the first batch; False keeps Gao et al.'s scale 1, whose first reconstruction overshoots more as k
-    grows (sae/initialization.py)."""
+    """Shrink the tied encoder init (W_enc = W_dec^T) where its first reconstruction overshoots: by the
+    largest factor <= 1 at which the first batch is reconstructed no worse than by b_dec alone (at
+    large k; sae/initialization.py). False keeps Gao et al.'s scale 1 at every k."""
 
     adam_beta1: float = 0.9
     """Adam's first-moment decay; for schedule_free_adam the interpolation weight of y between the

@@ -7,10 +7,12 @@ and scale the inputs to a fixed mean squared norm. We add one fitted number: the
 Why the scale: at init every latent value is a projection of x - b_dec on a random unit direction,
 and the k largest of them are kept and decoded with those unit directions. Their sum overshoots more
 the larger k is: on the embedded model the first batch's fvu at scale 1 is 0.72 at k=8 and 4.9 at
-k=64 (worse than reconstructing nothing). Multiplying W_enc by the least-squares factor c (b_enc is
-zero at init, so every latent value, and the reconstruction, scales by c and the TopK choice does not
-change) gives fvu 0.64 and 0.27, c = 0.68 and 0.28. On the peer benchmark this was what closed the
-early gap to sparsify at k=64 (README, "Quality against the peers").
+k=64, worse than b_dec alone. Multiplying W_enc by c (b_enc is zero at init, so every latent value,
+and the reconstruction, scales by c and the TopK choice does not change) gives the least-squares
+best at c* = 0.68 (k=8) and 0.28 (k=64). We take the largest c <= 1 that starts no worse than b_dec
+alone, min(1, 2 c*): Gao et al.'s scale 1 at k <= 16 here, 0.57 at k=64. On the peer benchmark
+(README) this closed the early gap to sparsify at k=64, while c* itself left 27-31% of the latents
+dead at k=8 (an init that does not overshoot lets the first winners keep winning).
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def initial_b_dec(x: Tensor, method: str) -> Tensor:
     raise ValueError(f"unknown b_dec_init '{method}'; expected geometric_median, mean or zeros")
 
 
+def encoder_scale(target: Tensor, decoded: Tensor) -> float:
+    """The factor for the tied encoder: the largest c <= 1 with ||target - c decoded||^2 <= ||target||^2,
+    i.e. min(1, 2 c*) for the least-squares c* = <target, decoded> / ||decoded||^2 (both (N, d_in),
+    b_dec taken off). 1 when nothing decodes, or when the decoded part points away from the target."""
+    squared_norm = decoded.pow(2).sum()
+    if squared_norm == 0:
+        return 1.0
+    best = ((target * decoded).sum() / squared_norm).item()
+    return min(1.0, 2 * best) if best > 0 else 1.0
+
+
 @torch.no_grad()
 def initialize_from_batch(sae, batch: Tensor, b_dec_init: str = "geometric_median", scale_inputs: bool = True,
                           fit_encoder_scale: bool = True) -> float:
@@ -57,8 +70,5 @@ def initialize_from_batch(sae, batch: Tensor, b_dec_init: str = "geometric_media
             raise ValueError("fit_encoder_scale needs b_enc = 0 (a fresh SAE): scaling W_enc then scales every latent value")
         target = (x - sae.b_dec).double()
         decoded = (sae(x, None, batch_variance).x_hat - sae.b_dec).double()
-        # argmin_c ||target - c decoded||^2; decoded is 0 only if no latent fires, then keep the init
-        squared_norm = decoded.pow(2).sum()
-        if squared_norm > 0:
-            sae.encoder.weight.mul_((target * decoded).sum() / squared_norm)
+        sae.encoder.weight.mul_(encoder_scale(target, decoded))
     return input_scale

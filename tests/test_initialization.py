@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.config import SaeConfig
-from sae.initialization import estimate_input_scale, initialize_from_batch
+from sae.initialization import encoder_scale, estimate_input_scale, initialize_from_batch
 from sae.model import SparseAutoencoder, geometric_median
 
 
@@ -18,27 +18,51 @@ def reference_fvu(sae: SparseAutoencoder, x: torch.Tensor, tied: torch.Tensor, e
     return ((x.double() - x_hat).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
 
 
+def reference_least_squares_factor(sae: SparseAutoencoder, x: torch.Tensor, tied: torch.Tensor) -> float:
+    """c* = argmin_c ||x - b_dec - c decoded||^2 for the tied init's decoded part, in float64."""
+    b_dec = sae.b_dec.double()
+    pre = (x.double() - b_dec) @ tied.double().T
+    values, indices = pre.topk(sae.cfg.k, dim=1)
+    decoded = torch.einsum("nk,nkd->nd", values.relu(), sae.W_dec.double()[indices])
+    target = x.double() - b_dec
+    return ((target * decoded).sum() / decoded.pow(2).sum()).item()
+
+
 def fresh_sae(k: int, d_in: int = 24, n_latents: int = 200) -> SparseAutoencoder:
     torch.manual_seed(0)
     return SparseAutoencoder(SaeConfig(d_in=d_in, n_latents=n_latents, k=k, k_aux=16))
 
 
 @pytest.mark.parametrize("k", [1, 7, 64])
-def test_the_fitted_encoder_scale_is_the_least_squares_optimum(k):
+def test_the_encoder_is_shrunk_only_as_far_as_starting_no_worse_than_b_dec(k):
+    """The factor is the largest c <= 1 at which the first batch's reconstruction is no worse than
+    b_dec alone: min(1, 2 c*), c* the least-squares factor, checked in float64 dense torch."""
     raw = torch.randn(300, 24, generator=torch.Generator().manual_seed(k)) * 2.5 + 0.7
     sae = fresh_sae(k)
     tied = sae.encoder.weight.clone()
     assert torch.equal(tied, sae.W_dec)
     scale = initialize_from_batch(sae, raw)
     x = raw * scale
-    fitted = (sae.encoder.weight / tied).mean().item()
-    torch.testing.assert_close(sae.encoder.weight, tied * fitted)  # one factor for the whole matrix
-    best = reference_fvu(sae, x, tied, fitted)
-    assert best <= min(reference_fvu(sae, x, tied, fitted * 0.99), reference_fvu(sae, x, tied, fitted * 1.01))
+    factor = (sae.encoder.weight / tied).mean().item()
+    torch.testing.assert_close(sae.encoder.weight, tied * factor)  # one factor for the whole matrix
+    best = reference_least_squares_factor(sae, x, tied)
+    assert reference_fvu(sae, x, tied, best) <= min(reference_fvu(sae, x, tied, best * 0.99),
+                                                    reference_fvu(sae, x, tied, best * 1.01))
+    b_dec_alone = reference_fvu(sae, x, tied, 0.0)
     if k == 1:  # one latent: its value is the projection on a unit direction, already the best multiple
-        assert fitted == pytest.approx(1.0, abs=1e-5)
-    else:  # k directions' projections overshoot: the fit shrinks them
-        assert fitted < 0.95 and best < reference_fvu(sae, x, tied, 1.0)
+        assert factor == 1.0 and best == pytest.approx(1.0, rel=1e-6)
+    else:  # k directions' projections overshoot
+        assert best < 0.95 and factor == pytest.approx(min(1.0, 2 * best), rel=1e-5)
+    assert reference_fvu(sae, x, tied, factor) <= b_dec_alone * (1 + 1e-6)
+    if factor < 1:
+        assert reference_fvu(sae, x, tied, factor * 1.01) > b_dec_alone
+
+
+def test_encoder_scale_edge_cases():
+    target = torch.randn(5, 3, dtype=torch.float64)
+    assert encoder_scale(target, torch.zeros_like(target)) == 1.0  # nothing decoded
+    assert encoder_scale(target, -target) == 1.0  # pointing away: shrinking cannot help
+    assert encoder_scale(target, 4 * target) == pytest.approx(0.5)  # c* = 1/4
 
 
 def test_without_the_fit_a_large_k_starts_worse_than_reconstructing_nothing():
@@ -49,7 +73,7 @@ def test_without_the_fit_a_large_k_starts_worse_than_reconstructing_nothing():
     assert initialize_from_batch(fitted, raw) == scale
     assert torch.equal(unfitted.encoder.weight, unfitted.W_dec)
     with torch.no_grad():
-        assert unfitted(raw * scale).fvu > 1 > 0.9 > fitted(raw * scale).fvu
+        assert unfitted(raw * scale).fvu > 1.5 and fitted(raw * scale).fvu < 1.01
 
 
 def test_b_dec_init_methods_and_unscaled_inputs():
