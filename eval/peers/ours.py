@@ -20,8 +20,8 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path, met
     write each as an SAE folder out_dir/step-N (folded to raw activations, like the final one) with
     `metadata`; {step: folder}."""
     every = checkpoint_steps[0]
-    if any(step % every for step in checkpoint_steps):
-        raise ValueError(f"checkpoint steps {checkpoint_steps} must be multiples of the first")
+    if any(step % every for step in checkpoint_steps[:-1]):  # the trainer also saves at its last step
+        raise ValueError(f"checkpoint steps {checkpoint_steps} must be multiples of the first, but for the last")
     cfg = replace(cfg, out_dir=str(out_dir), run_name="run", save_every=every, keep_checkpoints=len(checkpoint_steps) + 1)
     train(cfg)
     cache = ActivationCache(cfg.data.activation_cache)

@@ -59,6 +59,16 @@ def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_c
     assert all(changed[key] == runs[key] for key in runs if key[0] in ("sparsify", "saelens"))
 
 
+def test_a_run_that_is_not_a_whole_number_of_checkpoints_is_scored_at_its_end_too(train_config, tmp_path):
+    """7 steps with a checkpoint every 3: folders after 3, 6 and 7 steps (a batch of 16384 over 1M tokens
+    is 61 steps, checkpoints every 30)."""
+    argv = ["--train_config", str(train_config), "--systems", "[ours, sparsify]", "--tokens", str(128 * 7),
+            "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--out", str(tmp_path / "peers")]
+    rows = main(argv)
+    assert [(row["system"], row["tokens"]) for row in rows] == [(s, 128 * n) for s in ("ours", "sparsify") for n in (3, 6, 7)]
+    assert len({row["fvu"] for row in rows if row["system"] == "ours"}) == 3
+
+
 def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
     with pytest.raises(SystemExit, match="unknown system 'sparsfy'"):
         main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
