@@ -187,10 +187,11 @@ def test_lr_schedule():
     assert trainer.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
     assert trainer.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
     assert trainer.default_lr(2**14, 32, "adam") == pytest.approx(2e-4) and trainer.default_lr(2**16, 8, "adam") == pytest.approx(1e-4)
-    # schedule-free Adam: the benchmark's best at k=16 (at 2048 and 8192 latents alike), times sqrt(k / 16)
+    # schedule-free Adam: the benchmark's best at k=16 (at 2048 and 8192 latents alike), times (k / 16)^(1/4)
     assert trainer.default_lr(2048, 16, "schedule_free_adam") == pytest.approx(1.6e-2)
     assert trainer.default_lr(8192, 16, "schedule_free_adam") == pytest.approx(1.6e-2)
-    assert trainer.default_lr(2048, 64, "schedule_free_adam") == pytest.approx(3.2e-2)
+    assert trainer.default_lr(2048, 64, "schedule_free_adam") == pytest.approx(1.6e-2 * 2**0.5)
+    assert trainer.default_lr(2048, 1, "schedule_free_adam") == pytest.approx(8e-3)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
