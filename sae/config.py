@@ -159,7 +159,8 @@ class TrainConfig:
     (Defazio et al. 2024); its SAEs are the averaged iterate (sae/members.py, `evaluation_sae`)."""
 
     lr: float | None = None
-    """Learning rate; None uses `sae.members.default_lr` (per optimizer; from k and, for adam, the width)."""
+    """Learning rate; None uses `sae.members.default_lr` (per optimizer: from k and the batch size, or for
+    adam the width)."""
 
     lr_warmup_steps: int = 0
     """Linear warmup steps (on the peer benchmark warmup only slowed schedule-free Adam down)."""

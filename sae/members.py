@@ -22,18 +22,19 @@ from .config import TrainConfig
 from .model import SparseAutoencoder
 
 
-def default_lr(n_latents: int, k: int, optimizer: str) -> float:
-    """The learning rate when `lr` is not given.
+def default_lr(n_latents: int, k: int, optimizer: str, batch_size: int) -> float:
+    """The learning rate when `lr` is not given; `batch_size` is the global batch (tokens per step).
 
-    adam: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14), whatever k. schedule_free_adam: 1.6e-2 * (k / 16)^(1/4),
-    whatever the width. On the peer benchmark (README) 1.6e-2 was the best of 4e-3 ... 3.2e-2 at 2048
-    latents and k=16, and at 8192 latents it beat Gao et al.'s 1/sqrt(n_latents) scaling of it (8e-3).
-    With the fitted encoder init, 2.26e-2 beat both 1.6e-2 and 3.2e-2 (which degraded late) at k=64,
-    and 1.6e-2 at k=32."""
+    adam: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14), whatever k and batch.
+    schedule_free_adam: 1.6e-2 * (k / 16)^(1/4) * (batch_size / 4096)^(1/4), whatever the width. On the
+    peer benchmark (README) 1.6e-2 was the best of 4e-3 ... 3.2e-2 at 2048 latents, k=16, batch 4096,
+    and at 8192 latents it beat Gao et al.'s 1/sqrt(n_latents) scaling of it (8e-3). With the fitted
+    encoder init, 2.26e-2 beat 1.6e-2 and 3.2e-2 (which degraded late) at k=64, and 1.6e-2 at k=32. At
+    batch 16384, 2.26e-2 beat 1.6e-2 (and sparsify at 1M tokens); at batch 1024, 1.13e-2 and 1.6e-2 tied."""
     if optimizer == "adam":
         return 2e-4 / math.sqrt(n_latents / 2**14)
     if optimizer == "schedule_free_adam":
-        return 1.6e-2 * (k / 16) ** 0.25
+        return 1.6e-2 * (k / 16) ** 0.25 * (batch_size / 4096) ** 0.25
     raise ValueError(f"unknown optimizer '{optimizer}'")
 
 
@@ -97,7 +98,7 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
             sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
         else:
             sae = SparseAutoencoder(sae_cfg, device=device)
-        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer)
+        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
         n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)

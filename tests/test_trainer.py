@@ -186,12 +186,16 @@ def test_lr_schedule():
     assert trainer.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
     assert trainer.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
     assert trainer.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
-    assert trainer.default_lr(2**14, 32, "adam") == pytest.approx(2e-4) and trainer.default_lr(2**16, 8, "adam") == pytest.approx(1e-4)
+    assert trainer.default_lr(2**14, 32, "adam", 4096) == pytest.approx(2e-4) and trainer.default_lr(2**16, 8, "adam", 4096) == pytest.approx(1e-4)
     # schedule-free Adam: the benchmark's best at k=16 (at 2048 and 8192 latents alike), times (k / 16)^(1/4)
-    assert trainer.default_lr(2048, 16, "schedule_free_adam") == pytest.approx(1.6e-2)
-    assert trainer.default_lr(8192, 16, "schedule_free_adam") == pytest.approx(1.6e-2)
-    assert trainer.default_lr(2048, 64, "schedule_free_adam") == pytest.approx(1.6e-2 * 2**0.5)
-    assert trainer.default_lr(2048, 1, "schedule_free_adam") == pytest.approx(8e-3)
+    assert trainer.default_lr(2048, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
+    assert trainer.default_lr(8192, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
+    assert trainer.default_lr(2048, 64, "schedule_free_adam", 4096) == pytest.approx(1.6e-2 * 2**0.5)
+    assert trainer.default_lr(2048, 1, "schedule_free_adam", 4096) == pytest.approx(8e-3)
+    # ... and times (batch / 4096)^(1/4): the batch-16384 run's best; Adam's rule has no batch term
+    assert trainer.default_lr(2048, 16, "schedule_free_adam", 16384) == pytest.approx(1.6e-2 * 2**0.5)
+    assert trainer.default_lr(2048, 16, "schedule_free_adam", 1024) == pytest.approx(1.6e-2 / 2**0.5)
+    assert trainer.default_lr(2**14, 32, "adam", 1024) == pytest.approx(2e-4)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
@@ -299,7 +303,7 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
     for k in (4, 8, 16, 32):
         torch.manual_seed(0)
         sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=n_latents, k=k, k_aux=64, dead_tokens=2000))
-        lr = trainer.default_lr(n_latents, k, defaults.optimizer)
+        lr = trainer.default_lr(n_latents, k, defaults.optimizer, 4096)  # the benchmark's batch, whose lr this task was tuned at
         optimizer = make_optimizer(defaults, sae.parameters(), lr)
         scale = trainer.initialize_from_first_batch(sae, batches[0], defaults, trainer.DistInfo())
         counters = torch.zeros(n_latents, dtype=torch.long)

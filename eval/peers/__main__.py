@@ -105,7 +105,7 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     # The run is reused only if it was trained with this very config, its learning rate resolved (a changed
     # default retrains it). Changes to the code itself are not seen: benchmark those into a new --out.
     if is_ours(system):
-        lr = train_cfg.lr if train_cfg.lr is not None else default_lr(train_cfg.sae.n_latents, k, train_cfg.optimizer)
+        lr = train_cfg.lr if train_cfg.lr is not None else default_lr(train_cfg.sae.n_latents, k, train_cfg.optimizer, train_cfg.batch_size)
         identity = {"system": system, "config": to_dict(train_cfg), "lr": lr, "checkpoint_steps": steps}
     else:
         identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps}
