@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/fault_train_worker.py OUT_DIR NAN_RANK NAN_STEP SLOW_SAVE_S ARGS...
 
-On rank NAN_RANK the SAE's loss becomes NaN at forward number NAN_STEP (1-based; the other ranks'
+On rank NAN_RANK the SAE's loss becomes NaN at training forward number NAN_STEP (1-based; the other ranks'
 losses stay finite); rank 0's checkpoint writes each take SLOW_SAVE_S seconds longer. The message the
 run exits with is written to OUT_DIR/exit-rank{RANK}.txt, so a test can see that every rank stopped by
 itself, with the same words."""
@@ -11,6 +11,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 # Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -26,7 +28,7 @@ def main(out_dir: str, nan_rank: int, nan_step: int, slow_save_s: float, train_a
 
     def forward_with_nan(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        forwards[0] += 1
+        forwards[0] += torch.is_grad_enabled()  # training forwards only (not the init's fit on the first batch)
         if rank == nan_rank and forwards[0] == nan_step:
             out = out._replace(loss=out.loss * float("nan"))
         return out
