@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, sharded
-from .config import TrainConfig
+from .config import SaeConfig, TrainConfig
 from .model import SparseAutoencoder
 
 
@@ -36,6 +36,11 @@ def default_lr(n_latents: int, k: int, optimizer: str, batch_size: int) -> float
     if optimizer == "schedule_free_adam":
         return 1.6e-2 * (k / 16) ** 0.25 * (batch_size / 4096) ** 0.25
     raise ValueError(f"unknown optimizer '{optimizer}'")
+
+
+def run_lr(lr: float | None, sae_cfg: SaeConfig, cfg: TrainConfig) -> float:
+    """The learning rate an SAE of shape `sae_cfg` trains at in run `cfg`: `lr` if given, else `default_lr`."""
+    return lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)
 
 
 def make_optimizer(cfg: TrainConfig, parameters, lr: float) -> torch.optim.Optimizer:
@@ -98,7 +103,7 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
             sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
         else:
             sae = SparseAutoencoder(sae_cfg, device=device)
-        base_lr = lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)
+        base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
         n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)

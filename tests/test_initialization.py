@@ -8,23 +8,23 @@ from sae.initialization import encoder_scale, estimate_input_scale, initialize_f
 from sae.model import SparseAutoencoder, geometric_median
 
 
+def reference_decoded(sae: SparseAutoencoder, x: torch.Tensor, W_enc: torch.Tensor) -> torch.Tensor:
+    """The decoded part (without b_dec) of `sae` with encoder weight `W_enc` and b_enc = 0, (N, d_in),
+    in float64 dense torch."""
+    pre = (x.double() - sae.b_dec.double()) @ W_enc.double().T
+    values, indices = pre.topk(sae.cfg.k, dim=1)
+    return torch.einsum("nk,nkd->nd", values.relu(), sae.W_dec.double()[indices])
+
+
 def reference_fvu(sae: SparseAutoencoder, x: torch.Tensor, tied: torch.Tensor, encoder_scale: float) -> float:
     """fvu of `sae` with W_enc = `tied` * `encoder_scale` (b_enc = 0), in float64 dense torch."""
-    W_dec, b_dec = sae.W_dec.double(), sae.b_dec.double()
-    W_enc = tied.double() * encoder_scale
-    pre = (x.double() - b_dec) @ W_enc.T
-    values, indices = pre.topk(sae.cfg.k, dim=1)
-    x_hat = torch.einsum("nk,nkd->nd", values.relu(), W_dec[indices]) + b_dec
+    x_hat = reference_decoded(sae, x, tied.double() * encoder_scale) + sae.b_dec.double()
     return ((x.double() - x_hat).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()).item()
 
 
 def reference_least_squares_factor(sae: SparseAutoencoder, x: torch.Tensor, tied: torch.Tensor) -> float:
     """c* = argmin_c ||x - b_dec - c decoded||^2 for the tied init's decoded part, in float64."""
-    b_dec = sae.b_dec.double()
-    pre = (x.double() - b_dec) @ tied.double().T
-    values, indices = pre.topk(sae.cfg.k, dim=1)
-    decoded = torch.einsum("nk,nkd->nd", values.relu(), sae.W_dec.double()[indices])
-    target = x.double() - b_dec
+    decoded, target = reference_decoded(sae, x, tied), x.double() - sae.b_dec.double()
     return ((target * decoded).sum() / decoded.pow(2).sum()).item()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from sae.cache import MANIFEST, ActivationCache, CacheError, CachedWindows, build_cache, read_manifest
 from sae.data import text_read_record
 from sae.config import ConfigError, TrainConfig, parse_args, to_dict
-from sae.members import default_lr
+from sae.members import run_lr
 
 from ..__main__ import EvalConfig, run_eval
 from .ours import train_ours
@@ -105,8 +105,8 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     # The run is reused only if it was trained with this very config, its learning rate resolved (a changed
     # default retrains it). Changes to the code itself are not seen: benchmark those into a new --out.
     if is_ours(system):
-        lr = train_cfg.lr if train_cfg.lr is not None else default_lr(train_cfg.sae.n_latents, k, train_cfg.optimizer, train_cfg.batch_size)
-        identity = {"system": system, "config": to_dict(train_cfg), "lr": lr, "checkpoint_steps": steps}
+        identity = {"system": system, "config": to_dict(train_cfg), "lr": run_lr(train_cfg.lr, train_cfg.sae, train_cfg),
+                    "checkpoint_steps": steps}
     else:
         identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps}
     record = out_dir / "run.json"
