@@ -5,7 +5,7 @@ One step (Gao et al. 2024):
     loss   = fvu(x, x_hat) + auxk_coef * L_aux + [multi-TopK fvu / 8]      (fvu: normalized MSE)
     grad  -= the component of each decoder row's gradient parallel to that row
     clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
-    renormalise decoder rows to unit norm
+    renormalise decoder rows to unit norm (for schedule-free Adam: its iterate z and average x too)
     dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
 
 Under torchrun every rank streams its own shard and computes its share of the global batch's loss;
@@ -46,7 +46,9 @@ from .distributed import (
     sum_gradients,
     wait_for_main_rank,
 )
-from .members import Member, build_members, default_lr, evaluation_sae, load_member, member_state  # noqa: F401 (trainer.default_lr)
+from .members import (  # noqa: F401 (trainer.default_lr)
+    Member, build_members, default_lr, evaluation_sae, load_member, member_state, set_decoder_rows_to_unit_norm,
+)
 from .initialization import initialize_from_batch
 from .model import ForwardOutput, SparseAutoencoder, batch_variance
 from . import sharded
@@ -130,7 +132,7 @@ def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, 
         group["lr"] = lr
     optimizer.step()
     if sae.cfg.normalize_decoder:
-        sae.set_decoder_norm_to_unit_norm()
+        set_decoder_rows_to_unit_norm(sae, optimizer)
 
 
 @torch.no_grad()

@@ -314,3 +314,35 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
         held_out_fvu.append(evaluated(torch.cat(batches[steps:]) * scale).fvu.item())
     assert held_out_fvu == sorted(held_out_fvu, reverse=True), held_out_fvu
     assert held_out_fvu[-1] < 0.5 * held_out_fvu[0], held_out_fvu
+
+
+@pytest.mark.parametrize("sharded_shape", [False, True])
+def test_schedule_free_keeps_its_iterate_and_average_decoder_rows_at_unit_norm(sharded_shape):
+    """Renormalising only the parameter y let the Adam iterate z's rows grow (4 -> 11 over a 20M-token
+    run), so the saved average x = (y - (1 - beta1) z) / beta1 shrank and flipped sign. After every step
+    both z and x must be on the unit sphere, and y the schedule-free interpolation of them."""
+    from sae.members import make_optimizer
+    from sae.sharded import ShardedSparseAutoencoder, ShardLayout
+
+    cfg = TrainConfig(optimizer="schedule_free_adam", adam_beta1=0.8)
+    sae_cfg = SaeConfig(d_in=32, n_latents=96, k=7, k_aux=16, dead_tokens=10**9)
+    torch.manual_seed(0)
+    sae = ShardedSparseAutoencoder(sae_cfg, ShardLayout(0, 1)) if sharded_shape else SparseAutoencoder(sae_cfg)
+    optimizer = make_optimizer(cfg, sae.parameters(), 5e-2)
+    batches = sparse_code_batches(60, 128)
+    scale = trainer.initialize_from_first_batch(sae, batches[0], cfg, trainer.DistInfo())
+    counters = torch.zeros(96, dtype=torch.long)
+    for step, batch in enumerate(batches):
+        if sharded_shape:
+            trainer.sharded.training_step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
+        else:
+            trainer.training_step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
+    y = sae.W_dec.detach().double()
+    z = optimizer.state[sae.W_dec]["z"].double()
+    x = (y - 0.2 * z) / 0.8
+    ones = torch.ones(96, dtype=torch.float64)
+    torch.testing.assert_close(z.norm(dim=1), ones, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.norm(dim=1), ones, rtol=0, atol=1e-5)
+    optimizer.eval()  # what gets saved: the average itself, unit-norm rows
+    torch.testing.assert_close(sae.W_dec.detach().double().norm(dim=1), ones, rtol=0, atol=1e-5)
+    assert (y.norm(dim=1) < 1 + 1e-6).all()
