@@ -10,8 +10,10 @@ nested sections: `--sae.n_latents`, `--data.ctx_len`).
 
 import sys
 
+from eval import training_evaluator
 from sae.config import ConfigError, parse_args
-from sae.trainer import NonFiniteLossError, train
+from sae.optim import NonFiniteLossError
+from sae.trainer import train
 
 
 def main(argv: list[str]) -> None:
@@ -20,7 +22,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as error:
         sys.exit(f"error: {error}")
     try:
-        train(cfg)
+        train(cfg, evaluator=training_evaluator)
     except NonFiniteLossError as error:  # the run diverged: every rank stops with this one line
         sys.exit(f"error: {error}")
 

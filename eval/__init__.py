@@ -9,6 +9,6 @@ report.py (table, JSON, wandb), __main__.py (the CLI). Subpackages: explain/ (ex
 score, `--explain N`), browse/ (the static latent browser, `python -m eval.browse`).
 """
 
-from .evaluate import activation_mean, evaluate, evaluate_many
+from .evaluate import activation_mean, evaluate, evaluate_many, training_evaluator
 
-__all__ = ["activation_mean", "evaluate", "evaluate_many"]
+__all__ = ["activation_mean", "evaluate", "evaluate_many", "training_evaluator"]

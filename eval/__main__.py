@@ -19,7 +19,7 @@ from typing import Literal
 from sae.activations import load_model_and_tokenizer
 from sae.config import ConfigError, DataConfig, parse_args
 from sae.model import SparseAutoencoder, read_sae_metadata
-from sae.trainer import resolve_device
+from sae.distributed import resolve_device
 
 from .data import held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many

@@ -12,7 +12,7 @@ ablation variant, and the centre for fvu).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sae.activations import capture_activations, get_module
 from sae.model import SparseAutoencoder
 
+from .data import held_out_windows
 from .downstream import LossStats, recovered
 from .reconstruction import ReconstructionStats
 from .splice import SpliceMode, SpliceRunner
@@ -129,3 +130,21 @@ def evaluate_many(
 def evaluate(sae: SparseAutoencoder, model: nn.Module, tokens: Tensor, hookpoint: str, **options) -> dict:
     """One SAE's report; see `evaluate_many` for the keys and options."""
     return evaluate_many({"sae": sae}, model, tokens, hookpoint, **options)["sae"]
+
+
+# Keys of the report the trainer logs during training (as eval/KEY).
+TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
+
+
+def training_evaluator(cfg, model: nn.Module, tokenizer) -> Callable[[SparseAutoencoder, float, str], dict[str, float]]:
+    """The held-out eval a training run `cfg` (a sae.config.TrainConfig) logs every `eval_every` steps,
+    for `sae.trainer.train(cfg, evaluator=training_evaluator)`: the held-out windows are read once,
+    here; the returned function scores an SAE trained on inputs times `input_scale` at `hookpoint`
+    and gives {"eval/KEY": value} for TRAINING_EVAL_KEYS."""
+    windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
+
+    def score(sae: SparseAutoencoder, input_scale: float, hookpoint: str) -> dict[str, float]:
+        report = evaluate(sae.folded(input_scale), model, windows, hookpoint, batch_windows=cfg.data.lm_batch_windows)
+        return {f"eval/{key}": report[key] for key in TRAINING_EVAL_KEYS}
+
+    return score

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from sae.model import atomic_write
+from sae.files import atomic_write
 
 # (report key, column title, format) of the comparison table.
 _COLUMNS = [

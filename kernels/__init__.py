@@ -11,7 +11,8 @@ CUDA tensors run Triton kernels, CPU tensors the eager torch twins; SAE_KERNELS=
 
 Files: ops.py (autograd + dispatch), select.py (matmul + top-k selection), csc.py (latent-major view),
 eager.py (torch primitives), encode.py / decode.py / auxk.py (Triton kernels, imported only when the
-triton backend is first used), bench.py (`python -m kernels.bench`).
+triton backend is first used). The training-step benchmark, which times the SAE module too, is
+`python -m sae.bench`.
 
 This package shares its import name with Hugging Face's `kernels`; importing it must stay light and
 must never need triton (transformers only probes it).

@@ -145,12 +145,6 @@ class ActivationStream:
         self._block: list[Tensor] | None = None
         self._source_state_at_block_start: dict[str, Any] | None = None
 
-    @classmethod
-    def from_lm(cls, model: nn.Module, hookpoints: str | list[str], windows: TokenWindows, batch_size: int,
-                shuffle_buffer_tokens: int, lm_batch_windows: int = 64, seed: int = 0, rank: int = 0) -> "ActivationStream":
-        hookpoints = [hookpoints] if isinstance(hookpoints, str) else hookpoints
-        return cls(LMWindowSource(model, hookpoints, windows, lm_batch_windows), batch_size, shuffle_buffer_tokens, seed, rank)
-
     def __iter__(self) -> "ActivationStream":
         return self
 

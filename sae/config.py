@@ -159,7 +159,7 @@ class TrainConfig:
     (Defazio et al. 2024); its SAEs are the averaged iterate (sae/members.py, `evaluation_sae`)."""
 
     lr: float | None = None
-    """Learning rate; None uses `sae.members.default_lr` (per optimizer: from k and the batch size, or for
+    """Learning rate; None uses `sae.optim.default_lr` (per optimizer: from k and the batch size, or for
     adam the width)."""
 
     lr_warmup_steps: int = 0

@@ -17,7 +17,8 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from .config import DataConfig
-from .embedded import CORPUS_NAME, build_corpus
+from .embedded import CORPUS_NAME
+from .embedded.corpus import build_corpus
 
 # Builders of `datasets` for local files, by extension.
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -43,6 +43,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """"auto" is this rank's GPU (by LOCAL_RANK) when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_distributed(timeout_s: float = 300) -> DistInfo:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
 

@@ -10,21 +10,16 @@ there (`SparseCoder.load_from_disk`) and gives the same outputs:
     decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
 
 `encode`, `decode` and `forward` run on the sparse `kernels` ops (Triton on CUDA, eager torch on CPU).
-`pre_acts`, `_select` and `auxk_loss` are the same math in plain dense torch, used by the latent-sharded
-SAE (sae/sharded.py), whose top-k is distributed.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -33,6 +28,7 @@ import kernels
 from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
+from .files import atomic_write
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -137,10 +133,6 @@ class SparseAutoencoder(nn.Module):
 
     # ---- the forward pass -------------------------------------------------------------------
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """Pre-activations W_enc (x - b_dec) + b_enc, (N, n_latents)."""
-        return F.linear(x.to(self.dtype) - self.b_dec, self.encoder.weight, self.encoder.bias)
-
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64)."""
         return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
@@ -148,12 +140,6 @@ class SparseAutoencoder(nn.Module):
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k)."""
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
-
-    @staticmethod
-    def _select(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        # ReLU after the top-k (not before) keeps indices well defined when fewer than k are positive.
-        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
-        return values.relu(), indices
 
     def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
         """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `kernels` ops.
@@ -203,24 +189,6 @@ class SparseAutoencoder(nn.Module):
             min(k, latents.numel()), b_dec=self.b_dec,
         )
         return values, latents[local]
-
-    def auxk_loss(
-        self, pre_acts: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn = batch_variance
-    ) -> Tensor:
-        """AuxK (Gao et al. §2.4): the top-k_aux dead latents reconstruct the detached residual.
-
-        pre_acts (N, n_latents); residual e = x - x_hat (N, d_in), detached; dead_mask (n_latents,) bool.
-        L_aux = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, e_hat decoded without b_dec; NaN -> 0.
-        """
-        num_dead = int(dead_mask.sum())
-        k_aux = min(self.cfg.k_aux, num_dead)
-        if k_aux == 0:
-            return pre_acts.new_zeros(())
-        masked = pre_acts.masked_fill(~dead_mask, -math.inf)
-        aux_values, aux_indices = self._select(masked, k_aux)
-        residual_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-        loss = normalized_mse(residual, residual_hat, variance)
-        return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
 
     # ---- decoder constraint -------------------------------------------------------------------
 
@@ -424,16 +392,3 @@ def read_sae_config(path: str | Path) -> SaeConfig:
         return from_dict(SaeConfig, values)
     except ConfigError as error:
         raise ValueError(f"{cfg_path}: {error}") from None
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

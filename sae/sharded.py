@@ -64,6 +64,7 @@ from . import checkpoint
 from .config import SaeConfig
 from .distributed import all_reduce_gradients
 from .initialization import initialize_from_batch
+from .optim import optimizer_update
 from .model import (
     PARAMETER_NAMES,
     DeadMaskFn,
@@ -211,40 +212,31 @@ class ShardedSparseAutoencoder(nn.Module):
     W_dec, plus the replicated b_dec. Parameter names and order are `SparseAutoencoder`'s, so an
     optimizer over `parameters()` numbers its state as a single-process run's optimizer does.
 
-    init="full" builds the whole `SparseAutoencoder(cfg)` with the current RNG (exactly as a single
+    The init builds the whole `SparseAutoencoder(cfg)` with the current RNG (exactly as a single
     process would) and keeps this rank's rows: after the same `torch.manual_seed` the slices equal
-    the single-process init, but the whole SAE is built once on `device`. init="local" draws only
-    this rank's rows (seeded from one draw of the global RNG plus the shard index): memory n/S rows,
-    a different (equally random) init; use it for SAEs that do not fit on one device.
+    the single-process init, but the whole SAE is built once on `device`.
     """
 
     def __init__(self, cfg: SaeConfig, layout: ShardLayout, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, init: str = "full"):
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if cfg.d_in <= 0:
             raise ValueError(f"SaeConfig.d_in must be positive to build an SAE, got {cfg.d_in}")
-        if init not in ("full", "local"):
-            raise ValueError(f"init must be 'full' or 'local', got {init!r}")
         self.cfg, self.layout = cfg, layout
         self.latent_start, self.latent_stop = layout.latent_range(cfg.n_latents)
         self.n_local = self.latent_stop - self.latent_start
-        # skip_init: no RNG drawn here, so init="full" consumes the RNG exactly as SparseAutoencoder does.
+        # skip_init: no RNG drawn here, so the init consumes the RNG exactly as SparseAutoencoder does.
         self.encoder = nn.utils.skip_init(nn.Linear, cfg.d_in, self.n_local, device=device, dtype=dtype)
         self.W_dec = nn.Parameter(torch.empty(self.n_local, cfg.d_in, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
-        self.reset_parameters(init)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "full") -> None:
-        if init == "full":
-            full = SparseAutoencoder(self.cfg, device=self.device, dtype=self.dtype)
-            for name, parameter in self.named_parameters():
-                value = full.get_parameter(name)
-                parameter.copy_(self.local_rows(value) if name in SHARDED_PARAMETERS else value)
-            return
-        seed = int(torch.randint(0, 2**62, (1,)))  # the same draw on every rank
-        generator = torch.Generator(device=self.device).manual_seed(seed + self.layout.shard)
-        SparseAutoencoder.reset_parameters(self, generator)  # row-wise, so right on the local rows
+    def reset_parameters(self) -> None:
+        full = SparseAutoencoder(self.cfg, device=self.device, dtype=self.dtype)
+        for name, parameter in self.named_parameters():
+            value = full.get_parameter(name)
+            parameter.copy_(self.local_rows(value) if name in SHARDED_PARAMETERS else value)
 
     # the same parameters under the same names as a plain SAE: its properties apply as they are
     device = SparseAutoencoder.device
@@ -430,8 +422,6 @@ def training_step(sae: ShardedSparseAutoencoder, optimizer: torch.optim.Optimize
     """`trainer.training_step` for a sharded SAE: `x` is this replica's rows (the same on every rank
     of the shard group), already scaled; `optimizer` is over `sae.parameters()`; the batch is counted
     into this rank's dead-latent counters before AuxK, as there."""
-    from .trainer import optimizer_update  # lazy: the trainer imports this module
-
     def dead_after_this_batch(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
         update_dead_counters(sae, tokens_since_fired_local, latent_indices, latent_acts)
         return tokens_since_fired_local >= sae.cfg.dead_tokens

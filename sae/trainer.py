@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -37,50 +36,30 @@ from .distributed import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
-    every_rank,
     gather_objects,
     gather_rows,
     global_variance,
     init_distributed,
+    resolve_device,
     shutdown,
     sum_gradients,
     wait_for_main_rank,
 )
-from .members import (  # noqa: F401 (trainer.default_lr)
-    Member, build_members, default_lr, evaluation_sae, load_member, member_state, set_decoder_rows_to_unit_norm,
-)
+from .members import Member, build_members, evaluation_sae, load_member, member_state
+from .optim import NonFiniteLossError, lr_at, optimizer_update
 from .initialization import initialize_from_batch
 from .model import ForwardOutput, SparseAutoencoder, batch_variance
 from . import sharded
+
+# What `train` calls on rank 0, once, when cfg.eval_every > 0: (cfg, model, tokenizer) -> a function that
+# scores an SAE, (sae, input_scale, hookpoint) -> {"eval/KEY": value}. eval.training_evaluator is one.
+EvaluatorFactory = Callable[[TrainConfig, Any, Any], Callable[[SparseAutoencoder, float, str], dict[str, float]]]
 
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {
     "max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device",
     "eval_every", "eval_tokens", "eval_split", "collective_timeout_s",
 }
-# Keys of the held-out eval report logged during training (as eval/KEY).
-EVAL_LOG_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
-
-
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, decay_frac: float) -> float:
-    """Linear warmup over `warmup_steps`, constant, then linear decay to 0 over the last `decay_frac`."""
-    scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    decay_steps = int(decay_frac * total_steps)
-    if decay_steps > 0:
-        scale = min(scale, (total_steps - step) / decay_steps)
-    return base_lr * scale
-
-
-def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """"auto" is this rank's GPU (by LOCAL_RANK) when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def training_step(
     sae: SparseAutoencoder,
@@ -111,28 +90,6 @@ def training_step(
         clip=lambda max_norm: torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm),
     )
     return out
-
-
-def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, sum_grads, clip) -> None:
-    """The update after a forward, shared by plain and latent-sharded SAEs: check the loss, backward,
-    sum gradients over ranks (`sum_grads()`), project decoder gradients, clip (`clip(max_norm)`), Adam
-    step at `lr`, renormalise decoder rows. The order matters: clipping sees the projected gradient."""
-    losses = every_rank(loss)  # every rank decides together, so none is left waiting in a collective
-    if bad := [rank for rank, value in enumerate(losses) if not math.isfinite(value)]:
-        where = f" on rank {', '.join(map(str, bad))} of {len(losses)}" if len(losses) > 1 else ""
-        raise NonFiniteLossError(f"loss is {losses[bad[0]]}{where}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sum_grads()
-    if sae.cfg.normalize_decoder:
-        sae.remove_gradient_parallel_to_decoder_directions()
-    if grad_clip > 0:
-        clip(grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    if sae.cfg.normalize_decoder:
-        set_decoder_rows_to_unit_norm(sae, optimizer)
 
 
 @torch.no_grad()
@@ -169,15 +126,6 @@ def step_metrics(out: ForwardOutput, tokens_since_fired: Tensor, dead_tokens: in
     return {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
 
 
-@torch.no_grad()
-def held_out_eval(sae: SparseAutoencoder, input_scale: float, model, windows: Tensor, hookpoint: str, batch_windows: int) -> dict[str, float]:
-    """`eval.evaluate` of the SAE (trained on inputs times `input_scale`) on held-out windows."""
-    from eval import evaluate  # eval builds on sae; imported here so sae does not need it to load
-
-    report = evaluate(sae.folded(input_scale), model, windows, hookpoint, batch_windows=batch_windows)
-    return {f"eval/{key}": report[key] for key in EVAL_LOG_KEYS}
-
-
 def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> ForwardOutput:
     """One optimiser step of one member on its (already scaled) batch, counting it into its dead-latent counters."""
     if layout.shards > 1:
@@ -203,12 +151,17 @@ def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.S
     return CachedWindows(cache, hookpoints)
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
     """Train the SAE(s) `cfg` describes; returns the folder of the (first) saved SAE.
 
     Run alone or under torchrun (data parallel: `cfg.batch_size` is the global batch). A plain run
-    saves RUN_DIR/HOOKPOINT; a run with `variants` saves RUN_DIR/NAME for each.
+    saves RUN_DIR/HOOKPOINT; a run with `variants` saves RUN_DIR/NAME for each. `evaluator` gives the
+    held-out evals of `cfg.eval_every` (train.py passes `eval.training_evaluator`); the trainer does
+    not import eval, which builds on it.
     """
+    if cfg.eval_every > 0 and evaluator is None:
+        raise ValueError("eval_every > 0 needs a held-out evaluator: train(cfg, evaluator=eval.training_evaluator), "
+                         "as train.py passes")
     if cfg.run_name == "auto":  # under `wandb agent`: one folder per sweep run, named by its id
         run_id = os.environ.get("WANDB_RUN_ID")
         if not run_id:
@@ -216,12 +169,12 @@ def train(cfg: TrainConfig) -> Path:
         cfg = replace(cfg, run_name=run_id)
     info = init_distributed(cfg.collective_timeout_s)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, evaluator)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> Path:
+def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None) -> Path:
     import wandb
 
     layout = sharded.ShardLayout(info.rank, info.world_size, cfg.shard_latents)
@@ -291,7 +244,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
-    run = eval_windows = None
+    run = score_held_out = None
     if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
         run_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
@@ -300,9 +253,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
         )
         log_file = open(run_dir / "log.jsonl", "a")
         if cfg.eval_every > 0:
-            from eval.data import held_out_windows  # eval builds on sae: imported where it is needed
-
-            eval_windows, _ = held_out_windows(cfg.data, tokenizer, cfg.eval_tokens, cfg.eval_split)
+            score_held_out = evaluator(cfg, model, tokenizer)
     wait_for_main_rank(info)
 
     # ---- the loop ----
@@ -353,8 +304,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> Path:
             for member in members:
                 sae = evaluation_sae(member, layout)  # collective under sharding
                 if info.is_main:
-                    member.eval_metrics = held_out_eval(sae, member.input_scale, model, eval_windows, member.hookpoint,
-                                                        cfg.data.lm_batch_windows)
+                    member.eval_metrics = score_held_out(sae, member.input_scale, member.hookpoint)
             if info.is_main:
                 eval_line = {"step": step + 1, **{m.key(k): v for m in members for k, v in m.eval_metrics.items()}}
                 run.log(eval_line, step=step + 1)

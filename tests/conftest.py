@@ -88,6 +88,7 @@ def embedded_sae_dir(tmp_path_factory) -> Path:
     """A short run of the embedded default (committed model, stdlib corpus), with held-out evals every
     50 steps and wandb offline: RUN_DIR/transformer.h.2."""
     from sae.config import DataConfig, SaeConfig, TrainConfig
+    from eval import training_evaluator
     from sae.trainer import train
 
     root = tmp_path_factory.mktemp("embedded")
@@ -105,4 +106,4 @@ def embedded_sae_dir(tmp_path_factory) -> Path:
         out_dir=str(root / "runs"),
         wandb_mode="offline",
     )
-    return train(cfg)
+    return train(cfg, evaluator=training_evaluator)

@@ -123,7 +123,7 @@ def run_case(name, spec, layout, info, out_dir):
 
     # continue from the gathered state in a fresh sharded SAE (another init, another RNG state)
     torch.manual_seed(123)
-    resumed = ShardedSparseAutoencoder(cfg, layout, dtype=F64, init="local")
+    resumed = ShardedSparseAutoencoder(cfg, layout, dtype=F64)
     resumed_opt = torch.optim.Adam(resumed.parameters(), lr=LR, eps=6.25e-10)
     resumed_counters = torch.zeros_like(counters)
     saved = load_file(str(path / "full.safetensors"))

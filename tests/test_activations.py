@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sae.activations import ActivationStream, capture_activations, capture_many, get_module, load_model_and_tokenizer
+from sae.activations import ActivationStream, LMWindowSource, capture_activations, capture_many, get_module, load_model_and_tokenizer
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
 
@@ -23,7 +23,9 @@ def make_stream(lm, text_file, **kwargs):
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, ctx_len=16)
     options = dict(batch_size=50, shuffle_buffer_tokens=300, lm_batch_windows=7, seed=3)
     options.update({key: value for key, value in kwargs.items() if key != "hookpoints"})
-    return ActivationStream.from_lm(model, kwargs.pop("hookpoints", H), windows, **options)
+    hookpoints = kwargs.pop("hookpoints", H)
+    source = LMWindowSource(model, [hookpoints] if isinstance(hookpoints, str) else hookpoints, windows, options.pop("lm_batch_windows"))
+    return ActivationStream(source, **options)
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])

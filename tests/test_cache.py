@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae import activations as activations_module
-from sae.activations import ActivationStream, capture_activations, get_module, load_model_and_tokenizer
+from sae.activations import ActivationStream, LMWindowSource, capture_activations, get_module, load_model_and_tokenizer
 from sae.cache import compute as cache_compute
 from sae.cache import format as cache_format
 from sae.cache import (
@@ -164,8 +164,8 @@ def test_the_lm_runs_on_the_same_batches_as_when_streaming(lm, tiny_lm_dir, text
 
     monkeypatch.setattr(activations_module, "capture_many", recording(activations_module.capture_many, streamed))
     monkeypatch.setattr(cache_compute, "capture_many", recording(cache_compute.capture_many, cached))
-    stream = ActivationStream.from_lm(model, HOOKPOINT, TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))),
-                                      tokenizer, CTX_LEN), batch_size=128, shuffle_buffer_tokens=512, lm_batch_windows=8)
+    windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
+    stream = ActivationStream(LMWindowSource(model, [HOOKPOINT], windows, 8), batch_size=128, shuffle_buffer_tokens=512)
     for _ in range(3 * 4):  # three blocks of 35 windows
         next(stream)
     assert [len(batch) for batch in streamed] == [8, 8, 8, 8, 3] * 3
@@ -198,8 +198,7 @@ def test_cached_rows_equal_the_streams_unshuffled_rows_bitwise(built, reference)
 def test_training_batches_from_the_cache_equal_the_streamed_ones(built, lm, text_file):
     model, tokenizer = lm
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
-    streamed = ActivationStream.from_lm(model, HOOKPOINT, windows, batch_size=128, shuffle_buffer_tokens=512,
-                                        lm_batch_windows=8, seed=5)
+    streamed = ActivationStream(LMWindowSource(model, [HOOKPOINT], windows, 8), batch_size=128, shuffle_buffer_tokens=512, seed=5)
     cache = ActivationCache(built)
     cached = ActivationStream(CachedWindows(cache), batch_size=128, shuffle_buffer_tokens=512, seed=5)
     assert streamed.windows_per_block == cached.windows_per_block == WINDOWS_PER_BLOCK
@@ -470,8 +469,7 @@ def test_a_two_hookpoint_cache_holds_each_hookpoints_rows_bitwise(built2, built,
 def test_training_batches_from_a_two_hookpoint_cache_equal_the_streamed_ones(built2, lm, text_file):
     model, tokenizer = lm
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
-    streamed = ActivationStream.from_lm(model, HOOKPOINTS, windows, batch_size=128, shuffle_buffer_tokens=512,
-                                        lm_batch_windows=8, seed=5)
+    streamed = ActivationStream(LMWindowSource(model, HOOKPOINTS, windows, 8), batch_size=128, shuffle_buffer_tokens=512, seed=5)
     source = CachedWindows(ActivationCache(built2))
     assert source.hookpoints == HOOKPOINTS
     cached = ActivationStream(source, batch_size=128, shuffle_buffer_tokens=512, seed=5)
@@ -529,8 +527,8 @@ def test_a_subset_of_the_hookpoints_can_be_read(built2, lm, text_file):
 
     model, tokenizer = lm
     windows = TokenWindows(load_text_dataset(DataConfig(dataset=str(text_file))), tokenizer, CTX_LEN)
-    streamed = ActivationStream.from_lm(model, "transformer.h.0", windows, batch_size=128, shuffle_buffer_tokens=512,
-                                        lm_batch_windows=8, seed=2)
+    streamed = ActivationStream(LMWindowSource(model, ["transformer.h.0"], windows, 8), batch_size=128, shuffle_buffer_tokens=512,
+                                seed=2)
     cached = ActivationStream(CachedWindows(cache, ["transformer.h.0"]), batch_size=128, shuffle_buffer_tokens=512, seed=2)
     for _ in range(5):
         ours, theirs = next(cached), next(streamed)

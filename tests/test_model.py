@@ -117,7 +117,7 @@ def test_auxk_uses_only_dead_latents_and_matches_reference():
 
     # The AuxK gradient reaches only dead latents' encoder rows (the main loss is off here).
     sae.zero_grad()
-    sae.auxk_loss(sae.pre_acts(x), residual, dead).backward()
+    sae(x, dead_mask=dead).auxk_loss.backward()
     live_rows = sae.encoder.weight.grad[~dead]
     assert torch.all(live_rows == 0) and sae.encoder.weight.grad[dead].abs().sum() > 0
 
@@ -138,11 +138,11 @@ def test_auxk_caps_k_aux_at_number_dead_and_is_zero_without_dead():
 
 def test_auxk_nan_becomes_zero():
     sae = random_sae(4, 8, 1)
-    residual = torch.ones(5, 4)  # zero variance: 0/0
+    x = torch.ones(5, 4)
     dead = torch.ones(8, dtype=torch.bool)
     with torch.no_grad():
-        sae.W_dec.zero_()
-    assert sae.auxk_loss(torch.randn(5, 8), residual - 1, dead).item() == 0.0
+        sae.W_dec.zero_()  # x_hat = b_dec, so the residual x - x_hat is the same in every row: 0 / 0
+    assert sae(x, dead_mask=dead).auxk_loss.item() == 0.0
 
 
 def test_multi_topk_loss():

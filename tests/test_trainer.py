@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from sae import SparseAutoencoder
 from sae import checkpoint, trainer
 from sae.config import DataConfig, SaeConfig, TrainConfig
-from sae.trainer import NonFiniteLossError, train
+from eval.evaluate import TRAINING_EVAL_KEYS, training_evaluator
+from sae import optim
+from sae.optim import NonFiniteLossError
+from sae.trainer import train
 
 
 def tiny_config(tiny_lm_dir, text_file, tmp_path, **overrides) -> TrainConfig:
@@ -183,24 +186,24 @@ def test_checkpoints_are_pruned(tmp_path):
 
 
 def test_lr_schedule():
-    assert trainer.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
-    assert trainer.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
-    assert trainer.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
-    assert trainer.default_lr(2**14, 32, "adam", 4096) == pytest.approx(2e-4) and trainer.default_lr(2**16, 8, "adam", 4096) == pytest.approx(1e-4)
+    assert optim.lr_at(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert optim.lr_at(50, 1.0, 10, 100, 0.0) == 1.0
+    assert optim.lr_at(90, 1.0, 10, 100, 0.2) == pytest.approx(0.5)
+    assert optim.default_lr(2**14, 32, "adam", 4096) == pytest.approx(2e-4) and optim.default_lr(2**16, 8, "adam", 4096) == pytest.approx(1e-4)
     # schedule-free Adam: the benchmark's best at k=16 (at 2048 and 8192 latents alike), times (k / 16)^(1/4)
-    assert trainer.default_lr(2048, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
-    assert trainer.default_lr(8192, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
-    assert trainer.default_lr(2048, 64, "schedule_free_adam", 4096) == pytest.approx(1.6e-2 * 2**0.5)
-    assert trainer.default_lr(2048, 1, "schedule_free_adam", 4096) == pytest.approx(8e-3)
+    assert optim.default_lr(2048, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
+    assert optim.default_lr(8192, 16, "schedule_free_adam", 4096) == pytest.approx(1.6e-2)
+    assert optim.default_lr(2048, 64, "schedule_free_adam", 4096) == pytest.approx(1.6e-2 * 2**0.5)
+    assert optim.default_lr(2048, 1, "schedule_free_adam", 4096) == pytest.approx(8e-3)
     # ... and times (batch / 4096)^(1/4): the batch-16384 run's best; Adam's rule has no batch term
-    assert trainer.default_lr(2048, 16, "schedule_free_adam", 16384) == pytest.approx(1.6e-2 * 2**0.5)
-    assert trainer.default_lr(2048, 16, "schedule_free_adam", 1024) == pytest.approx(1.6e-2 / 2**0.5)
-    assert trainer.default_lr(2**14, 32, "adam", 1024) == pytest.approx(2e-4)
+    assert optim.default_lr(2048, 16, "schedule_free_adam", 16384) == pytest.approx(1.6e-2 * 2**0.5)
+    assert optim.default_lr(2048, 16, "schedule_free_adam", 1024) == pytest.approx(1.6e-2 / 2**0.5)
+    assert optim.default_lr(2**14, 32, "adam", 1024) == pytest.approx(2e-4)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
 def test_the_optimiser_gets_the_configured_betas_eps_and_averaging_power(optimizer):
-    from sae.members import make_optimizer
+    from sae.optim import make_optimizer
 
     extra = {"schedule_free_r": 1.5} if optimizer == "schedule_free_adam" else {}
     cfg = TrainConfig(optimizer=optimizer, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, **extra)
@@ -235,7 +238,7 @@ def test_held_out_evals_during_training_are_logged_and_saved(embedded_sae_dir):
     evals = [line for line in read_log(embedded_sae_dir) if "eval/ce_recovered" in line]
     assert [line["step"] for line in evals] == [50, 100]
     for line in evals:
-        assert set(line) == {"step", *(f"eval/{key}" for key in trainer.EVAL_LOG_KEYS)}
+        assert set(line) == {"step", *(f"eval/{key}" for key in TRAINING_EVAL_KEYS)}
         assert 0 < line["eval/ce_recovered"] <= 1 and line["eval/kl"] > 0
     assert evals[-1]["eval/fvu"] < evals[0]["eval/fvu"]
     saved = json.loads((embedded_sae_dir / "cfg.json").read_text())
@@ -246,7 +249,14 @@ def test_held_out_evals_during_training_are_logged_and_saved(embedded_sae_dir):
 def test_held_out_evals_need_a_held_out_split(tiny_lm_dir, text_file, tmp_path):
     cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5)
     with pytest.raises(ValueError, match="no held-out split"):
+        train(cfg, evaluator=training_evaluator)
+
+
+def test_held_out_evals_need_an_evaluator(tiny_lm_dir, text_file, tmp_path):
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5)
+    with pytest.raises(ValueError, match="eval_every > 0 needs a held-out evaluator"):
         train(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_training_from_an_activation_cache_equals_streaming(tiny_lm_dir, text_file, tmp_path):
@@ -294,7 +304,8 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
     """The README's old k sweep had k=64 end worse than k=8 at equal tokens; with the defaults quality
     must improve with k. (With the old defaults, Adam at Gao et al.'s lr and 100 warmup steps, this
     short run gives k=16 worse than k=8.)"""
-    from sae.members import Member, evaluation_sae, make_optimizer
+    from sae.members import Member, evaluation_sae
+    from sae.optim import make_optimizer
     from sae.sharded import ShardLayout
 
     defaults, steps, n_latents = TrainConfig(), 200, 512
@@ -303,12 +314,12 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
     for k in (4, 8, 16, 32):
         torch.manual_seed(0)
         sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=n_latents, k=k, k_aux=64, dead_tokens=2000))
-        lr = trainer.default_lr(n_latents, k, defaults.optimizer, 4096)  # the benchmark's batch, whose lr this task was tuned at
+        lr = optim.default_lr(n_latents, k, defaults.optimizer, 4096)  # the benchmark's batch, whose lr this task was tuned at
         optimizer = make_optimizer(defaults, sae.parameters(), lr)
         scale = trainer.initialize_from_first_batch(sae, batches[0], defaults, trainer.DistInfo())
         counters = torch.zeros(n_latents, dtype=torch.long)
         for step in range(steps):
-            step_lr = trainer.lr_at(step, lr, defaults.lr_warmup_steps, steps, defaults.lr_decay_frac)
+            step_lr = optim.lr_at(step, lr, defaults.lr_warmup_steps, steps, defaults.lr_decay_frac)
             trainer.training_step(sae, optimizer, batches[step] * scale, counters, step_lr, defaults.grad_clip)
         evaluated = evaluation_sae(Member("", "x", sae, optimizer, lr, counters, None), ShardLayout(0, 1))
         held_out_fvu.append(evaluated(torch.cat(batches[steps:]) * scale).fvu.item())
@@ -321,7 +332,7 @@ def test_schedule_free_keeps_its_iterate_and_average_decoder_rows_at_unit_norm(s
     """Renormalising only the parameter y let the Adam iterate z's rows grow (4 -> 11 over a 20M-token
     run), so the saved average x = (y - (1 - beta1) z) / beta1 shrank and flipped sign. After every step
     both z and x must be on the unit sphere, and y the schedule-free interpolation of them."""
-    from sae.members import make_optimizer
+    from sae.optim import make_optimizer
     from sae.sharded import ShardedSparseAutoencoder, ShardLayout
 
     cfg = TrainConfig(optimizer="schedule_free_adam", adam_beta1=0.8)

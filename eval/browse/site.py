@@ -1,6 +1,6 @@
 """Writing the site: render every page, then replace a previous build in the output folder.
 
-Each file goes through sae.model.atomic_write (a temporary file, fsync, rename), so a reader never
+Each file goes through sae.files.atomic_write (a temporary file, fsync, rename), so a reader never
 sees half a page. The marker file, written last, claims the folder for later rebuilds.
 """
 
@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from sae.model import atomic_write
+from sae.files import atomic_write
 
 from .index import index_html
 from .inputs import BrowseError, read_cfg, read_report, read_units

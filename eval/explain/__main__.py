@@ -18,7 +18,7 @@ from pathlib import Path
 from sae.activations import load_model_and_tokenizer
 from sae.config import ConfigError, DataConfig, parse_args
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
-from sae.model import atomic_write
+from sae.files import atomic_write
 
 from ..data import held_out_windows
 from .choose import SimulatorSet, make_backend

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sae.model import SparseAutoencoder, atomic_write
+from sae.files import atomic_write
+from sae.model import SparseAutoencoder
 
 from .records import (
     TokenStrings, UnitRecords, collect_records, latent_fire_counts, mlp_neuron_module, module_unit_activations,

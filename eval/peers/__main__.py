@@ -29,7 +29,7 @@ from pathlib import Path
 from sae.cache import MANIFEST, ActivationCache, CacheError, CachedWindows, build_cache, read_manifest
 from sae.data import text_read_record
 from sae.config import ConfigError, TrainConfig, parse_args, to_dict
-from sae.members import run_lr
+from sae.optim import run_lr
 
 from ..__main__ import EvalConfig, run_eval
 from .ours import train_ours

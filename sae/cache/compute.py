@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..activations import capture_many, get_module, load_model_and_tokenizer
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
-from ..trainer import resolve_device
+from ..distributed import resolve_device
 from .batching import LmBatches
 from .format import STORAGE_DTYPES
 

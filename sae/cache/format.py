@@ -14,7 +14,7 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import Tensor
 
 from ..config import TrainConfig, to_dict
-from ..model import atomic_write
+from ..files import atomic_write
 from .batching import windows_per_block
 
 FORMAT = "sae-activation-cache"

@@ -1,11 +1,11 @@
 """Benchmark: one SAE training step (forward + backward + Adam step) per implementation, as a multiple of
 the bare encoder matmul x @ W_enc^T measured in the same process.
 
-    python -m kernels.bench                 # table; CPU: fp32, 2 threads, d_in 768, 12288 latents, k 32, batch 4096
-    python -m kernels.bench --json          # the same as JSON
-    python -m kernels.bench --quick         # tiny shapes (a smoke test, numbers mean nothing)
+    python -m sae.bench                 # table; CPU: fp32, 2 threads, d_in 768, 12288 latents, k 32, batch 4096
+    python -m sae.bench --json          # the same as JSON
+    python -m sae.bench --quick         # tiny shapes (a smoke test, numbers mean nothing)
 
-Implementations: `kernels[torch]` and `kernels[triton]` (this package; triton only on CUDA), `sae.model`
+Implementations: `kernels[torch]` and `kernels[triton]` (the `kernels` package; triton only on CUDA), `sae.model`
 (the project's eager SparseAutoencoder), `dense` (a dense TopK SAE: (N, n_latents) codes and matmuls,
 autograd backward) and `sparsify` (EleutherAI's SparseCoder, eager decoder, if installed). Each runs
 with and without AuxK (10% of latents dead, k_aux = 512; sparsify picks its own k_aux = d_in / 2).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from kernels import ops
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ def sparsify_forward(p: Params, x: Tensor, dead: Tensor | None, k: int) -> Tenso
 def _attach_model(impl: str, p: Params, size: Size) -> None:
     """Give sae.model / sparsify a module of their own that shares the benchmark's parameter tensors."""
     if impl == "sae.model":
-        from sae import SaeConfig, SparseAutoencoder
+        from .config import SaeConfig
+        from .model import SparseAutoencoder
 
         model = SparseAutoencoder(SaeConfig(d_in=size.d_in, n_latents=size.n_latents, k=size.k, k_aux=K_AUX),
                                   device=p.W_dec.device, dtype=p.W_dec.dtype)
@@ -272,7 +273,7 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sae.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")

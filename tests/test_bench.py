@@ -1,4 +1,4 @@
-"""`python -m kernels.bench` runs and reports every implementation (tiny shapes: a smoke test, not timing)."""
+"""`python -m sae.bench` runs and reports every implementation (tiny shapes: a smoke test, not timing)."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 def test_bench_quick_json():
     result = subprocess.run(
-        [sys.executable, "-m", "kernels.bench", "--quick", "--json", "--repeats", "1", "--only", "kernels[torch]", "dense"],
+        [sys.executable, "-m", "sae.bench", "--quick", "--json", "--repeats", "1", "--only", "kernels[torch]", "dense"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
