@@ -138,10 +138,10 @@ def test_auxk_caps_k_aux_at_number_dead_and_is_zero_without_dead():
 
 def test_auxk_nan_becomes_zero():
     sae = random_sae(4, 8, 1)
-    x = torch.ones(5, 4)
     dead = torch.ones(8, dtype=torch.bool)
     with torch.no_grad():
-        sae.W_dec.zero_()  # x_hat = b_dec, so the residual x - x_hat is the same in every row: 0 / 0
+        sae.W_dec.zero_()  # x_hat = b_dec = x: a zero residual, reconstructed by zero: 0 / 0
+    x = sae.b_dec.detach().expand(5, 4).clone()
     assert sae(x, dead_mask=dead).auxk_loss.item() == 0.0
 
 
