@@ -125,9 +125,9 @@ def evaluation_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoenc
     optimiser's evaluated weights (`averaged_weights`) with the decoder rows renormalised to unit
     norm. On rank 0 (None elsewhere); collective under latent sharding.
 
-    An average of unit-norm rows is shorter than one; renormalising keeps the saved format's unit-norm
-    decoder, and on the peer benchmark it is much better than the raw average: schedule-free Adam's
-    held-out fvu at 2M tokens was 0.107 with it, 0.193 without."""
+    Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
+    1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
+    saved format's unit-norm decoder; the encoder is left as it is."""
     with averaged_weights(member):
         sae = full_sae(member, layout)
         sae = copy.deepcopy(sae) if sae is not None and layout.shards == 1 else sae

@@ -61,6 +61,7 @@ _RESUMABLE_CHANGES = {
     "eval_every", "eval_tokens", "eval_split", "collective_timeout_s",
 }
 
+
 def training_step(
     sae: SparseAutoencoder,
     optimizer: torch.optim.Optimizer,
@@ -133,6 +134,20 @@ def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: Di
     return training_step(member.sae, member.optimizer, x, member.tokens_since_fired, lr, cfg.grad_clip, info)
 
 
+def member_metrics(member: Member, out: ForwardOutput, info: DistInfo, layout: sharded.ShardLayout) -> dict[str, float]:
+    """`step_metrics` of the member's step `out`, over the global batch and all its latents."""
+    if layout.shards > 1:
+        return sharded.step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, layout)
+    return step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, info)
+
+
+def initialize_member(member: Member, rows: Tensor, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> float:
+    """The data-dependent init of the member's SAE from its first batch `rows`; returns the input scale."""
+    if layout.shards > 1:
+        return sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows), cfg)
+    return initialize_from_first_batch(member.sae, rows, cfg, info)
+
+
 def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):
     """sae.cache.CachedWindows for `cfg.data.activation_cache`, after checking the cache holds what
     this run would have streamed (same model, data and LM batching; at least the run's hookpoints)."""
@@ -175,26 +190,81 @@ def train(cfg: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None) -> Path:
-    import wandb
-
     layout = sharded.ShardLayout(info.rank, info.world_size, cfg.shard_latents)
     if cfg.batch_size % layout.replicas:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
-    local_batch_size = cfg.batch_size // layout.replicas
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
-    run_dir = cfg.run_dir
-    latest = checkpoint.list_checkpoints(run_dir)
+    latest = checkpoint.list_checkpoints(cfg.run_dir)
     if latest and not cfg.resume:
         raise FileExistsError(
-            f"{run_dir} already has checkpoints; pass --resume to continue that run, "
-            f"or choose another --run_name (or delete {run_dir})"
+            f"{cfg.run_dir} already has checkpoints; pass --resume to continue that run, "
+            f"or choose another --run_name (or delete {cfg.run_dir})"
         )
 
-    # ---- the LM, this rank's shard of the data, one activation stream for every SAE ----
+    source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
+    stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
+                              rank=layout.replica)
+    members = build_members(cfg, d_in_of, layout, device)  # same seed: the same init on every rank
+    if latest:
+        start_step, tokens_seen, wandb_id = resume(cfg, info, layout, members, stream, latest[-1])
+        batches = iter(stream)
+    else:
+        # Scale and pre-bias come from the first batch, which is then trained on like any other.
+        first_batch = next(stream)
+        for member in members:
+            member.input_scale = initialize_member(member, first_batch[member.hookpoint], cfg, info, layout)
+        start_step, tokens_seen, wandb_id = 0, 0, None
+        batches = itertools.chain([first_batch], stream)
+
+    log = score_held_out = None
+    if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
+        log = RunLog(cfg, wandb_id)
+        if cfg.eval_every > 0:
+            score_held_out = evaluator(cfg, model, tokenizer)
+    wait_for_main_rank(info)
+
+    total_steps = cfg.max_tokens // cfg.batch_size
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
+    started, tokens_at_start = time.perf_counter(), tokens_seen
+    for step in range(start_step, total_steps):
+        last_step = step + 1 == total_steps
+        log_now = (step + 1) % cfg.log_every == 0 or last_step
+        line = step_members(members, next(batches), step, total_steps, cfg, info, layout, log_now)
+        tokens_seen += cfg.batch_size
+        progress.update(1)
+        if log_now:
+            line.update(tokens=tokens_seen, tokens_per_s=(tokens_seen - tokens_at_start) / (time.perf_counter() - started))
+            if log is not None:
+                log.write(line)
+                first = members[0].metrics
+                progress.set_postfix(fvu=f"{first['fvu']:.4f}", l0=f"{first['l0']:.1f}",
+                                     dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
+            eval_started = time.perf_counter()
+            evaluate_members(members, step + 1, score_held_out, log, info, layout)
+            started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
+            save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info, layout)
+    progress.close()
+
+    save_members(cfg, members, source, tokens_seen, log, info, layout)
+    if log is not None:
+        log.finish(members, tokens_seen)
+    wait_for_main_rank(info)
+    return members[0].out_dir
+
+
+def open_source(cfg: TrainConfig, layout: sharded.ShardLayout, device: torch.device):
+    """(source of token windows' activations for this rank, d_in of each hookpoint, LM, tokenizer).
+
+    The LM is loaded when activations are streamed, or for held-out evals (else model and tokenizer
+    are None). The shard group's first rank streams for the group: its batches replace the others'
+    (ShardLayout.broadcast_rows), so they get a placeholder that knows the shapes only: no data read,
+    no LM forward. Each replica reads its own shard of the text."""
     hookpoints = cfg.hookpoints
     model = tokenizer = None
-    if cfg.data.activation_cache:  # activations from disk; the LM is loaded only for held-out evals
+    if cfg.data.activation_cache:
         source = open_cache_source(cfg, hookpoints, layout)
         d_in_of = {hookpoint: source.cache.d_in_of[hookpoint] for hookpoint in hookpoints}
         if cfg.eval_every > 0:
@@ -203,133 +273,90 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
-    # The shard group's first rank streams for the group: its batches replace the others'
-    # (ShardLayout.broadcast_rows), so they need only the shapes: no data read, no LM forward.
     if layout.shards > 1 and layout.shard != 0:
         source = sharded.PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
     elif not cfg.data.activation_cache:
-        # each replica reads its own data shard
         dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
         source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
-    stream = ActivationStream(source, local_batch_size, cfg.data.shuffle_buffer_tokens, cfg.seed, rank=layout.replica)
-    # ---- the SAEs and their optimisers (same seed: the same init on every rank) ----
-    members = build_members(cfg, d_in_of, layout, device)
-    total_steps = cfg.max_tokens // cfg.batch_size
-    if latest:
-        tensors, state = checkpoint.load_checkpoint(latest[-1])
-        if "members" not in state:
-            raise ValueError(f"{latest[-1]} was written by an older version of this trainer (no per-SAE 'members' "
-                             "state) and cannot be resumed; start a new run (another --run_name)")
-        _check_resumable(cfg, state["config"], latest[-1])
-        if len(state["streams"]) != info.world_size:
-            raise ValueError(f"{latest[-1]} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
-        for member in members:
-            load_member(member, tensors, state["members"][member.name], layout)
-        checkpoint.restore_rng(tensors)
-        stream.load_state_dict(state["streams"][info.rank])
-        start_step, tokens_seen, wandb_id = state["step"], state["tokens_seen"], state["wandb_id"]
-        batches = iter(stream)
-        if info.is_main:
-            print(f"resumed from {latest[-1]} at step {start_step} ({tokens_seen:,} tokens)")
-    else:
-        # Scale and pre-bias come from the first batch, which is then trained on like any other.
-        first_batch = next(stream)
-        for member in members:
-            rows = first_batch[member.hookpoint]
-            if layout.shards > 1:
-                member.input_scale = sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows), cfg)
-            else:
-                member.input_scale = initialize_from_first_batch(member.sae, rows, cfg, info)
-        start_step, tokens_seen, wandb_id = 0, 0, None
-        batches = itertools.chain([first_batch], stream)
+    return source, d_in_of, model, tokenizer
 
-    run = score_held_out = None
-    if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
-            dir=str(run_dir), id=wandb_id, resume="allow",
-        )
-        log_file = open(run_dir / "log.jsonl", "a")
-        if cfg.eval_every > 0:
-            score_held_out = evaluator(cfg, model, tokenizer)
+
+def resume(cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout, members: list[Member],
+           stream: ActivationStream, path: Path) -> tuple[int, int, str]:
+    """Load checkpoint `path` into the members, the RNG and the stream: (step, tokens seen, wandb run id)."""
+    tensors, state = checkpoint.load_checkpoint(path)
+    if "members" not in state:
+        raise ValueError(f"{path} was written by an older version of this trainer (no per-SAE 'members' "
+                         "state) and cannot be resumed; start a new run (another --run_name)")
+    _check_resumable(cfg, state["config"], path)
+    if len(state["streams"]) != info.world_size:
+        raise ValueError(f"{path} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
+    for member in members:
+        load_member(member, tensors, state["members"][member.name], layout)
+    checkpoint.restore_rng(tensors)
+    stream.load_state_dict(state["streams"][info.rank])
+    if info.is_main:
+        print(f"resumed from {path} at step {state['step']} ({state['tokens_seen']:,} tokens)")
+    return state["step"], state["tokens_seen"], state["wandb_id"]
+
+
+def step_members(members: list[Member], batch: dict[str, Tensor], step: int, total_steps: int, cfg: TrainConfig,
+                 info: DistInfo, layout: sharded.ShardLayout, log_now: bool) -> dict[str, Any]:
+    """One optimiser step of every member on its hookpoint's rows of `batch`; the log line of the
+    step (every member's metrics, when `log_now`; they are also kept in `member.metrics`)."""
+    line: dict[str, Any] = {"step": step + 1}
+    for member in members:
+        x = batch[member.hookpoint]
+        if layout.shards > 1:
+            x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
+        lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
+        try:
+            out = member_step(member, x * member.input_scale, lr, cfg, info, layout)
+        except NonFiniteLossError as error:
+            last = checkpoint.list_checkpoints(cfg.run_dir)
+            raise NonFiniteLossError(
+                f"{error} at step {step}{' (' + member.name + ')' if member.name else ''}; stopped. "
+                f"Last good checkpoint: {last[-1] if last else 'none'}"
+            ) from None
+        if log_now:
+            member.metrics = {**member_metrics(member, out, info, layout), "lr": lr}
+            line.update({member.key(name): value for name, value in member.metrics.items()})
+    return line
+
+
+def evaluate_members(members: list[Member], step: int, score_held_out, log: RunLog | None, info: DistInfo,
+                     layout: sharded.ShardLayout) -> None:
+    """The held-out eval of every member's evaluated SAE (kept in `member.eval_metrics`), logged on rank 0."""
+    for member in members:
+        sae = evaluation_sae(member, layout)  # collective under sharding
+        if info.is_main:
+            member.eval_metrics = score_held_out(sae, member.input_scale, member.hookpoint)
+    if log is not None:
+        log.write({"step": step, **{m.key(k): v for m in members for k, v in m.eval_metrics.items()}})
     wait_for_main_rank(info)
 
-    # ---- the loop ----
-    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
-    started, tokens_at_start = time.perf_counter(), tokens_seen
-    for step in range(start_step, total_steps):
-        batch = next(batches)
-        last_step = step + 1 == total_steps
-        log_now = (step + 1) % cfg.log_every == 0 or last_step
-        line = {"step": step + 1}
-        for member in members:
-            x = batch[member.hookpoint]
-            if layout.shards > 1:
-                x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
-            lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
-            try:
-                out = member_step(member, x * member.input_scale, lr, cfg, info, layout)
-            except NonFiniteLossError as error:
-                last = checkpoint.list_checkpoints(run_dir)
-                raise NonFiniteLossError(
-                    f"{error} at step {step}{' (' + member.name + ')' if member.name else ''}; stopped. "
-                    f"Last good checkpoint: {last[-1] if last else 'none'}"
-                ) from None
-            if log_now:
-                if layout.shards > 1:
-                    member.metrics = sharded.step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, layout)
-                else:
-                    member.metrics = step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, info)
-                member.metrics["lr"] = lr
-                line.update({member.key(name): value for name, value in member.metrics.items()})
-        tokens_seen += cfg.batch_size
-        progress.update(1)
 
-        if log_now:
-            tokens_per_second = (tokens_seen - tokens_at_start) / (time.perf_counter() - started)
-            line.update(tokens=tokens_seen, tokens_per_s=tokens_per_second)
-            if info.is_main:
-                run.log(line, step=step + 1)
-                log_file.write(json.dumps(line) + "\n")
-                log_file.flush()
-                first = members[0]
-                progress.set_postfix(fvu=f"{first.metrics['fvu']:.4f}", l0=f"{first.metrics['l0']:.1f}",
-                                     dead=f"{first.metrics['dead_frac']:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
+def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_seen: int, stream: ActivationStream,
+                    log: RunLog | None, info: DistInfo, layout: sharded.ShardLayout) -> None:
+    """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written by rank 0."""
+    streams = gather_objects(stream.state_dict(), info)
+    states = [member_state(member, layout) for member in members]  # collective under sharding
+    barrier(info)
+    if info.is_main:
+        tensors = {name: tensor for named, _ in states for name, tensor in named.items()}
+        state = {
+            "step": step, "tokens_seen": tokens_seen, "streams": streams, "world_size": info.world_size,
+            "members": {member.name: member_state for member, (_, member_state) in zip(members, states)},
+            "wandb_id": log.run.id, "config": to_dict(cfg),
+        }
+        checkpoint.save_checkpoint(cfg.run_dir, step, {**tensors, **checkpoint.rng_tensors()}, state, cfg.keep_checkpoints)
+    wait_for_main_rank(info)
 
-        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
-            eval_started = time.perf_counter()
-            for member in members:
-                sae = evaluation_sae(member, layout)  # collective under sharding
-                if info.is_main:
-                    member.eval_metrics = score_held_out(sae, member.input_scale, member.hookpoint)
-            if info.is_main:
-                eval_line = {"step": step + 1, **{m.key(k): v for m in members for k, v in m.eval_metrics.items()}}
-                run.log(eval_line, step=step + 1)
-                log_file.write(json.dumps(eval_line) + "\n")
-                log_file.flush()
-                tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in eval_line.items()))
-            started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-            wait_for_main_rank(info)
 
-        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
-            streams = gather_objects(stream.state_dict(), info)
-            states = [member_state(member, layout) for member in members]  # collective under sharding
-            barrier(info)
-            if info.is_main:
-                tensors = {name: tensor for named, _ in states for name, tensor in named.items()}
-                state = {
-                    "step": step + 1, "tokens_seen": tokens_seen, "streams": streams, "world_size": info.world_size,
-                    "members": {member.name: member_state for member, (_, member_state) in zip(members, states)},
-                    "wandb_id": run.id, "config": to_dict(cfg),
-                }
-                checkpoint.save_checkpoint(run_dir, step + 1, {**tensors, **checkpoint.rng_tensors()}, state, cfg.keep_checkpoints)
-            wait_for_main_rank(info)
-    progress.close()
-
-    # ---- the final SAEs, folded to take raw activations ----
+def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: int, log: RunLog | None,
+                 info: DistInfo, layout: sharded.ShardLayout) -> None:
+    """The final SAEs, folded to take raw activations, each in its folder with its provenance."""
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
     text_read = text_read_record(gather_objects(source.text_read(), info)[:: layout.shards], cfg.data)  # collective
@@ -339,23 +366,40 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
             "run_name": cfg.run_name, "variant": member.name or None,
             "final_metrics": {**member.metrics, **member.eval_metrics},
         }
-        if run is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
-            metadata.update(wandb_run_id=run.id, wandb_project=cfg.wandb_project)
+        if log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
+            metadata.update(wandb_run_id=log.run.id, wandb_project=cfg.wandb_project)
         sae = evaluation_sae(member, layout)  # collective under sharding: one ordinary SAE, on rank 0
         if info.is_main:
             sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
-    if info.is_main:
-        log_file.close()
+
+
+class RunLog:
+    """Rank 0's record of a run: the wandb run, RUN_DIR/log.jsonl and the console, one line each time."""
+
+    def __init__(self, cfg: TrainConfig, wandb_id: str | None):
+        import wandb
+
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
+                              dir=str(cfg.run_dir), id=wandb_id, resume="allow")
+        self.file = open(cfg.run_dir / "log.jsonl", "a")
+
+    def write(self, line: dict[str, Any]) -> None:
+        self.run.log(line, step=line["step"])
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
+
+    def finish(self, members: list[Member], tokens_seen: int) -> None:
+        self.file.close()
         for member in members:
             final = {**member.metrics, **member.eval_metrics}
-            run.summary.update({f"final/{member.key(key)}": value for key, value in final.items()})
+            self.run.summary.update({f"final/{member.key(key)}": value for key, value in final.items()})
             if member.metrics:
                 print(f"final{' ' + member.name if member.name else ''}: fvu={member.metrics['fvu']:.4f} "
                       f"l0={member.metrics['l0']:.1f} dead_frac={member.metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
             print(f"saved SAE to {member.out_dir}")
-        run.finish()
-    wait_for_main_rank(info)
-    return members[0].out_dir
+        self.run.finish()
 
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
