@@ -62,7 +62,7 @@ def make_optimizer(cfg: TrainConfig, parameters, lr: float) -> torch.optim.Optim
         # Defazio et al. 2024, "The Road Less Scheduled": gradients are taken at y, an interpolation
         # between the Adam iterate z and the running average x, which is what gets evaluated.
         optimizer = schedulefree.AdamWScheduleFree(parameters, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=0.0,
-                                                   r=cfg.schedule_free_r)
+                                                   r=1.0 if cfg.schedule_free_r is None else cfg.schedule_free_r)
         optimizer.train()
         return optimizer
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'")

@@ -209,7 +209,15 @@ def test_the_optimiser_gets_the_configured_betas_eps_and_averaging_power(optimiz
     cfg = TrainConfig(optimizer=optimizer, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, **extra)
     group = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], 1e-3).param_groups[0]
     assert (group["betas"], group["eps"], group["lr"]) == ((0.8, 0.99), 1e-6, 1e-3)
-    assert group.get("r", 0.0) == extra.get("schedule_free_r", 0.0)
+    assert group.get("r") == extra.get("schedule_free_r")
+
+
+def test_schedule_free_averages_with_r_1_by_default():
+    from sae.optim import make_optimizer
+
+    group = make_optimizer(TrainConfig(), [torch.nn.Parameter(torch.zeros(3))], 1e-3).param_groups[0]
+    assert TrainConfig().optimizer == "schedule_free_adam" and group["r"] == 1.0
+    assert TrainConfig(optimizer="adam").schedule_free_r is None  # the default is no error with Adam
 
 
 def test_optimiser_settings_out_of_range_are_refused():
