@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae.activations import capture_activations, get_module
+from sae.config import TrainConfig
 from sae.model import SparseAutoencoder
 
 from .data import held_out_windows
@@ -136,8 +137,8 @@ def evaluate(sae: SparseAutoencoder, model: nn.Module, tokens: Tensor, hookpoint
 TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
 
 
-def training_evaluator(cfg, model: nn.Module, tokenizer) -> Callable[[SparseAutoencoder, float, str], dict[str, float]]:
-    """The held-out eval a training run `cfg` (a sae.config.TrainConfig) logs every `eval_every` steps,
+def training_evaluator(cfg: TrainConfig, model: nn.Module, tokenizer) -> Callable[[SparseAutoencoder, float, str], dict[str, float]]:
+    """The held-out eval a training run `cfg` logs every `eval_every` steps,
     for `sae.trainer.train(cfg, evaluator=training_evaluator)`: the held-out windows are read once,
     here; the returned function scores an SAE trained on inputs times `input_scale` at `hookpoint`
     and gives {"eval/KEY": value} for TRAINING_EVAL_KEYS."""

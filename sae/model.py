@@ -83,6 +83,12 @@ def normalized_mse(target: Tensor, prediction: Tensor, variance: VarianceFn = ba
     return (target - prediction).pow(2).sum() / variance(target)
 
 
+@torch.no_grad()
+def normalize_rows_(matrix: Tensor) -> Tensor:
+    """Scale each row of `matrix` (n, d) to unit norm, in place (a zero row stays zero)."""
+    return matrix.div_(matrix.norm(dim=1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).eps))
+
+
 def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
     """Point minimising the sum of Euclidean distances to `points` (N, d), by Weiszfeld's algorithm.
 
@@ -118,7 +124,7 @@ class SparseAutoencoder(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2)."""
         self.W_dec.normal_(generator=generator)
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        normalize_rows_(self.W_dec)
         self.encoder.weight.copy_(self.W_dec)
         self.encoder.bias.zero_()
         self.b_dec.zero_()
@@ -194,7 +200,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).eps)
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:

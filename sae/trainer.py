@@ -5,7 +5,7 @@ One step (Gao et al. 2024):
     loss   = fvu(x, x_hat) + auxk_coef * L_aux + [multi-TopK fvu / 8]      (fvu: normalized MSE)
     grad  -= the component of each decoder row's gradient parallel to that row
     clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
-    renormalise decoder rows to unit norm (for schedule-free Adam: its iterate z and average x too)
+    renormalise decoder rows to unit norm (for schedule-free Adam: its iterate z's too)
     dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
 
 Under torchrun every rank streams its own shard and computes its share of the global batch's loss;

@@ -341,6 +341,7 @@ def test_schedule_free_keeps_its_iterate_and_its_gradient_point_at_unit_norm(sha
     run), so the saved average x = (y - (1 - beta1) z) / beta1 shrank and flipped sign. After every step
     both y and z must be on the unit sphere, which keeps x's row norms in [1, (2 - beta1) / beta1]."""
     from sae.optim import make_optimizer
+    from sae import sharded
     from sae.sharded import ShardedSparseAutoencoder, ShardLayout
 
     cfg = TrainConfig(optimizer="schedule_free_adam", adam_beta1=0.8)
@@ -351,11 +352,9 @@ def test_schedule_free_keeps_its_iterate_and_its_gradient_point_at_unit_norm(sha
     batches = sparse_code_batches(60, 128)
     scale = trainer.initialize_from_first_batch(sae, batches[0], cfg, trainer.DistInfo())
     counters = torch.zeros(96, dtype=torch.long)
-    for step, batch in enumerate(batches):
-        if sharded_shape:
-            trainer.sharded.training_step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
-        else:
-            trainer.training_step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
+    step = sharded.training_step if sharded_shape else trainer.training_step
+    for batch in batches:
+        step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
     y = sae.W_dec.detach().double()
     z = optimizer.state[sae.W_dec]["z"].double()
     x = (y - 0.2 * z) / 0.8
