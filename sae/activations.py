@@ -181,3 +181,32 @@ class ActivationStream:
         if state["block_index"] >= 0:
             self._fill_block(state["block_index"])  # the same windows, the same permutation
             self.batches_done = state["batches_done"]
+
+
+class PlaceholderWindowSource:
+    """Window source of the ranks of a latent-shard group other than its first.
+
+    All ranks of a group train on the first rank's batches (`ShardLayout.broadcast_rows`), so the
+    others need batches of the right shape only: zeros, with no LM forward and no data read. Its
+    stream state is empty; on resume the first rank's state alone restores the group's data.
+    """
+
+    def __init__(self, hookpoints: list[str], ctx_len: int, d_in_of: dict[str, int], device: torch.device | str):
+        self.hookpoints = list(hookpoints)
+        self.ctx_len = ctx_len
+        self.d_in_of = d_in_of
+        self.device = device
+
+    def next_activations(self, n_windows: int) -> list[Tensor]:
+        rows = n_windows * (self.ctx_len - 1)
+        return [torch.zeros(rows, self.d_in_of[hookpoint], device=self.device) for hookpoint in self.hookpoints]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def text_read(self) -> None:
+        """Nothing: the group's first rank reads the text."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -60,8 +60,8 @@ def initialize_from_batch(sae, batch: Tensor, b_dec_init: str = "geometric_media
     """Set b_dec, and scale the encoder, of a freshly initialised `sae` from the raw activations `batch`
     (N, d_in), and return the input scale the run multiplies activations by (1.0 without scale_inputs).
 
-    `sae` is a SparseAutoencoder or a sharded.ShardedSparseAutoencoder (every rank of the run passes the
-    same global batch, so every rank sets the same numbers; the forward pass is then collective)."""
+    `sae` may hold only this rank's latents (`SparseAutoencoder(layout=)`): every rank of the run passes
+    the same global batch, so every rank sets the same numbers; the forward pass is then collective."""
     input_scale = estimate_input_scale(batch) if scale_inputs else 1.0
     x = (batch * input_scale).to(sae.b_dec.dtype)
     sae.b_dec.copy_(initial_b_dec(x, b_dec_init))

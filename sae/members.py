@@ -1,13 +1,13 @@
 """The SAEs of one run ("members"): the single SAE of a plain run, or every variant of
 `TrainConfig.variants`, each with its own optimiser, dead-latent counters, input scale and folder.
 
-Under --shard_latents a member holds a sharded.ShardedSparseAutoencoder; the functions here hide
-that difference from the training loop (gathering to rank 0 where a whole SAE is needed).
+A member's SAE holds this rank's latents (`SparseAutoencoder(layout=)`: all of them unless the run
+shards its latents); where a whole SAE is needed (checkpoints, evals, the final save) it is gathered
+to rank 0's CPU memory (sae/full_state.py). The same code serves every layout.
 """
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,10 +16,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from . import checkpoint, sharded
+from . import checkpoint
 from .config import TrainConfig
+from .full_state import gather_full_state, load_from_full_state, sae_from_full_state
 from .model import SparseAutoencoder
 from .optim import make_optimizer, run_lr
+from .parallel import ShardLayout
 
 
 @dataclass
@@ -31,13 +33,13 @@ class Member:
     """"" for the single SAE of a plain run (unprefixed metrics and checkpoint names), else the variant's name."""
 
     hookpoint: str
-    sae: Any
-    """A SparseAutoencoder, or a sharded.ShardedSparseAutoencoder under --shard_latents."""
+    sae: SparseAutoencoder
+    """This rank's part of the SAE (its latents, under `sae.layout`)."""
 
     optimizer: torch.optim.Optimizer
     base_lr: float
     tokens_since_fired: Tensor
-    """Tokens since each (local) latent last fired; dead when >= dead_tokens."""
+    """Tokens since each of this rank's latents last fired, (n_local,); dead when >= dead_tokens."""
 
     out_dir: Path
     """The final SAE folder."""
@@ -51,8 +53,9 @@ class Member:
         return f"{self.name}/{name}" if self.name else name
 
 
-def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.ShardLayout, device: torch.device) -> list[Member]:
-    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run would)."""
+def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device) -> list[Member]:
+    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
+    would, and every rank's latents are the slice of that init)."""
     specs = [(variant.name, variant.hookpoint or cfg.hookpoint, variant.sae_config(cfg.sae),
               variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
     specs = specs or [("", cfg.hookpoint, cfg.sae, cfg.lr)]
@@ -60,47 +63,32 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: sharded.Sha
     for name, hookpoint, sae_cfg, lr in specs:
         sae_cfg = replace(sae_cfg, d_in=d_in_of[hookpoint])
         torch.manual_seed(cfg.seed)
-        if layout.shards > 1:
-            sae = sharded.ShardedSparseAutoencoder(sae_cfg, layout, device=device)
-        else:
-            sae = SparseAutoencoder(sae_cfg, device=device)
+        sae = SparseAutoencoder(sae_cfg, device=device, layout=layout)
         base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
-        n_counters = sae.n_local if layout.shards > 1 else sae_cfg.n_latents
         out_dir = cfg.run_dir / (name or hookpoint)
         members.append(Member(name, hookpoint, sae, optimizer, base_lr,
-                              torch.zeros(n_counters, dtype=torch.long, device=device), out_dir))
+                              torch.zeros(sae.n_local, dtype=torch.long, device=device), out_dir))
     return members
 
 
-def member_state(member: Member, layout: sharded.ShardLayout) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """Checkpoint tensors (named by `member.key`) and JSON state of a member; on rank 0 (None elsewhere).
-    Collective under latent sharding: call it on every rank."""
-    extra = {"tokens_since_fired": member.tokens_since_fired}
-    if layout.shards > 1:
-        full = sharded.gather_full_state(member.sae, member.optimizer, extra=extra)
-        _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-        if full is None:
-            return None
-        tensors = full
-    else:
-        optimizer_tensors, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-        tensors = {**member.sae.state_dict(), **optimizer_tensors, **extra}
-    named = {member.key(name): tensor for name, tensor in tensors.items()}
+def member_state(member: Member) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """Checkpoint tensors (named by `member.key`, in CPU memory) and JSON state of a member; on rank 0
+    (None elsewhere). Collective under torchrun: call it on every rank."""
+    full = gather_full_state(member.sae, member.optimizer, extra={"tokens_since_fired": member.tokens_since_fired})
+    _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
+    if full is None:
+        return None
+    named = {member.key(name): tensor for name, tensor in full.items()}
     return named, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
 
 
-def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any], layout: sharded.ShardLayout) -> None:
-    """Inverse of `member_state`, on every rank."""
+def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+    """Inverse of `member_state`, on every rank (each takes its rows)."""
     prefix = member.key("")
     own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)} if prefix else tensors
-    if layout.shards > 1:
-        sharded.load_from_full_state(member.sae, own, member.optimizer, state["optimizer"],
-                                     extra={"tokens_since_fired": member.tokens_since_fired})
-    else:
-        member.sae.load_state_dict({name: own[name] for name in member.sae.state_dict()})
-        checkpoint.optimizer_from_flat(member.optimizer, own, state["optimizer"])
-        member.tokens_since_fired.copy_(own["tokens_since_fired"])
+    load_from_full_state(member.sae, own, member.optimizer, state["optimizer"],
+                         extra={"tokens_since_fired": member.tokens_since_fired})
     member.input_scale = state["input_scale"]
 
 
@@ -120,29 +108,19 @@ def averaged_weights(member: Member) -> Iterator[None]:
             member.optimizer.train()
 
 
-def evaluation_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:
-    """A copy of the member's whole SAE as it is evaluated and saved (in training scale): its
-    optimiser's evaluated weights (`averaged_weights`) with the decoder rows renormalised to unit
-    norm. On rank 0 (None elsewhere); collective under latent sharding.
+def evaluation_sae(member: Member) -> SparseAutoencoder | None:
+    """The member's whole SAE as it is evaluated and saved (in training scale), in rank 0's CPU
+    memory (None on the other ranks): its optimiser's evaluated weights (`averaged_weights`) with the
+    decoder rows renormalised to unit norm. Collective under torchrun: call it on every rank.
 
     Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
     1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
     saved format's unit-norm decoder; the encoder is left as it is."""
     with averaged_weights(member):
-        sae = full_sae(member, layout)
-        sae = copy.deepcopy(sae) if sae is not None and layout.shards == 1 else sae
-    if sae is not None and sae.cfg.normalize_decoder:
-        sae.set_decoder_norm_to_unit_norm()
-    return sae
-
-
-def full_sae(member: Member, layout: sharded.ShardLayout) -> SparseAutoencoder | None:
-    """The member's whole SAE (in training scale) on rank 0; collective under latent sharding."""
-    if layout.shards == 1:
-        return member.sae
-    full = sharded.gather_full_state(member.sae)
+        full = gather_full_state(member.sae)  # copies: the training weights are back after the block
     if full is None:
         return None
-    sae = SparseAutoencoder(member.sae.cfg, device=member.tokens_since_fired.device)
-    sae.load_state_dict(full)
+    sae = sae_from_full_state(full, member.sae.cfg)
+    if sae.cfg.normalize_decoder:
+        sae.set_decoder_norm_to_unit_norm()
     return sae

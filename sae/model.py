@@ -29,10 +29,13 @@ from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
 from .files import atomic_write
+from .parallel import ShardLayout
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 PARAMETER_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+LATENT_MAJOR_PARAMETERS = ("encoder.weight", "encoder.bias", "W_dec")
+"""Split by rows under latent sharding; `b_dec` is replicated."""
 # cfg.json keys that name SaeConfig fields differently (sparsify's names).
 _FILE_KEYS = {"n_latents": "num_latents"}
 
@@ -108,23 +111,47 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
 
 
 class SparseAutoencoder(nn.Module):
-    """TopK SAE with AuxK and optional Multi-TopK losses. See the module docstring for the math."""
+    """TopK SAE with AuxK and optional Multi-TopK losses. See the module docstring for the math.
 
-    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    `layout` (default: a process alone) says which latents this rank holds: the rows
+    `layout.latent_range(n_latents)` of encoder.weight, encoder.bias and W_dec (all of them unless
+    the latents are sharded), and b_dec. The forward is the same code for every layout; under
+    latent sharding it is collective over the shard group (sae/parallel.py) and equals the whole
+    SAE's forward up to floating-point summation order.
+    """
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 layout: ShardLayout | None = None):
         super().__init__()
         if cfg.d_in <= 0:
             raise ValueError(f"SaeConfig.d_in must be positive to build an SAE, got {cfg.d_in}")
         self.cfg = cfg
-        self.encoder = nn.Linear(cfg.d_in, cfg.n_latents, device=device, dtype=dtype)
-        self.W_dec = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in, device=device, dtype=dtype))
+        self.layout = layout or ShardLayout()
+        self.latent_start, self.latent_stop = self.layout.latent_range(cfg.n_latents)
+        self.n_local = self.latent_stop - self.latent_start
+        # skip_init: the RNG is drawn in reset_parameters only, the same way for every layout
+        self.encoder = nn.utils.skip_init(nn.Linear, cfg.d_in, self.n_local, device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(torch.empty(self.n_local, cfg.d_in, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2)."""
-        self.W_dec.normal_(generator=generator)
-        normalize_rows_(self.W_dec)
+    def reset_parameters(self) -> None:
+        """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2).
+
+        Every layout draws the whole SAE's init from the RNG and keeps its rows, so after the same
+        `torch.manual_seed` a shard equals the slice of a single process's SAE. The (n_latents, d_in)
+        draw is the one full-size tensor a shard ever makes: transient, on its device, freed before
+        any gradient or optimiser state exists (torch's generators cannot skip ahead to a row). The
+        two uniform draws first are nn.Linear's own init, discarded: they keep the RNG stream, and so
+        every init, what it was when the encoder was a plain nn.Linear."""
+        n_latents, d_in = self.cfg.n_latents, self.cfg.d_in
+        full = torch.empty(n_latents, d_in, device=self.device, dtype=self.dtype)
+        full.uniform_()  # nn.Linear's weight init
+        torch.empty(n_latents, device=self.device, dtype=self.dtype).uniform_()  # and its bias init
+        full.normal_()
+        self.W_dec.copy_(normalize_rows_(full[self.latent_start : self.latent_stop]))
+        del full
         self.encoder.weight.copy_(self.W_dec)
         self.encoder.bias.zero_()
         self.b_dec.zero_()
@@ -140,61 +167,100 @@ class SparseAutoencoder(nn.Module):
     # ---- the forward pass -------------------------------------------------------------------
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64)."""
+        """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64). A whole SAE's."""
+        self._check_whole("encode")
         return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k)."""
+        """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k). A whole SAE's."""
+        self._check_whole("decode")
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
-    def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn = batch_variance) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
         """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `kernels` ops.
 
-        dead_mask: the latents the AuxK loss may use, (n_latents,) bool; or a `DeadMaskFn`, called
-        with this batch's TopK selection before AuxK, that counts it into the dead-latent statistics
-        and returns the mask after them. Training passes the function, so a latent that fires in this
-        batch is not trained as dead on it (the order of OpenAI's reference). None, or no dead latent,
-        turns AuxK off.
-        variance: the normalized MSEs' denominator (see `normalized_mse`); the local batch's by default.
+        dead_mask: this rank's latents the AuxK loss may use, (n_local,) bool; or a `DeadMaskFn`,
+        called with this batch's TopK selection before AuxK, that counts it into the dead-latent
+        statistics and returns the mask after them. Training passes the function, so a latent that
+        fires in this batch is not trained as dead on it (the order of OpenAI's reference). None, or
+        no dead latent, turns AuxK off.
+        variance: the normalized MSEs' denominator (see `normalized_mse`); by default the global
+        batch's (`ShardLayout.variance`), which for a process alone is the local batch's.
+        Under latent sharding every rank of the shard group returns the same output; latent_indices
+        are global latent ids, and the losses are this replica's share of the global batch's.
         """
+        cfg, layout = self.cfg, self.layout
         x = x.to(self.dtype)
-        k, multi_topk = self.cfg.k, self.cfg.multi_topk
+        if variance is None:
+            variance = batch_variance if layout.replicas == 1 else layout.variance
+        k = cfg.k
         # Multi-TopK selects the top 4k, sorted, so the first k of them are the TopK selection.
-        values, indices = kernels.topk_encode(
-            x, self.encoder.weight, self.encoder.bias, min(4 * k, self.cfg.n_latents) if multi_topk else k,
-            b_dec=self.b_dec, sorted=multi_topk,
+        n_top = min(4 * k, cfg.n_latents) if cfg.multi_topk else k
+        b_dec_enc = layout.b_dec_for_encoder(self.b_dec)  # one node for both encodes: one all-reduce in backward
+        values, local = kernels.topk_encode(
+            x, self.encoder.weight, self.encoder.bias, min(n_top, self.n_local), b_dec=b_dec_enc, sorted=cfg.multi_topk,
         )
-        latent_acts, latent_indices = (values[:, :k].contiguous(), indices[:, :k].contiguous()) if multi_topk else (values, indices)
+        top = layout.top_over_shards(values, local + self.latent_start, n_top, sorted=cfg.multi_topk)
+        latent_acts, latent_indices = top.head(k)
         if callable(dead_mask):
             dead_mask = dead_mask(latent_indices, latent_acts.detach())
-        x_hat = self.decode(latent_acts, latent_indices)
+        x_hat = self._reconstruct(*top.local_part(values, local, k)) + self.b_dec
         fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
-        if dead_mask is not None and self.cfg.auxk_coef > 0 and bool(dead_mask.any()):
-            aux_values, aux_indices = self.encode_among(x, dead_mask.nonzero().squeeze(1), self.cfg.k_aux)
-            residual = (x - x_hat).detach()
-            if variance is batch_variance:  # the fused op normalises by the local batch's variance
-                auxk_loss = kernels.auxk_loss(aux_values, aux_indices, self.W_dec, residual)
-            else:
-                auxk_loss = normalized_mse(residual, sparse_decode(aux_values, aux_indices, self.W_dec), variance)
-                auxk_loss = torch.where(auxk_loss.isnan(), torch.zeros_like(auxk_loss), auxk_loss)
+        if dead_mask is not None and self.cfg.auxk_coef > 0:
+            auxk_loss = self._auxk_loss(x, (x - x_hat).detach(), dead_mask, variance, b_dec_enc)
 
-        multi_topk_fvu = normalized_mse(x, self.decode(values, indices), variance) if multi_topk else zero
+        multi_topk_fvu = zero
+        if cfg.multi_topk:
+            multi_topk_fvu = normalized_mse(x, self._reconstruct(*top.local_part(values, local, n_top)) + self.b_dec, variance)
 
         loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
 
-    def encode_among(self, x: Tensor, latents: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The top min(k, len(latents)) of each row of `x` (N, d_in) among `latents` (n,) int64 only:
-        (values (N, k') after ReLU, indices (N, k') int64 into all latents). The pre-activations of
-        the other latents are never computed: the cost is len(latents) / n_latents of `encode`'s."""
+    def _reconstruct(self, values: Tensor, local_indices: Tensor) -> Tensor:
+        """sum_j values_j W_dec[index_j] over every shard's part (N, d_in), without b_dec."""
+        return self.layout.sum_reconstructions(sparse_decode(values, local_indices, self.W_dec))
+
+    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn, b_dec_enc: Tensor) -> Tensor:
+        """AuxK (Gao et al. §2.4): the normalized MSE of the top-k_aux dead latents' reconstruction of
+        the residual `x - x_hat` (detached); 0 when no latent is dead."""
+        if dead_mask.shape != (self.n_local,):
+            raise ValueError(f"dead_mask must have shape ({self.n_local},), got {tuple(dead_mask.shape)}")
+        dead_latents = dead_mask.nonzero().squeeze(1)
+        k_aux, most_on_one_shard = self.layout.total_over_shards(dead_latents.new_tensor(dead_latents.numel()))
+        k_aux = min(self.cfg.k_aux, k_aux)
+        if k_aux == 0:
+            return x.new_zeros(())
+        # Each shard sends min(k_aux, its dead) real candidates (padded to a common width): at least
+        # k_aux real ones in all, and every global winner is among them.
+        aux_values, aux_local = self.encode_among(x, dead_latents, min(k_aux, most_on_one_shard), b_dec=b_dec_enc)
+        aux_top = self.layout.top_over_shards(aux_values, aux_local + self.latent_start, k_aux,
+                                              width=min(k_aux, most_on_one_shard))
+        aux_values, aux_local = aux_top.local_part(aux_values, aux_local, k_aux)
+        if variance is batch_variance and self.layout.shards == 1:  # the fused op: the local batch's variance
+            return kernels.auxk_loss(aux_values, aux_local, self.W_dec, residual)
+        loss = normalized_mse(residual, self._reconstruct(aux_values, aux_local), variance)
+        return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
+
+    def encode_among(self, x: Tensor, latents: Tensor, k: int, b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The top min(k, len(latents)) of each row of `x` (N, d_in) among this rank's `latents` (n,)
+        int64 only: (values (N, k') after ReLU, indices (N, k') int64 into this rank's latents). The
+        pre-activations of the other latents are never computed: the cost is len(latents) / n_local
+        of `encode`'s. `b_dec`: the pre-bias as the encoder subtracts it (default `self.b_dec`)."""
+        if latents.numel() == 0 or k == 0:
+            return x.new_zeros(len(x), 0), latents.new_zeros(len(x), 0)
         values, local = kernels.topk_encode(
             x, self.encoder.weight.index_select(0, latents), self.encoder.bias.index_select(0, latents),
-            min(k, latents.numel()), b_dec=self.b_dec,
+            min(k, latents.numel()), b_dec=self.b_dec if b_dec is None else b_dec,
         )
         return values, latents[local]
+
+    def _check_whole(self, what: str) -> None:
+        if self.n_local != self.cfg.n_latents:
+            raise ValueError(f"{what} needs the whole SAE; this rank holds latents [{self.latent_start}, "
+                             f"{self.latent_stop}) of {self.cfg.n_latents} (use forward, or gather it: full_state)")
 
     # ---- decoder constraint -------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The optimiser side of a training step, shared by the plain and the latent-sharded SAE: the
+"""The optimiser side of a training step, for every layout of the SAE (sae/parallel.py): the
 learning rate (the default rule and the schedule), the optimiser itself, and the update after a
 forward (backward, projected and clipped gradients, the step, unit-norm decoder rows).
 
@@ -69,9 +69,9 @@ def make_optimizer(cfg: TrainConfig, parameters, lr: float) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'")
 
 
-def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, sum_grads, clip) -> None:
-    """The update after a forward, shared by plain and latent-sharded SAEs: check the loss, backward,
-    sum gradients over ranks (`sum_grads()`), project decoder gradients, clip (`clip(max_norm)`), Adam
+def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float) -> None:
+    """The update after a forward, for every layout of the SAE (`sae.layout`): check the loss,
+    backward, sum gradients over the data-parallel replicas, project decoder gradients, clip, Adam
     step at `lr`, renormalise decoder rows. The order matters: clipping sees the projected gradient."""
     losses = every_rank(loss)  # every rank decides together, so none is left waiting in a collective
     if bad := [rank for rank, value in enumerate(losses) if not math.isfinite(value)]:
@@ -79,16 +79,26 @@ def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float, 
         raise NonFiniteLossError(f"loss is {losses[bad[0]]}{where}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    sum_grads()
+    sae.layout.sum_gradients_over_replicas(sae.parameters())
     if sae.cfg.normalize_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     if grad_clip > 0:
-        clip(grad_clip)
+        clip_grad_norm_(sae, grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     if sae.cfg.normalize_decoder:
         set_decoder_rows_to_unit_norm(sae, optimizer)
+
+
+@torch.no_grad()
+def clip_grad_norm_(sae, max_norm: float) -> Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over the whole SAE, whatever its layout (under latent
+    sharding the norm covers every shard's rows, b_dec once). Returns the norm before clipping."""
+    with_grad = [p for p in sae.parameters() if p.grad is not None]
+    total = sae.layout.gradient_norm([p.grad for p in with_grad], [p is sae.b_dec for p in with_grad])
+    torch.nn.utils.clip_grads_with_norm_(sae.parameters(), max_norm, total)
+    return total
 
 
 @torch.no_grad()

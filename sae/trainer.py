@@ -28,28 +28,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import ActivationStream, LMWindowSource, capture_many, get_module, load_model_and_tokenizer
+from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, capture_many, get_module,
+                          load_model_and_tokenizer)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
-from .distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_sum,
-    barrier,
-    gather_objects,
-    gather_rows,
-    global_variance,
-    init_distributed,
-    resolve_device,
-    shutdown,
-    sum_gradients,
-    wait_for_main_rank,
-)
-from .members import Member, build_members, evaluation_sae, load_member, member_state
-from .optim import NonFiniteLossError, lr_at, optimizer_update
+from .distributed import DistInfo, barrier, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
 from .initialization import initialize_from_batch
-from .model import ForwardOutput, SparseAutoencoder, batch_variance
-from . import sharded
+from .members import Member, build_members, evaluation_sae, load_member, member_state
+from .model import ForwardOutput, SparseAutoencoder
+from .optim import NonFiniteLossError, lr_at, optimizer_update
+from .parallel import ShardLayout
 
 # What `train` calls on rank 0, once, when cfg.eval_every > 0: (cfg, model, tokenizer) -> a function that
 # scores an SAE, (sae, input_scale, hookpoint) -> {"eval/KEY": value}. eval.training_evaluator is one.
@@ -69,86 +57,62 @@ def training_step(
     tokens_since_fired: Tensor,
     lr: float,
     grad_clip: float,
-    info: DistInfo = DistInfo(),
 ) -> ForwardOutput:
-    """One optimiser step on this rank's part of the batch, `x` (N, d_in), already scaled.
+    """One optimiser step on this rank's rows of the batch, `x` (N, d_in), already scaled.
 
-    `tokens_since_fired` (n_latents,) are the dead-latent counters: the step counts the batch into
-    them after its TopK selection and before AuxK, which then uses the latents dead after this batch.
-    Under data parallelism the losses are this rank's share of the global batch's losses and the
-    gradients are summed over ranks, so every rank takes the same step.
+    `tokens_since_fired` (n_local,) are the dead-latent counters of this rank's latents: the step
+    counts the batch into them after its TopK selection and before AuxK, which then uses the latents
+    dead after this batch. Under torchrun (`sae.layout`) the losses are this replica's share of the
+    global batch's and the gradients are summed over replicas, so every rank takes the same step.
     """
-    variance = (lambda t: global_variance(t, info)) if info.enabled else batch_variance
-
     def dead_after_this_batch(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
-        update_dead_counters(tokens_since_fired, latent_indices, latent_acts, info)
+        update_dead_counters(sae, tokens_since_fired, latent_indices, latent_acts)
         return tokens_since_fired >= sae.cfg.dead_tokens
 
-    out = sae(x, dead_after_this_batch, variance)
-    optimizer_update(
-        sae, optimizer, out.loss, lr, grad_clip,
-        sum_grads=lambda: sum_gradients(sae.parameters(), info),
-        clip=lambda max_norm: torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm),
-    )
+    out = sae(x, dead_after_this_batch)
+    optimizer_update(sae, optimizer, out.loss, lr, grad_clip)
     return out
 
 
 @torch.no_grad()
-def update_dead_counters(tokens_since_fired: Tensor, latent_indices: Tensor, latent_acts: Tensor,
-                         info: DistInfo = DistInfo()) -> None:
-    """Add the global batch's tokens to every latent's counter; reset the latents that fired anywhere.
-
-    latent_indices, latent_acts (N, k): this rank's TopK selection (a latent fires where its value > 0)."""
+def update_dead_counters(sae: SparseAutoencoder, tokens_since_fired: Tensor, latent_indices: Tensor,
+                         latent_acts: Tensor) -> None:
+    """Add the global batch's tokens to the counter of each of this rank's latents (n_local,); reset
+    those that fired in any replica. latent_indices (global ids), latent_acts (N, k): this replica's
+    TopK selection (a latent fires where its value > 0)."""
     fired = torch.zeros_like(tokens_since_fired, dtype=torch.uint8)
-    fired[latent_indices[latent_acts > 0]] = 1
-    all_reduce_max(fired, info)
-    tokens_since_fired += latent_indices.shape[0] * info.world_size
+    local = latent_indices[latent_acts > 0] - sae.latent_start
+    fired[local[(local >= 0) & (local < sae.n_local)]] = 1
+    sae.layout.max_over_replicas(fired)
+    tokens_since_fired += latent_indices.shape[0] * sae.layout.replicas
     tokens_since_fired[fired.bool()] = 0
 
 
 @torch.no_grad()
-def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, cfg: TrainConfig, info: DistInfo) -> float:
+def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, cfg: TrainConfig) -> float:
     """`initialization.initialize_from_batch` (b_dec, encoder scale, input scale) from the global first
-    batch: every rank gets the same numbers, computed from all ranks' first batches together."""
-    return initialize_from_batch(sae, gather_rows(first_batch, info), cfg.b_dec_init, cfg.scale_inputs, cfg.fit_encoder_scale)
+    batch: every rank gets the same numbers, computed from all replicas' first batches together.
+    Collective under torchrun: call it on every rank with its replica's rows."""
+    rows = sae.layout.gather_rows_over_replicas(sae.layout.broadcast_rows(first_batch))
+    return initialize_from_batch(sae, rows, cfg.b_dec_init, cfg.scale_inputs, cfg.fit_encoder_scale)
 
 
 @torch.no_grad()
-def step_metrics(out: ForwardOutput, tokens_since_fired: Tensor, dead_tokens: int, info: DistInfo) -> dict[str, float]:
-    """Global-batch metrics of a step: losses summed over ranks' shares, L0 averaged."""
+def step_metrics(sae: SparseAutoencoder, out: ForwardOutput, tokens_since_fired: Tensor) -> dict[str, float]:
+    """Global-batch metrics of a step: losses summed over the replicas' shares, L0 averaged over
+    them, the dead fraction over all latents (every shard's)."""
+    layout = sae.layout
     values = torch.stack([
-        out.fvu.detach().float(),
-        out.auxk_loss.detach().float(),
-        out.multi_topk_fvu.detach().float(),
-        (out.latent_acts > 0).sum(-1).float().mean() / info.world_size,
+        out.fvu.detach().float(), out.auxk_loss.detach().float(), out.multi_topk_fvu.detach().float(),
+        (out.latent_acts > 0).sum(-1).float().mean() / layout.replicas,
     ])
-    fvu, auxk_loss, multi_topk_fvu, l0 = all_reduce_sum(values, info).tolist()
-    dead_frac = (tokens_since_fired >= dead_tokens).float().mean().item()
+    fvu, auxk_loss, multi_topk_fvu, l0 = layout.sum_over_replicas(values).tolist()
+    dead = layout.sum_over_shards((tokens_since_fired >= sae.cfg.dead_tokens).sum().reshape(1))
+    dead_frac = dead.item() / sae.cfg.n_latents
     return {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
 
 
-def member_step(member: Member, x: Tensor, lr: float, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> ForwardOutput:
-    """One optimiser step of one member on its (already scaled) batch, counting it into its dead-latent counters."""
-    if layout.shards > 1:
-        return sharded.training_step(member.sae, member.optimizer, x, member.tokens_since_fired, lr, cfg.grad_clip)
-    return training_step(member.sae, member.optimizer, x, member.tokens_since_fired, lr, cfg.grad_clip, info)
-
-
-def member_metrics(member: Member, out: ForwardOutput, info: DistInfo, layout: sharded.ShardLayout) -> dict[str, float]:
-    """`step_metrics` of the member's step `out`, over the global batch and all its latents."""
-    if layout.shards > 1:
-        return sharded.step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, layout)
-    return step_metrics(out, member.tokens_since_fired, member.sae.cfg.dead_tokens, info)
-
-
-def initialize_member(member: Member, rows: Tensor, cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout) -> float:
-    """The data-dependent init of the member's SAE from its first batch `rows`; returns the input scale."""
-    if layout.shards > 1:
-        return sharded.initialize_from_first_batch(member.sae, layout.broadcast_rows(rows), cfg)
-    return initialize_from_first_batch(member.sae, rows, cfg, info)
-
-
-def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: sharded.ShardLayout):
+def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: ShardLayout):
     """sae.cache.CachedWindows for `cfg.data.activation_cache`, after checking the cache holds what
     this run would have streamed (same model, data and LM batching; at least the run's hookpoints)."""
     from .cache import ActivationCache, CachedWindows, cache_identity, check_same_identity, windows_for_training
@@ -190,7 +154,7 @@ def train(cfg: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
 
 
 def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None) -> Path:
-    layout = sharded.ShardLayout(info.rank, info.world_size, cfg.shard_latents)
+    layout = ShardLayout(info.rank, info.world_size, cfg.shard_latents)
     if cfg.batch_size % layout.replicas:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     torch.manual_seed(cfg.seed)
@@ -207,13 +171,13 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
                               rank=layout.replica)
     members = build_members(cfg, d_in_of, layout, device)  # same seed: the same init on every rank
     if latest:
-        start_step, tokens_seen, wandb_id = resume(cfg, info, layout, members, stream, latest[-1])
+        start_step, tokens_seen, wandb_id = resume(cfg, info, members, stream, latest[-1])
         batches = iter(stream)
     else:
         # Scale and pre-bias come from the first batch, which is then trained on like any other.
         first_batch = next(stream)
         for member in members:
-            member.input_scale = initialize_member(member, first_batch[member.hookpoint], cfg, info, layout)
+            member.input_scale = initialize_from_first_batch(member.sae, first_batch[member.hookpoint], cfg)
         start_step, tokens_seen, wandb_id = 0, 0, None
         batches = itertools.chain([first_batch], stream)
 
@@ -242,10 +206,10 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
                                      dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
             eval_started = time.perf_counter()
-            evaluate_members(members, step + 1, score_held_out, log, info, layout)
+            evaluate_members(members, step + 1, score_held_out, log, info)
             started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
-            save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info, layout)
+            save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
     progress.close()
 
     save_members(cfg, members, source, tokens_seen, log, info, layout)
@@ -255,7 +219,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
     return members[0].out_dir
 
 
-def open_source(cfg: TrainConfig, layout: sharded.ShardLayout, device: torch.device):
+def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
     """(source of token windows' activations for this rank, d_in of each hookpoint, LM, tokenizer).
 
     The LM is loaded when activations are streamed, or for held-out evals (else model and tokenizer
@@ -273,8 +237,8 @@ def open_source(cfg: TrainConfig, layout: sharded.ShardLayout, device: torch.dev
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
-    if layout.shards > 1 and layout.shard != 0:
-        source = sharded.PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
+    if not layout.reads_data:
+        source = PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
     elif not cfg.data.activation_cache:
         dataset = load_text_dataset(cfg.data, rank=layout.replica, world_size=layout.replicas)
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
@@ -282,7 +246,7 @@ def open_source(cfg: TrainConfig, layout: sharded.ShardLayout, device: torch.dev
     return source, d_in_of, model, tokenizer
 
 
-def resume(cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout, members: list[Member],
+def resume(cfg: TrainConfig, info: DistInfo, members: list[Member],
            stream: ActivationStream, path: Path) -> tuple[int, int, str]:
     """Load checkpoint `path` into the members, the RNG and the stream: (step, tokens seen, wandb run id)."""
     tensors, state = checkpoint.load_checkpoint(path)
@@ -293,7 +257,7 @@ def resume(cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout, member
     if len(state["streams"]) != info.world_size:
         raise ValueError(f"{path} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
     for member in members:
-        load_member(member, tensors, state["members"][member.name], layout)
+        load_member(member, tensors, state["members"][member.name])
     checkpoint.restore_rng(tensors)
     stream.load_state_dict(state["streams"][info.rank])
     if info.is_main:
@@ -302,17 +266,16 @@ def resume(cfg: TrainConfig, info: DistInfo, layout: sharded.ShardLayout, member
 
 
 def step_members(members: list[Member], batch: dict[str, Tensor], step: int, total_steps: int, cfg: TrainConfig,
-                 info: DistInfo, layout: sharded.ShardLayout, log_now: bool) -> dict[str, Any]:
+                 info: DistInfo, layout: ShardLayout, log_now: bool) -> dict[str, Any]:
     """One optimiser step of every member on its hookpoint's rows of `batch`; the log line of the
     step (every member's metrics, when `log_now`; they are also kept in `member.metrics`)."""
     line: dict[str, Any] = {"step": step + 1}
     for member in members:
-        x = batch[member.hookpoint]
-        if layout.shards > 1:
-            x = layout.broadcast_rows(x)  # bitwise-equal rows within the shard group
+        x = layout.broadcast_rows(batch[member.hookpoint])  # bitwise-equal rows within a shard group
         lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
         try:
-            out = member_step(member, x * member.input_scale, lr, cfg, info, layout)
+            out = training_step(member.sae, member.optimizer, x * member.input_scale, member.tokens_since_fired,
+                                lr, cfg.grad_clip)
         except NonFiniteLossError as error:
             last = checkpoint.list_checkpoints(cfg.run_dir)
             raise NonFiniteLossError(
@@ -320,16 +283,15 @@ def step_members(members: list[Member], batch: dict[str, Tensor], step: int, tot
                 f"Last good checkpoint: {last[-1] if last else 'none'}"
             ) from None
         if log_now:
-            member.metrics = {**member_metrics(member, out, info, layout), "lr": lr}
+            member.metrics = {**step_metrics(member.sae, out, member.tokens_since_fired), "lr": lr}
             line.update({member.key(name): value for name, value in member.metrics.items()})
     return line
 
 
-def evaluate_members(members: list[Member], step: int, score_held_out, log: RunLog | None, info: DistInfo,
-                     layout: sharded.ShardLayout) -> None:
+def evaluate_members(members: list[Member], step: int, score_held_out, log: RunLog | None, info: DistInfo) -> None:
     """The held-out eval of every member's evaluated SAE (kept in `member.eval_metrics`), logged on rank 0."""
     for member in members:
-        sae = evaluation_sae(member, layout)  # collective under sharding
+        sae = evaluation_sae(member)  # collective under sharding
         if info.is_main:
             member.eval_metrics = score_held_out(sae, member.input_scale, member.hookpoint)
     if log is not None:
@@ -338,10 +300,10 @@ def evaluate_members(members: list[Member], step: int, score_held_out, log: RunL
 
 
 def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_seen: int, stream: ActivationStream,
-                    log: RunLog | None, info: DistInfo, layout: sharded.ShardLayout) -> None:
+                    log: RunLog | None, info: DistInfo) -> None:
     """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written by rank 0."""
     streams = gather_objects(stream.state_dict(), info)
-    states = [member_state(member, layout) for member in members]  # collective under sharding
+    states = [member_state(member) for member in members]  # collective under sharding
     barrier(info)
     if info.is_main:
         tensors = {name: tensor for named, _ in states for name, tensor in named.items()}
@@ -355,7 +317,7 @@ def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_s
 
 
 def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: int, log: RunLog | None,
-                 info: DistInfo, layout: sharded.ShardLayout) -> None:
+                 info: DistInfo, layout: ShardLayout) -> None:
     """The final SAEs, folded to take raw activations, each in its folder with its provenance."""
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
@@ -368,7 +330,7 @@ def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: i
         }
         if log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=log.run.id, wandb_project=cfg.wandb_project)
-        sae = evaluation_sae(member, layout)  # collective under sharding: one ordinary SAE, on rank 0
+        sae = evaluation_sae(member)  # collective under sharding: one ordinary SAE, on rank 0
         if info.is_main:
             sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from sae import SaeConfig, SparseAutoencoder
 from sae.config import TrainConfig
 from sae.distributed import init_distributed, shutdown
+from sae.parallel import ShardLayout
 from sae.trainer import initialize_from_first_batch, training_step
 
 
@@ -24,12 +25,13 @@ def main(out_path: str) -> None:
     share = global_batch // info.world_size
     local = batches[:, info.rank * share : (info.rank + 1) * share]
 
-    sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8, dead_tokens=64, multi_topk=True)).double()
+    sae = SparseAutoencoder(SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8, dead_tokens=64, multi_topk=True),
+                            dtype=torch.float64, layout=ShardLayout(info.rank, info.world_size))
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2, eps=6.25e-10)
-    scale = initialize_from_first_batch(sae, local[0].double(), TrainConfig(), info)
+    scale = initialize_from_first_batch(sae, local[0].double(), TrainConfig())
     tokens_since_fired = torch.zeros(96, dtype=torch.long)
     for step in range(steps):
-        training_step(sae, optimizer, local[step].double() * scale, tokens_since_fired, 1e-2, 1.0, info)
+        training_step(sae, optimizer, local[step].double() * scale, tokens_since_fired, 1e-2, 1.0)
     if info.is_main:
         save_file({**{k: v.contiguous() for k, v in sae.state_dict().items()}, "tokens_since_fired": tokens_since_fired,
                    "scale": torch.tensor(scale)}, out_path)

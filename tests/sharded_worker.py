@@ -5,7 +5,7 @@
 For each layout (world = N/SHARDS replicas x SHARDS shards) and each case below whose n_latents the
 layout divides, every rank trains a sharded SAE on its replica's rows of fixed global batches and,
 beside it, a single-process `SparseAutoencoder` on the whole global batches with the trainer's own
-`training_step` / `initialize_from_first_batch`. It checks the selection at
+`training_step` / `initialize_from_first_batch` (the same functions: one code path for every layout). It checks the selection at
 every step and the parameters, Adam state and dead counters at the end, writes the gathered SAE
 (`sae_from_full_state`) and the reference as ordinary SAE folders, and continues one step from the gathered
 state loaded into a fresh sharded SAE. Any mismatch fails an assert (non-zero exit); rank 0 writes
@@ -24,16 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from sae import SaeConfig, SparseAutoencoder, checkpoint, trainer
 from sae.config import TrainConfig
-from sae.distributed import DistInfo, barrier, init_distributed, shutdown
-from sae.sharded import (
-    ShardedSparseAutoencoder,
-    ShardLayout,
-    gather_full_state,
-    initialize_from_first_batch,
-    load_from_full_state,
-    sae_from_full_state,
-    training_step,
-)
+from sae.distributed import barrier, init_distributed, shutdown
+from sae.full_state import gather_full_state, load_from_full_state, sae_from_full_state
+from sae.parallel import ShardLayout
+from sae.trainer import initialize_from_first_batch, training_step
 
 F64 = torch.float64
 CASES = {
@@ -50,13 +44,21 @@ def close(actual, expected, what):
     torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
 
 
+def state_bytes(sae, optimizer, only=None) -> dict[str, int]:
+    """Bytes of the SAE's parameters and of its optimiser's state tensors (of parameter `only`, if given;
+    Adam's 0-d step counters, one per parameter on every rank, left out)."""
+    params = [p for p in sae.parameters() if only is None or p is only]
+    return {"parameters": sum(p.nbytes for p in params),
+            "optimizer": sum(t.nbytes for p in params for t in optimizer.state[p].values() if torch.is_tensor(t) and t.dim())}
+
+
 def run_case(name, spec, layout, info, out_dir):
     cfg, batch, steps = spec["cfg"], spec["batch"], spec["steps"]
     tag = f"{name}-{layout.replicas}x{layout.shards}"
     torch.manual_seed(0)
     ref = SparseAutoencoder(cfg, dtype=F64)
     torch.manual_seed(0)
-    sae = ShardedSparseAutoencoder(cfg, layout, dtype=F64)
+    sae = SparseAutoencoder(cfg, dtype=F64, layout=layout)
     lo, hi = sae.latent_start, sae.latent_stop
     for pname, param in sae.named_parameters():
         full = ref.get_parameter(pname)
@@ -66,8 +68,8 @@ def run_case(name, spec, layout, info, out_dir):
     rows = slice(layout.replica * batch // layout.replicas, (layout.replica + 1) * batch // layout.replicas)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, eps=6.25e-10)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=6.25e-10)
-    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], TrainConfig(), DistInfo())
-    scale = initialize_from_first_batch(sae, layout.broadcast_rows(batches[0, rows]), TrainConfig())
+    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], TrainConfig())
+    scale = initialize_from_first_batch(sae, batches[0, rows], TrainConfig())
     assert abs(scale - ref_scale) <= 1e-12 * ref_scale, (scale, ref_scale)
     close(sae.b_dec, ref.b_dec, f"{tag}: b_dec init")
     close(sae.encoder.weight, ref.encoder.weight[lo:hi], f"{tag}: fitted encoder scale")
@@ -101,6 +103,9 @@ def run_case(name, spec, layout, info, out_dir):
     for pname, param in sae.named_parameters():
         full = ref.get_parameter(pname)
         close(param, full[lo:hi] if pname != "b_dec" else full, f"{tag}: {pname} after {steps} steps")
+    # what the rank holds: its rows of every latent-major parameter and of their Adam state, b_dec whole
+    record["bytes"] = {"rank": state_bytes(sae, opt), "one_process": state_bytes(ref, ref_opt),
+                       "replicated": state_bytes(ref, ref_opt, only=ref.b_dec)}
     assert torch.equal(counters, ref_counters[lo:hi]), f"{tag}: dead counters"
 
     # one full state (params + Adam + counters) on rank 0, named as a single-process run's
@@ -123,7 +128,7 @@ def run_case(name, spec, layout, info, out_dir):
 
     # continue from the gathered state in a fresh sharded SAE (another init, another RNG state)
     torch.manual_seed(123)
-    resumed = ShardedSparseAutoencoder(cfg, layout, dtype=F64)
+    resumed = SparseAutoencoder(cfg, dtype=F64, layout=layout)
     resumed_opt = torch.optim.Adam(resumed.parameters(), lr=LR, eps=6.25e-10)
     resumed_counters = torch.zeros_like(counters)
     saved = load_file(str(path / "full.safetensors"))
@@ -147,7 +152,7 @@ def main(out_dir: str, shard_counts: str) -> None:
         layout = ShardLayout(info.rank, info.world_size, shards)
         if shards > 1:
             try:
-                ShardedSparseAutoencoder(SaeConfig(d_in=4, n_latents=shards * 5 + 1, k=2), layout)
+                SparseAutoencoder(SaeConfig(d_in=4, n_latents=shards * 5 + 1, k=2), layout=layout)
             except ValueError as error:
                 assert "not divisible" in str(error), error
             else:

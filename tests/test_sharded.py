@@ -1,4 +1,4 @@
-"""Latent sharding (sae/sharded.py): 2 and 4 CPU processes (gloo) launched with torchrun equal one
+"""Latent sharding (sae/parallel.py, sae/full_state.py): 2 and 4 CPU processes (gloo) launched with torchrun equal one
 process; the gathered SAE is one ordinary SAE folder. The checks themselves run in
 tests/sharded_worker.py (it fails on any mismatch); here we launch it and check what it wrote."""
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from launch import REPO, run_script
 from sae import SparseAutoencoder
 from sae.distributed import DistInfo
-from sae.sharded import ShardLayout
+from sae.parallel import ShardLayout
 
 WORKER = "tests/sharded_worker.py"
 
@@ -33,6 +33,14 @@ def check_records(records: list[dict], out_dir: Path, tags: set[str]) -> None:
         assert all(record["clipped"]), tag
         if tag.startswith("auxk"):
             assert any(0 < dead < record["k_aux"] for dead in record["dead"]), tag
+        # each rank holds 1/shards of every latent-major parameter and of its optimiser state (b_dec,
+        # d_in numbers, whole): a sharded SAE is built and trained shard by shard, never whole
+        shards = int(tag.rsplit("x", 1)[1])
+        sizes = record["bytes"]
+        for kind in ("parameters", "optimizer"):
+            latent_major = sizes["one_process"][kind] - sizes["replicated"][kind]
+            assert latent_major > 0 and latent_major % shards == 0, (tag, kind)
+            assert sizes["rank"][kind] == latent_major // shards + sizes["replicated"][kind], (tag, kind, sizes)
         # the gathered folder is one ordinary SAE, equal to the single-process one
         sharded = SparseAutoencoder.load(out_dir / tag / "sharded")
         ref = SparseAutoencoder.load(out_dir / tag / "ref")

@@ -314,7 +314,6 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
     short run gives k=16 worse than k=8.)"""
     from sae.members import Member, evaluation_sae
     from sae.optim import make_optimizer
-    from sae.sharded import ShardLayout
 
     defaults, steps, n_latents = TrainConfig(), 200, 512
     batches = sparse_code_batches(steps + 4, 256)
@@ -324,37 +323,33 @@ def test_with_the_default_optimiser_a_larger_k_ends_better():
         sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=n_latents, k=k, k_aux=64, dead_tokens=2000))
         lr = optim.default_lr(n_latents, k, defaults.optimizer, 4096)  # the benchmark's batch, whose lr this task was tuned at
         optimizer = make_optimizer(defaults, sae.parameters(), lr)
-        scale = trainer.initialize_from_first_batch(sae, batches[0], defaults, trainer.DistInfo())
+        scale = trainer.initialize_from_first_batch(sae, batches[0], defaults)
         counters = torch.zeros(n_latents, dtype=torch.long)
         for step in range(steps):
             step_lr = optim.lr_at(step, lr, defaults.lr_warmup_steps, steps, defaults.lr_decay_frac)
             trainer.training_step(sae, optimizer, batches[step] * scale, counters, step_lr, defaults.grad_clip)
-        evaluated = evaluation_sae(Member("", "x", sae, optimizer, lr, counters, None), ShardLayout(0, 1))
+        evaluated = evaluation_sae(Member("", "x", sae, optimizer, lr, counters, None))
         held_out_fvu.append(evaluated(torch.cat(batches[steps:]) * scale).fvu.item())
     assert held_out_fvu == sorted(held_out_fvu, reverse=True), held_out_fvu
     assert held_out_fvu[-1] < 0.5 * held_out_fvu[0], held_out_fvu
 
 
-@pytest.mark.parametrize("sharded_shape", [False, True])
-def test_schedule_free_keeps_its_iterate_and_its_gradient_point_at_unit_norm(sharded_shape):
+def test_schedule_free_keeps_its_iterate_and_its_gradient_point_at_unit_norm():
     """Renormalising only the parameter y let the Adam iterate z's rows grow (4 -> 11 over a 20M-token
     run), so the saved average x = (y - (1 - beta1) z) / beta1 shrank and flipped sign. After every step
     both y and z must be on the unit sphere, which keeps x's row norms in [1, (2 - beta1) / beta1]."""
     from sae.optim import make_optimizer
-    from sae import sharded
-    from sae.sharded import ShardedSparseAutoencoder, ShardLayout
 
     cfg = TrainConfig(optimizer="schedule_free_adam", adam_beta1=0.8)
     sae_cfg = SaeConfig(d_in=32, n_latents=96, k=7, k_aux=16, dead_tokens=10**9)
     torch.manual_seed(0)
-    sae = ShardedSparseAutoencoder(sae_cfg, ShardLayout(0, 1)) if sharded_shape else SparseAutoencoder(sae_cfg)
+    sae = SparseAutoencoder(sae_cfg)
     optimizer = make_optimizer(cfg, sae.parameters(), 5e-2)
     batches = sparse_code_batches(60, 128)
-    scale = trainer.initialize_from_first_batch(sae, batches[0], cfg, trainer.DistInfo())
+    scale = trainer.initialize_from_first_batch(sae, batches[0], cfg)
     counters = torch.zeros(96, dtype=torch.long)
-    step = sharded.training_step if sharded_shape else trainer.training_step
     for batch in batches:
-        step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
+        trainer.training_step(sae, optimizer, batch * scale, counters, 5e-2, cfg.grad_clip)
     y = sae.W_dec.detach().double()
     z = optimizer.state[sae.W_dec]["z"].double()
     x = (y - 0.2 * z) / 0.8

@@ -11,7 +11,7 @@ from sae import checkpoint
 from sae.cache import ActivationCache
 from sae.config import TrainConfig
 from sae.members import build_members, evaluation_sae, load_member
-from sae.sharded import ShardLayout
+from sae.parallel import ShardLayout
 from sae.trainer import train
 
 
@@ -30,10 +30,9 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path, met
         tensors, state = checkpoint.load_checkpoint(path)
         if state["step"] not in checkpoint_steps:
             continue
-        layout = ShardLayout(0, 1)
-        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, layout, torch.device("cpu"))
-        load_member(member, tensors, state["members"][member.name], layout)
-        sae = evaluation_sae(member, layout)  # what the trainer's final save writes
+        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, ShardLayout(), torch.device("cpu"))
+        load_member(member, tensors, state["members"][member.name])
+        sae = evaluation_sae(member)  # what the trainer's final save writes
         folders[state["step"]] = sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,
                                           metadata={**metadata, "system": "ours", "tokens_trained": state["tokens_seen"]})
     return folders
