@@ -16,11 +16,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from .files import TensorSpec, write_safetensors
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -31,15 +33,18 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, then prune all but the newest `keep`."""
+def save_checkpoint(run_dir: Path, step: int, specs: list[TensorSpec], chunks: Iterable[Tensor], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically, then prune all but the newest `keep`. Its tensors come as
+    pieces (`files.write_safetensors`), so a large run's state is never whole in memory; `whole`
+    makes them from a dict."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(tmp / STATE_TENSORS))
+    write_safetensors(tmp / STATE_TENSORS, specs, chunks)
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
     for name in (STATE_TENSORS, STATE_JSON):
         with open(tmp / name, "rb") as file:
@@ -51,6 +56,11 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def whole(tensors: dict[str, Tensor]) -> tuple[list[TensorSpec], list[Tensor]]:
+    """`save_checkpoint`'s (specs, chunks) for tensors that are whole in memory: one piece each."""
+    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], list(tensors.values())
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

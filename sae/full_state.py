@@ -12,7 +12,7 @@ For a process alone these are copies to the CPU and back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import SaeConfig
+from .files import TensorSpec
 from .model import LATENT_MAJOR_PARAMETERS, PARAMETER_NAMES, SparseAutoencoder
-from .parallel import ShardLayout
 
 
 def _local_rows(sae: SparseAutoencoder, full: Tensor) -> Tensor:
@@ -51,48 +51,70 @@ def _latent_major_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer
     return items
 
 
+def full_state_specs(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
+                     extra: dict[str, Tensor] | None = None) -> list[TensorSpec]:
+    """Name, dtype and full shape of every tensor of the full state, in `full_state_chunks` order;
+    the same on every rank, with no communication.
+
+    Names: `encoder.weight`, `encoder.bias`, `W_dec`, `b_dec`; with `optimizer`, its tensors as
+    `optimizer.{param_id}.{key}` (`checkpoint.optimizer_to_flat`'s names); each `extra` latent-major
+    tensor (e.g. the dead-latent counters) by its name."""
+    shards = sae.layout.shards
+    return [TensorSpec(name, tensor.dtype, (tensor.shape[0] * shards, *tensor.shape[1:]) if latent_major else tuple(tensor.shape))
+            for name, tensor, latent_major in _latent_major_state(sae, optimizer, extra)]
+
+
 @torch.no_grad()
-def gather_full_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
-                      extra: dict[str, Tensor] | None = None, max_chunk_bytes: int = 1 << 28) -> dict[str, Tensor] | None:
-    """One full state dict (CPU tensors) on rank 0, None on the other ranks.
-
-    Keys: `encoder.weight`, `encoder.bias`, `W_dec`, `b_dec` (full shapes); with `optimizer`, its
-    tensors as `optimizer.{param_id}.{key}` (`checkpoint.optimizer_to_flat`'s names: exp_avg and
-    exp_avg_sq full, step as is); and each `extra` latent-major tensor (e.g. the dead-latent
-    counters) by its name. Call it on every rank: replica 0's shard group gathers (in chunks of at
-    most `max_chunk_bytes` per collective, so rank 0's device never holds a whole tensor), the other
-    replicas hold identical copies and return at once.
-    """
+def full_state_chunks(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
+                      extra: dict[str, Tensor] | None = None,
+                      max_chunk_bytes: int = 1 << 26) -> Iterator[tuple[str, Tensor]]:
+    """The full state as (name, CPU piece) pairs, on rank 0: each tensor of `full_state_specs` in
+    consecutive row pieces of at most `max_chunk_bytes`, whole shard by whole shard. The other ranks
+    of replica 0's shard group send their rows to rank 0 when their turn comes and yield nothing;
+    other replicas, which hold identical copies, do nothing. Collective: every rank must exhaust it
+    (`drain`). A piece may share memory with the training state (a process alone, on the CPU):
+    copy before changing it."""
     layout = sae.layout
-    items = _latent_major_state(sae, optimizer, extra)
     if layout.replica != 0:
+        return
+    for name, tensor, latent_major in _latent_major_state(sae, optimizer, extra):
+        tensor = tensor.detach()
+        if not latent_major:
+            if layout.is_main:
+                yield name, tensor.cpu()
+            continue
+        row_bytes = max(1, tensor[:1].numel() * tensor.element_size())
+        rows_per_chunk = max(1, max_chunk_bytes // row_bytes)
+        for shard, rank in enumerate(layout.shard_ranks):
+            for start in range(0, tensor.shape[0], rows_per_chunk):
+                rows = tensor[start : start + rows_per_chunk]
+                if layout.is_main and shard == 0:
+                    yield name, rows.cpu()
+                elif layout.is_main:
+                    received = torch.empty_like(rows, memory_format=torch.contiguous_format)
+                    dist.recv(received, src=rank, group=layout.shard_group)
+                    yield name, received.cpu()
+                elif layout.shard == shard:
+                    dist.send(rows.contiguous(), dst=layout.shard_ranks[0], group=layout.shard_group)
+
+
+def drain(chunks: Iterable) -> None:
+    """Run a collective iterator (`full_state_chunks`) to its end, discarding what it yields."""
+    for _ in chunks:
+        pass
+
+
+def gather_full_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
+                      extra: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
+    """The full state (see `full_state_specs`) as one dict of CPU tensors on rank 0 (new memory, never
+    the training state's), None on the other ranks. Collective: call it on every rank. Checkpoints and
+    saves do not use it: they write `full_state_chunks` piece by piece (never the whole state at once)."""
+    pieces: dict[str, list[Tensor]] = {}
+    for name, piece in full_state_chunks(sae, optimizer, extra):
+        pieces.setdefault(name, []).append(piece)
+    if not sae.layout.is_main:
         return None
-    full = {}
-    for name, tensor, latent_major in items:
-        if latent_major:
-            value = _gather_rows_to_rank0(tensor.detach(), layout, max_chunk_bytes)
-        else:
-            value = tensor.detach().cpu().clone() if layout.is_main else None
-        if layout.is_main:
-            full[name] = value
-    return full if layout.is_main else None
-
-
-def _gather_rows_to_rank0(local: Tensor, layout: ShardLayout, max_chunk_bytes: int) -> Tensor | None:
-    if layout.shard_group is None:
-        return local.cpu().clone()
-    n_local, shards = local.shape[0], layout.shards
-    row_bytes = max(1, local[:1].numel() * local.element_size())
-    rows_per_chunk = max(1, max_chunk_bytes // (row_bytes * shards))
-    full = torch.empty((shards * n_local, *local.shape[1:]), dtype=local.dtype) if layout.is_main else None
-    for start in range(0, n_local, rows_per_chunk):
-        chunk = local[start : start + rows_per_chunk].contiguous()
-        pieces = [torch.empty_like(chunk) for _ in range(shards)] if layout.is_main else None
-        dist.gather(chunk, pieces, dst=layout.shard_ranks[0], group=layout.shard_group)
-        if layout.is_main:
-            for shard, piece in enumerate(pieces):
-                full[shard * n_local + start : shard * n_local + start + len(chunk)] = piece.cpu()
-    return full
+    return {name: torch.cat(parts) if parts[0].dim() else parts[0].clone() for name, parts in pieces.items()}
 
 
 @torch.no_grad()

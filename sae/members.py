@@ -2,8 +2,10 @@
 `TrainConfig.variants`, each with its own optimiser, dead-latent counters, input scale and folder.
 
 A member's SAE holds this rank's latents (`SparseAutoencoder(layout=)`: all of them unless the run
-shards its latents); where a whole SAE is needed (checkpoints, evals, the final save) it is gathered
-to rank 0's CPU memory (sae/full_state.py). The same code serves every layout.
+shards its latents). Checkpoints and the final save are written by rank 0 piece by piece as the
+other ranks send their rows (sae/full_state.py), so no rank ever holds the whole SAE for them; a
+held-out eval gathers the whole SAE's parameters (not its optimiser state) to rank 0's CPU memory.
+The same code serves every layout.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import TrainConfig
-from .full_state import gather_full_state, load_from_full_state, sae_from_full_state
-from .model import SparseAutoencoder
+from .files import TensorSpec
+from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
+                         sae_from_full_state)
+from .model import SparseAutoencoder, fold_input_scale, normalize_rows_, write_sae_folder
 from .optim import make_optimizer, run_lr
 from .parallel import ShardLayout
 
@@ -72,15 +76,14 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
     return members
 
 
-def member_state(member: Member) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """Checkpoint tensors (named by `member.key`, in CPU memory) and JSON state of a member; on rank 0
-    (None elsewhere). Collective under torchrun: call it on every rank."""
-    full = gather_full_state(member.sae, member.optimizer, extra={"tokens_since_fired": member.tokens_since_fired})
+def member_state(member: Member) -> tuple[list[TensorSpec], Iterator[Tensor], dict[str, Any]]:
+    """A member's checkpoint entries: the specs of its tensors (named by `member.key`), their pieces
+    (`full_state_chunks`: on rank 0; a collective every rank must exhaust) and its JSON state."""
+    extra = {"tokens_since_fired": member.tokens_since_fired}
+    specs = [replace(spec, name=member.key(spec.name)) for spec in full_state_specs(member.sae, member.optimizer, extra)]
+    chunks = (piece for _, piece in full_state_chunks(member.sae, member.optimizer, extra))
     _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-    if full is None:
-        return None
-    named = {member.key(name): tensor for name, tensor in full.items()}
-    return named, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
+    return specs, chunks, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
 
 
 def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
@@ -109,18 +112,35 @@ def averaged_weights(member: Member) -> Iterator[None]:
 
 
 def evaluation_sae(member: Member) -> SparseAutoencoder | None:
-    """The member's whole SAE as it is evaluated and saved (in training scale), in rank 0's CPU
-    memory (None on the other ranks): its optimiser's evaluated weights (`averaged_weights`) with the
-    decoder rows renormalised to unit norm. Collective under torchrun: call it on every rank.
-
-    Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
-    1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
-    saved format's unit-norm decoder; the encoder is left as it is."""
+    """The member's whole SAE as it is evaluated (in training scale), in rank 0's CPU memory (None on
+    the other ranks); the weights `save_member` writes. Collective: call it on every rank."""
     with averaged_weights(member):
         full = gather_full_state(member.sae)  # copies: the training weights are back after the block
     if full is None:
         return None
-    sae = sae_from_full_state(full, member.sae.cfg)
-    if sae.cfg.normalize_decoder:
-        sae.set_decoder_norm_to_unit_norm()
-    return sae
+    if member.sae.cfg.normalize_decoder:
+        normalize_rows_(full["W_dec"])
+    return sae_from_full_state(full, member.sae.cfg)
+
+
+def save_member(member: Member, metadata: dict[str, Any]) -> None:
+    """Write the member's SAE folder (rank 0; collective: call it on every rank) piece by piece, so
+    that no rank holds the whole SAE: its optimiser's evaluated weights (`averaged_weights`), the
+    decoder rows renormalised to unit norm, folded to take raw activations (`model.fold_input_scale`).
+
+    Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
+    1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
+    saved format's unit-norm decoder; the encoder is left as it is."""
+    sae = member.sae
+
+    def folded(name: str, rows: Tensor) -> Tensor:
+        if name == "W_dec" and sae.cfg.normalize_decoder:
+            rows = normalize_rows_(rows.clone())  # a copy: the piece may be the training weights
+        return fold_input_scale(name, rows, member.input_scale)
+
+    with averaged_weights(member):
+        chunks = (folded(name, rows) for name, rows in full_state_chunks(sae))
+        if sae.layout.is_main:
+            write_sae_folder(member.out_dir, sae.cfg, full_state_specs(sae), chunks, member.input_scale, metadata)
+        else:
+            drain(chunks)

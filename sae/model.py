@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import kernels
 from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
-from .files import atomic_write
+from .files import TensorSpec, atomic_write, write_safetensors
 from .parallel import ShardLayout
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -139,16 +138,19 @@ class SparseAutoencoder(nn.Module):
     def reset_parameters(self) -> None:
         """Decoder rows random unit vectors; encoder tied to the decoder; biases zero (Gao et al. §2).
 
-        Every layout draws the whole SAE's init from the RNG and keeps its rows, so after the same
-        `torch.manual_seed` a shard equals the slice of a single process's SAE. The (n_latents, d_in)
-        draw is the one full-size tensor a shard ever makes: transient, on its device, freed before
-        any gradient or optimiser state exists (torch's generators cannot skip ahead to a row). The
-        two uniform draws first are nn.Linear's own init, discarded: they keep the RNG stream, and so
-        every init, what it was when the encoder was a plain nn.Linear."""
+        The init is drawn from the CPU generator (`torch.manual_seed`) whatever the device and the
+        layout, and each rank keeps its rows: a shard equals the slice of a single process's SAE, and
+        a run starts from the same SAE on a GPU as on the CPU. The whole (n_latents, d_in) draw is in
+        host memory, transient, freed before any gradient or optimiser state exists (torch's
+        generators cannot skip ahead to a row); a device only ever holds its rows. The two uniform
+        draws first are nn.Linear's own init, discarded: they keep the RNG stream, and so every init,
+        what it was when the encoder was a plain nn.Linear."""
+        if self.device.type == "meta":  # shapes only, to be loaded with `assign=True`: nothing to draw
+            return
         n_latents, d_in = self.cfg.n_latents, self.cfg.d_in
-        full = torch.empty(n_latents, d_in, device=self.device, dtype=self.dtype)
+        full = torch.empty(n_latents, d_in, dtype=self.dtype)
         full.uniform_()  # nn.Linear's weight init
-        torch.empty(n_latents, device=self.device, dtype=self.dtype).uniform_()  # and its bias init
+        torch.empty(n_latents, dtype=self.dtype).uniform_()  # and its bias init
         full.normal_()
         self.W_dec.copy_(normalize_rows_(full[self.latent_start : self.latent_stop]))
         del full
@@ -280,20 +282,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def folded_state_dict(self, input_scale: float = 1.0) -> dict[str, Tensor]:
-        """Parameters for raw inputs, when this SAE was trained on inputs multiplied by `input_scale`.
-
-        With s = input_scale: pre(s x) = W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec/s) + b_enc/s),
-        and TopK and ReLU commute with a positive factor, so b_enc/s and b_dec/s give latents 1/s as
-        large; decoding them with the same unit-norm W_dec plus b_dec/s gives x_hat(s x) / s. Exact.
-        """
-        if not input_scale > 0:
-            raise ValueError(f"input_scale must be positive, got {input_scale}")
-        return {
-            "encoder.weight": self.encoder.weight.detach().clone().contiguous(),
-            "encoder.bias": (self.encoder.bias / input_scale).contiguous(),
-            "W_dec": self.W_dec.detach().clone().contiguous(),
-            "b_dec": (self.b_dec / input_scale).contiguous(),
-        }
+        """Parameters for raw inputs, when this SAE was trained on inputs multiplied by `input_scale`
+        (`fold_input_scale`); new tensors, never the parameters themselves."""
+        return {name: fold_input_scale(name, tensor.detach().clone(), input_scale) for name, tensor in self.state_dict().items()}
 
     @torch.no_grad()
     def folded(self, input_scale: float) -> "SparseAutoencoder":
@@ -308,15 +299,9 @@ class SparseAutoencoder(nn.Module):
         input_scale: the factor the training inputs were multiplied by; folded into the weights so the
         saved SAE takes raw activations. metadata: extra cfg.json keys (model, hookpoint, provenance).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = self.folded_state_dict(input_scale)
-        cfg = {_FILE_KEYS.get(key, key): value for key, value in asdict(self.cfg).items()}
-        # sparsify reads these two; "activation" tells it this is a TopK SAE.
-        cfg.update(activation="topk", input_scale_folded=float(input_scale), **(metadata or {}))
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
-        return path
+        specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+        return write_sae_folder(path, self.cfg, specs, tensors.values(), input_scale, metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SparseAutoencoder":
@@ -351,6 +336,35 @@ class SparseAutoencoder(nn.Module):
         sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype)
         sae.load_state_dict(tensors)
         return sae
+
+
+def fold_input_scale(name: str, tensor: Tensor, input_scale: float) -> Tensor:
+    """Parameter `name` (whole, or some of its rows) for raw inputs, when the SAE was trained on inputs
+    multiplied by `input_scale`: the biases divided by it, the weights unchanged (`tensor` itself).
+
+    With s = input_scale: pre(s x) = W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec/s) + b_enc/s),
+    and TopK and ReLU commute with a positive factor, so b_enc/s and b_dec/s give latents 1/s as
+    large; decoding them with the same unit-norm W_dec plus b_dec/s gives x_hat(s x) / s. Exact.
+    """
+    if not input_scale > 0:
+        raise ValueError(f"input_scale must be positive, got {input_scale}")
+    return tensor / input_scale if name in ("encoder.bias", "b_dec") else tensor
+
+
+def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], chunks: Iterable[Tensor],
+                     input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
+    """The SAE folder format: path/sae.safetensors from its tensors' pieces (`files.write_safetensors`:
+    the four parameters, already folded) and path/cfg.json, each written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if sorted(spec.name for spec in specs) != sorted(PARAMETER_NAMES):
+        raise ValueError(f"an SAE folder holds exactly {sorted(PARAMETER_NAMES)}, got {[spec.name for spec in specs]}")
+    config = {_FILE_KEYS.get(key, key): value for key, value in asdict(cfg).items()}
+    # sparsify reads these two; "activation" tells it this is a TopK SAE.
+    config.update(activation="topk", input_scale_folded=float(input_scale), **(metadata or {}))
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: write_safetensors(tmp, specs, chunks))
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return path
 
 
 def read_sae_metadata(path: str | Path) -> dict[str, Any]:

@@ -8,8 +8,10 @@ One step (Gao et al. 2024):
     renormalise decoder rows to unit norm (for schedule-free Adam: its iterate z's too)
     dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
 
-Under torchrun every rank streams its own shard and computes its share of the global batch's loss;
-gradients are summed and dead-latent statistics merged (sae/distributed.py), so all ranks take the
+Every run has a layout (sae/parallel.py): a process alone, data parallel under torchrun, or with
+--shard_latents its latents split over groups of ranks. The loop below is the same for all of them:
+each replica streams its own shard of the text and computes its share of the global batch's loss;
+gradients are summed and dead-latent statistics merged over the replicas, so all ranks take the
 same step and equal a single process with the same global batch. Rank 0 alone logs and writes.
 """
 
@@ -32,9 +34,10 @@ from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSou
                           load_model_and_tokenizer)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
-from .distributed import DistInfo, barrier, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
+from .distributed import DistInfo, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
 from .initialization import initialize_from_batch
-from .members import Member, build_members, evaluation_sae, load_member, member_state
+from .full_state import drain
+from .members import Member, build_members, evaluation_sae, load_member, member_state, save_member
 from .model import ForwardOutput, SparseAutoencoder
 from .optim import NonFiniteLossError, lr_at, optimizer_update
 from .parallel import ShardLayout
@@ -301,18 +304,22 @@ def evaluate_members(members: list[Member], step: int, score_held_out, log: RunL
 
 def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_seen: int, stream: ActivationStream,
                     log: RunLog | None, info: DistInfo) -> None:
-    """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written by rank 0."""
+    """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written
+    by rank 0 piece by piece while the other ranks send their rows (collective: every rank calls it)."""
     streams = gather_objects(stream.state_dict(), info)
-    states = [member_state(member) for member in members]  # collective under sharding
-    barrier(info)
+    entries = [member_state(member) for member in members]
+    chunks = itertools.chain.from_iterable(member_chunks for _, member_chunks, _ in entries)
     if info.is_main:
-        tensors = {name: tensor for named, _ in states for name, tensor in named.items()}
+        rng_specs, rng_chunks = checkpoint.whole(checkpoint.rng_tensors())
         state = {
             "step": step, "tokens_seen": tokens_seen, "streams": streams, "world_size": info.world_size,
-            "members": {member.name: member_state for member, (_, member_state) in zip(members, states)},
+            "members": {member.name: member_state for member, (_, _, member_state) in zip(members, entries)},
             "wandb_id": log.run.id, "config": to_dict(cfg),
         }
-        checkpoint.save_checkpoint(cfg.run_dir, step, {**tensors, **checkpoint.rng_tensors()}, state, cfg.keep_checkpoints)
+        specs = [spec for member_specs, _, _ in entries for spec in member_specs] + rng_specs
+        checkpoint.save_checkpoint(cfg.run_dir, step, specs, itertools.chain(chunks, rng_chunks), state, cfg.keep_checkpoints)
+    else:
+        drain(chunks)
     wait_for_main_rank(info)
 
 
@@ -330,9 +337,7 @@ def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: i
         }
         if log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=log.run.id, wandb_project=cfg.wandb_project)
-        sae = evaluation_sae(member)  # collective under sharding: one ordinary SAE, on rank 0
-        if info.is_main:
-            sae.save(member.out_dir, input_scale=member.input_scale, metadata=metadata)
+        save_member(member, metadata)  # collective: rank 0 writes one ordinary SAE folder
 
 
 class RunLog:

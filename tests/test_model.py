@@ -266,3 +266,16 @@ def test_config_rejects_bad_shapes():
         SaeConfig(d_in=4, n_latents=8, k=9)
     with pytest.raises(ValueError, match="d_in"):
         SparseAutoencoder(SaeConfig(n_latents=8, k=2))
+
+
+def test_init_draws_from_the_cpu_generator_and_a_meta_sae_draws_nothing():
+    cfg = SaeConfig(d_in=12, n_latents=40, k=3)
+    torch.manual_seed(7)
+    first = SparseAutoencoder(cfg)
+    after_init = torch.get_rng_state()
+    SparseAutoencoder(cfg, device="meta")  # shapes only (sae_from_full_state): must not move the RNG
+    assert torch.equal(torch.get_rng_state(), after_init)
+    torch.manual_seed(7)
+    assert torch.equal(SparseAutoencoder(cfg).W_dec, first.W_dec)
+    torch.testing.assert_close(first.W_dec.norm(dim=1), torch.ones(40))
+    assert torch.equal(first.encoder.weight, first.W_dec) and not first.encoder.bias.any()

@@ -159,21 +159,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_lm_dir, 
 
 def test_crash_while_writing_a_checkpoint_leaves_nothing_loadable(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    checkpoint.save_checkpoint(run_dir, 5, {"w": torch.ones(3)}, {"step": 5})
+    checkpoint.save_checkpoint(run_dir, 5, *checkpoint.whole({"w": torch.ones(3)}), {"step": 5})
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_checkpoint(run_dir, 10, {"w": torch.zeros(3)}, {"step": 10})
+        checkpoint.save_checkpoint(run_dir, 10, *checkpoint.whole({"w": torch.zeros(3)}), {"step": 10})
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000005"]
     tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
     assert state["step"] == 5 and torch.equal(tensors["w"], torch.ones(3))
 
 
 def test_corrupt_checkpoint_file_is_a_clear_error(tmp_path):
-    path = checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1})
+    path = checkpoint.save_checkpoint(tmp_path, 1, *checkpoint.whole({"w": torch.ones(3)}), {"step": 1})
     (path / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="step-00000001 is unreadable"):
         checkpoint.load_checkpoint(path)
@@ -181,7 +181,7 @@ def test_corrupt_checkpoint_file_is_a_clear_error(tmp_path):
 
 def test_checkpoints_are_pruned(tmp_path):
     for step in range(1, 6):
-        checkpoint.save_checkpoint(tmp_path, step, {"w": torch.ones(1)}, {"step": step}, keep=2)
+        checkpoint.save_checkpoint(tmp_path, step, *checkpoint.whole({"w": torch.ones(1)}), {"step": step}, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
 
 
