@@ -16,10 +16,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Mapping
+from typing import Any, Iterable, Iterator
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
 from .files import TensorSpec, write_safetensors
@@ -71,15 +72,44 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint folder; a clear error when a file is missing or corrupt."""
+class CheckpointTensors(Mapping):
+    """A checkpoint's tensors, read from the file when asked (safetensors' `safe_open`): a tensor by
+    name, or only some rows of it (`rows`), so that resuming a latent-sharded run reads each rank's
+    rows and never the whole state into every rank's memory."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as file:  # reads and checks the header only
+            self.shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        with safe_open(self.path, framework="pt") as file:
+            return file.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of tensor `name`, reading those rows only."""
+        with safe_open(self.path, framework="pt") as file:
+            return file.get_slice(name)[start:stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def load_checkpoint(path: Path) -> tuple[CheckpointTensors, dict[str, Any]]:
+    """(tensors, read when asked; state) of a checkpoint folder; a clear error when a file is missing
+    or corrupt."""
     path = Path(path)
     for name in (STATE_TENSORS, STATE_JSON):
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint file missing: {path / name}")
     try:
         state = json.loads((path / STATE_JSON).read_text())
-        tensors = load_file(str(path / STATE_TENSORS))
+        tensors = CheckpointTensors(path / STATE_TENSORS)
     except Exception as error:
         raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
     return tensors, state

@@ -1,10 +1,8 @@
-"""Data parallelism over `torch.distributed` (NCCL on GPUs, gloo on CPU), as launched by torchrun.
+"""The torchrun job as processes: joining it (NCCL on GPUs, gloo on CPU), a rank's device, barriers,
+gathering small objects, and the waits while rank 0 alone does slow work.
 
-Every rank streams its own disjoint shard of the text, runs its own LM forward and holds a full copy
-of the SAE. The loss is the *global* batch's normalized MSE: each rank divides its squared error by
-the variance of the whole global batch (an all-reduce of two small sums), so the sum of the ranks'
-gradients is exactly the gradient of a single process seeing the whole batch. Gradients are
-summed, dead-latent statistics OR-ed, and every rank then takes the same optimiser step.
+How the SAE itself is split over the ranks (data parallel, latent shards) and the collectives of a
+training step are sae/parallel.py's `ShardLayout`.
 """
 
 from __future__ import annotations

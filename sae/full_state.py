@@ -12,6 +12,7 @@ For a process alone these are copies to the CPU and back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -22,13 +23,6 @@ from . import checkpoint
 from .config import SaeConfig
 from .files import TensorSpec
 from .model import LATENT_MAJOR_PARAMETERS, PARAMETER_NAMES, SparseAutoencoder
-
-
-def _local_rows(sae: SparseAutoencoder, full: Tensor) -> Tensor:
-    """This rank's rows of a latent-major tensor (n_latents, ...)."""
-    if full.shape[0] != sae.cfg.n_latents:
-        raise ValueError(f"expected a latent-major tensor with {sae.cfg.n_latents} rows, got shape {tuple(full.shape)}")
-    return full[sae.latent_start : sae.latent_stop]
 
 
 def _latent_major_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None,
@@ -118,31 +112,44 @@ def gather_full_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer |
 
 
 @torch.no_grad()
-def load_from_full_state(sae: SparseAutoencoder, full: dict[str, Tensor],
+def load_from_full_state(sae: SparseAutoencoder, full: Mapping[str, Tensor],
                          optimizer: torch.optim.Optimizer | None = None, optimizer_meta: dict[str, Any] | None = None,
-                         extra: dict[str, Tensor] | None = None) -> None:
-    """Inverse of `gather_full_state`, on every rank, from a full state every rank has read (e.g.
-    from the checkpoint file): no communication. Copies this rank's rows into the parameters, loads
-    the optimizer's sliced state (`optimizer_meta`: `checkpoint.optimizer_to_flat`'s meta; by default
-    the optimizer's own param_groups) and copies each `extra` name's rows into the given tensor."""
+                         extra: dict[str, Tensor] | None = None, prefix: str = "") -> None:
+    """Inverse of `gather_full_state`, on every rank, from a full state every rank can read (a dict,
+    or a checkpoint file's `checkpoint.CheckpointTensors`, from which only this rank's rows are
+    read): no communication. Copies this rank's rows into the parameters, loads the optimizer's sliced
+    state (`optimizer_meta`: `checkpoint.optimizer_to_flat`'s meta; by default the optimizer's own
+    param_groups) and copies each `extra` name's rows into the given tensor. Names are looked up
+    with `prefix` before them (a variant's checkpoint entries)."""
+    def shape(name: str) -> tuple[int, ...]:
+        return full.shapes[name] if isinstance(full, checkpoint.CheckpointTensors) else tuple(full[name].shape)
+
     def rows(name: str, latent_major: bool) -> Tensor:
-        if name not in full:
-            raise KeyError(f"the full state has no '{name}'")
-        return (_local_rows(sae, full[name]) if latent_major else full[name]).clone()  # never alias `full`
+        key = prefix + name
+        if key not in full:
+            raise KeyError(f"the full state has no '{key}'")
+        if not latent_major:
+            return full[key].clone()  # never alias `full`
+        if shape(key)[0] != sae.cfg.n_latents:
+            raise ValueError(f"'{key}': expected {sae.cfg.n_latents} latent rows, the full state has shape {shape(key)}")
+        if isinstance(full, checkpoint.CheckpointTensors):
+            return full.rows(key, sae.latent_start, sae.latent_stop)
+        return full[key][sae.latent_start : sae.latent_stop].clone()
 
     for name, parameter in sae.named_parameters():
         value = rows(name, name in LATENT_MAJOR_PARAMETERS)
         if value.shape != parameter.shape:
-            raise ValueError(f"'{name}': the full state's shape {tuple(full[name].shape)} does not fit this SAE's cfg")
+            raise ValueError(f"'{prefix + name}': the full state's shape {shape(prefix + name)} does not fit this SAE's cfg")
         parameter.copy_(value)
     if optimizer is not None:
         sharded = {id(sae.get_parameter(name)) for name in LATENT_MAJOR_PARAMETERS}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         tensors = {}
-        for name, value in full.items():
-            if name.startswith("optimizer."):
+        for key in full:
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name.startswith("optimizer."):
                 param_id = int(name.split(".")[1])
-                tensors[name] = rows(name, id(params[param_id]) in sharded and value.dim() > 0)
+                tensors[name] = rows(name, id(params[param_id]) in sharded and len(shape(key)) > 0)
         meta = optimizer_meta or {"param_groups": optimizer.state_dict()["param_groups"], "scalars": {}}
         checkpoint.optimizer_from_flat(optimizer, tensors, meta)
     for name, target in (extra or {}).items():

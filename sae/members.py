@@ -10,6 +10,7 @@ The same code serves every layout.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,12 +87,10 @@ def member_state(member: Member) -> tuple[list[TensorSpec], Iterator[Tensor], di
     return specs, chunks, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
 
 
-def load_member(member: Member, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-    """Inverse of `member_state`, on every rank (each takes its rows)."""
-    prefix = member.key("")
-    own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)} if prefix else tensors
-    load_from_full_state(member.sae, own, member.optimizer, state["optimizer"],
-                         extra={"tokens_since_fired": member.tokens_since_fired})
+def load_member(member: Member, tensors: Mapping[str, Tensor], state: dict[str, Any]) -> None:
+    """Inverse of `member_state`, on every rank (each reads its rows)."""
+    load_from_full_state(member.sae, tensors, member.optimizer, state["optimizer"],
+                         extra={"tokens_since_fired": member.tokens_since_fired}, prefix=member.key(""))
     member.input_scale = state["input_scale"]
 
 

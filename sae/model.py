@@ -43,7 +43,8 @@ VarianceFn = Callable[[Tensor], Tensor]
 
 DeadMaskFn = Callable[[Tensor, Tensor], Tensor]
 """Called by `forward` with this batch's (latent_indices (N, k), latent_acts (N, k), detached): counts
-them into the dead-latent statistics and returns the dead mask after this batch, (n_latents,) bool."""
+them into the dead-latent statistics and returns the dead mask after this batch of this rank's
+latents, (n_local,) bool."""
 
 
 class ForwardOutput(NamedTuple):
@@ -56,7 +57,7 @@ class ForwardOutput(NamedTuple):
     """Values of the top-k latents after ReLU, (N, k)."""
 
     latent_indices: Tensor
-    """Indices of the top-k latents, (N, k) int64."""
+    """Indices of the top-k latents, (N, k) int64 (global latent ids, whatever the layout)."""
 
     fvu: Tensor
     """Main loss: normalized MSE, sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""

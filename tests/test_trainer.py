@@ -358,3 +358,33 @@ def test_schedule_free_keeps_its_iterate_and_its_gradient_point_at_unit_norm():
     torch.testing.assert_close(z.norm(dim=1), ones, rtol=0, atol=1e-5)
     assert (x.norm(dim=1) > 1 - 1e-5).all() and (x.norm(dim=1) < 1.2 / 0.8 + 1e-5).all()
     assert (x - y).norm(dim=1).max() > 1e-3  # the average is not the iterate: the check above is not vacuous
+
+
+def test_a_checkpoint_is_read_lazily_and_by_rows_and_loads_like_a_dict(tmp_path):
+    """Resuming reads each rank's rows from the file (CheckpointTensors.rows), never the whole state
+    into every rank; what it loads must equal loading the same tensors from a dict."""
+    from sae.full_state import gather_full_state, load_from_full_state
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=6, n_latents=20, k=2))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    sae(torch.randn(8, 6)).loss.backward()
+    optimizer.step()
+    counters = torch.arange(20)
+    full = gather_full_state(sae, optimizer, extra={"tokens_since_fired": counters})
+    path = checkpoint.save_checkpoint(tmp_path, 3, *checkpoint.whole({f"v/{k}": t for k, t in full.items()}), {"step": 3})
+    tensors, _ = checkpoint.load_checkpoint(path)
+    assert isinstance(tensors, checkpoint.CheckpointTensors) and tensors.shapes["v/W_dec"] == (20, 6)
+    assert torch.equal(tensors.rows("v/W_dec", 5, 9), full["W_dec"][5:9])
+    loaded = []
+    for source in (tensors, {f"v/{k}": t for k, t in full.items()}):
+        torch.manual_seed(1)
+        other = SparseAutoencoder(sae.cfg)
+        other_optimizer = torch.optim.Adam(other.parameters(), lr=1e-2)
+        other_counters = torch.zeros(20, dtype=torch.long)
+        load_from_full_state(other, source, other_optimizer, extra={"tokens_since_fired": other_counters}, prefix="v/")
+        loaded.append((other.state_dict(), other_optimizer.state_dict()["state"], other_counters))
+    for state, opt_state, seen in loaded:
+        assert all(torch.equal(state[k], sae.state_dict()[k]) for k in state)
+        assert torch.equal(seen, counters)
+        assert torch.equal(opt_state[0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
