@@ -270,8 +270,6 @@ class TrainConfig:
         names = [variant.name for variant in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"TrainConfig.variants: names must be unique, got {names}")
-        if self.variants and self.shard_latents > 1:
-            raise ValueError("TrainConfig.variants cannot be combined with shard_latents > 1 (yet): train sharded SAEs one per run")
 
     @property
     def hookpoints(self) -> list[str]:

@@ -60,3 +60,23 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
     for sharded_line, single_line in zip(evals["sharded"], evals["single"], strict=True):
         for key in ("eval/fvu", "eval/ce_sae", "eval/kl"):
             assert abs(sharded_line[key] - single_line[key]) < 1e-4, key
+
+
+def test_torchrun_latent_sharded_variants_equal_one_process(tiny_lm_dir, text_file, tmp_path):
+    """Variants under --shard_latents: every member's SAE is split the same way, through the same code."""
+    config = tmp_path / "variants.yaml"
+    config.write_text("variants:\n  - {name: k4, k: 4}\n  - {name: wide, n_latents: 128, k: 2, hookpoint: transformer.h.0}\n")
+    args = [
+        "train.py", f"--config={config}", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1",
+        f"--data.dataset={text_file}", "--data.ctx_len=16", "--data.shuffle_buffer_tokens=256", "--sae.n_latents=64",
+        "--sae.dead_tokens=300", "--sae.k_aux=8", "--batch_size=128", "--max_tokens=1280", "--log_every=5",
+        "--save_every=5", f"--out_dir={tmp_path}",
+    ]
+    run_script([*args, "--run_name=sharded", "--shard_latents=2"], nproc=2)
+    run_script([*args, "--run_name=single"])
+    for variant, n_latents in (("k4", 64), ("wide", 128)):
+        sharded = SparseAutoencoder.load(tmp_path / "sharded" / variant)
+        one = SparseAutoencoder.load(tmp_path / "single" / variant)
+        assert sharded.cfg == one.cfg and one.cfg.n_latents == n_latents
+        for name, tensor in one.state_dict().items():
+            torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")

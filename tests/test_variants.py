@@ -70,8 +70,6 @@ def test_variant_config_errors(tmp_path):
         TrainConfig(variants=(SaeVariant("a"), SaeVariant("a")))
     with pytest.raises(ValueError, match="plain folder name"):
         SaeVariant("a/b")
-    with pytest.raises(ValueError, match="shard_latents"):
-        TrainConfig(variants=(SaeVariant("a"),), shard_latents=2)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("variants:\n  - {name: k8, k: 8}\n  - {name: w, n_latents: 4096, hookpoint: transformer.h.1}\n")
     cfg = parse_args(["--config", str(sweep)])
