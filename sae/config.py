@@ -299,11 +299,16 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(fields))}")
+        default = _default_of(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a section given in part changes those keys of the section's default, nothing else
+            # (`--sae.k 8` keeps the default SAE's n_latents, k_aux and dead_tokens)
+            value = {**to_dict(default), **value}
         kwargs[key] = _coerce(hints[key], value, prefix + key)
     try:
         return cls(**kwargs)
@@ -311,6 +316,13 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    """A field's default value (built by its default_factory), or None when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

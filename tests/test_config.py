@@ -1,5 +1,6 @@
 """Config: YAML + command line, the sweep agent's --key=value form, and errors that name the key."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,15 @@ def test_train_py_reports_config_errors(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--sae.kk=1"], cwd=CONFIGS.parent,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "unknown config key 'sae.kk'" in result.stderr
+
+
+def test_a_partial_sae_section_changes_only_its_keys(tmp_path):
+    """`--sae.n_latents 4096` alone used to build SaeConfig's class defaults (k=32, k_aux=512,
+    dead_tokens=10M) instead of the default run's SAE (k=16, k_aux=256, dead_tokens=20k)."""
+    default = TrainConfig().sae
+    from_flag = parse_args(["--sae.n_latents", "4096"]).sae
+    assert from_flag == replace(default, n_latents=4096)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("sae:\n  k: 8\n")
+    assert parse_args(["--config", str(partial)]).sae == replace(default, k=8)
+    assert parse_args(["--config", str(partial), "--sae.k_aux", "64"]).sae == replace(default, k=8, k_aux=64)
