@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sae.activations import load_model_and_tokenizer
+from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import ConfigError, DataConfig, parse_args
 from sae.model import SparseAutoencoder, read_sae_metadata
 from sae.distributed import resolve_device
@@ -182,6 +182,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
         for data_key in dict.fromkeys((job["data"], job["split"]) for job in model_jobs):
             data_jobs = [job for job in model_jobs if (job["data"], job["split"]) == data_key]
             read_by_training = [job["text_read"] for job in data_jobs]
+            check_context_length(model, data_key[0].ctx_len, "ctx_len")
             windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], read_by_training)
             for hookpoint in dict.fromkeys(job["hookpoint"] for job in data_jobs):
                 hook_jobs = [job for job in data_jobs if job["hookpoint"] == hookpoint]

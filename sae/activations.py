@@ -33,6 +33,16 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", device: 
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
+def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx_len") -> None:
+    """A clear error, naming both numbers, when windows of `ctx_len` tokens are longer than the model's
+    positions (the LM forward would fail deep inside with an IndexError)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and ctx_len > positions:
+        name = getattr(config, "_name_or_path", "") or "the model"
+        raise ValueError(f"{option} is {ctx_len}, but {name} has only {positions} positions; use {option} <= {positions}")
+
+
 def get_module(model: nn.Module, hookpoint: str) -> nn.Module:
     """The submodule named `hookpoint`; a clear error listing the real names when it does not exist."""
     modules = dict(model.named_modules())

@@ -255,6 +255,9 @@ class TrainConfig:
         for name in ("batch_size", "max_tokens", "log_every", "shard_latents", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_tokens < self.batch_size:
+            raise ValueError(f"TrainConfig.max_tokens ({self.max_tokens:,}) is less than one batch (batch_size "
+                             f"{self.batch_size:,}): the run would take no step and save an untrained SAE")
         for name in ("eval_every", "save_every", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -30,8 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, capture_many, get_module,
-                          load_model_and_tokenizer)
+from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, capture_many,
+                          check_context_length, get_module, load_model_and_tokenizer)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import DistInfo, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
@@ -236,8 +236,10 @@ def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
         d_in_of = {hookpoint: source.cache.d_in_of[hookpoint] for hookpoint in hookpoints}
         if cfg.eval_every > 0:
             model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+            check_context_length(model, cfg.data.ctx_len)
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+        check_context_length(model, cfg.data.ctx_len)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
     if not layout.reads_data:

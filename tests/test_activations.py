@@ -108,3 +108,15 @@ def test_several_hookpoints_share_one_forward_and_one_shuffle(lm, text_file):
     outputs = capture_many(model, [get_module(model, H), get_module(model, "transformer.h.0")], input_ids)
     assert torch.equal(outputs[0], capture_activations(model, get_module(model, H), input_ids))
     assert torch.equal(outputs[1], capture_activations(model, get_module(model, "transformer.h.0"), input_ids))
+
+
+def test_windows_longer_than_the_model_positions_are_a_clear_error():
+    """They used to end in a 73-line traceback with `IndexError: index out of range`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sae.activations import check_context_length
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    check_context_length(model, 16)
+    with pytest.raises(ValueError, match=r"data.ctx_len is 17, but .* has only 16 positions; use data.ctx_len <= 16"):
+        check_context_length(model, 17)

@@ -85,3 +85,10 @@ def test_a_partial_sae_section_changes_only_its_keys(tmp_path):
     partial.write_text("sae:\n  k: 8\n")
     assert parse_args(["--config", str(partial)]).sae == replace(default, k=8)
     assert parse_args(["--config", str(partial), "--sae.k_aux", "64"]).sae == replace(default, k=8, k_aux=64)
+
+
+def test_fewer_tokens_than_one_batch_is_refused():
+    """It used to exit 0 having saved an untrained SAE."""
+    with pytest.raises(ConfigError, match=r"max_tokens \(1,000\) is less than one batch \(batch_size 4,096\)"):
+        parse_args(["--max_tokens", "1000"])
+    assert parse_args(["--max_tokens", "4096"]).max_tokens == 4096

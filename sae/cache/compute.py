@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..activations import capture_many, get_module, load_model_and_tokenizer
+from ..activations import capture_many, check_context_length, get_module, load_model_and_tokenizer
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
 from ..distributed import resolve_device
@@ -107,6 +107,7 @@ def _load_lm(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str]) -> tup
     tokenizer, and each hookpoint's width {name: d_in}."""
     device = resolve_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+    check_context_length(model, cfg.data.ctx_len)
     modules = [get_module(model, hookpoint) for hookpoint in hookpoints]
     probe = capture_many(model, modules, torch.zeros(1, 2, dtype=torch.long, device=device))
     d_in = {hookpoint: rows.shape[-1] for hookpoint, rows in zip(hookpoints, probe)}
