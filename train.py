@@ -5,27 +5,33 @@
     python train.py --config configs/default.yaml --resume
 
 Every field of `sae.config.TrainConfig` is an option (`--key value` or `--key=value`, dotted for
-nested sections: `--sae.n_latents`, `--data.ctx_len`).
+nested sections: `--sae.n_latents`, `--data.ctx_len`); `--help` lists them. A mistake in the options,
+the data or the run folder is one line on stderr and exit status 2. Ctrl-C or SIGTERM (a cluster's
+preemption) writes a checkpoint at the end of the step, prints the command that resumes, and exits.
 """
 
+import os
+import shlex
 import sys
 
 from eval import training_evaluator
-from sae.config import ConfigError, parse_args
-from sae.optim import NonFiniteLossError
+from sae.config import parse_args
+from sae.errors import run_cli
+from sae.stopping import RunStopped
 from sae.trainer import train
 
 
-def main(argv: list[str]) -> None:
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+def main(argv: list[str]) -> int:
+    cfg = parse_args(argv, usage=__doc__)
     try:
         train(cfg, evaluator=training_evaluator)
-    except NonFiniteLossError as error:  # the run diverged: every rank stops with this one line
-        sys.exit(f"error: {error}")
+    except RunStopped as stopped:  # SIGINT or SIGTERM: a checkpoint was written at the step boundary
+        if int(os.environ.get("RANK", "0")) == 0:
+            again = [arg for arg in argv if arg not in ("--resume", "--resume=true")] + ["--resume"]
+            print(f"{stopped}:\n  python {shlex.join([sys.argv[0] or 'train.py', *again])}", file=sys.stderr)
+        return stopped.exit_status
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(lambda: main(sys.argv[1:]))

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from sae.activations import check_context_length, load_model_and_tokenizer
-from sae.config import ConfigError, DataConfig, parse_args
+from sae.config import DataConfig, parse_args
 from sae.model import SparseAutoencoder, read_sae_metadata
 from sae.distributed import resolve_device
+from sae.errors import UsageError, run_cli
 
 from .data import held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
@@ -133,16 +134,16 @@ def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
     if value:
         return value
     if metadata.get(key) is None:
-        raise ValueError(f"{sae_dir / 'cfg.json'} has no '{key}'; pass {option}")
+        raise UsageError(f"{sae_dir / 'cfg.json'} has no '{key}'; pass {option}")
     return metadata[key]
 
 
 def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     """Evaluate every SAE folder; reports in the order given."""
     if cfg.explain_out and len(sae_dirs) > 1:
-        raise ValueError("--explain_out names one file; with several SAEs each writes SAE_DIR/explain.jsonl")
+        raise UsageError("--explain_out names one file; with several SAEs each writes SAE_DIR/explain.jsonl")
     if len(set(map(str, sae_dirs))) != len(sae_dirs):
-        raise ValueError(f"an SAE folder is given twice: {sae_dirs}")
+        raise UsageError(f"an SAE folder is given twice: {sae_dirs}")
     device = resolve_device(cfg.device)
     jobs = []
     for sae_dir in map(Path, sae_dirs):
@@ -154,7 +155,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
             asked = DataConfig(dataset=dataset, dataset_config=cfg.dataset_config, text_column=cfg.text_column or "text",
                                data_dir=cfg.data_dir)
             if held_out_split(asked) is None:
-                raise ValueError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on; {dataset} "
+                raise UsageError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on; {dataset} "
                                  "has no validation or test split, so pass --split with text training did not read")
         other_dataset = bool(cfg.dataset) and metadata.get("dataset") is not None and cfg.dataset != metadata.get("dataset")
         data = DataConfig(
@@ -236,13 +237,9 @@ def split_positionals(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     sae_dirs, options = split_positionals(sys.argv[1:] if argv is None else argv)
-    if not sae_dirs or options[:1] in (["--help"], ["-h"]):
-        print(__doc__)
-        raise SystemExit(0 if options[:1] in (["--help"], ["-h"]) else 2)
-    try:
-        cfg = parse_args(options, EvalConfig)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    cfg = parse_args(options + (["--help"] if "-h" in sae_dirs else []), EvalConfig, usage=__doc__)
+    if not sae_dirs:
+        raise UsageError("name one or more SAE folders: python -m eval SAE_DIR [SAE_DIR ...] [--options]; --help lists the options")
     started = time.perf_counter()
     reports = run_eval(cfg, sae_dirs)
     print(comparison_table(reports))
@@ -258,4 +255,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

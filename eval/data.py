@@ -27,6 +27,7 @@ from torch import Tensor
 from sae.config import DataConfig
 from sae.data import TokenWindows, is_local_dataset, load_text_dataset, local_file_sizes
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
+from sae.errors import UsageError
 
 HELD_OUT_SPLITS = ("validation", "test")
 
@@ -72,7 +73,7 @@ def held_out_windows(
                 f"{len(read_by_training[0]['streams'])} replica stream(s), {len(streams)} with text left)")
     collected = _round_robin(streams, n_windows)
     if not collected:
-        raise ValueError(f"no held-out text: {data.dataset} ({rule}) has none left; pass a held-out split or dataset")
+        raise UsageError(f"no held-out text: {data.dataset} ({rule}) has none left; pass a held-out split or dataset")
     description = {
         "dataset": data.dataset, "dataset_config": data.dataset_config, "split": split, "held_out": rule,
         "ctx_len": data.ctx_len, "windows": len(collected),
@@ -85,18 +86,18 @@ def unread_streams(data: DataConfig, tokenizer, read_by_training: list[dict | No
     the furthest any of the SAEs' training read (single pass). Refuses what cannot be replayed exactly."""
     where = f"dataset '{data.dataset}' has no held-out split"
     if read_by_training is None:
-        raise ValueError(f"{where}; name one that training does not read (a split, or another dataset)")
+        raise UsageError(f"{where}; name one that training does not read (a split, or another dataset)")
     if not read_by_training or any(record is None for record in read_by_training):
-        raise ValueError(f"{where}, and cfg.json does not record what training read of it ('text_read'; folders "
+        raise UsageError(f"{where}, and cfg.json does not record what training read of it ('text_read'; folders "
                          "from older versions or other tools); pass --split with text training did not read")
     replicas = sorted({record["replicas"] for record in read_by_training})
     if len(replicas) > 1:
-        raise ValueError(f"{where}, and these SAEs were trained with {replicas} data-parallel replicas, which read "
+        raise UsageError(f"{where}, and these SAEs were trained with {replicas} data-parallel replicas, which read "
                          "different parts of it; evaluate them separately, or pass --split")
     sizes = local_file_sizes(data)
     for record in read_by_training:
         if record["file_sizes"] != sizes:
-            raise ValueError(f"{where}, and its files changed since training (sizes then {record['file_sizes']}, now "
+            raise UsageError(f"{where}, and its files changed since training (sizes then {record['file_sizes']}, now "
                              f"{sizes}), so what training read cannot be replayed; pass --split")
     streams = []
     for replica in range(replicas[0]):
@@ -109,7 +110,7 @@ def unread_streams(data: DataConfig, tokenizer, read_by_training: list[dict | No
         try:
             windows.load_state_dict({**furthest, "pending": []})
         except (KeyError, ValueError, TypeError, IndexError) as error:
-            raise ValueError(f"{where}, and cfg.json's record of what training read of it does not replay "
+            raise UsageError(f"{where}, and cfg.json's record of what training read of it does not replay "
                              f"({type(error).__name__}: {error}); pass --split") from None
         streams.append(windows)
     return streams

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from sae.activations import capture_activations, get_module
 from sae.config import TrainConfig
+from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 from .data import held_out_windows
@@ -89,7 +90,7 @@ def evaluate_many(
     d_model = mean.numel()
     for name, sae in saes.items():
         if sae.cfg.d_in != d_model:
-            raise ValueError(f"SAE '{name}' takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {d_model} features")
+            raise UsageError(f"SAE '{name}' takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {d_model} features")
     model_dtype = next(model.parameters()).dtype
     mean_activation = mean.to(device=device, dtype=model_dtype)
     splices = {name: _SaeSplice(sae.to(device).eval()) for name, sae in saes.items()}

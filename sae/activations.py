@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import TokenWindows
+from .errors import UsageError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,17 +41,38 @@ def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions is not None and ctx_len > positions:
         name = getattr(config, "_name_or_path", "") or "the model"
-        raise ValueError(f"{option} is {ctx_len}, but {name} has only {positions} positions; use {option} <= {positions}")
+        raise UsageError(f"{option} is {ctx_len}, but {name} has only {positions} positions; use {option} <= {positions}")
 
 
 def get_module(model: nn.Module, hookpoint: str) -> nn.Module:
     """The submodule named `hookpoint`; a clear error listing the real names when it does not exist."""
     modules = dict(model.named_modules())
     if hookpoint not in modules:
-        names = [name for name in modules if name]
-        shown = ", ".join(names[:60]) + (f", ... ({len(names) - 60} more)" if len(names) > 60 else "")
-        raise ValueError(f"hookpoint '{hookpoint}' is not a module of {type(model).__name__}; modules are: {shown}")
+        raise UsageError(f"hookpoint '{hookpoint}' is not a module of {type(model).__name__}; "
+                         f"modules are: {module_name_summary([name for name in modules if name])}")
     return modules[hookpoint]
+
+
+def module_name_summary(names: list[str]) -> str:
+    """Module names with each stack of numbered layers shown once, as its pattern and range, followed
+    by the first layer's children: 'transformer.wte, transformer.h.{0..11} (each with
+    transformer.h.0.ln_1, transformer.h.0.attn, ...), lm_head' instead of hundreds of names."""
+    shown: dict[str, str] = {}  # the entry of each name or layer stack, in model order
+    layer_numbers: dict[str, list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if numbered is None:
+            shown[name] = name
+            continue
+        stack = ".".join(parts[:numbered])
+        layer_numbers.setdefault(stack, []).append(int(parts[numbered]))
+        shown.setdefault(stack + ".#", "")
+    for stack, numbers in layer_numbers.items():
+        first = f"{stack}.{min(numbers)}"
+        children = [name for name in names if name.startswith(first + ".") and name.count(".") == first.count(".") + 1]
+        shown[stack + ".#"] = f"{stack}.{{{min(numbers)}..{max(numbers)}}}" + (f" (each with {', '.join(children)})" if children else "")
+    return ", ".join(shown.values())
 
 
 class _StopForward(Exception):

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from .errors import MissingFileError, UsageError
+
 from .files import TensorSpec, write_safetensors
 
 STATE_TENSORS = "state.safetensors"
@@ -57,6 +59,16 @@ def save_checkpoint(run_dir: Path, step: int, specs: list[TensorSpec], chunks: I
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes that a crash cut short (`.tmp-step-*`; never
+    loaded, but as large as a checkpoint); call it before this run writes any. Returns those removed."""
+    root = checkpoint_dir(run_dir)
+    unfinished = sorted(root.glob(f".tmp-{_PREFIX}*")) if root.is_dir() else []
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    return unfinished
 
 
 def whole(tensors: dict[str, Tensor]) -> tuple[list[TensorSpec], list[Tensor]]:
@@ -106,12 +118,12 @@ def load_checkpoint(path: Path) -> tuple[CheckpointTensors, dict[str, Any]]:
     path = Path(path)
     for name in (STATE_TENSORS, STATE_JSON):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint file missing: {path / name}")
+            raise MissingFileError(f"checkpoint file missing: {path / name}")
     try:
         state = json.loads((path / STATE_JSON).read_text())
         tensors = CheckpointTensors(path / STATE_TENSORS)
     except Exception as error:
-        raise ValueError(f"checkpoint {path} is unreadable: {error}") from None
+        raise UsageError(f"checkpoint {path} is unreadable: {error}") from None
     return tensors, state
 
 

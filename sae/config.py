@@ -12,8 +12,11 @@ parsing (derived values, such as `d_in` from the model, go into a `dataclasses.r
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -23,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from .embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ class TrainConfig:
     """The SAE. The default suits the embedded model (Gao et al. use dead_tokens=10M on larger runs)."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the training text comes from and how it is cut into windows."""
 
     variants: tuple[SaeVariant, ...] = ()
     """Several SAEs trained at once from the same activations (one LM forward per batch for all), e.g.
@@ -266,6 +271,10 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive (or null for the default), got {self.lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
         if self.adam_eps <= 0 or (self.schedule_free_r or 0) < 0:
             raise ValueError(f"TrainConfig.adam_eps must be positive and schedule_free_r >= 0, got {self.adam_eps} and {self.schedule_free_r}")
         if self.schedule_free_r is not None and self.optimizer != "schedule_free_adam":
@@ -293,7 +302,7 @@ class TrainConfig:
         }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key is unknown or its value has the wrong type."""
 
 
@@ -421,12 +430,17 @@ def _bool_keys(cls: type, prefix: str = "") -> set[str]:
     return keys
 
 
-def parse_args(argv: list[str], cls: type = TrainConfig) -> Any:
+def parse_args(argv: list[str], cls: type = TrainConfig, usage: str = "") -> Any:
     """Config from `--config FILE` (YAML) and `--key value` / `--key=value` / `--flag` overrides.
 
     Dotted keys reach nested sections (`--sae.k 64`). Values are read as YAML scalars, then checked
-    against the field's type.
+    against the field's type. `--help` or `-h` prints `usage` (the entry point's docstring) and every
+    option (`options_help`), then exits with status 0.
     """
+    if "--help" in argv or "-h" in argv:
+        config_option = "  --config FILE\n      A YAML file of these options (sections as mappings); options given with it override it."
+        print((usage.strip() + "\n\n" if usage else "") + "options:\n" + config_option + "\n" + options_help(cls))
+        raise SystemExit(0)
     tree: dict[str, Any] = {}
     overrides: list[tuple[str, Any]] = []
     bool_keys = _bool_keys(cls)
@@ -456,12 +470,70 @@ def parse_args(argv: list[str], cls: type = TrainConfig) -> Any:
     return from_dict(cls, tree)
 
 
+def options_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every option of config dataclass `cls`: its dotted name, type, default and docstring, one
+    entry each (nested sections are listed under their dotted names, with the section's defaults)."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    entries = []
+    for item in dataclasses.fields(cls):
+        default = getattr(defaults, item.name) if defaults is not None else _default_of(item)
+        if dataclasses.is_dataclass(hints[item.name]):
+            entries.append(options_help(hints[item.name], f"{prefix}{item.name}.", default))
+            continue
+        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        shown = "required" if required else f"default: {_show_default(default)}"
+        meaning = docs.get(item.name, "")
+        entries.append(f"  --{prefix}{item.name} {_metavar(hints[item.name])}  ({shown})"
+                       + "".join(f"\n      {line}" for line in meaning.splitlines()))
+    return "\n".join(entries)
+
+
+def _metavar(hint: Any) -> str:
+    """How an option's value is written: INT, FLOAT, TEXT, BOOL, {a,b}, LIST, with |null if optional."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if option is type(None) else _metavar(option) for option in typing.get_args(hint))
+    if origin is Literal:
+        return "{" + ",".join(str(option) for option in typing.get_args(hint)) + "}"
+    if origin is tuple:
+        return "LIST"
+    return {int: "INT", float: "FLOAT", str: "TEXT", bool: "[BOOL]"}.get(hint, _type_name(hint))
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, tuple) and not value:
+        return "none (a YAML list)"
+    if isinstance(value, str) and value == "":
+        return '""'
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of dataclass `cls`: the string literal right below it in the class
+    body (the convention of this package's configs, read from the source)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for statement, following in zip(body, body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[statement.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as file:
-        tree = yaml.safe_load(file) or {}
+    try:
+        with open(path) as file:
+            tree = yaml.safe_load(file) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return tree

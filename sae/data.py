@@ -19,6 +19,7 @@ from datasets.distributed import split_dataset_by_node
 from .config import DataConfig
 from .embedded import CORPUS_NAME
 from .embedded.corpus import build_corpus
+from .errors import MissingFileError, UsageError
 
 # Builders of `datasets` for local files, by extension.
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -33,7 +34,7 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
     if cfg.dataset == CORPUS_NAME:
         files = build_corpus(Path(cfg.data_dir) / CORPUS_NAME)
         if split not in files:
-            raise ValueError(f"the embedded corpus has splits {sorted(files)}, not '{split}'")
+            raise UsageError(f"the embedded corpus has splits {sorted(files)}, not '{split}'")
         dataset = load_dataset("json", data_files={split: str(files[split])}, split=split, streaming=True)
     elif is_local_dataset(cfg.dataset):
         files = _local_files(cfg.dataset)
@@ -81,11 +82,11 @@ def _local_files(pattern: str) -> list[str]:
     else:
         candidates = sorted(glob.glob(str(path)))
     if not candidates:
-        raise FileNotFoundError(f"data file not found: {pattern}")
+        raise MissingFileError(f"data file not found: {pattern}")
     suffixes = {Path(c).suffix.lower() for c in candidates}
     unknown = suffixes - set(_LOCAL_BUILDERS)
     if unknown or len({_LOCAL_BUILDERS[s] for s in suffixes}) != 1:
-        raise ValueError(f"{pattern}: data files must all be one of {sorted(_LOCAL_BUILDERS)}; found {sorted(suffixes)}")
+        raise UsageError(f"{pattern}: data files must all be one of {sorted(_LOCAL_BUILDERS)}; found {sorted(suffixes)}")
     return candidates
 
 
@@ -145,7 +146,7 @@ class TokenWindows:
             if not self.loop:
                 raise StopIteration
             if self._documents_this_epoch == 0:
-                raise ValueError("the dataset has no non-empty documents")
+                raise UsageError("the dataset has no non-empty documents")
             self.epoch += 1
             self._documents_this_epoch = 0
             self.dataset.load_state_dict(copy.deepcopy(self._initial_dataset_state))

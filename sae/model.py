@@ -28,6 +28,7 @@ from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
 from .files import TensorSpec, atomic_write, write_safetensors
+from .errors import MissingFileError, UsageError
 from .parallel import ShardLayout
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -316,7 +317,7 @@ class SparseAutoencoder(nn.Module):
         cfg = read_sae_config(path)
         weights_path = path / WEIGHTS_FILE
         if not weights_path.is_file():
-            raise FileNotFoundError(f"SAE weights not found: {weights_path}")
+            raise MissingFileError(f"SAE weights not found: {weights_path}")
         expected_shapes = {
             "encoder.weight": (cfg.n_latents, cfg.d_in),
             "encoder.bias": (cfg.n_latents,),
@@ -327,13 +328,13 @@ class SparseAutoencoder(nn.Module):
             with safe_open(str(weights_path), framework="pt", device="cpu") as file:
                 keys = set(file.keys())
                 if keys != set(PARAMETER_NAMES):
-                    raise ValueError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
+                    raise UsageError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
                 tensors = {name: file.get_tensor(name) for name in PARAMETER_NAMES}
         except SafetensorError as error:
-            raise ValueError(f"{weights_path}: not a valid safetensors file ({error})") from None
+            raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
         for name, shape in expected_shapes.items():
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+                raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
         sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype)
         sae.load_state_dict(tensors)
         return sae
@@ -372,13 +373,13 @@ def read_sae_metadata(path: str | Path) -> dict[str, Any]:
     """Everything in path/cfg.json: the SaeConfig fields plus model, hookpoint and training provenance."""
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"SAE config not found: {cfg_path}")
+        raise MissingFileError(f"SAE config not found: {cfg_path}")
     try:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{cfg_path}: not valid JSON ({error})") from None
+        raise UsageError(f"{cfg_path}: not valid JSON ({error})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
+        raise UsageError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     return raw
 
 
@@ -425,7 +426,7 @@ def check_sparsify_keys(raw: dict[str, Any], cfg_path: Path) -> None:
         # Compare types too: JSON 1 or 0 must not pass for true or false.
         if not any(type(value) is type(option) and value == option for option in allowed):
             allowed_text = " or ".join(json.dumps(option) for option in allowed)
-            raise ValueError(
+            raise UsageError(
                 f"{cfg_path}: cannot load '{key}': {json.dumps(value)} (only {allowed_text} is supported): "
                 f"in sparsify {meaning}, so this SAE would not compute what sparsify computes"
             )
@@ -447,13 +448,13 @@ def resolve_num_latents(raw: dict[str, Any], cfg_path: Path) -> Any:
     if not (_is_json_int(num_latents) and num_latents == 0):
         return num_latents
     if "expansion_factor" not in raw:
-        raise ValueError(f"{cfg_path}: missing key 'num_latents' (or 'num_latents': 0 with 'expansion_factor')")
+        raise UsageError(f"{cfg_path}: missing key 'num_latents' (or 'num_latents': 0 with 'expansion_factor')")
     d_in, expansion_factor = raw["d_in"], raw["expansion_factor"]
     if not (_is_json_int(expansion_factor) and expansion_factor > 0):
-        raise ValueError(f"{cfg_path}: 'expansion_factor' must be a positive integer when 'num_latents' is 0, "
+        raise UsageError(f"{cfg_path}: 'expansion_factor' must be a positive integer when 'num_latents' is 0, "
                          f"got {json.dumps(expansion_factor)}")
     if not (_is_json_int(d_in) and d_in > 0):
-        raise ValueError(f"{cfg_path}: 'd_in' must be a positive integer, got {json.dumps(d_in)}")
+        raise UsageError(f"{cfg_path}: 'd_in' must be a positive integer, got {json.dumps(d_in)}")
     return d_in * expansion_factor
 
 
@@ -469,7 +470,7 @@ def read_sae_config(path: str | Path) -> SaeConfig:
     check_sparsify_keys(raw, cfg_path)
     for required in ("d_in", "k"):
         if required not in raw:
-            raise ValueError(f"{cfg_path}: missing key '{required}'")
+            raise UsageError(f"{cfg_path}: missing key '{required}'")
     file_to_field = {file_key: name for name, file_key in _FILE_KEYS.items()}
     field_names = {f.name for f in fields(SaeConfig)}
     values = {file_to_field.get(key, key): value for key, value in raw.items()}
@@ -478,4 +479,4 @@ def read_sae_config(path: str | Path) -> SaeConfig:
     try:
         return from_dict(SaeConfig, values)
     except ConfigError as error:
-        raise ValueError(f"{cfg_path}: {error}") from None
+        raise UsageError(f"{cfg_path}: {error}") from None

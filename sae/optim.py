@@ -14,10 +14,11 @@ from torch import Tensor
 
 from .config import SaeConfig, TrainConfig
 from .distributed import every_rank
+from .errors import UserError
 from .model import normalize_rows_
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops without writing a checkpoint."""
 
 

@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import UsageError
+
 
 class ShardLayout:
     """Where this rank sits in world = replicas x shards, with the two kinds of process groups.
@@ -53,7 +55,7 @@ class ShardLayout:
 
     def __init__(self, rank: int = 0, world_size: int = 1, shards: int = 1):
         if shards < 1 or world_size < 1 or world_size % shards:
-            raise ValueError(f"the world of {world_size} ranks cannot be split into groups of {shards} latent shards")
+            raise UsageError(f"the world of {world_size} ranks cannot be split into groups of {shards} latent shards")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.rank, self.world_size, self.shards = rank, world_size, shards
@@ -96,7 +98,7 @@ class ShardLayout:
     def latent_range(self, n_latents: int) -> tuple[int, int]:
         """[start, stop) of this rank's latents."""
         if n_latents % self.shards:
-            raise ValueError(f"n_latents={n_latents} is not divisible by shard_latents={self.shards}")
+            raise UsageError(f"n_latents={n_latents} is not divisible by shard_latents={self.shards}")
         size = n_latents // self.shards
         return self.shard * size, (self.shard + 1) * size
 

@@ -13,6 +13,7 @@ Every run has a layout (sae/parallel.py): a process alone, data parallel under t
 each replica streams its own shard of the text and computes its share of the global batch's loss;
 gradients are summed and dead-latent statistics merged over the replicas, so all ranks take the
 same step and equal a single process with the same global batch. Rank 0 alone logs and writes.
+SIGINT or SIGTERM stops every rank at the same step boundary, after a checkpoint (sae/stopping.py).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSou
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import DistInfo, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
+from .errors import RunExistsError, UsageError
+from .files import atomic_write
 from .initialization import initialize_from_batch
 from .full_state import drain
 from .members import Member, build_members, evaluation_sae, load_member, member_state, save_member
 from .model import ForwardOutput, SparseAutoencoder
 from .optim import NonFiniteLossError, lr_at, optimizer_update
 from .parallel import ShardLayout
+from .stopping import RunStopped, StopOnSignal
 
 # What `train` calls on rank 0, once, when cfg.eval_every > 0: (cfg, model, tokenizer) -> a function that
 # scores an SAE, (sae, input_scale, hookpoint) -> {"eval/KEY": value}. eval.training_evaluator is one.
@@ -121,7 +125,7 @@ def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: ShardLayo
     from .cache import ActivationCache, CachedWindows, cache_identity, check_same_identity, windows_for_training
 
     if layout.replicas > 1:
-        raise ValueError("data.activation_cache is read by one process (or one shard group); "
+        raise UsageError("data.activation_cache is read by one process (or one shard group); "
                          "data-parallel replicas would each need their own share of the data")
     cache = ActivationCache(cfg.data.activation_cache)
     check_same_identity(cache.manifest, cache_identity(cfg, cache.manifest["storage_dtype"]),
@@ -147,27 +151,24 @@ def train(cfg: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
     if cfg.run_name == "auto":  # under `wandb agent`: one folder per sweep run, named by its id
         run_id = os.environ.get("WANDB_RUN_ID")
         if not run_id:
-            raise ValueError("run_name 'auto' uses the run id `wandb agent` sets (WANDB_RUN_ID), and none is set; name the run")
+            raise UsageError("run_name 'auto' uses the run id `wandb agent` sets (WANDB_RUN_ID), and none is set; name the run")
         cfg = replace(cfg, run_name=run_id)
     info = init_distributed(cfg.collective_timeout_s)
     try:
-        return _train(cfg, info, evaluator)
+        with StopOnSignal() as stop:
+            return _train(cfg, info, evaluator, stop)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None) -> Path:
+def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None, stop: StopOnSignal) -> Path:
     layout = ShardLayout(info.rank, info.world_size, cfg.shard_latents)
     if cfg.batch_size % layout.replicas:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
+        raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
     latest = checkpoint.list_checkpoints(cfg.run_dir)
-    if latest and not cfg.resume:
-        raise FileExistsError(
-            f"{cfg.run_dir} already has checkpoints; pass --resume to continue that run, "
-            f"or choose another --run_name (or delete {cfg.run_dir})"
-        )
+    check_run_folder(cfg, latest, info)
 
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
@@ -186,7 +187,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
 
     log = score_held_out = None
     if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
-        log = RunLog(cfg, wandb_id)
+        log = RunLog(cfg, wandb_id, start_step)
         if cfg.eval_every > 0:
             score_held_out = evaluator(cfg, model, tokenizer)
     wait_for_main_rank(info)
@@ -211,8 +212,16 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
             eval_started = time.perf_counter()
             evaluate_members(members, step + 1, score_held_out, log, info)
             started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step:
+        saved = (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step
+        if saved:
             save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
+        if not last_step and (signal_number := stop.requested(info, device)):  # Ctrl-C, preemption
+            if not saved:
+                save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
+            progress.close()
+            if log is not None:
+                log.close()
+            raise RunStopped(signal_number, step + 1, checkpoint.list_checkpoints(cfg.run_dir)[-1])
     progress.close()
 
     save_members(cfg, members, source, tokens_seen, log, info, layout)
@@ -220,6 +229,23 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None)
         log.finish(members, tokens_seen)
     wait_for_main_rank(info)
     return members[0].out_dir
+
+
+def check_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> None:
+    """Refuse to train into a folder that already holds anything unless --resume (nothing is overwritten
+    silently); say so when --resume finds no checkpoint to continue from (a fresh start, as a cluster's
+    requeue of a run that never reached its first checkpoint wants, but a mistyped --run_name shows)."""
+    if not cfg.resume:
+        held = sorted(path.name for path in cfg.run_dir.iterdir()) if cfg.run_dir.is_dir() else []
+        if held:
+            raise RunExistsError(
+                f"{cfg.run_dir} already holds a run ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+                f"pass --resume to continue it, or choose another --run_name (or delete {cfg.run_dir})")
+    elif not latest and info.is_main:
+        print(f"note: --resume found no checkpoint in {checkpoint.checkpoint_dir(cfg.run_dir)}; "
+              f"starting run '{cfg.run_name}' from step 0")
+    if info.is_main:
+        checkpoint.remove_unfinished(cfg.run_dir)
 
 
 def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
@@ -256,11 +282,11 @@ def resume(cfg: TrainConfig, info: DistInfo, members: list[Member],
     """Load checkpoint `path` into the members, the RNG and the stream: (step, tokens seen, wandb run id)."""
     tensors, state = checkpoint.load_checkpoint(path)
     if "members" not in state:
-        raise ValueError(f"{path} was written by an older version of this trainer (no per-SAE 'members' "
+        raise UsageError(f"{path} was written by an older version of this trainer (no per-SAE 'members' "
                          "state) and cannot be resumed; start a new run (another --run_name)")
     _check_resumable(cfg, state["config"], path)
     if len(state["streams"]) != info.world_size:
-        raise ValueError(f"{path} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
+        raise UsageError(f"{path} was written by {len(state['streams'])} ranks; resume it on as many, not {info.world_size}")
     for member in members:
         load_member(member, tensors, state["members"][member.name])
     checkpoint.restore_rng(tensors)
@@ -345,19 +371,28 @@ def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: i
 class RunLog:
     """Rank 0's record of a run: the wandb run, RUN_DIR/log.jsonl and the console, one line each time."""
 
-    def __init__(self, cfg: TrainConfig, wandb_id: str | None):
+    def __init__(self, cfg: TrainConfig, wandb_id: str | None, start_step: int):
         import wandb
 
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
                               dir=str(cfg.run_dir), id=wandb_id, resume="allow")
-        self.file = open(cfg.run_dir / "log.jsonl", "a")
+        path = cfg.run_dir / "log.jsonl"
+        if path.exists():  # a resumed run: drop what was logged after its checkpoint, it is about to be redone
+            kept = _log_lines_up_to(path, start_step)
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+        self.file = open(path, "a")
 
     def write(self, line: dict[str, Any]) -> None:
         self.run.log(line, step=line["step"])
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
         tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
+
+    def close(self) -> None:
+        """Close the log file and the wandb run (a stopped run; `finish` for one that ended)."""
+        self.file.close()
+        self.run.finish()
 
     def finish(self, members: list[Member], tokens_seen: int) -> None:
         self.file.close()
@@ -376,7 +411,20 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> Non
     changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and current[key] != saved.get(key))
     if changed:
         details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise ValueError(f"cannot resume from {path}: the config changed ({details})")
+        raise UsageError(f"cannot resume from {path}: the config changed ({details})")
+
+
+def _log_lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of log.jsonl `path` of steps <= `step`, without a last line cut short by a crash."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
 
 
 def _fmt(value: Any) -> str:

@@ -19,6 +19,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import train
 from sae import checkpoint
+from sae.errors import UserError, run_cli
 from sae.model import SparseAutoencoder
 
 
@@ -41,10 +42,10 @@ def main(out_dir: str, nan_rank: int, nan_step: int, slow_save_s: float, train_a
     checkpoint.save_checkpoint = slow_save_checkpoint
     try:
         train.main(train_args)
-    except SystemExit as stop:
-        (Path(out_dir) / f"exit-rank{rank}.txt").write_text(str(stop.code))
+    except UserError as error:  # what run_cli turns into one line and exit status 2
+        (Path(out_dir) / f"exit-rank{rank}.txt").write_text(str(error))
         raise
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:])
+    run_cli(lambda: main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]))

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from sae.activations import ActivationStream, LMWindowSource, capture_activations, capture_many, get_module, load_model_and_tokenizer
+from sae.activations import (ActivationStream, LMWindowSource, capture_activations, capture_many, get_module,
+                             load_model_and_tokenizer, module_name_summary)
+from sae.errors import UsageError
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
 
@@ -51,9 +53,16 @@ def test_forward_stops_after_the_hooked_block(lm):
     assert not ran
 
 
-def test_unknown_hookpoint_lists_module_names(lm):
-    with pytest.raises(ValueError, match=r"hookpoint 'transformer.h.9' is not a module.*transformer.h.2"):
+def test_unknown_hookpoint_lists_module_names_with_each_layer_stack_once(lm):
+    with pytest.raises(UsageError, match=r"hookpoint 'transformer.h.9' is not a module.*transformer\.h\.\{0\.\.2\} "
+                                         r"\(each with transformer\.h\.0\.ln_1, transformer\.h\.0\.attn"):
         get_module(lm[0], "transformer.h.9")
+    # a Pythia-like tree: the 36 layers and their 8 children each are one entry, not 300 names
+    names = ["gpt_neox", "gpt_neox.embed_in", "gpt_neox.layers"]
+    names += [f"gpt_neox.layers.{i}{part}" for i in range(36) for part in ("", ".attention", ".attention.dense", ".mlp")]
+    names += ["gpt_neox.final_layer_norm", "embed_out"]
+    assert module_name_summary(names) == ("gpt_neox, gpt_neox.embed_in, gpt_neox.layers, gpt_neox.layers.{0..35} (each with "
+                                          "gpt_neox.layers.0.attention, gpt_neox.layers.0.mlp), gpt_neox.final_layer_norm, embed_out")
 
 
 def test_stream_batches_are_the_hooked_activations_without_first_positions(lm, text_file):

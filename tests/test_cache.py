@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from sae.cache import (
     run_hookpoints,
     windows_for_training,
 )
-from sae.config import DataConfig, SaeConfig, SaeVariant, TrainConfig
+from sae.config import ConfigError, DataConfig, SaeConfig, SaeVariant, TrainConfig
 from sae.data import TokenWindows, load_text_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -253,8 +254,8 @@ def test_command_line_in_process_and_as_a_module(built, lm, tiny_lm_dir, text_fi
     assert_same_cache(out, built, lm[1])
     assert main(["--out", str(out), "--verify"]) == 0
     assert "verified 5 shard(s)" in capsys.readouterr().out
-    assert main(cli_arguments(tiny_lm_dir, text_file, tmp_path / "bad") + ["--sae.kk", "3"]) == 2
-    assert "unknown config key 'sae.kk'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown config key 'sae.kk'"):
+        main(cli_arguments(tiny_lm_dir, text_file, tmp_path / "bad") + ["--sae.kk", "3"])
 
     # The entry point, from the repo root, with a YAML config plus overrides, building and verifying.
     config = tmp_path / "cache.yaml"
@@ -349,8 +350,8 @@ def test_truncated_or_corrupt_shards_are_refused_then_rewritten(built, lm, tiny_
     ActivationCache(out)  # same size: only the hash can tell
     with pytest.raises(CorruptShardError, match=r"shard-00002.safetensors is truncated or corrupt: its sha256"):
         ActivationCache(out, verify=True)
-    assert main(["--out", str(out), "--verify"]) == 1
-    assert "shard-00002.safetensors is truncated or corrupt" in capsys.readouterr().err
+    with pytest.raises(CorruptShardError, match="shard-00002.safetensors is truncated or corrupt"):
+        main(["--out", str(out), "--verify"])
 
     truncated.write_bytes(truncated.read_bytes()[:-100])
     deleted.unlink()
@@ -565,8 +566,8 @@ def test_other_hookpoints_or_another_order_is_another_cache(built2, tiny_lm_dir,
     arguments = cli_arguments(tiny_lm_dir, text_file, out)
     assert main(arguments + ["--hookpoints", "transformer.h.1,transformer.h.0"]) == 0
     assert "this run wrote 0 windows" in capsys.readouterr().out
-    assert main(arguments + ["--hookpoints", "transformer.h.0,transformer.h.1"]) == 1
-    assert "hookpoints: ['transformer.h.1', 'transformer.h.0'] in the cache" in capsys.readouterr().err
+    with pytest.raises(CacheError, match=re.escape("hookpoints: ['transformer.h.1', 'transformer.h.0'] in the cache")):
+        main(arguments + ["--hookpoints", "transformer.h.0,transformer.h.1"])
     assert (out / "manifest.json").read_bytes() == manifest_before
 
 

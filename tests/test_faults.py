@@ -1,4 +1,5 @@
-"""Crashes: SIGKILL mid-run then --resume equals a run that never stopped; a dead rank ends the job."""
+"""Crashes and stops: SIGKILL mid-run then --resume equals a run that never stopped; SIGINT / SIGTERM
+checkpoint at the step boundary on every rank and say how to resume; a dead rank ends the job."""
 
 import os
 import signal
@@ -55,6 +56,62 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, text_file,
     resumed = load_file(run_dir / "transformer.h.1" / "sae.safetensors")
     for name, tensor in whole.items():
         assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming from {killed_at}"
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "log.jsonl"
+    return [int(line.split('"step": ')[1].split(",")[0]) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigint_checkpoints_at_the_step_boundary_and_resume_equals_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
+    """Ctrl-C used to print a 37-line KeyboardInterrupt traceback and lose the work since the last
+    checkpoint. With --save_every=0 the only checkpoint before the end is the one the stop writes."""
+    steps = 300
+    args = lambda name: [*train_args(tiny_lm_dir, text_file, tmp_path, name, steps), "--save_every=0"]  # noqa: E731
+    subprocess.run([sys.executable, *args("whole")], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+
+    run_dir = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, *args("stopped")], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: max(logged_steps(run_dir), default=0) >= 10, 120, process), "no step logged"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    [stopped_at] = checkpoint.list_checkpoints(run_dir)
+    step = int(stopped_at.name.removeprefix("step-"))
+    assert 10 <= step < steps and f"stopped by SIGINT at step {step}; the run continues from {stopped_at}" in stderr
+    assert stderr.rstrip().endswith("--run_name=stopped --save_every=0 --resume"), stderr[-500:]
+
+    subprocess.run([sys.executable, *args("stopped"), "--resume"], cwd=REPO, env=ENV, check=True, capture_output=True,
+                   timeout=300)
+    whole = load_file(tmp_path / "whole" / "transformer.h.1" / "sae.safetensors")
+    resumed = load_file(run_dir / "transformer.h.1" / "sae.safetensors")
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming from {stopped_at}"
+    assert logged_steps(run_dir) == logged_steps(tmp_path / "whole")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tiny_lm_dir, text_file, tmp_path):
+    """What a cluster sends before preemption, here to rank 1 alone: both ranks stop after the same
+    step, rank 0 writes the checkpoint of both ranks' streams and prints how to resume."""
+    run_dir = tmp_path / "dp"
+    command = [*torchrun_command(2), *train_args(tiny_lm_dir, text_file, tmp_path, "dp", 100_000), "--save_every=0"]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: max(logged_steps(run_dir), default=0) >= 10, 180, process), "no step logged"
+        workers = _worker_pids(process.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    [stopped_at] = checkpoint.list_checkpoints(run_dir)
+    _, state = checkpoint.load_checkpoint(stopped_at)
+    assert len(state["streams"]) == 2 and state["step"] == int(stopped_at.name.removeprefix("step-")) >= 10
+    assert f"stopped by SIGTERM at step {state['step']}" in stderr and "--resume" in stderr, stderr[-3000:]
+    assert process.returncode != 0
 
 
 def _worker_pids(torchrun_pid):

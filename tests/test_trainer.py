@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from sae import SparseAutoencoder
 from sae import checkpoint, trainer
 from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.errors import RunExistsError
 from eval.evaluate import TRAINING_EVAL_KEYS, training_evaluator
 from sae import optim
 from sae.optim import NonFiniteLossError
@@ -134,6 +136,41 @@ def test_existing_run_needs_resume_and_resume_rejects_a_changed_config(tiny_lm_d
         train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 10))
     with pytest.raises(ValueError, match="config changed.*batch_size"):
         train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=64 * 40, batch_size=64, resume=True))
+
+
+def test_a_run_folder_without_a_checkpoint_is_not_overwritten_and_resume_says_it_starts_fresh(
+        tiny_lm_dir, text_file, tmp_path, capsys):
+    """A run stopped before its first checkpoint leaves log.jsonl (and wandb files) but no checkpoint:
+    without --resume it was silently overwritten; --resume on it started fresh without a word."""
+    config = tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 10)
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "log.jsonl").write_text('{"step": 5, "fvu": 0.5}\n{"step": 10, "fv')  # cut by the crash
+    with pytest.raises(RunExistsError, match=r"runs/run already holds a run \(log.jsonl\); pass --resume"):
+        train(config)
+    assert (config.run_dir / "log.jsonl").read_text().startswith('{"step": 5, "fvu": 0.5}')
+    sae_dir = train(dataclasses.replace(config, resume=True))
+    assert "--resume found no checkpoint in" in capsys.readouterr().out
+    assert [line["step"] for line in read_log(sae_dir)] == [5, 10]  # the fresh run's lines only
+    assert read_log(sae_dir)[0]["fvu"] != 0.5
+
+
+def test_a_resumed_log_reads_as_one_run_and_unfinished_checkpoint_writes_are_removed(tiny_lm_dir, text_file, tmp_path):
+    """A run that crashed at step 30 after its checkpoint at step 20 had logged steps 25 and 30; the
+    resumed run logs them again. Its log must list each step once, as the uninterrupted run's does."""
+    config = lambda **values: tiny_config(tiny_lm_dir, text_file, tmp_path, optimizer="adam", **values)  # noqa: E731
+    full = read_log(train(config(run_name="full")))
+    crashed = config(run_name="crashed", max_tokens=128 * 30)
+    train(crashed)
+    shutil.rmtree(checkpoint.list_checkpoints(crashed.run_dir)[-1])  # step 30: as if the crash came before it
+    unfinished = checkpoint.checkpoint_dir(crashed.run_dir) / ".tmp-step-00000030-12345"
+    unfinished.mkdir()
+    (unfinished / "state.safetensors").write_bytes(b"\0" * 1000)
+    with open(crashed.run_dir / "log.jsonl", "a") as log:
+        log.write('{"step": 35, "fv')  # the line the crash cut
+    resumed = read_log(train(config(run_name="crashed", resume=True)))
+    assert not unfinished.exists()
+    assert [line["step"] for line in resumed] == [line["step"] for line in full] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [line["fvu"] for line in resumed] == [line["fvu"] for line in full]
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_lm_dir, text_file, tmp_path, monkeypatch):

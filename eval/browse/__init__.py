@@ -10,16 +10,12 @@ of the explained latents and neurons. Each unit gets a page (latent-N.html, neur
 explanation, scores, activation histogram and excerpts, every token shaded by its activation.
 Plots are inline SVG drawn here; the only script is a few lines that sort the index's tables.
 
-    --out DIR      folder to write the site into (created; refused if it holds other files)
-    --report PATH  eval report JSON (`python -m eval ... --out PATH`) to show on the index
-    --force        write into a non-empty folder that is not a previous eval.browse output
-
 From Python: `build_site(sae_dir, out_dir, report_path=None, force=False)` returns the index path.
 """
 
 # Modules: inputs.py (cfg.json, explain.jsonl, the log, the report), svg.py (numbers, ticks, charts),
 # pages.py (HTML pieces, CSS, unit pages), index.py (the index page), site.py (writing the site,
-# build_site), __main__.py (the CLI; its --help prints the docstring above).
+# build_site), __main__.py (the CLI; its --help prints the docstring above and the options).
 
 from .inputs import BrowseError
 from .site import build_site

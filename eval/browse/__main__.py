@@ -9,11 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae.config import ConfigError, parse_args
+from sae.config import parse_args
+from sae.errors import UsageError, run_cli
 
 from ..__main__ import split_positionals
 from . import __doc__ as USAGE
-from .inputs import BrowseError
 from .site import build_site
 
 
@@ -34,23 +34,15 @@ class BrowseConfig:
 def main(argv: list[str] | None = None) -> Path:
     """The command line: `python -m eval.browse SAE_DIR --out DIR [--report PATH] [--force]`."""
     positionals, options = split_positionals(sys.argv[1:] if argv is None else argv)
-    wants_help = "--help" in options or "-h" in positionals + options
-    if wants_help or len(positionals) != 1:
-        print(USAGE)
-        raise SystemExit(0 if wants_help else 2)
-    try:
-        cfg = parse_args(options, BrowseConfig)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    cfg = parse_args(options + (["--help"] if "-h" in positionals else []), BrowseConfig, usage=USAGE)
+    if len(positionals) != 1:
+        raise UsageError(f"name one SAE folder, got {len(positionals)}: python -m eval.browse SAE_DIR --out DIR; --help lists the options")
     if not cfg.out:
-        raise SystemExit("error: pass --out DIR, the folder to write the site into")
-    try:
-        index = build_site(positionals[0], cfg.out, cfg.report or None, cfg.force)
-    except BrowseError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise UsageError("pass --out DIR, the folder to write the site into")
+    index = build_site(positionals[0], cfg.out, cfg.report or None, cfg.force)
     print(f"wrote {index}; open {index.resolve().as_uri()} in a browser")
     return index
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,8 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae.errors import UserError
 
-class BrowseError(ValueError):
+
+class BrowseError(UserError, ValueError):
     """An input is missing or unreadable, or the output folder may not be written into."""
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae.activations import load_model_and_tokenizer
-from sae.config import ConfigError, DataConfig, parse_args
+from sae.config import DataConfig, parse_args
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
+from sae.errors import UsageError, run_cli
 from sae.files import atomic_write
 
 from ..data import held_out_windows
@@ -58,22 +59,26 @@ class PuzzleConfig:
     """The server's model name, or (without a URL) a local transformers model."""
 
     api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the server's API key (never logged)."""
+
     http_concurrency: int = 4
+    """Requests in flight at once to the server."""
+
     cache_dir: str = ".cache/explain"
+    """Server replies are cached here, so a rerun costs nothing."""
+
     seed: int = 0
+    """Seeds the choice of excerpts."""
+
     out: str = ""
     """Write the full report (every score) here as JSON."""
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["puzzles"]:
-        print(__doc__)
-        raise SystemExit(2)
-    try:
-        cfg = parse_args(argv[1:], PuzzleConfig)
-    except ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+    if argv[:1] != ["puzzles"] and not {"--help", "-h"} & set(argv):
+        raise UsageError("the command is `python -m eval.explain puzzles [--options]`; --help lists the options")
+    cfg = parse_args(argv[1:] if argv[:1] == ["puzzles"] else argv, PuzzleConfig, usage=__doc__)
     _, tokenizer = load_model_and_tokenizer(cfg.model)
     data = DataConfig(dataset=cfg.dataset, ctx_len=cfg.ctx_len, data_dir=cfg.data_dir)
     windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split)
@@ -94,4 +99,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

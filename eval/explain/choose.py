@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sae.errors import UsageError
+
 from .explainers import LLMExplainer, TokenLookupExplainer
 from .simulators import EmbeddingSimulator, LLMSimulator, TokenLookupSimulator
 
@@ -22,7 +24,7 @@ def make_backend(url: str = "", model: str = "", api_key_env: str = "OPENAI_API_
         from .http import HttpBackend
 
         if not model:
-            raise ValueError(f"a server URL ({url}) needs the name of the model it serves")
+            raise UsageError(f"a server URL ({url}) needs the name of the model it serves")
         return HttpBackend(url, model, api_key_env=api_key_env, concurrency=concurrency, cache_dir=cache_dir)
     if model:
         from .backends import TransformersBackend
@@ -42,7 +44,7 @@ class SimulatorSet:
         wanted = [name.strip() for name in names.split(",")] if names != "auto" else list(SIMULATOR_NAMES)
         unknown = [name for name in wanted if name not in SIMULATOR_NAMES]
         if unknown:
-            raise ValueError(f"unknown simulators {unknown}; choose from {list(SIMULATOR_NAMES)} or 'auto'")
+            raise UsageError(f"unknown simulators {unknown}; choose from {list(SIMULATOR_NAMES)} or 'auto'")
         self.backend = backend
         self.notes: list[str] = []
         self.offline: dict = {}
@@ -58,7 +60,7 @@ class SimulatorSet:
         self.use_llm = "llm" in wanted and backend is not None
         if "llm" in wanted and backend is None:
             if names != "auto":
-                raise ValueError("the llm simulator needs a backend: a server URL or a local model")
+                raise UsageError("the llm simulator needs a backend: a server URL or a local model")
             self.notes.append("llm simulator left out: no server URL or local model given")
 
     def for_unit(self, unit_name: str) -> dict:

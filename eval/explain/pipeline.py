@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.files import atomic_write
+from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 from .records import (
@@ -40,7 +41,7 @@ def latent_records(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoin
         latents = pick(torch.nonzero(counts).flatten().tolist(), n_units, seed)
     bad = [latent for latent in latents if not 0 <= latent < sae.cfg.n_latents]
     if bad:
-        raise ValueError(f"latent ids {bad} are out of range for an SAE with {sae.cfg.n_latents} latents")
+        raise UsageError(f"latent ids {bad} are out of range for an SAE with {sae.cfg.n_latents} latents")
     activations = sae_latent_activations(model, hookpoint, sae, latents)
     return collect_records(windows, activations, latents, TokenStrings(tokenizer), "latent", batch_windows=batch_windows, seed=seed)
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.activations import capture_activations, get_module
+from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 UnitActivations = Callable[[Tensor], Tensor]
@@ -178,4 +179,4 @@ def mlp_neuron_module(hookpoint: str) -> str:
     for end in range(len(parts), 0, -1):
         if parts[end - 1].isdigit():
             return ".".join(parts[:end]) + ".mlp.act"
-    raise ValueError(f"cannot tell the block of hookpoint '{hookpoint}'; name the neuron module explicitly")
+    raise UsageError(f"cannot tell the block of hookpoint '{hookpoint}'; name the neuron module explicitly")

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sae.cache import MANIFEST, ActivationCache, CacheError, CachedWindows, build_cache, read_manifest
+from sae.cache import MANIFEST, ActivationCache, CachedWindows, build_cache, read_manifest
 from sae.data import text_read_record
 from sae.config import ConfigError, TrainConfig, parse_args, to_dict
+from sae.errors import run_cli
 from sae.optim import run_lr
 
 from ..__main__ import EvalConfig, run_eval
@@ -205,14 +206,8 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["--help"], ["-h"]):
-        print(__doc__)
-        raise SystemExit(0)
-    try:
-        return benchmark(parse_args(argv, PeersConfig))
-    except (ConfigError, CacheError) as error:
-        raise SystemExit(f"error: {error}") from None
+    return benchmark(parse_args(argv, PeersConfig, usage=__doc__))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

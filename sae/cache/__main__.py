@@ -1,8 +1,7 @@
 """`python -m sae.cache ...`: build (and/or verify) an activation cache; see sae.cache and sae.cache.cli."""
 
-import sys
-
+from ..errors import run_cli
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

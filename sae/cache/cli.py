@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import ConfigError, TrainConfig, parse_args
-from .format import DEFAULT_SHARD_TOKENS, STORAGE_DTYPES, CacheError
+from ..config import TrainConfig, options_help, parse_args
+from .format import DEFAULT_SHARD_TOKENS, STORAGE_DTYPES
 from .reader import ActivationCache
 from .writer import BuildReport, build_cache
 
@@ -37,7 +37,9 @@ def _cache_arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sae.cache", allow_abbrev=False,
         description="Write the activations of a config's LM hookpoints to a sharded on-disk cache.",
-        epilog="Every TrainConfig key is accepted too: --config FILE, --model, --hookpoint, --data.dataset, --device ...",
+        epilog="A training run's options are accepted too: they say which LM, hookpoints and text to cache.\n"
+               "  --config FILE\n      A training config (YAML); the options below override it.\n" + options_help(TrainConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="cache folder (created; resumed if it holds a cache of the same config)")
     parser.add_argument("--hookpoints", type=_names, default=None, metavar="H1,H2,...",
@@ -56,29 +58,18 @@ def _cache_arguments() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sae.cache ...`: build (and/or verify) a cache; prints a summary. Returns the exit status."""
+    """`python -m sae.cache ...`: build (and/or verify) a cache; prints a summary. Returns the exit status (a
+    user's mistake is raised as sae.errors.UserError, which `run_cli` prints as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options, rest = _cache_arguments().parse_known_args(argv)
     verify_only = options.verify and options.tokens is None
     if not verify_only:
-        try:
-            cfg = parse_args(rest, TrainConfig)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        try:
-            report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
-                                 options.resume, progress=not options.no_progress, hookpoints=options.hookpoints)
-        except (CacheError, FileNotFoundError, ValueError) as error:  # wrong folder, data, hookpoint ...
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        cfg = parse_args(rest, TrainConfig)
+        report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
+                             options.resume, progress=not options.no_progress, hookpoints=options.hookpoints)
         print(_summary(report))
     if options.verify:
-        try:
-            cache = ActivationCache(options.out, verify=True)
-        except (CacheError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        cache = ActivationCache(options.out, verify=True)
         print(f"verified {len(cache.manifest['shards'])} shard(s) of {cache.directory}: sha256 match the manifest")
     return 0
 

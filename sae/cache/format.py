@@ -14,6 +14,7 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import Tensor
 
 from ..config import TrainConfig, to_dict
+from ..errors import MissingFileError, UserError
 from ..files import atomic_write
 from .batching import windows_per_block
 
@@ -46,7 +47,7 @@ _V1_KEYS = tuple("hookpoint" if key == "hookpoints" else key for key in _MANIFES
 _SHARD_KEYS = ("file", "first_window", "windows", "rows", "bytes", "sha256")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache folder that cannot be used as it is: unreadable manifest, other version, other config."""
 
 
@@ -163,7 +164,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no activation cache in {directory}: {path} not found (build one with python -m sae.cache)")
+        raise MissingFileError(f"no activation cache in {directory}: {path} not found (build one with python -m sae.cache)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -7,6 +7,7 @@ import pytest
 
 from eval.browse import BrowseError, build_site, nice_ticks
 from eval.browse.__main__ import main
+from sae.errors import UsageError
 
 from browser_helpers import CHROMIUM_INSTALL_HINT, chromium_executable, parse_html, render_pages, svg_fragments
 
@@ -215,7 +216,7 @@ def test_missing_explain_jsonl_says_how_to_make_it(tmp_path, capsys):
     sae_dir = make_sae_dir(tmp_path, with_explain=False)
     with pytest.raises(BrowseError, match=r"explain\.jsonl not found; run `python -m eval .* --explain N` first"):
         build_site(sae_dir, tmp_path / "site")
-    with pytest.raises(SystemExit, match="explain.jsonl not found"):
+    with pytest.raises(BrowseError, match="explain.jsonl not found"):
         main([str(sae_dir), "--out", str(tmp_path / "site")])
     assert not (tmp_path / "site").exists()
     with pytest.raises(BrowseError, match="cfg.json"):
@@ -250,9 +251,9 @@ def test_cli(tmp_path, capsys):
     report = write_report(tmp_path / "report.json")
     index = main([str(sae_dir), "--out", str(tmp_path / "site"), "--report", str(report)])
     assert index == tmp_path / "site" / "index.html" and "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--out"):
+    with pytest.raises(UsageError, match="--out"):
         main([str(sae_dir)])
-    with pytest.raises(SystemExit, match="eval report not found"):
+    with pytest.raises(BrowseError, match="eval report not found"):
         main([str(sae_dir), "--out", str(tmp_path / "site"), "--report", str(tmp_path / "missing.json")])
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from eval.__main__ import main
 from eval.data import resolve_model_path
+from sae.config import ConfigError
 from sae.embedded import EMBEDDED_MODEL_DIR
 from sae.model import read_sae_metadata
 
@@ -97,7 +98,7 @@ def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
         main([str(sae_dir)])
     with pytest.raises(ValueError, match=r"has no 'model'; pass --model"):
         main([str(sae_dir), "--dataset", str(text_file), "--split", "train", "--ctx_len", "16"])
-    with pytest.raises(SystemExit, match="tokens"):
+    with pytest.raises(ConfigError, match="tokens"):
         main([str(sae_dir), "--tokens", "many"])
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         main([str(tmp_path / "missing")])
@@ -110,10 +111,11 @@ def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
     assert report["data"]["split"] == "train" and report["data"]["dataset"] == str(text_file)
 
 
-def test_module_entry_point_prints_usage():
+def test_module_entry_point_without_a_folder_says_what_to_name():
     result = subprocess.run([sys.executable, "-m", "eval"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 2 and "python -m eval SAE_DIR" in result.stdout
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: name one or more SAE folders: python -m eval SAE_DIR [SAE_DIR ...] [--options]; --help lists the options"]
 
 
 def test_embedded_model_path_from_another_checkout_maps_to_this_one(tmp_path):

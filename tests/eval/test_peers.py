@@ -14,7 +14,7 @@ from eval.peers.ours import train_ours
 from eval.peers.rows import shared_batches
 from sae.activations import ActivationStream
 from sae.cache import build_cache
-from sae.config import parse_args
+from sae.config import ConfigError, parse_args
 
 pytest.importorskip("sparsify")
 pytest.importorskip("sae_lens")
@@ -70,9 +70,9 @@ def test_a_run_that_is_not_a_whole_number_of_checkpoints_is_scored_at_its_end_to
 
 
 def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
-    with pytest.raises(SystemExit, match="unknown system 'sparsfy'"):
+    with pytest.raises(ConfigError, match="unknown system 'sparsfy'"):
         main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
-    with pytest.raises(SystemExit, match="only 'ours' takes config overrides"):
+    with pytest.raises(ConfigError, match="only 'ours' takes config overrides"):
         main(["--train_config", str(train_config), "--systems", "[sparsify --lr=1]", "--out", str(tmp_path / "peers")])
     assert not (tmp_path / "peers").exists()
 

@@ -10,6 +10,7 @@ import pytest
 
 from eval.__main__ import main
 from eval.explain.__main__ import main as explain_main
+from sae.errors import UsageError
 
 
 def data_dir_of(sae_dir):
@@ -113,5 +114,5 @@ def test_puzzles_command(embedded_sae_dir, tmp_path, capsys):
     result = report["simulators"]["token-lookup"]
     assert 0 <= result["true_is_best"] <= 1 and len(result["puzzles"]) == report["puzzles"]
     assert "true best" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="python -m eval.explain puzzles"):
         explain_main(["riddles"])
