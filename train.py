@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     except RunStopped as stopped:  # SIGINT or SIGTERM: a checkpoint was written at the step boundary
         if int(os.environ.get("RANK", "0")) == 0:
             again = [arg for arg in argv if arg not in ("--resume", "--resume=true")] + ["--resume"]
-            print(f"{stopped}:\n  python {shlex.join([sys.argv[0] or 'train.py', *again])}", file=sys.stderr)
+            launcher = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun [the same launcher options]"
+            print(f"{stopped}:\n  {launcher} {shlex.join([sys.argv[0] or 'train.py', *again])}", file=sys.stderr)
         return stopped.exit_status
     return 0
 
