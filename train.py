@@ -10,7 +10,6 @@ the data or the run folder is one line on stderr and exit status 2. Ctrl-C or SI
 preemption) writes a checkpoint at the end of the step, prints the command that resumes, and exits.
 """
 
-import os
 import shlex
 import sys
 
@@ -26,9 +25,9 @@ def main(argv: list[str]) -> int:
     try:
         train(cfg, evaluator=training_evaluator)
     except RunStopped as stopped:  # SIGINT or SIGTERM: a checkpoint was written at the step boundary
-        if int(os.environ.get("RANK", "0")) == 0:
+        if stopped.info.is_main:
             again = [arg for arg in argv if arg not in ("--resume", "--resume=true")] + ["--resume"]
-            launcher = "python" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun [the same launcher options]"
+            launcher = "python" if stopped.info.world_size == 1 else "torchrun [the same launcher options]"
             print(f"{stopped}:\n  {launcher} {shlex.join([sys.argv[0] or 'train.py', *again])}", file=sys.stderr)
         return stopped.exit_status
     return 0

@@ -230,14 +230,14 @@ def _explain(cfg: EvalConfig, tools: tuple, sae, model, tokenizer, hookpoint: st
 
 
 def split_positionals(argv: list[str]) -> tuple[list[str], list[str]]:
-    """SAE folders (the arguments before the first --option) and the options."""
-    first_option = next((i for i, arg in enumerate(argv) if arg.startswith("--")), len(argv))
+    """SAE folders (the arguments before the first option, --key or -h) and the options."""
+    first_option = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
     return argv[:first_option], argv[first_option:]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     sae_dirs, options = split_positionals(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(options + (["--help"] if "-h" in sae_dirs else []), EvalConfig, usage=__doc__)
+    cfg = parse_args(options, EvalConfig, usage=__doc__)
     if not sae_dirs:
         raise UsageError("name one or more SAE folders: python -m eval SAE_DIR [SAE_DIR ...] [--options]; --help lists the options")
     started = time.perf_counter()

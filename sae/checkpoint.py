@@ -24,7 +24,6 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .errors import MissingFileError, UsageError
-
 from .files import TensorSpec, write_safetensors
 
 STATE_TENSORS = "state.safetensors"
@@ -36,6 +35,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """The folder of checkpoint `step` (whether or not it was written yet)."""
+    return checkpoint_dir(run_dir) / f"{_PREFIX}{step:08d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, specs: list[TensorSpec], chunks: Iterable[Tensor], state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write checkpoint `step` atomically, then prune all but the newest `keep`. Its tensors come as
@@ -43,7 +47,7 @@ def save_checkpoint(run_dir: Path, step: int, specs: list[TensorSpec], chunks: I
     makes them from a dict."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:08d}"
+    final = step_dir(run_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

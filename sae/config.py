@@ -437,9 +437,8 @@ def parse_args(argv: list[str], cls: type = TrainConfig, usage: str = "") -> Any
     against the field's type. `--help` or `-h` prints `usage` (the entry point's docstring) and every
     option (`options_help`), then exits with status 0.
     """
-    if "--help" in argv or "-h" in argv:
-        config_option = "  --config FILE\n      A YAML file of these options (sections as mappings); options given with it override it."
-        print((usage.strip() + "\n\n" if usage else "") + "options:\n" + config_option + "\n" + options_help(cls))
+    if asks_for_help(argv):
+        print((usage.strip() + "\n\n" if usage else "") + "options:\n" + CONFIG_OPTION_HELP + "\n" + options_help(cls))
         raise SystemExit(0)
     tree: dict[str, Any] = {}
     overrides: list[tuple[str, Any]] = []
@@ -468,6 +467,13 @@ def parse_args(argv: list[str], cls: type = TrainConfig, usage: str = "") -> Any
     for key, value in overrides:
         _set_nested(tree, key, value)
     return from_dict(cls, tree)
+
+
+CONFIG_OPTION_HELP = "  --config FILE\n      A YAML file of these options (sections as mappings); options given with it override it."
+
+
+def asks_for_help(argv: list[str]) -> bool:
+    return "--help" in argv or "-h" in argv
 
 
 def options_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
@@ -502,11 +508,8 @@ def _metavar(hint: Any) -> str:
 
 
 def _show_default(value: Any) -> str:
-    if isinstance(value, tuple) and not value:
-        return "none (a YAML list)"
-    if isinstance(value, str) and value == "":
-        return '""'
-    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+    """A default as it is written in YAML or on the command line: false, null, [a, b], "", 16."""
+    return json.dumps(value) if isinstance(value, (bool, type(None), tuple)) or value == "" else str(value)
 
 
 def field_docs(cls: type) -> dict[str, str]:

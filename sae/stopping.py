@@ -19,10 +19,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunStopped(Exception):
-    """The run stopped on a signal after writing the checkpoint `checkpoint` at `step`."""
+    """The run stopped on a signal after writing the checkpoint `checkpoint` at `step`; `info` is the
+    rank that raised it (every rank does)."""
 
-    def __init__(self, signal_number: int, step: int, checkpoint: Path):
-        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+    def __init__(self, signal_number: int, step: int, checkpoint: Path, info: DistInfo):
+        self.signal_number, self.step, self.checkpoint, self.info = signal_number, step, checkpoint, info
         super().__init__(f"stopped by {signal.Signals(signal_number).name} at step {step}; "
                          f"the run continues from {checkpoint} with --resume")
 

@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
     latest = checkpoint.list_checkpoints(cfg.run_dir)
-    check_run_folder(cfg, latest, info)
+    prepare_run_folder(cfg, latest, info)
 
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
@@ -212,16 +212,14 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
             eval_started = time.perf_counter()
             evaluate_members(members, step + 1, score_held_out, log, info)
             started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-        saved = (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step
-        if saved:
+        signal_number = 0 if last_step else stop.requested(info, device)  # Ctrl-C, preemption
+        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step or signal_number:
             save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
-        if not last_step and (signal_number := stop.requested(info, device)):  # Ctrl-C, preemption
-            if not saved:
-                save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
+        if signal_number:
             progress.close()
             if log is not None:
                 log.close()
-            raise RunStopped(signal_number, step + 1, checkpoint.list_checkpoints(cfg.run_dir)[-1])
+            raise RunStopped(signal_number, step + 1, checkpoint.step_dir(cfg.run_dir, step + 1), info)
     progress.close()
 
     save_members(cfg, members, source, tokens_seen, log, info, layout)
@@ -231,10 +229,11 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     return members[0].out_dir
 
 
-def check_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> None:
+def prepare_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> None:
     """Refuse to train into a folder that already holds anything unless --resume (nothing is overwritten
     silently); say so when --resume finds no checkpoint to continue from (a fresh start, as a cluster's
-    requeue of a run that never reached its first checkpoint wants, but a mistyped --run_name shows)."""
+    requeue of a run that never reached its first checkpoint wants, but a mistyped --run_name shows).
+    Then remove the unfinished checkpoint writes a crash left behind."""
     if not cfg.resume:
         held = sorted(path.name for path in cfg.run_dir.iterdir()) if cfg.run_dir.is_dir() else []
         if held:
@@ -390,12 +389,11 @@ class RunLog:
         tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
 
     def close(self) -> None:
-        """Close the log file and the wandb run (a stopped run; `finish` for one that ended)."""
+        """Close the log file and the wandb run (a stopped run; `finish` adds the final summary first)."""
         self.file.close()
         self.run.finish()
 
     def finish(self, members: list[Member], tokens_seen: int) -> None:
-        self.file.close()
         for member in members:
             final = {**member.metrics, **member.eval_metrics}
             self.run.summary.update({f"final/{member.key(key)}": value for key, value in final.items()})
@@ -403,7 +401,7 @@ class RunLog:
                 print(f"final{' ' + member.name if member.name else ''}: fvu={member.metrics['fvu']:.4f} "
                       f"l0={member.metrics['l0']:.1f} dead_frac={member.metrics['dead_frac']:.4f} tokens={tokens_seen:,}")
             print(f"saved SAE to {member.out_dir}")
-        self.run.finish()
+        self.close()
 
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:

@@ -34,7 +34,7 @@ class BrowseConfig:
 def main(argv: list[str] | None = None) -> Path:
     """The command line: `python -m eval.browse SAE_DIR --out DIR [--report PATH] [--force]`."""
     positionals, options = split_positionals(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(options + (["--help"] if "-h" in positionals else []), BrowseConfig, usage=USAGE)
+    cfg = parse_args(options, BrowseConfig, usage=USAGE)
     if len(positionals) != 1:
         raise UsageError(f"name one SAE folder, got {len(positionals)}: python -m eval.browse SAE_DIR --out DIR; --help lists the options")
     if not cfg.out:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae.activations import load_model_and_tokenizer
-from sae.config import DataConfig, parse_args
+from sae.config import DataConfig, asks_for_help, parse_args
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
 from sae.errors import UsageError, run_cli
 from sae.files import atomic_write
@@ -76,7 +76,7 @@ class PuzzleConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["puzzles"] and not {"--help", "-h"} & set(argv):
+    if argv[:1] != ["puzzles"] and not asks_for_help(argv):
         raise UsageError("the command is `python -m eval.explain puzzles [--options]`; --help lists the options")
     cfg = parse_args(argv[1:] if argv[:1] == ["puzzles"] else argv, PuzzleConfig, usage=__doc__)
     _, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import TrainConfig, options_help, parse_args
+from ..config import CONFIG_OPTION_HELP, TrainConfig, options_help, parse_args
 from .format import DEFAULT_SHARD_TOKENS, STORAGE_DTYPES
 from .reader import ActivationCache
 from .writer import BuildReport, build_cache
@@ -38,7 +38,7 @@ def _cache_arguments() -> argparse.ArgumentParser:
         prog="python -m sae.cache", allow_abbrev=False,
         description="Write the activations of a config's LM hookpoints to a sharded on-disk cache.",
         epilog="A training run's options are accepted too: they say which LM, hookpoints and text to cache.\n"
-               "  --config FILE\n      A training config (YAML); the options below override it.\n" + options_help(TrainConfig),
+               + CONFIG_OPTION_HELP + "\n" + options_help(TrainConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="cache folder (created; resumed if it holds a cache of the same config)")
