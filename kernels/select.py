@@ -1,8 +1,8 @@
 """The encoder forward: one dense matmul, then the top k per row (and the AuxK top k_aux among dead latents).
 
 Shared by both backends: the dense part is the library matmul (Gao et al. appendix D also keep it
-dense), then torch.topk. On CPU the pre-activations go into a reused buffer, in row chunks of bounded
-size for very large batches; they are never saved for the backward.
+dense), then torch.topk, in row chunks of bounded size on every device (`chunk_rows`). On CPU the
+pre-activations go into a reused buffer; they are never saved for the backward.
 """
 
 from __future__ import annotations
@@ -12,10 +12,18 @@ import threading
 import torch
 from torch import Tensor
 
-CPU_CHUNK_ELEMENTS = 1 << 26
-"""Pre-activations held at once on CPU (256 MiB in float32): the batch goes through in row chunks of at
-most this many elements, so memory stays bounded for any batch. Chunks are large because the matmul
-loses efficiency on short row blocks (measured: 256-row chunks cost ~1.3x a single 4096-row matmul)."""
+PRE_ACTIVATION_BUDGET = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+"""Bytes of pre-activations held at once, per device type (others use CUDA's): the batch goes through
+in row chunks within this budget, so memory stays bounded for any batch and width (on CUDA 32768 rows
+x 1M latents would otherwise be 64 GiB in bf16). Top k is per row, so chunking leaves it exact. Chunks
+are large because the matmul loses efficiency on short row blocks (measured on CPU: 256-row chunks
+cost ~1.3x a single 4096-row matmul)."""
+
+
+def chunk_rows(n_rows: int, n_latents: int, device: torch.device, element_size: int) -> int:
+    """Rows per encoder chunk: all of them if they fit the device's budget, else as many as do (>= 1)."""
+    budget = PRE_ACTIVATION_BUDGET.get(device.type, PRE_ACTIVATION_BUDGET["cuda"])
+    return max(1, min(n_rows, budget // max(1, n_latents * element_size)))
 
 _workspace = threading.local()  # per thread: {(device, dtype): flat buffer}
 
@@ -102,7 +110,7 @@ def encode_select(
     aux_indices = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
     aux_local = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
     n_latents = W_enc.shape[0]
-    chunk = max(n_rows, 1) if device.type != "cpu" else max(1, min(n_rows, CPU_CHUNK_ELEMENTS // n_latents))
+    chunk = chunk_rows(n_rows, n_latents, device, W_enc.element_size())
     weight_t = W_enc.t()
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)

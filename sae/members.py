@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import SaeConfig, TrainConfig
 from .files import TensorSpec
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
@@ -58,15 +58,19 @@ class Member:
         return f"{self.name}/{name}" if self.name else name
 
 
-def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device) -> list[Member]:
-    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
-    would, and every rank's latents are the slice of that init)."""
+def member_specs(cfg: TrainConfig, d_in_of: dict[str, int]) -> list[tuple[str, str, SaeConfig, float | None]]:
+    """(name, hookpoint, SAE config with its d_in, lr or None) of each of the run's SAEs."""
     specs = [(variant.name, variant.hookpoint or cfg.hookpoint, variant.sae_config(cfg.sae),
               variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
     specs = specs or [("", cfg.hookpoint, cfg.sae, cfg.lr)]
+    return [(name, hookpoint, replace(sae_cfg, d_in=d_in_of[hookpoint]), lr) for name, hookpoint, sae_cfg, lr in specs]
+
+
+def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device) -> list[Member]:
+    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
+    would, and every rank's latents are the slice of that init)."""
     members = []
-    for name, hookpoint, sae_cfg, lr in specs:
-        sae_cfg = replace(sae_cfg, d_in=d_in_of[hookpoint])
+    for name, hookpoint, sae_cfg, lr in member_specs(cfg, d_in_of):
         torch.manual_seed(cfg.seed)
         sae = SparseAutoencoder(sae_cfg, device=device, layout=layout)
         base_lr = run_lr(lr, sae_cfg, cfg)

@@ -39,8 +39,9 @@ from .distributed import DistInfo, gather_objects, init_distributed, resolve_dev
 from .errors import RunExistsError, UsageError
 from .files import atomic_write
 from .initialization import initialize_from_batch
+from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
-from .members import Member, build_members, evaluation_sae, load_member, member_state, save_member
+from .members import Member, build_members, evaluation_sae, load_member, member_specs, member_state, save_member
 from .model import ForwardOutput, SparseAutoencoder
 from .optim import NonFiniteLossError, lr_at, optimizer_update
 from .parallel import ShardLayout
@@ -173,6 +174,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
                               rank=layout.replica)
+    report_memory(cfg, d_in_of, layout, device, model, stream, info)  # refuses here, before the SAEs exist
     members = build_members(cfg, d_in_of, layout, device)  # same seed: the same init on every rank
     if latest:
         start_step, tokens_seen, wandb_id = resume(cfg, info, members, stream, latest[-1])
@@ -227,6 +229,21 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
         log.finish(members, tokens_seen)
     wait_for_main_rank(info)
     return members[0].out_dir
+
+
+def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device, model,
+                  stream: ActivationStream, info: DistInfo) -> None:
+    """Print the run's estimated peak memory per device (rank 0), and refuse (every rank) if it cannot fit."""
+    saes = []
+    for _, _, sae_cfg, _ in member_specs(cfg, d_in_of):
+        start, stop = layout.latent_range(sae_cfg.n_latents)
+        saes.append((sae_cfg, stop - start))
+    lm_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+    shuffle_rows = stream.batches_per_block * stream.batch_size
+    estimate = estimate_memory(saes, cfg.batch_size // layout.replicas, shuffle_rows, lm_bytes, device)
+    line = check_fits(estimate, device, free_bytes(device))
+    if info.is_main:
+        print(line)
 
 
 def prepare_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> None:

@@ -115,6 +115,8 @@ def test_user_mistakes_are_one_line_and_exit_status_2(tiny_lm_dir, text_file, tm
         (["--lr=-1"], ["lr"]),
         (["--data.ctx_len=999"], ["data.ctx_len is 999", "positions"]),
         (["--sae.kk=1"], ["unknown config key 'sae.kk'"]),
+        # 2^28 latents: ~1 TiB of SAE and optimiser; refused from the estimate before any of it exists
+        (["--sae.n_latents=268435456"], ["the run needs about", "free", "sae.n_latents"]),
     ]
     for extra, words in cases:
         assert_one_line_error(run_train(*base, *extra), *words)

@@ -217,10 +217,23 @@ def test_cpu_row_chunks_give_the_same_selection(monkeypatch, ref):
     args = (t.x, t.W_enc, t.b_enc, 5)
     kwargs = dict(b_dec=t.b_dec, dead_mask=dead, k_aux=40, sorted=True, backend="torch")
     whole = kernels.topk_encode(*args, **kwargs)
-    monkeypatch.setattr(select, "CPU_CHUNK_ELEMENTS", 4 * 1000)
+    monkeypatch.setitem(select.PRE_ACTIVATION_BUDGET, "cpu", 4 * 1000 * t.W_enc.element_size())
     select.clear_workspace()
     chunked = kernels.topk_encode(*args, **kwargs)
     for (values, indices), (values_chunked, indices_chunked) in [(whole[:2], chunked[:2]), (whole[2:], chunked[2:])]:
         order, order_chunked = indices.argsort(1), indices_chunked.argsort(1)
         assert torch.equal(indices.gather(1, order), indices_chunked.gather(1, order_chunked))
         ref.assert_close(values_chunked.gather(1, order_chunked), values.gather(1, order), 1e-12, "values")
+
+
+def test_encoder_chunks_are_bounded_on_every_device():
+    """The pre-activation chunk fits the device's budget at any batch and width (CUDA included: a whole
+    32768 x 1M bf16 batch would be 64 GiB), keeps at least one row, and is the whole batch when it fits."""
+    from kernels.select import PRE_ACTIVATION_BUDGET, chunk_rows
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    rows = chunk_rows(32768, 2**20, cuda, 2)
+    assert rows == PRE_ACTIVATION_BUDGET["cuda"] // (2**20 * 2) == 1024
+    assert chunk_rows(4096, 12288, cpu, 4) * 12288 * 4 <= PRE_ACTIVATION_BUDGET["cpu"]
+    assert chunk_rows(4096, 2048, cuda, 4) == 4096
+    assert chunk_rows(10, 2**40, cpu, 4) == 1

@@ -1,0 +1,60 @@
+"""The peak-memory estimate (sae/memory.py): its SAE and optimiser terms against the bytes a real step
+allocates, and the refusal before anything is allocated."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sae import trainer
+from sae.config import SaeConfig, TrainConfig
+from sae.memory import MemoryEstimate, OutOfMemoryPlan, check_fits, estimate_memory
+from sae.model import SparseAutoencoder
+from sae.optim import make_optimizer, optimizer_update
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
+def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer):
+    sae_cfg = SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8)
+    sae = SparseAutoencoder(sae_cfg, device="cpu")
+    opt = make_optimizer(TrainConfig(optimizer=optimizer), sae.parameters(), 1e-3)
+    out = sae(torch.randn(32, 24), torch.ones(96, dtype=torch.bool))
+    optimizer_update(sae, opt, out.loss, 1e-3, 1.0)
+    estimate = estimate_memory([(sae_cfg, 96)], 32, 64, 0, torch.device("cpu"))
+    assert estimate.parameters == tensor_bytes(sae.parameters())
+    assert estimate.gradients == tensor_bytes(p.grad for p in sae.parameters())
+    state = [value for p in sae.parameters() for value in opt.state[p].values() if torch.is_tensor(value) and value.dim() > 0]
+    assert estimate.optimizer == tensor_bytes(state)
+
+
+def test_latent_sharding_divides_the_sae_terms_and_the_step_is_the_largest_saes():
+    small, wide = SaeConfig(d_in=64, n_latents=1024, k=8), SaeConfig(d_in=64, n_latents=8192, k=8)
+    whole = estimate_memory([(wide, 8192)], 4096, 0, 0, torch.device("cpu"))
+    half = estimate_memory([(wide, 4096)], 4096, 0, 0, torch.device("cpu"))
+    assert half.parameters < whole.parameters / 2 + 64 * 4 and half.optimizer == 2 * half.parameters
+    both = estimate_memory([(small, 1024), (wide, 8192)], 4096, 0, 0, torch.device("cpu"))
+    assert both.step == whole.step and both.parameters > whole.parameters
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_breakdown():
+    estimate = MemoryEstimate(parameters=3 * 2**30, gradients=3 * 2**30, optimizer=6 * 2**30, step=2**29, shuffle=0,
+                              lm=2**30)
+    with pytest.raises(OutOfMemoryPlan, match=r"needs about 12.50 GiB more on cpu but 8.00 GiB is free.*optimizer 6.00 GiB"):
+        check_fits(estimate, torch.device("cpu"), 8 * 2**30)
+    assert "free" in check_fits(estimate, torch.device("cpu"), 13 * 2**30)  # the loaded LM is not counted again
+
+
+def test_train_refuses_before_building_any_sae(monkeypatch, tiny_lm_dir, text_file, tmp_path):
+    built = []
+    monkeypatch.setattr(trainer, "free_bytes", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(trainer, "build_members", lambda *args: built.append(args))
+    cfg = TrainConfig(model=str(tiny_lm_dir), hookpoint="transformer.h.1", batch_size=64, max_tokens=128,
+                      sae=SaeConfig(n_latents=64, k=4), out_dir=str(tmp_path),
+                      data=replace(TrainConfig().data, dataset=str(text_file), ctx_len=16))
+    with pytest.raises(OutOfMemoryPlan, match="1.0 MiB is free"):
+        trainer.train(cfg)
+    assert built == []
