@@ -217,7 +217,8 @@ class _AuxKLoss(torch.autograd.Function):
         is_nan = loss.isnan()
         ctx.save_for_backward(values, indices, W_dec, diff, total_variance, is_nan)
         ctx.backend = backend
-        return torch.where(is_nan, torch.zeros_like(loss), loss).to(W_dec.dtype)
+        # float32 at least (a bf16 decoder's loss is still accumulated and returned in float32)
+        return torch.where(is_nan, torch.zeros_like(loss), loss).to(torch.promote_types(W_dec.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -243,14 +244,15 @@ def auxk_loss(
     k_aux=); W_dec (n_latents, d); residual (N, d) = x - x_hat, detached here. Returns the scalar
     sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2 with e_hat = sparse_decode(aux_values,
     aux_indices, W_dec) (no bias), NaN replaced by 0 (also its gradient); 0 when k_aux = 0. The decode
-    and the squared error are fused (the Triton kernel never writes e_hat).
+    and the squared error are fused (the Triton kernel never writes e_hat). The loss is float32 for a
+    half-precision W_dec, else W_dec's dtype.
     """
     _check_sparse(aux_values, aux_indices, W_dec, "auxk_loss")
     if residual.shape != (aux_values.shape[0], W_dec.shape[1]):
         expected = (aux_values.shape[0], W_dec.shape[1])
         raise ValueError(f"auxk_loss: residual must be (N, d) = {expected}, got {tuple(residual.shape)}")
     if aux_indices.shape[1] == 0:
-        return W_dec.new_zeros(())
+        return W_dec.new_zeros((), dtype=torch.promote_types(W_dec.dtype, torch.float32))
     name = resolve_backend(aux_values.device, backend)
     return _AuxKLoss.apply(aux_values.to(W_dec.dtype), aux_indices, W_dec, residual.detach(), name)
 

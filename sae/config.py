@@ -210,6 +210,11 @@ class TrainConfig:
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the LM's forward pass (activations are trained on in float32)."""
 
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The SAE's training matmuls and kernel inputs: "bf16" (mixed precision: float32 parameters,
+    gradients, optimiser state and losses; TF32 allowed for float32 matmuls on CUDA), "fp32", or "auto":
+    bf16 on CUDA GPUs of compute capability >= 8.0, fp32 elsewhere. Saved SAEs are float32 either way."""
+
     device: str = "auto"
     """"auto" (cuda if available), "cpu", "cuda" or "cuda:N"."""
 

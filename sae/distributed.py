@@ -48,6 +48,14 @@ def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype `precision` ("auto" | "fp32" | "bf16") means on `device` (TrainConfig.precision)."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 def init_distributed(timeout_s: float = 300) -> DistInfo:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
 

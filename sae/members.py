@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import SaeConfig, TrainConfig
+from .distributed import resolve_precision
 from .files import TensorSpec
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
@@ -72,7 +73,7 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
     members = []
     for name, hookpoint, sae_cfg, lr in member_specs(cfg, d_in_of):
         torch.manual_seed(cfg.seed)
-        sae = SparseAutoencoder(sae_cfg, device=device, layout=layout)
+        sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=resolve_precision(cfg.precision, device))
         base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
         out_dir = cfg.run_dir / (name or hookpoint)

@@ -48,6 +48,18 @@ them into the dead-latent statistics and returns the dead mask after this batch 
 latents, (n_local,) bool."""
 
 
+class ComputeWeights(NamedTuple):
+    """The parameters as one forward computes with them: cast to `SparseAutoencoder.compute_dtype`
+    (a cast is an autograd node, so gradients reach the float32 parameters in float32)."""
+
+    W_enc: Tensor
+    """(n_local, d_in)."""
+    b_enc: Tensor
+    """(n_local,)."""
+    W_dec: Tensor
+    """(n_local, d_in)."""
+
+
 class ForwardOutput(NamedTuple):
     """What `SparseAutoencoder.forward` returns. Losses are scalars."""
 
@@ -122,8 +134,12 @@ class SparseAutoencoder(nn.Module):
     """
 
     def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 layout: ShardLayout | None = None):
+                 layout: ShardLayout | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
+        self.compute_dtype = compute_dtype
+        """Dtype of the training forward's matmuls and kernel inputs (None: the parameters' dtype). With
+        bfloat16 the parameters, their gradients, the optimiser state and the losses stay float32
+        (mixed precision); `encode` and `decode` (evaluation) always use the parameters as stored."""
         if cfg.d_in <= 0:
             raise ValueError(f"SaeConfig.d_in must be positive to build an SAE, got {cfg.d_in}")
         self.cfg = cfg
@@ -168,6 +184,10 @@ class SparseAutoencoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
+    def compute_weights(self) -> ComputeWeights:
+        dtype = self.compute_dtype or self.dtype
+        return ComputeWeights(self.encoder.weight.to(dtype), self.encoder.bias.to(dtype), self.W_dec.to(dtype))
+
     # ---- the forward pass -------------------------------------------------------------------
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,34 +220,40 @@ class SparseAutoencoder(nn.Module):
         k = cfg.k
         # Multi-TopK selects the top 4k, sorted, so the first k of them are the TopK selection.
         n_top = min(4 * k, cfg.n_latents) if cfg.multi_topk else k
-        b_dec_enc = layout.b_dec_for_encoder(self.b_dec)  # one node for both encodes: one all-reduce in backward
+        weights = self.compute_weights()
+        x_in = x.to(weights.W_enc.dtype)  # x itself stays in the parameters' dtype for the losses
+        # One node for both encodes (one all-reduce in backward), in the compute dtype like x_in.
+        b_dec_enc = layout.b_dec_for_encoder(self.b_dec).to(weights.W_enc.dtype)
         values, local = kernels.topk_encode(
-            x, self.encoder.weight, self.encoder.bias, min(n_top, self.n_local), b_dec=b_dec_enc, sorted=cfg.multi_topk,
+            x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local), b_dec=b_dec_enc, sorted=cfg.multi_topk,
         )
         top = layout.top_over_shards(values, local + self.latent_start, n_top, sorted=cfg.multi_topk)
         latent_acts, latent_indices = top.head(k)
         if callable(dead_mask):
             dead_mask = dead_mask(latent_indices, latent_acts.detach())
-        x_hat = self._reconstruct(*top.local_part(values, local, k)) + self.b_dec
+        x_hat = self._reconstruct(weights, *top.local_part(values, local, k)) + self.b_dec
         fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
         if dead_mask is not None and self.cfg.auxk_coef > 0:
-            auxk_loss = self._auxk_loss(x, (x - x_hat).detach(), dead_mask, variance, b_dec_enc)
+            auxk_loss = self._auxk_loss(x_in, (x - x_hat).detach(), dead_mask, variance, b_dec_enc, weights)
 
         multi_topk_fvu = zero
         if cfg.multi_topk:
-            multi_topk_fvu = normalized_mse(x, self._reconstruct(*top.local_part(values, local, n_top)) + self.b_dec, variance)
+            multi_topk_fvu = normalized_mse(x, self._reconstruct(weights, *top.local_part(values, local, n_top)) + self.b_dec,
+                                            variance)
 
         loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
 
-    def _reconstruct(self, values: Tensor, local_indices: Tensor) -> Tensor:
-        """sum_j values_j W_dec[index_j] over every shard's part (N, d_in), without b_dec."""
-        return self.layout.sum_reconstructions(sparse_decode(values, local_indices, self.W_dec))
+    def _reconstruct(self, weights: ComputeWeights, values: Tensor, local_indices: Tensor) -> Tensor:
+        """sum_j values_j W_dec[index_j] over every shard's part (N, d_in), without b_dec, in the
+        parameters' dtype (the kernels accumulate in float32 whatever their inputs)."""
+        return self.layout.sum_reconstructions(sparse_decode(values, local_indices, weights.W_dec).to(self.dtype))
 
-    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn, b_dec_enc: Tensor) -> Tensor:
+    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn, b_dec_enc: Tensor,
+                   weights: ComputeWeights) -> Tensor:
         """AuxK (Gao et al. §2.4): the normalized MSE of the top-k_aux dead latents' reconstruction of
         the residual `x - x_hat` (detached); 0 when no latent is dead."""
         if dead_mask.shape != (self.n_local,):
@@ -239,24 +265,28 @@ class SparseAutoencoder(nn.Module):
             return x.new_zeros(())
         # Each shard sends min(k_aux, its dead) real candidates (padded to a common width): at least
         # k_aux real ones in all, and every global winner is among them.
-        aux_values, aux_local = self.encode_among(x, dead_latents, min(k_aux, most_on_one_shard), b_dec=b_dec_enc)
+        aux_values, aux_local = self.encode_among(x, dead_latents, min(k_aux, most_on_one_shard), b_dec=b_dec_enc,
+                                                  weights=weights)
         aux_top = self.layout.top_over_shards(aux_values, aux_local + self.latent_start, k_aux,
                                               width=min(k_aux, most_on_one_shard))
         aux_values, aux_local = aux_top.local_part(aux_values, aux_local, k_aux)
         if variance is batch_variance and self.layout.shards == 1:  # the fused op: the local batch's variance
-            return kernels.auxk_loss(aux_values, aux_local, self.W_dec, residual)
-        loss = normalized_mse(residual, self._reconstruct(aux_values, aux_local), variance)
+            return kernels.auxk_loss(aux_values, aux_local, weights.W_dec, residual).to(self.dtype)
+        loss = normalized_mse(residual, self._reconstruct(weights, aux_values, aux_local), variance)
         return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
 
-    def encode_among(self, x: Tensor, latents: Tensor, k: int, b_dec: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def encode_among(self, x: Tensor, latents: Tensor, k: int, b_dec: Tensor | None = None,
+                     weights: ComputeWeights | None = None) -> tuple[Tensor, Tensor]:
         """The top min(k, len(latents)) of each row of `x` (N, d_in) among this rank's `latents` (n,)
         int64 only: (values (N, k') after ReLU, indices (N, k') int64 into this rank's latents). The
         pre-activations of the other latents are never computed: the cost is len(latents) / n_local
-        of `encode`'s. `b_dec`: the pre-bias as the encoder subtracts it (default `self.b_dec`)."""
+        of `encode`'s. `b_dec`: the pre-bias as the encoder subtracts it (default `self.b_dec`); `weights`:
+        the forward's (default: the parameters as stored)."""
         if latents.numel() == 0 or k == 0:
             return x.new_zeros(len(x), 0), latents.new_zeros(len(x), 0)
         values, local = kernels.topk_encode(
-            x, self.encoder.weight.index_select(0, latents), self.encoder.bias.index_select(0, latents),
+            x, (weights.W_enc if weights else self.encoder.weight).index_select(0, latents),
+            (weights.b_enc if weights else self.encoder.bias).index_select(0, latents),
             min(k, latents.numel()), b_dec=self.b_dec if b_dec is None else b_dec,
         )
         return values, latents[local]

@@ -35,7 +35,8 @@ from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSou
                           check_context_length, get_module, load_model_and_tokenizer)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
-from .distributed import DistInfo, gather_objects, init_distributed, resolve_device, shutdown, wait_for_main_rank
+from .distributed import (DistInfo, gather_objects, init_distributed, resolve_device, resolve_precision, shutdown,
+                          wait_for_main_rank)
 from .errors import RunExistsError, UsageError
 from .files import atomic_write
 from .initialization import initialize_from_batch
@@ -54,7 +55,7 @@ EvaluatorFactory = Callable[[TrainConfig, Any, Any], Callable[[SparseAutoencoder
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {
     "max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device",
-    "eval_every", "eval_tokens", "eval_split", "collective_timeout_s",
+    "eval_every", "eval_tokens", "eval_split", "collective_timeout_s", "precision",
 }
 
 
@@ -168,6 +169,8 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
         raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
+    if device.type == "cuda" and resolve_precision(cfg.precision, device) == torch.bfloat16:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 matmuls left (evals) may use TF32 too
     latest = checkpoint.list_checkpoints(cfg.run_dir)
     prepare_run_folder(cfg, latest, info)
 

@@ -1,0 +1,74 @@
+"""Mixed precision (TrainConfig.precision): bf16 matmuls and kernel inputs over float32 parameters,
+gradients, optimiser state and losses, checked against float64 on CPU (bf16 runs there too)."""
+
+import torch
+
+from sae.config import SaeConfig
+from sae.distributed import resolve_precision
+from sae.model import SparseAutoencoder
+from sae.trainer import train
+from test_trainer import read_log, tiny_config
+
+
+def planted_batch(n: int, k: int, n_dead: int, rows: int, seed: int):
+    """An orthonormal decoder and inputs that are k of its live rows with coefficients in [1, 4] plus
+    noise: the top k is clear by a margin far above bf16's rounding, so both precisions select the same
+    latents and their gradients may be compared."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    chosen = torch.stack([torch.randperm(n - n_dead, generator=generator)[:k] for _ in range(rows)])
+    coefficients = 1 + 3 * torch.rand(rows, k, generator=generator, dtype=torch.float64)
+    x = (coefficients[:, :, None] * basis[chosen]).sum(1) + 0.3 * torch.randn(rows, n, generator=generator, dtype=torch.float64)
+    bias = 0.05 * torch.randn(n, generator=generator, dtype=torch.float64)
+    return basis, bias, x
+
+
+def forward_backward(basis, bias, x, dead, cfg, dtype, compute_dtype):
+    sae = SparseAutoencoder(cfg, dtype=dtype, compute_dtype=compute_dtype)
+    with torch.no_grad():
+        sae.W_dec.copy_(basis)
+        sae.encoder.weight.copy_(0.9 * basis)
+        sae.encoder.bias.copy_(bias)
+    out = sae(x.to(dtype), dead)
+    out.loss.backward()
+    return sae, out
+
+
+def test_bf16_losses_and_gradients_match_a_float64_reference():
+    n, k, n_dead = 128, 8, 16
+    cfg = SaeConfig(d_in=n, n_latents=n, k=k, k_aux=n_dead)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[-n_dead:] = True
+    basis, bias, x = planted_batch(n, k, n_dead, 256, seed=1)
+    ref_sae, ref = forward_backward(basis, bias, x, dead, cfg, torch.float64, None)
+    sae, out = forward_backward(basis, bias, x, dead, cfg, torch.float32, torch.bfloat16)
+    assert torch.equal(out.latent_indices.sort(1).values, ref.latent_indices.sort(1).values)
+    # Parameters, gradients and every loss stay float32; only the matmuls and kernel inputs are bf16.
+    assert {p.dtype for p in sae.parameters()} == {p.grad.dtype for p in sae.parameters()} == {torch.float32}
+    assert out.fvu.dtype == out.auxk_loss.dtype == out.loss.dtype == out.x_hat.dtype == torch.float32
+    assert abs(out.fvu.item() - ref.fvu.item()) < 1e-2 * ref.fvu.item()
+    assert abs(out.auxk_loss.item() - ref.auxk_loss.item()) < 1e-2 * ref.auxk_loss.item()
+    for (name, param), ref_param in zip(sae.named_parameters(), ref_sae.parameters()):
+        error = (param.grad.double() - ref_param.grad).norm() / ref_param.grad.norm()
+        assert error < 3e-2, (name, error.item())  # bf16 has 8 bits of mantissa: ~0.4% per rounding
+    # and a float32 forward (compute_dtype None) is float32 throughout, within float32 rounding
+    sae32, out32 = forward_backward(basis, bias, x, dead, cfg, torch.float32, None)
+    for param, ref_param in zip(sae32.parameters(), ref_sae.parameters()):
+        assert (param.grad.double() - ref_param.grad).norm() < 1e-5 * ref_param.grad.norm()
+
+
+def test_auto_precision_is_fp32_on_cpu_and_the_names_are_honoured():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == resolve_precision("fp32", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+def test_a_bf16_run_trains_about_as_well_as_fp32_and_saves_float32(tiny_lm_dir, text_file, tmp_path):
+    final = {}
+    for precision in ("fp32", "bf16"):
+        sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, precision=precision, run_name=precision,
+                                    max_tokens=128 * 60))
+        final[precision] = read_log(sae_dir)[-1]["fvu"]
+        assert SparseAutoencoder.load(sae_dir).dtype == torch.float32
+    assert final["bf16"] < 0.6  # it trains (the first step is ~1)
+    assert abs(final["bf16"] - final["fp32"]) < 0.05 * final["fp32"], final
