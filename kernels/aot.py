@@ -126,9 +126,9 @@ def record_launches(shape: Shape) -> list[tuple[Any, tuple, dict]]:
     return launches
 
 
-def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int, cuobjdump: str) -> tuple[str, Build]:
-    """Compile one recorded launch for sm_`capability` the way `JITFunction.run` would on that GPU."""
-    import triton
+def specialise(kernel: Any, args: tuple, kwargs: dict, capability: int) -> tuple[str, tuple]:
+    """What `JITFunction.run` would compile for one recorded launch on sm_`capability`: its signature as
+    text (see `Build.signature`) and the (source, target, options) to hand to `triton.compile`."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -141,14 +141,22 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int, cuob
     names = list(signature)
     constants = {names[path[0]]: value for path, value in constexprs.items()}
     aligned = {names[path[0]] for path, attr in attrs.items() if attr}
-    build = Build(kernel.__name__, f"sm_{capability}", "", ", ".join(
+    text = ", ".join(
         f"{name}={constants[name]}" if name in constants else f"{name}: {kind}{' %16' if name in aligned else ''}"
-        for name, kind in signature.items()))
+        for name, kind in signature.items())
+    return text, (ASTSource(kernel, signature, constexprs, attrs), target, options)
+
+
+def compile_build(build: Build, compile_inputs: tuple, cuobjdump: str) -> None:
+    """Compile one specialisation and fill `build`'s resources from the cubin (or its error)."""
+    import triton
+
+    source, target, options = compile_inputs
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+        compiled = triton.compile(source, target=target, options=options.__dict__)
     except Exception as error:  # noqa: BLE001 -- a compile error is a result of this check
         build.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        return compiled_key(build), build
+        return
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -156,33 +164,30 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, capability: int, cuob
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if found is None:
         build.error = f"no resource usage in cuobjdump's output: {usage.strip()[:200]}"
-        return compiled_key(build), build
+        return
     registers, stack, static_shared, local = map(int, found.groups())
     build.registers, build.spill_bytes = registers, local + stack
     build.shared_bytes = max(static_shared, int(compiled.metadata.shared))
-    return compiled_key(build), build
-
-
-def compiled_key(build: Build) -> str:
-    return f"{build.kernel} {build.target} {build.signature}"
 
 
 def build_all(shapes=SHAPES, capabilities=TARGETS) -> tuple[list[Build], set[str]]:
-    """Every distinct (kernel, target, signature) build over `shapes`, and the kernels launched."""
+    """Every distinct (kernel, target, signature) build over `shapes`, each compiled once, and the kernels
+    launched."""
     import triton
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    builds: dict[str, Build] = {}
+    builds: dict[tuple[str, int, str], Build] = {}
     launched: set[str] = set()
     for shape in shapes:
         label = f"d{shape.d_in} n{shape.n_latents} k{shape.k} {str(shape.dtype).removeprefix('torch.')}"
         for kernel, args, kwargs in record_launches(shape):
             launched.add(kernel.__name__)
             for capability in capabilities:
-                key, build = compile_launch(kernel, args, kwargs, capability, cuobjdump)
+                signature, compile_inputs = specialise(kernel, args, kwargs, capability)
+                key = (kernel.__name__, capability, signature)
                 if key not in builds:
-                    build.shape = label
-                    builds[key] = build
+                    builds[key] = Build(kernel.__name__, f"sm_{capability}", label, signature)
+                    compile_build(builds[key], compile_inputs, cuobjdump)
     return list(builds.values()), launched
 
 

@@ -71,9 +71,10 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
     """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
     would, and every rank's latents are the slice of that init)."""
     members = []
+    compute_dtype = resolve_precision(cfg.precision, device)
     for name, hookpoint, sae_cfg, lr in member_specs(cfg, d_in_of):
         torch.manual_seed(cfg.seed)
-        sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=resolve_precision(cfg.precision, device))
+        sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=compute_dtype)
         base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
         out_dir = cfg.run_dir / (name or hookpoint)

@@ -3,13 +3,15 @@
     parameters   n_local (2 d_in + 1) + d_in floats per SAE (this rank's latents: n_latents / shard_latents)
     gradients    as many
     optimizer    two more (Adam: exp_avg, exp_avg_sq; schedule-free Adam: z, exp_avg_sq)
-    step         the pre-activation chunk (kernels/select.py bounds it for any batch) plus the sparse
-                 codes and a few (N, d_in) float32 tensors of one step (x, x_hat, residuals, gradients)
+    step         the pre-activation chunk (kernels/select.py bounds it for any batch) in the compute
+                 dtype, the weights cast to it (bf16 mixed precision), the sparse codes and a few
+                 (N, d_in) float32 tensors of one step (x, x_hat, residuals, gradients)
     shuffle      the shuffle block of every hookpoint's activations, and its shuffled copy
     LM           the loaded model's parameters (its forward's own activations are not counted)
 
-All float32 (the SAE trains in float32). `check_fits` refuses a run whose estimate exceeds what the
-device has free, with the breakdown, before anything of the SAE exists.
+Parameters, gradients, optimiser state and activations are float32 whatever the precision.
+`check_fits` refuses a run whose estimate exceeds what the device has free, with the breakdown, before
+anything of the SAE exists.
 """
 
 from __future__ import annotations
@@ -59,19 +61,23 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
-def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, shuffle_rows: int, lm_bytes: int,
-                    device: torch.device) -> MemoryEstimate:
+def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, hookpoint_widths: list[int], shuffle_rows: int,
+                    lm_bytes: int, device: torch.device, compute_dtype: torch.dtype = torch.float32) -> MemoryEstimate:
     """The estimate for SAEs given as (config with d_in set, latents on this rank), each fed `batch_rows`
-    rows per step, with `shuffle_rows` rows per hookpoint in the shuffle block. SAEs of a run step one
-    after the other, so the step term is the largest SAE's, not their sum."""
+    rows per step and computing in `compute_dtype`, with `shuffle_rows` rows in the shuffle block of each
+    hookpoint (their d_in: `hookpoint_widths`, one per hookpoint; SAEs of one hookpoint share its block).
+    SAEs of a run step one after the other, so the step term is the largest SAE's, not their sum."""
     parameters = sum(n_local * (2 * cfg.d_in + 1) + cfg.d_in for cfg, n_local in saes) * FLOAT_BYTES
+    compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     step = 0
     for cfg, n_local in saes:
-        pre_activations = chunk_rows(batch_rows, n_local, device, FLOAT_BYTES) * n_local * FLOAT_BYTES
+        pre_activations = chunk_rows(batch_rows, n_local, device, compute_bytes) * n_local * compute_bytes
+        # ComputeWeights (sae/model.py): a cast copy of W_enc, b_enc and W_dec unless already that dtype
+        weight_copies = n_local * (2 * cfg.d_in + 1) * compute_bytes if compute_bytes != FLOAT_BYTES else 0
         selected = 1 + 4 * cfg.multi_topk
         codes = batch_rows * (selected * cfg.k + cfg.k_aux) * (FLOAT_BYTES + 8) * 3  # values, int64 ids, grads
-        step = max(step, pre_activations + codes + STEP_ROW_TENSORS * batch_rows * cfg.d_in * FLOAT_BYTES)
-    hookpoint_widths = {cfg.d_in for cfg, _ in saes}  # one block per hookpoint; SAEs of one hookpoint share it
+        rows = STEP_ROW_TENSORS * batch_rows * cfg.d_in * FLOAT_BYTES
+        step = max(step, pre_activations + weight_copies + codes + rows)
     shuffle = 2 * shuffle_rows * sum(hookpoint_widths) * FLOAT_BYTES
     return MemoryEstimate(parameters, parameters, 2 * parameters, step, shuffle, lm_bytes)
 

@@ -169,7 +169,8 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
         raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
-    if device.type == "cuda" and resolve_precision(cfg.precision, device) == torch.bfloat16:
+    compute_dtype = resolve_precision(cfg.precision, device)
+    if device.type == "cuda" and compute_dtype == torch.bfloat16:
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 matmuls left (evals) may use TF32 too
     latest = checkpoint.list_checkpoints(cfg.run_dir)
     prepare_run_folder(cfg, latest, info)
@@ -177,7 +178,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
                               rank=layout.replica)
-    report_memory(cfg, d_in_of, layout, device, model, stream, info)  # refuses here, before the SAEs exist
+    report_memory(cfg, d_in_of, layout, device, compute_dtype, model, stream, info)  # refuses before the SAEs exist
     members = build_members(cfg, d_in_of, layout, device)  # same seed: the same init on every rank
     if latest:
         start_step, tokens_seen, wandb_id = resume(cfg, info, members, stream, latest[-1])
@@ -234,8 +235,8 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     return members[0].out_dir
 
 
-def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device, model,
-                  stream: ActivationStream, info: DistInfo) -> None:
+def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device,
+                  compute_dtype: torch.dtype, model, stream: ActivationStream, info: DistInfo) -> None:
     """Print the run's estimated peak memory per device (rank 0), and refuse (every rank) if it cannot fit."""
     saes = []
     for _, _, sae_cfg, _ in member_specs(cfg, d_in_of):
@@ -243,7 +244,8 @@ def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
         saes.append((sae_cfg, stop - start))
     lm_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
     shuffle_rows = stream.batches_per_block * stream.batch_size
-    estimate = estimate_memory(saes, cfg.batch_size // layout.replicas, shuffle_rows, lm_bytes, device)
+    estimate = estimate_memory(saes, cfg.batch_size // layout.replicas, [d_in_of[h] for h in stream.hookpoints],
+                               shuffle_rows, lm_bytes, device, compute_dtype)
     line = check_fits(estimate, device, free_bytes(device))
     if info.is_main:
         print(line)

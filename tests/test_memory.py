@@ -24,7 +24,7 @@ def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer):
     opt = make_optimizer(TrainConfig(optimizer=optimizer), sae.parameters(), 1e-3)
     out = sae(torch.randn(32, 24), torch.ones(96, dtype=torch.bool))
     optimizer_update(sae, opt, out.loss, 1e-3, 1.0)
-    estimate = estimate_memory([(sae_cfg, 96)], 32, 64, 0, torch.device("cpu"))
+    estimate = estimate_memory([(sae_cfg, 96)], 32, [24], 64, 0, torch.device("cpu"))
     assert estimate.parameters == tensor_bytes(sae.parameters())
     assert estimate.gradients == tensor_bytes(p.grad for p in sae.parameters())
     state = [value for p in sae.parameters() for value in opt.state[p].values() if torch.is_tensor(value) and value.dim() > 0]
@@ -33,11 +33,26 @@ def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer):
 
 def test_latent_sharding_divides_the_sae_terms_and_the_step_is_the_largest_saes():
     small, wide = SaeConfig(d_in=64, n_latents=1024, k=8), SaeConfig(d_in=64, n_latents=8192, k=8)
-    whole = estimate_memory([(wide, 8192)], 4096, 0, 0, torch.device("cpu"))
-    half = estimate_memory([(wide, 4096)], 4096, 0, 0, torch.device("cpu"))
+    whole = estimate_memory([(wide, 8192)], 4096, [64], 0, 0, torch.device("cpu"))
+    half = estimate_memory([(wide, 4096)], 4096, [64], 0, 0, torch.device("cpu"))
     assert half.parameters < whole.parameters / 2 + 64 * 4 and half.optimizer == 2 * half.parameters
-    both = estimate_memory([(small, 1024), (wide, 8192)], 4096, 0, 0, torch.device("cpu"))
+    both = estimate_memory([(small, 1024), (wide, 8192)], 4096, [64], 0, 0, torch.device("cpu"))
     assert both.step == whole.step and both.parameters > whole.parameters
+
+
+def test_each_hookpoint_has_its_own_shuffle_block_even_at_equal_widths():
+    sae = SaeConfig(d_in=128, n_latents=1024, k=8)
+    one = estimate_memory([(sae, 1024)], 4096, [128], 65536, 0, torch.device("cpu"))
+    two = estimate_memory([(sae, 1024), (sae, 1024)], 4096, [128, 128], 65536, 0, torch.device("cpu"))
+    assert one.shuffle == 2 * 65536 * 128 * 4 and two.shuffle == 2 * one.shuffle
+
+
+def test_bf16_counts_its_pre_activations_in_bf16_and_the_cast_weights():
+    sae = SaeConfig(d_in=64, n_latents=1024, k=8)
+    fp32 = estimate_memory([(sae, 1024)], 512, [64], 0, 0, torch.device("cuda"))
+    bf16 = estimate_memory([(sae, 1024)], 512, [64], 0, 0, torch.device("cuda"), torch.bfloat16)
+    assert fp32.step - bf16.step == 512 * 1024 * 2 - 1024 * (2 * 64 + 1) * 2
+    assert bf16.parameters == fp32.parameters and bf16.optimizer == fp32.optimizer  # float32 either way
 
 
 def test_a_run_that_cannot_fit_is_refused_with_the_breakdown():
