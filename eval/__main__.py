@@ -24,7 +24,7 @@ from sae.errors import UsageError, run_cli
 
 from .data import held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
-from .report import comparison_table, log_to_wandb, write_report
+from .report import INTERPRETABILITY_KEYS, comparison_table, interpretability_table, log_to_wandb, write_report
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,39 @@ class EvalConfig:
     cache_dir: str = ".cache/explain"
     """Server replies are cached here, so a rerun costs nothing."""
 
+    ablation: int = 0
+    """Ablation sparsity (Gao et al. §4.5) of this many random live latents: how many logits a latent's
+    ablation moves (eval/ablation.py)."""
+
+    ablation_per_latent: int = 4
+    """Firing positions ablated per latent (its value is their mean)."""
+
+    ablation_horizon: int = 16
+    """Logit positions counted after each ablated one, itself included (Gao et al.'s T = 16)."""
+
+    probe: bool = False
+    """Probe loss (Gao et al. §4.2): the best 1-D logistic probe over latents for binary tasks labelled
+    from the text itself, against the label prior and the same probe on the hookpoint's neurons (eval/probe.py)."""
+
+    probe_tasks: str = ""
+    """A jsonl of extra probe tasks, one {"task", "text", "labels": per-token 0/1} per line."""
+
+    n2g: int = 0
+    """N2G explanations (Foote et al. 2023; Gao et al. §4.4) of this many random live latents, scored by
+    the precision and recall of their predicted firing on held-out excerpts (eval/explain/n2g.py)."""
+
     seed: int = 0
     """Seeds the choice of latents and neurons and the random excerpts."""
 
     def __post_init__(self):
-        if self.explain < 0:
-            raise ValueError(f"EvalConfig.explain must be >= 0, got {self.explain}")
+        for name in ("explain", "ablation", "n2g"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.probe_tasks and not self.probe:
+            raise ValueError("EvalConfig.probe_tasks names extra probe tasks: add --probe to run the probes")
+        for name in ("ablation_per_latent", "ablation_horizon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("tokens", "batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
@@ -169,6 +196,9 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
         jobs.append({
             "dir": sae_dir, "metadata": metadata, "data": data,
             "model": resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model")),
+            # a random-init LM (train.py --model_init random) is rebuilt from its seed: another LM than its twin
+            "model_init": (metadata.get("model_init") or "pretrained", int(metadata.get("model_init_seed") or 0)),
+            "model_init_versions": metadata.get("model_init_versions"),
             "hookpoint": _require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
             # a dataset other than training's is held out as a whole: its train split unless told
             "split": cfg.split or ("train" if other_dataset else ""),
@@ -177,9 +207,12 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
 
     explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
     reports: dict[Path, dict] = {}
-    for model_name in dict.fromkeys(job["model"] for job in jobs):
-        model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device)
-        model_jobs = [job for job in jobs if job["model"] == model_name]
+    for model_key in dict.fromkeys((job["model"], job["model_init"]) for job in jobs):
+        model_name, (init, init_seed) = model_key
+        model_jobs = [job for job in jobs if (job["model"], job["model_init"]) == model_key]
+        for note in _model_init_notes(model_jobs):
+            print(note)
+        model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device, init, init_seed)
         for data_key in dict.fromkeys((job["data"], job["split"]) for job in model_jobs):
             data_jobs = [job for job in model_jobs if (job["data"], job["split"]) == data_key]
             read_by_training = [job["text_read"] for job in data_jobs]
@@ -190,15 +223,53 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
                 saes = {str(job["dir"]): SparseAutoencoder.load(job["dir"], device=device) for job in hook_jobs}
                 results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True)
                 for job in hook_jobs:
-                    reports[job["dir"]] = {
-                        "sae": str(job["dir"]), "model": model_name, "hookpoint": hookpoint, "data": source,
-                        **results[str(job["dir"])],
+                    sae = saes[str(job["dir"])]
+                    report = reports[job["dir"]] = {
+                        "sae": str(job["dir"]), "model": model_name, "model_init": _model_init_text(init, init_seed),
+                        "hookpoint": hookpoint, "data": source, **results[str(job["dir"])],
                     }
                     if cfg.explain:
-                        reports[job["dir"]]["explain"] = _explain(cfg, explain_tools, saes[str(job["dir"])], model, tokenizer,
-                                                                  hookpoint, windows, job["dir"])
+                        report["explain"] = _explain(cfg, explain_tools, sae, model, tokenizer, hookpoint, windows, job["dir"])
+                    report.update(_gao_metrics(cfg, sae, model, tokenizer, hookpoint, windows))
         del model
     return [reports[job["dir"]] for job in jobs]
+
+
+def _model_init_text(init: str, seed: int) -> str:
+    return "pretrained" if init == "pretrained" else f"random (seed {seed})"
+
+
+def _model_init_notes(jobs: list[dict]) -> list[str]:
+    """A note per SAE trained on a random-init LM drawn by other torch/transformers versions than these:
+    their init code may draw other weights from the same seed, so the rebuilt LM may not be training's."""
+    import torch
+    import transformers
+
+    here = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return [f"note: {job['dir']} was trained on a random-init LM drawn with {job['model_init_versions']}; this is "
+            f"{here}, whose init may draw other weights from the same seed"
+            for job in jobs if job["model_init_versions"] not in (None, here)]
+
+
+def _gao_metrics(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows) -> dict:
+    """The report sections of Gao et al.'s other metrics that the options ask for."""
+    sections = {}
+    if cfg.ablation:
+        from .ablation import ablation_section
+
+        sections["ablation_sparsity"] = ablation_section(
+            model, hookpoint, sae, windows, cfg.ablation, cfg.ablation_per_latent, cfg.ablation_horizon, cfg.seed, cfg.batch)
+    if cfg.probe:
+        from .probe import probe_section
+
+        sections["probe"] = probe_section(model, tokenizer, sae, hookpoint, windows, batch_windows=cfg.batch,
+                                          tasks_file=cfg.probe_tasks or None)
+    if cfg.n2g:
+        from .explain.n2g import n2g_section
+
+        sections["n2g"] = n2g_section(model, tokenizer, sae, hookpoint, windows, cfg.n2g, seed=cfg.seed,
+                                      batch_windows=cfg.batch)
+    return sections
 
 
 def _explain_tools(cfg: EvalConfig, device) -> tuple:
@@ -243,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     reports = run_eval(cfg, sae_dirs)
     print(comparison_table(reports))
+    if any(key in report for report in reports for key in INTERPRETABILITY_KEYS):
+        print(interpretability_table(reports))
     print(f"evaluated {len(reports)} SAE(s) on {reports[0]['tokens']:,} tokens in {time.perf_counter() - started:.1f} s")
     if cfg.out:
         print(f"report written to {write_report(cfg.out, reports)}")

@@ -30,11 +30,42 @@ def comparison_table(reports: Sequence[dict]) -> str:
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
     baselines = {}
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
-        key = (r["model"], r["hookpoint"], json.dumps(r["data"], sort_keys=True))
-        baselines[key] = f"{r['model']} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
+        init = r.get("model_init", "pretrained")
+        key = (r["model"], init, r["hookpoint"], json.dumps(r["data"], sort_keys=True))
+        model = r["model"] if init == "pretrained" else f"{r['model']} ({init} init)"
+        baselines[key] = f"{model} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
                          f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
                          f"({r['data']['dataset']}, {r['data']['held_out']})"
     return "\n".join([*lines, "", *baselines.values()])
+
+
+INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "n2g")
+"""Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--n2g`)."""
+
+
+def _interpretability_cells(report: dict) -> dict[str, str]:
+    cells = {"sae": report["sae"], "lm": report.get("model_init", "pretrained")}
+    if explain := report.get("explain"):
+        cells["explain"] = f"{explain['mean_score_top_and_random']:.3f}"
+    if ablation := report.get("ablation_sparsity"):
+        cells["ablation"] = f"{ablation['mean']:.4g}"
+    if probe := report.get("probe"):
+        cells["probe (prior / neurons)"] = (f"{probe['mean_loss']:.4f} ({probe['baseline_loss']:.4f} / "
+                                            f"{probe['neuron_mean_loss']:.4f})")
+    if n2g := report.get("n2g"):
+        cells["n2g P / R (shuffled)"] = (f"{n2g['precision']:.3f} / {n2g['recall']:.3f} "
+                                         f"({n2g['precision_shuffled']:.3f} / {n2g['recall_shuffled']:.3f})")
+    return cells
+
+
+def interpretability_table(reports: Sequence[dict]) -> str:
+    """One row per SAE: the LM it reads (pretrained or random init), the explain score (top-and-random,
+    primary simulator), mean ablation sparsity, probe loss and N2G precision / recall; "–" where not run."""
+    rows = [_interpretability_cells(report) for report in reports]
+    header = list(dict.fromkeys(key for row in rows for key in row))
+    table = [header, *([row.get(key, "–") for key in header] for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in table)
 
 
 def write_report(path: str | Path, reports: Sequence[dict]) -> Path:

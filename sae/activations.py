@@ -25,12 +25,26 @@ from .errors import UsageError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """A causal LM and its tokenizer via transformers' `from_pretrained` (hub name or local folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu",
+                             init: str = "pretrained", init_seed: int = 0):
+    """A causal LM and its tokenizer via transformers' `from_pretrained` (hub name or local folder).
+
+    init "random": the same architecture and tokenizer with freshly initialised weights (transformers'
+    own init, drawn in float32 on the CPU from `init_seed`, so the same seed rebuilds the same LM), the
+    random-model baseline of Heap et al. 2025 ("Sparse autoencoders can interpret randomly initialized
+    transformers")."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+    if init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+    elif init == "random":
+        config = AutoConfig.from_pretrained(name_or_path)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(_DTYPES[dtype])
+    else:
+        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 

@@ -143,6 +143,15 @@ class TrainConfig:
     hookpoint: str = "transformer.h.2"
     """Module whose output is the residual stream to encode (GPT-2: `transformer.h.8`)."""
 
+    model_init: Literal["pretrained", "random"] = "pretrained"
+    """"random": train on the same architecture and tokenizer with freshly initialised weights (seeded by
+    `model_init_seed`), the random-model baseline of Heap et al. 2025; `python -m eval` rebuilds the
+    same LM from the SAE's cfg.json, so its scores sit beside the trained LM's SAE (README)."""
+
+    model_init_seed: int = 0
+    """Seeds the weights of a `model_init: random` LM (independent of `seed`, so SAE seeds can vary
+    on one random LM)."""
+
     sae: SaeConfig = field(default_factory=lambda: SaeConfig(n_latents=2048, k=16, k_aux=256, dead_tokens=20_000))
     """The SAE. The default suits the embedded model (Gao et al. use dead_tokens=10M on larger runs)."""
 
@@ -304,7 +313,26 @@ class TrainConfig:
         return {
             "model": self.model, "hookpoint": hookpoint, "ctx_len": self.data.ctx_len, "dataset": self.data.dataset,
             "dataset_config": self.data.dataset_config, "split": self.data.split, "text_column": self.data.text_column,
+            **self.model_init_record(),
         }
+
+    def model_init_record(self) -> dict[str, Any]:
+        """cfg.json's record of a random-init LM (nothing for a pretrained one): how to rebuild it, and the
+        versions whose init code drew it (another torch or transformers may draw other weights)."""
+        if self.model_init == "pretrained":
+            return {}
+        import torch
+        import transformers
+
+        return {"model_init": "random", "model_init_seed": self.model_init_seed,
+                "model_init_versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+    @property
+    def model_identity(self) -> str:
+        """The LM as an activation cache's manifest names it: a random-init LM is not its pretrained twin."""
+        if self.model_init == "pretrained":
+            return self.model
+        return f"{self.model} (random init, seed {self.model_init_seed})"
 
 
 class ConfigError(UserError, ValueError):

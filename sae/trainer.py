@@ -282,10 +282,10 @@ def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
         source = open_cache_source(cfg, hookpoints, layout)
         d_in_of = {hookpoint: source.cache.d_in_of[hookpoint] for hookpoint in hookpoints}
         if cfg.eval_every > 0:
-            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
             check_context_length(model, cfg.data.ctx_len)
     else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
         check_context_length(model, cfg.data.ctx_len)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}

@@ -129,3 +129,21 @@ def test_windows_longer_than_the_model_positions_are_a_clear_error():
     check_context_length(model, 16)
     with pytest.raises(ValueError, match=r"data.ctx_len is 17, but .* has only 16 positions; use data.ctx_len <= 16"):
         check_context_length(model, 17)
+
+
+def test_random_init_rebuilds_the_same_lm_from_its_seed(tiny_lm_dir):
+    pretrained, _ = load_model_and_tokenizer(str(tiny_lm_dir))
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first, tokenizer = load_model_and_tokenizer(str(tiny_lm_dir), init="random", init_seed=3)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    again, _ = load_model_and_tokenizer(str(tiny_lm_dir), init="random", init_seed=3)
+    other, _ = load_model_and_tokenizer(str(tiny_lm_dir), init="random", init_seed=4)
+    state, pretrained_state = first.state_dict(), pretrained.state_dict()
+    assert state.keys() == pretrained_state.keys() and tokenizer.vocab_size == pretrained.config.vocab_size
+    assert all(torch.equal(state[name], tensor) for name, tensor in again.state_dict().items())
+    assert not torch.equal(state["transformer.h.0.attn.c_attn.weight"], other.state_dict()["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(state["transformer.wte.weight"], pretrained_state["transformer.wte.weight"])
+    with pytest.raises(ValueError, match="'pretrained' or 'random'"):
+        load_model_and_tokenizer(str(tiny_lm_dir), init="scrambled")

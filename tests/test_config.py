@@ -83,3 +83,14 @@ def test_fewer_tokens_than_one_batch_is_refused():
     with pytest.raises(ConfigError, match=r"max_tokens \(1,000\) is less than one batch \(batch_size 4,096\)"):
         parse_args(["--max_tokens", "1000"])
     assert parse_args(["--max_tokens", "4096"]).max_tokens == 4096
+
+
+def test_a_random_init_lm_is_recorded_and_named_apart_from_its_pretrained_twin():
+    pretrained, random_lm = TrainConfig(), TrainConfig(model_init="random", model_init_seed=5)
+    assert "model_init" not in pretrained.provenance("transformer.h.2")
+    record = random_lm.provenance("transformer.h.2")
+    assert record["model_init"] == "random" and record["model_init_seed"] == 5 and record["model"] == pretrained.model
+    assert pretrained.model_identity == pretrained.model  # activation caches of pretrained LMs keep their identity
+    assert random_lm.model_identity != pretrained.model_identity != TrainConfig(model_init="random").model_identity
+    with pytest.raises(ConfigError, match="model_init"):
+        parse_args(["--model_init", "shuffled"], TrainConfig)

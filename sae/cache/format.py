@@ -82,7 +82,7 @@ def cache_identity(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str] |
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, not {storage_dtype!r}")
     return {
-        "model": cfg.model,
+        "model": cfg.model_identity,
         "hookpoints": check_hookpoint_list(run_hookpoints(cfg) if hookpoints is None else hookpoints),
         "model_dtype": cfg.model_dtype,
         "storage_dtype": storage_dtype,

@@ -122,3 +122,43 @@ def test_embedded_model_path_from_another_checkout_maps_to_this_one(tmp_path):
     assert resolve_model_path("/elsewhere/repo/sae/embedded/gpt2-tiny") == str(EMBEDDED_MODEL_DIR)
     assert resolve_model_path("gpt2") == "gpt2"
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_random_model_baseline_is_trained_and_evaluated_on_the_same_random_lm(tiny_lm_dir, text_file, tmp_path, capsys,
+                                                                            monkeypatch):
+    """train.py --model_init random trains on the LM rebuilt from its seed and records how to rebuild it;
+    the eval rebuilds that LM (not the pretrained one), scores both SAEs side by side and says which LM
+    each row reads. (That one seed always rebuilds the same weights: tests/test_activations.py.)"""
+    import sae.trainer
+    import eval.__main__ as eval_main
+    from sae.config import DataConfig, SaeConfig, TrainConfig
+
+    loads = []
+
+    def recording(load):
+        def wrapper(name, dtype="float32", device="cpu", init="pretrained", init_seed=0):
+            loads.append((init, init_seed))
+            return load(name, dtype, device, init, init_seed)
+        return wrapper
+
+    monkeypatch.setattr(sae.trainer, "load_model_and_tokenizer", recording(sae.trainer.load_model_and_tokenizer))
+    monkeypatch.setattr(eval_main, "load_model_and_tokenizer", recording(eval_main.load_model_and_tokenizer))
+    common = dict(model=str(tiny_lm_dir), hookpoint="transformer.h.1", sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=2000),
+                  data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512), batch_size=128,
+                  max_tokens=128 * 10, save_every=0, out_dir=str(tmp_path / "runs"))
+    random_dir = sae.trainer.train(TrainConfig(**common, model_init="random", model_init_seed=3, run_name="random"))
+    trained_dir = sae.trainer.train(TrainConfig(**common, run_name="pretrained"))
+    assert loads == [("random", 3), ("pretrained", 0)]
+    metadata = read_sae_metadata(random_dir)
+    assert metadata["model_init"] == "random" and metadata["model_init_seed"] == 3
+    assert set(metadata["model_init_versions"]) == {"torch", "transformers"}
+    assert "model_init" not in read_sae_metadata(trained_dir)
+
+    reports = main([str(random_dir), str(trained_dir), "--split", "train", "--tokens", "512", "--ablation", "3",
+                    "--ablation_horizon", "4"])
+    assert loads[2:] == [("random", 3), ("pretrained", 0)]
+    assert [report["model_init"] for report in reports] == ["random (seed 3)", "pretrained"]
+    assert reports[0]["ce_clean"] != reports[1]["ce_clean"]  # two LMs
+    printed = capsys.readouterr().out
+    assert "(random (seed 3) init) @ transformer.h.1: ce_clean=" in printed
+    assert "lm" in printed and "random (seed 3)" in printed and "ablation" in printed  # the side-by-side table

@@ -1,0 +1,203 @@
+"""Ablation sparsity: how sparse a latent's downstream effect on the logits is (Gao et al. 2024, §4.5).
+
+With the SAE's reconstruction spliced in (positions >= 1, as in the downstream loss), take a position t
+where latent j fires and remove its contribution z_j * W_dec[j] from the reconstruction at t only. The
+logits at positions t .. t + T - 1 change by Δ (T x V numbers; V the vocabulary). A constant shift of a
+position's logits changes nothing after the softmax, so each position's median difference is subtracted.
+The metric of that ablation is
+
+    (‖Δ‖₁ / ‖Δ‖₂)² / (V · T)
+
+the "effective number of vocabulary tokens affected" as a fraction of all V · T: 1/(V·T) when a single
+logit moves, 1 when every logit moves by the same amount. Smaller is sparser. Gao et al. use T = 16.
+
+A latent's value is the mean over its ablations (up to `ablations_per_latent` positions where it fires,
+drawn at random); the report gives the mean over the sampled live latents and their distribution. An
+ablation that changes no logit beyond a constant (Δ = 0 after the median) has no ratio: it is counted
+under `no_effect` and left out of the means.
+
+Batching: one forward carries, for a batch of windows, the spliced run and up to m ablations of each
+window (the i-th variant ablates each window's i-th chosen occurrence), so the layers before the
+hookpoint run once per batch and the layers after it once for all (1 + m) x B rows (eval/splice.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sae.activations import capture_activations, get_module
+from sae.errors import UsageError
+from sae.model import SparseAutoencoder
+
+from .splice import SpliceRunner
+
+ROWS_PER_FORWARD = 64
+"""Sequences per LM forward after the hookpoint (each holds ctx_len x vocab logits)."""
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One ablation: latent `latent` fires at `position` of window `window`."""
+
+    window: int
+    position: int
+    latent: int
+
+
+def effect_sparsity(delta: Tensor) -> float:
+    """(‖Δ‖₁/‖Δ‖₂)² / Δ.numel() of logit differences `delta` (T, V) after subtracting each position's
+    median over the vocabulary; NaN when nothing but constant shifts remains."""
+    centred = delta.double() - delta.double().median(dim=-1, keepdim=True).values
+    l2 = centred.norm()
+    if l2 == 0:
+        return math.nan
+    return float((centred.abs().sum() / l2) ** 2 / centred.numel())
+
+
+@torch.no_grad()
+def choose_occurrences(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, n_latents: int,
+                       per_latent: int, horizon: int, seed: int = 0, batch_windows: int = 16,
+                       latents: list[int] | None = None) -> list[Occurrence]:
+    """Up to `per_latent` random firing positions of each of `n_latents` random live latents (or of
+    `latents`), at positions 1 .. ctx_len - horizon so that `horizon` later logits exist."""
+    module = get_module(model, hookpoint)
+    device = next(model.parameters()).device
+    last = windows.shape[1] - horizon  # the last position whose horizon fits in the window
+    if last < 1:
+        raise UsageError(f"ablation horizon {horizon} needs windows longer than {horizon} tokens, got {windows.shape[1]}")
+    found: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for first in range(0, len(windows), batch_windows):
+        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1 : last + 1]
+        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+        row, slot = torch.nonzero(values > 0, as_tuple=True)
+        for flat, latent in zip(row.tolist(), indices[row, slot].tolist()):
+            found[latent].append((first + flat // hidden.shape[1], 1 + flat % hidden.shape[1]))
+    rng = random.Random(seed)
+    if latents is None:
+        latents = sorted(rng.sample(sorted(found), min(n_latents, len(found))))
+    occurrences = []
+    for latent in latents:
+        places = found.get(latent, [])
+        for window, position in sorted(rng.sample(places, min(per_latent, len(places)))):
+            occurrences.append(Occurrence(window, position, latent))
+    return occurrences
+
+
+class _AblationVariants:
+    """Replacements for one batch: variant 0 the SAE's reconstruction, variant i >= 1 the same with each
+    window's i-th occurrence removed (windows with fewer occurrences get the plain reconstruction)."""
+
+    def __init__(self, sae: SparseAutoencoder, per_window: list[list[Occurrence]], start: int):
+        self.sae = sae
+        self.per_window = per_window
+        self.start = start
+        self.x_hat: Tensor | None = None
+        self.values: Tensor | None = None
+        self.indices: Tensor | None = None
+
+    def reconstruction(self, acts: Tensor) -> Tensor:
+        values, indices = self.sae.encode(acts.flatten(0, 1).to(self.sae.dtype))
+        self.values, self.indices = values.view(*acts.shape[:2], -1), indices.view(*acts.shape[:2], -1)
+        self.x_hat = self.sae.decode(values, indices).view(acts.shape)  # overwritten each call (splice.Replacement)
+        return self.x_hat.to(acts.dtype)
+
+    def ablation(self, variant: int):
+        def replace(acts: Tensor) -> Tensor:
+            ablated = self.x_hat.clone()
+            for window, occurrences in enumerate(self.per_window):
+                if variant < len(occurrences):
+                    occurrence = occurrences[variant]
+                    column = occurrence.position - self.start
+                    slot = self.indices[window, column] == occurrence.latent
+                    value = self.values[window, column][slot].sum()
+                    ablated[window, column] -= value * self.sae.W_dec[occurrence.latent]
+            return ablated.to(acts.dtype)
+
+        return replace
+
+
+def _batches(by_window: dict[int, list[int]]) -> list[list[int]]:
+    """Windows grouped so that each forward's (1 + most occurrences in a window) x windows rows stay
+    within ROWS_PER_FORWARD (a window alone may exceed it)."""
+    batches, batch, depth = [], [], 0
+    for window in sorted(by_window):
+        new_depth = max(depth, len(by_window[window]))
+        if batch and (1 + new_depth) * (len(batch) + 1) > ROWS_PER_FORWARD:
+            batches.append(batch)
+            batch, new_depth = [], len(by_window[window])
+        batch.append(window)
+        depth = new_depth
+    return batches + ([batch] if batch else [])
+
+
+@torch.no_grad()
+def ablation_effects(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor,
+                     occurrences: list[Occurrence], horizon: int = 16) -> tuple[list[float], int]:
+    """effect_sparsity of each occurrence's ablation over the logits at positions t .. t + horizon - 1
+    (in the order given), and the vocabulary size."""
+    runner = SpliceRunner(model, get_module(model, hookpoint), start=1)
+    device = next(model.parameters()).device
+    by_window: dict[int, list[int]] = defaultdict(list)
+    for number, occurrence in enumerate(occurrences):
+        by_window[occurrence.window].append(number)
+    results, vocab = [math.nan] * len(occurrences), 0
+    for batch in _batches(by_window):
+        per_window = [[occurrences[number] for number in by_window[window]] for window in batch]
+        depth = max(map(len, per_window))
+        variants = _AblationVariants(sae, per_window, start=1)
+        replacements = [variants.reconstruction, *(variants.ablation(i) for i in range(depth))]
+        logits = runner.logits(windows[batch].to(device), replacements)  # (1 + depth, B, T, V)
+        vocab = logits.shape[-1]
+        for row, window in enumerate(batch):
+            for variant, number in enumerate(by_window[window]):
+                span = slice(occurrences[number].position, occurrences[number].position + horizon)
+                results[number] = effect_sparsity(logits[1 + variant, row, span] - logits[0, row, span])
+    return results, vocab
+
+
+def ablation_section(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, n_latents: int,
+                     per_latent: int = 4, horizon: int = 16, seed: int = 0, batch_windows: int = 16,
+                     latents: list[int] | None = None) -> dict:
+    """The report's `ablation_sparsity` section: mean, distribution and per-latent values."""
+    sae = sae.eval()
+    occurrences = choose_occurrences(model, hookpoint, sae, windows, n_latents, per_latent, horizon, seed,
+                                     batch_windows, latents)
+    effects, vocab = ablation_effects(model, hookpoint, sae, windows, occurrences, horizon)
+    per_latent_effects: dict[int, list[float]] = defaultdict(list)
+    for occurrence, effect in zip(occurrences, effects):
+        per_latent_effects[occurrence.latent].append(effect)
+    latent_means = {latent: _mean([e for e in values if not math.isnan(e)]) for latent, values in per_latent_effects.items()}
+    measured = sorted(value for value in latent_means.values() if not math.isnan(value))
+    finite_effects = [effect for effect in effects if not math.isnan(effect)]
+    return {
+        "mean": _mean(measured),
+        "median": _quantile(measured, 0.5),
+        "quantiles": {str(q): _quantile(measured, q) for q in (0.1, 0.25, 0.75, 0.9)},
+        "mean_over_ablations": _mean(finite_effects),
+        "latents": len(measured),
+        "ablations": len(finite_effects),
+        "no_effect": len(effects) - len(finite_effects),
+        "horizon": horizon,
+        "vocab": vocab,
+        "per_latent": {str(latent): value for latent, value in sorted(latent_means.items())},
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between the nearest ranks of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    position = q * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
