@@ -43,18 +43,26 @@ INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "n2g")
 """Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--n2g`)."""
 
 
+_INTERPRETABILITY_COLUMNS = ("sae", "lm", "explain", "ablation", "probe (prior / neurons)", "n2g P / R (shuffled)")
+
+
+def _number(value, spec: str) -> str:
+    """`value` formatted, or "–" for a metric that has no value (None, NaN: e.g. no unit to average)."""
+    return "–" if not isinstance(value, (int, float)) or value != value else format(value, spec)
+
+
 def _interpretability_cells(report: dict) -> dict[str, str]:
     cells = {"sae": report["sae"], "lm": report.get("model_init", "pretrained")}
     if explain := report.get("explain"):
-        cells["explain"] = f"{explain['mean_score_top_and_random']:.3f}"
+        cells["explain"] = _number(explain["mean_score_top_and_random"], ".3f")
     if ablation := report.get("ablation_sparsity"):
-        cells["ablation"] = f"{ablation['mean']:.4g}"
+        cells["ablation"] = _number(ablation["mean"], ".4g")
     if probe := report.get("probe"):
-        cells["probe (prior / neurons)"] = (f"{probe['mean_loss']:.4f} ({probe['baseline_loss']:.4f} / "
-                                            f"{probe['neuron_mean_loss']:.4f})")
+        cells["probe (prior / neurons)"] = (f"{_number(probe['mean_loss'], '.4f')} ({_number(probe['baseline_loss'], '.4f')} / "
+                                            f"{_number(probe['neuron_mean_loss'], '.4f')})")
     if n2g := report.get("n2g"):
-        cells["n2g P / R (shuffled)"] = (f"{n2g['precision']:.3f} / {n2g['recall']:.3f} "
-                                         f"({n2g['precision_shuffled']:.3f} / {n2g['recall_shuffled']:.3f})")
+        cells["n2g P / R (shuffled)"] = (f"{_number(n2g['precision'], '.3f')} / {_number(n2g['recall'], '.3f')} "
+                                         f"({_number(n2g['precision_shuffled'], '.3f')} / {_number(n2g['recall_shuffled'], '.3f')})")
     return cells
 
 
@@ -62,7 +70,7 @@ def interpretability_table(reports: Sequence[dict]) -> str:
     """One row per SAE: the LM it reads (pretrained or random init), the explain score (top-and-random,
     primary simulator), mean ablation sparsity, probe loss and N2G precision / recall; "–" where not run."""
     rows = [_interpretability_cells(report) for report in reports]
-    header = list(dict.fromkeys(key for row in rows for key in row))
+    header = [column for column in _INTERPRETABILITY_COLUMNS if any(column in row for row in rows)]
     table = [header, *([row.get(key, "–") for key in header] for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in table)

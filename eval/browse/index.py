@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .inputs import Unit, log_series, read_training_log
+from .metrics import ablation_html, n2g_html, probe_html, scaling_html
 from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
 from .svg import bar_chart, esc, format_number, line_chart
 
@@ -186,14 +187,17 @@ def units_table_html(units: list[Unit], kind: str) -> str:
             "correlation per simulator. Click a header to sort.</p>")
 
 
-def index_html(cfg: dict, units: list[Unit], report: dict | None, report_path: Path | None, log_path: Path) -> str:
-    """The index page: run, headline numbers, plots and the tables of units."""
+def index_html(cfg: dict, units: list[Unit], report: dict | None, report_path: Path | None, log_path: Path,
+               scaling_svg: str | None = None) -> str:
+    """The index page: run, headline numbers, plots, the report's other metrics and the tables of units."""
     title = run_title(cfg) or "SAE"
     contents = " · ".join(f'<a href="#{esc(kind)}s">{esc(plural(kind))}</a>' for kind in kinds_of(units))
     body = [f"<h1>{esc(title)}</h1>",
             f'<p class="subtitle">{len(units)} explained units; jump to {contents}</p>',
             headline_html(cfg, report, report_path),
             density_histogram_html(report) if report is not None else "",
+            *((ablation_html(report), probe_html(report), n2g_html(report)) if report is not None else ()),
+            scaling_html(scaling_svg),
             training_curves_html(log_path),
             score_summary_html(units),
             *(units_table_html(units, kind) for kind in kinds_of(units))]

@@ -59,6 +59,15 @@ def write_site(out_dir: Path, files: dict[str, str], force: bool) -> None:
     atomic_write(out_dir / MARKER_NAME, lambda tmp: Path(tmp).write_text(marker_text, encoding="utf-8"))
 
 
+def read_scaling_svg(sae_dir: Path) -> str | None:
+    """scaling.svg of `python -m eval.scaling` in the run folder above the SAE (runs/RUN/scaling.svg for
+    runs/RUN/HOOKPOINT or runs/RUN/VARIANT/HOOKPOINT), if there is one."""
+    for folder in list(sae_dir.resolve().parents)[:2]:
+        if (folder / "scaling.svg").is_file():
+            return (folder / "scaling.svg").read_text(encoding="utf-8")
+    return None
+
+
 def build_site(sae_dir: str | Path, out_dir: str | Path, report_path: str | Path | None = None,
                force: bool = False) -> Path:
     """Write the browsing site of the SAE in `sae_dir` into `out_dir`; returns the index's path.
@@ -75,6 +84,6 @@ def build_site(sae_dir: str | Path, out_dir: str | Path, report_path: str | Path
     previous_site_files(out_dir, force)  # refuse before the work of rendering
     files = unit_pages(units, cfg)
     files["index.html"] = index_html(cfg, units, report, Path(report_path) if report_path else None,
-                                     sae_dir.resolve().parent / "log.jsonl")
+                                     sae_dir.resolve().parent / "log.jsonl", read_scaling_svg(sae_dir))
     write_site(out_dir, files, force)
     return out_dir / "index.html"

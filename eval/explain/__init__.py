@@ -9,4 +9,5 @@ backends.py    a local transformers causal LM; http.py: an OpenAI-compatible ser
 scoring.py     Pearson correlation of simulated and true activations (top-and-random, random-only)
 pipeline.py    explain and score many units, with the neuron baseline and a shuffled control
 puzzles.py     synthetic latents with known explanations: `python -m eval.explain puzzles`
+n2g.py         N2G token-pattern explanations (Foote et al.), scored by precision and recall (`--n2g N`)
 """

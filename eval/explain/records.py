@@ -34,6 +34,9 @@ class Excerpt:
     activations: list[float]
     """The unit's raw activation at each token."""
 
+    window: int | None = None
+    """Index of the eval window it came from (its tokens are that window's positions 1..), when known."""
+
     @property
     def max_activation(self) -> float:
         return max(self.activations, default=0.0)
@@ -120,7 +123,7 @@ def collect_records(
     random_acts = torch.cat(random_acts)  # (n_random, T-1, U)
 
     def excerpt(window_id: int, activations: Tensor) -> Excerpt:
-        return Excerpt(token_strings(windows[window_id, 1:]), activations.tolist())
+        return Excerpt(token_strings(windows[window_id, 1:]), activations.tolist(), window_id)
 
     records = []
     for column, unit in enumerate(units):

@@ -77,7 +77,15 @@ def write_report(path):
     """A small eval report as `python -m eval --out` writes it (the keys the index shows)."""
     report = {"sae": "elsewhere", "nmse": 0.2, "fvu": 0.25, "l0": 2.0, "dead_frac": 0.125, "ce_clean": 3.0,
               "ce_sae": 3.5, "ce_recovered": 0.9375, "ce_recovered_mean": 0.75, "kl": 0.4,
-              "density_histogram": {"log10_bin_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [1, 5, 2], "never_fired": 4}}
+              "density_histogram": {"log10_bin_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [1, 5, 2], "never_fired": 4},
+              "ablation_sparsity": {"mean": 0.02, "median": 0.015, "latents": 3, "ablations": 9, "horizon": 16,
+                                    "vocab": 300, "per_latent": {"1": 0.01, "5": 0.015, "9": 0.035}},
+              "probe": {"mean_loss": 0.21, "baseline_loss": 0.3, "neuron_mean_loss": 0.25, "skipped": {"in_code_block": "no positives"},
+                        "tasks": {"digit": {"positives": 40, "tokens": 900, "loss": 0.123, "best_latent": 17,
+                                            "baseline_loss": 0.2, "neuron_loss": 0.18, "best_neuron": 3}}},
+              "n2g": {"units": 2, "precision": 0.75, "recall": 0.5, "precision_shuffled": 0.1, "recall_shuffled": 0.05,
+                      "per_unit": [{"unit": 3, "patterns": "«def» * «(»", "precision": 1.0, "recall": 0.625},
+                                   {"unit": 8, "patterns": "no pattern", "precision": 0.5, "recall": 0.375}]}}
     path.write_text(json.dumps(report))
     return path
 
@@ -194,14 +202,31 @@ def test_index_shows_the_report_and_training_curves(site):
     _, out = site
     index = read(out / "index.html")
     titles = [svg.find("title").text for svg in svg_fragments(index)]
-    assert titles == ["Latent density", "Fraction of variance unexplained", "L0 (active latents per token)",
-                      "Dead latent fraction", "CE loss recovered (eval)"]
+    assert titles == ["Latent density", "Ablation sparsity per latent", "Fraction of variance unexplained",
+                      "L0 (active latents per token)", "Dead latent fraction", "CE loss recovered (eval)"]
     assert "0.9375" in index and "CE loss recovered (vs zero ablation)" in index
     assert "never fired on the eval tokens (not in the chart): 4" in index
-    fvu_chart = svg_fragments(index)[1]
+    fvu_chart = svg_fragments(index)[2]
     assert len(fvu_chart.findall("polyline")) == 2  # train fvu and eval/fvu, with a legend
     for svg in svg_fragments(index):  # a title, axes with ticks, tick labels
         assert svg.find("text") is not None and len(svg.findall("line")) >= 4
+
+
+def test_index_shows_ablation_probe_n2g_and_the_runs_scaling_plot(tmp_path):
+    sae_dir = make_sae_dir(tmp_path)
+    scaling = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><title>Scaling fit of fvu</title></svg>'
+    (sae_dir.parent / "scaling.svg").write_text(scaling)
+    index = read(build_site(sae_dir, tmp_path / "site", report_path=write_report(tmp_path / "report.json")))
+    for section in ("ablation", "probe", "n2g", "scaling"):
+        assert f'id="{section}"' in index
+    probe_rows = [element for element in parse_html(index) if element.attributes.get("id") == "probe-table"][0]
+    cells = [cell.text for cell in [child for child in probe_rows.children if child.tag == "tbody"][0].children[0].children]
+    assert cells == ["digit", "40", "900", "0.123", "17", "0.2", "0.18", "3"]
+    assert "in_code_block: no positives" in index
+    assert "«def» * «(»" in index and "0.625" in index
+    assert "Scaling fit of fvu" in index
+    histogram = [svg for svg in svg_fragments(index) if getattr(svg.find("title"), "text", "") == "Ablation sparsity per latent"][0]
+    assert sum(int(rect.find("title").text.rsplit(": ", 1)[1]) for rect in histogram.findall("rect")) == 3
 
 
 def test_without_log_or_report_there_are_no_plots_but_a_note(tmp_path):

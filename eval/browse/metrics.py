@@ -1,0 +1,86 @@
+"""The index page's sections for Gao et al.'s other metrics, from the eval report: ablation sparsity
+(`--ablation`), probe loss (`--probe`), N2G (`--n2g`), and the scaling fit of the run (`python -m
+eval.scaling`). Each section is "" when its input is absent, so a report without them renders as before."""
+
+from __future__ import annotations
+
+import math
+
+from .pages import facts_table, number_cell, text_cell
+from .svg import bar_chart, esc, histogram
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ablation_html(report: dict) -> str:
+    """Mean and quantiles of the per-latent ablation sparsity, and their histogram in log10."""
+    section = report.get("ablation_sparsity")
+    if not isinstance(section, dict):
+        return ""
+    facts = [("latents", section.get("latents")), ("ablations", section.get("ablations")),
+             ("mean", section.get("mean")), ("median", section.get("median")),
+             ("positions per ablation (T)", section.get("horizon")), ("vocabulary (V)", section.get("vocab"))]
+    values = [value for value in (section.get("per_latent") or {}).values() if _finite(value) and value > 0]
+    chart = ""
+    if values:
+        edges, counts = histogram([math.log10(value) for value in values])
+        chart = bar_chart("Ablation sparsity per latent", edges, counts, "log10((L1/L2)^2 / (V T))", "latents")
+    return ('<h2 id="ablation">Ablation sparsity</h2>\n<p class="note">How many logits a latent\'s ablation moves, '
+            "as a fraction of the V·T logits at the ablated position and the T − 1 after it (Gao et al. §4.5); "
+            "smaller is sparser. 1/(V·T) is a single logit.</p>\n"
+            f'{facts_table([(label, value) for label, value in facts if value is not None])}\n{chart}')
+
+
+def probe_html(report: dict) -> str:
+    """Per probe task: the best latent's loss against the prior and the best neuron's."""
+    section = report.get("probe")
+    if not isinstance(section, dict):
+        return ""
+    rows = []
+    for name, task in (section.get("tasks") or {}).items():
+        rows.append("<tr>" + "".join([text_cell(name), number_cell(task.get("positives")), number_cell(task.get("tokens")),
+                                      number_cell(task.get("loss")), number_cell(task.get("best_latent")),
+                                      number_cell(task.get("baseline_loss")), number_cell(task.get("neuron_loss")),
+                                      number_cell(task.get("best_neuron"))]) + "</tr>")
+    skipped = section.get("skipped") or {}
+    note = "".join(f"<li>{esc(name)}: {esc(reason)}</li>" for name, reason in skipped.items())
+    means = facts_table([("mean loss, best latent", section.get("mean_loss")),
+                         ("mean loss, label prior", section.get("baseline_loss")),
+                         ("mean loss, best neuron", section.get("neuron_mean_loss"))])
+    head = "".join(f"<th>{title}</th>" for title in ("task", "positives", "tokens", "loss", "best latent", "prior",
+                                                     "neuron loss", "best neuron"))
+    return ('<h2 id="probe">Probe loss</h2>\n<p class="note">Per task, the binary cross-entropy of the best '
+            "one-latent logistic probe (Gao et al. §4.2), the label prior's entropy, and the same probe on the "
+            "hookpoint's neurons. Lower is better.</p>\n"
+            f'{means}\n<table class="sortable" id="probe-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>\n" + (f'<p class="note">Skipped:</p><ul>{note}</ul>' if note else ""))
+
+
+def n2g_html(report: dict) -> str:
+    """N2G precision and recall per latent, with the shuffled-latent control."""
+    section = report.get("n2g")
+    if not isinstance(section, dict):
+        return ""
+    means = facts_table([("latents", section.get("units")), ("precision", section.get("precision")),
+                         ("recall", section.get("recall")), ("precision, shuffled", section.get("precision_shuffled")),
+                         ("recall, shuffled", section.get("recall_shuffled"))])
+    rows = []
+    for unit in section.get("per_unit") or []:
+        rows.append("<tr>" + "".join([number_cell(unit.get("unit")), text_cell(unit.get("patterns", "")),
+                                      number_cell(unit.get("precision")), number_cell(unit.get("recall"))]) + "</tr>")
+    head = '<th class="num">latent</th><th>patterns</th><th class="num">precision</th><th class="num">recall</th>'
+    return ('<h2 id="n2g">N2G</h2>\n<p class="note">Token patterns found by pruning and wildcarding each top '
+            "excerpt (Foote et al. 2023), scored by the precision and recall of the firing they predict on held-out "
+            "excerpts (Gao et al. §4.4); the shuffled control scores each latent with another's patterns.</p>\n"
+            f'{means}\n<table class="sortable" id="n2g-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def scaling_html(svg: str | None) -> str:
+    """The run's scaling-law plot (scaling.svg next to the SAE folders), when there is one."""
+    if not svg:
+        return ""
+    return ('<h2 id="scaling">Scaling fit</h2>\n<p class="note">From scaling.svg, written by '
+            "<code>python -m eval.scaling</code> over this run's SAEs.</p>\n" + f'<div class="plots">{svg}</div>')
