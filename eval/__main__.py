@@ -136,6 +136,10 @@ class EvalConfig:
     probe_tasks: str = ""
     """A jsonl of extra probe tasks, one {"task", "text", "labels": per-token 0/1} per line."""
 
+    probe_tokens: int = 0
+    """Score the probes on the first this many eval positions (0: all of them); the dense neuron
+    reference costs tokens x d_in per Newton pass, the part to cap on a CPU."""
+
     n2g: int = 0
     """N2G explanations (Foote et al. 2023; Gao et al. §4.4) of this many random live latents, scored by
     the precision and recall of their predicted firing on held-out excerpts (eval/explain/n2g.py)."""
@@ -144,7 +148,7 @@ class EvalConfig:
     """Seeds the choice of latents and neurons and the random excerpts."""
 
     def __post_init__(self):
-        for name in ("explain", "ablation", "n2g"):
+        for name in ("explain", "ablation", "n2g", "probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.probe_tasks and not self.probe:
@@ -263,7 +267,7 @@ def _gao_metrics(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows
         from .probe import probe_section
 
         sections["probe"] = probe_section(model, tokenizer, sae, hookpoint, windows, batch_windows=cfg.batch,
-                                          tasks_file=cfg.probe_tasks or None)
+                                          tasks_file=cfg.probe_tasks or None, max_tokens=cfg.probe_tokens or None)
     if cfg.n2g:
         from .explain.n2g import n2g_section
 
