@@ -18,7 +18,7 @@ from typing import Literal
 
 from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import DataConfig, parse_args
-from sae.model import SparseAutoencoder, read_sae_metadata
+from sae.model import SparseAutoencoder, read_any_sae_metadata
 from sae.distributed import resolve_device
 from sae.errors import UsageError, run_cli
 
@@ -165,7 +165,8 @@ def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
     if value:
         return value
     if metadata.get(key) is None:
-        raise UsageError(f"{sae_dir / 'cfg.json'} has no '{key}'; pass {option}")
+        where = sae_dir / "cfg.json" if (sae_dir / "cfg.json").is_file() else sae_dir
+        raise UsageError(f"{where} does not say its '{key}'; pass {option}")
     return metadata[key]
 
 
@@ -178,7 +179,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     device = resolve_device(cfg.device)
     jobs = []
     for sae_dir in map(Path, sae_dirs):
-        metadata = read_sae_metadata(sae_dir)
+        metadata = read_any_sae_metadata(sae_dir)
         dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
         if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
             # What training read is unknown (e.g. a folder written by sparsify): only a split the user
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"report written to {write_report(cfg.out, reports)}")
     if cfg.wandb:
         for report in reports:
-            metadata = read_sae_metadata(report["sae"])
+            metadata = read_any_sae_metadata(report["sae"])
             path = log_to_wandb(report, metadata, Path(report["sae"]).parent, cfg.wandb_project, cfg.wandb_mode)
             print(f"wandb: wrote eval/* into the summary of {path}")
     return reports

@@ -98,13 +98,16 @@ class _AblationVariants:
         self.per_window = per_window
         self.start = start
         self.x_hat: Tensor | None = None
+        self.scale: Tensor | None = None
         self.values: Tensor | None = None
         self.indices: Tensor | None = None
 
     def reconstruction(self, acts: Tensor) -> Tensor:
-        values, indices = self.sae.encode(acts.flatten(0, 1).to(self.sae.dtype))
+        x = acts.flatten(0, 1).to(self.sae.dtype)
+        x_hat, values, indices = self.sae.reconstruct(x)  # overwritten each call (splice.Replacement)
         self.values, self.indices = values.view(*acts.shape[:2], -1), indices.view(*acts.shape[:2], -1)
-        self.x_hat = self.sae.decode(values, indices).view(acts.shape)  # overwritten each call (splice.Replacement)
+        self.scale = self.sae.output_scale(x).view(*acts.shape[:2], 1)
+        self.x_hat = x_hat.view(acts.shape)
         return self.x_hat.to(acts.dtype)
 
     def ablation(self, variant: int):
@@ -116,7 +119,7 @@ class _AblationVariants:
                     column = occurrence.position - self.start
                     slot = self.indices[window, column] == occurrence.latent
                     value = self.values[window, column][slot].sum()
-                    ablated[window, column] -= value * self.sae.W_dec[occurrence.latent]
+                    ablated[window, column] -= value * self.scale[window, column] * self.sae.W_dec[occurrence.latent]
             return ablated.to(acts.dtype)
 
         return replace

@@ -57,8 +57,7 @@ class _SaeSplice:
 
     def __call__(self, acts: Tensor) -> Tensor:
         x = acts.flatten(0, 1).to(self.sae.dtype)
-        values, indices = self.sae.encode(x)
-        x_hat = self.sae.decode(values, indices)
+        x_hat, values, indices = self.sae.reconstruct(x)  # in raw units, whatever the SAE's input transform
         self.last = (x, x_hat, values, indices)  # overwritten, never accumulated: see splice.Replacement
         return x_hat.to(acts.dtype).view_as(acts)
 

@@ -10,6 +10,11 @@ there (`SparseCoder.load_from_disk`) and gives the same outputs:
     decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
 
 `encode`, `decode` and `forward` run on the sparse `kernels` ops (Triton on CUDA, eager torch on CPU).
+
+An SAE imported from OpenAI's TopK SAEs (sae/formats/) also has an input transform, `input_norm`
+"layer_norm": encode normalises each token x to (x - mean) / (std + 1e-5) first, and `reconstruct` maps
+the reconstruction back (x_hat * std + mean). Our trainer makes SAEs without one ("none"), and `load`
+reads the other tools' layouts too (sae/formats/__init__.py lists them).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from kernels import sparse_decode
 from .config import ConfigError, SaeConfig, from_dict
 from .files import TensorSpec, atomic_write, write_safetensors
 from .errors import MissingFileError, UsageError
+from .formats import read_foreign_sae
 from .parallel import ShardLayout
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -38,6 +44,11 @@ LATENT_MAJOR_PARAMETERS = ("encoder.weight", "encoder.bias", "W_dec")
 """Split by rows under latent sharding; `b_dec` is replicated."""
 # cfg.json keys that name SaeConfig fields differently (sparsify's names).
 _FILE_KEYS = {"n_latents": "num_latents"}
+INPUT_NORMS = ("none", "layer_norm")
+"""The input transforms an SAE can have (`SparseAutoencoder.input_norm`); cfg.json names a non-default
+one under the key "input_norm"."""
+LAYER_NORM_EPS = 1e-5
+"""Added to each token's std by `layer_norm_input` (OpenAI's and SAELens's value)."""
 
 VarianceFn = Callable[[Tensor], Tensor]
 """Maps a batch (N, d) to sum ||t - mean_batch(t)||^2, the denominator of the normalized MSE."""
@@ -83,6 +94,18 @@ class ForwardOutput(NamedTuple):
 
     loss: Tensor
     """Training objective: fvu + auxk_coef * auxk_loss + multi_topk_fvu / 8."""
+
+
+def layer_norm_input(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """OpenAI's input preprocessing of TopK SAEs (openai/sparse_autoencoder, model.py `LN`; SAELens's
+    normalize_activations "layer_norm" is the same), per row of x (N, d): mean mu, std sigma of x - mu
+    (the unbiased one, torch.std's default), and x_n = (x - mu) / (sigma + 1e-5). Returns (x_n (N, d),
+    mu (N, 1), sigma (N, 1)); a reconstruction x_hat_n of x_n maps back as x_hat_n * sigma + mu, without
+    the eps, as there."""
+    mean = x.mean(dim=-1, keepdim=True)
+    centered = x - mean
+    std = centered.std(dim=-1, keepdim=True)
+    return centered / (std + LAYER_NORM_EPS), mean, std
 
 
 def batch_variance(x: Tensor) -> Tensor:
@@ -134,7 +157,7 @@ class SparseAutoencoder(nn.Module):
     """
 
     def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 layout: ShardLayout | None = None, compute_dtype: torch.dtype | None = None):
+                 layout: ShardLayout | None = None, compute_dtype: torch.dtype | None = None, input_norm: str = "none"):
         super().__init__()
         self.compute_dtype = compute_dtype
         """Dtype of the training forward's matmuls and kernel inputs (None: the parameters' dtype). With
@@ -142,6 +165,12 @@ class SparseAutoencoder(nn.Module):
         (mixed precision); `encode` and `decode` (evaluation) always use the parameters as stored."""
         if cfg.d_in <= 0:
             raise ValueError(f"SaeConfig.d_in must be positive to build an SAE, got {cfg.d_in}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {list(INPUT_NORMS)}, got {input_norm!r}")
+        self.input_norm = input_norm
+        """The input transform of `encode` and `reconstruct`: "none", or "layer_norm" (`layer_norm_input`,
+        SAEs imported from OpenAI's TopK SAEs). Such an SAE is for evaluation only: `forward` (training)
+        and `decode` (which has no token statistics to map back with) refuse it."""
         self.cfg = cfg
         self.layout = layout or ShardLayout()
         self.latent_start, self.latent_stop = self.layout.latent_range(cfg.n_latents)
@@ -191,13 +220,48 @@ class SparseAutoencoder(nn.Module):
     # ---- the forward pass -------------------------------------------------------------------
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-k latents of `x` (N, d_in): (values (N, k) after ReLU, indices (N, k) int64). A whole SAE's."""
+        """Top-k latents of `x` (N, d_in), raw activations (normalised here if `input_norm` says so):
+        (values (N, k) after ReLU, indices (N, k) int64). A whole SAE's."""
         self._check_whole("encode")
-        return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
+        if self.input_norm == "layer_norm":
+            x = layer_norm_input(x.to(self.dtype))[0]
+        return self._encode_normalized(x)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k). A whole SAE's."""
+        """Reconstruction (N, d_in) from top-k `values` and `indices`, both (N, k). A whole SAE's.
+        With an input transform the raw reconstruction needs each token's statistics: use `reconstruct`."""
         self._check_whole("decode")
+        if self.input_norm != "none":
+            raise ValueError(f"decode of an SAE with input_norm {self.input_norm!r} would be in normalised units; "
+                             "use reconstruct(x), which maps it back with each token's mean and std")
+        return self._decode_normalized(values, indices)
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_hat (N, d_in) in the units of `x`, values (N, k), indices (N, k)) for raw activations x (N, d_in):
+        `encode`, decode, and with input_norm "layer_norm" x_hat_n * std + mean with each token's own
+        statistics (`layer_norm_input`). A whole SAE's."""
+        self._check_whole("reconstruct")
+        if self.input_norm == "none":
+            values, indices = self._encode_normalized(x)
+            return self._decode_normalized(values, indices), values, indices
+        normalized, mean, std = layer_norm_input(x.to(self.dtype))
+        values, indices = self._encode_normalized(normalized)
+        return self._decode_normalized(values, indices) * std + mean, values, indices
+
+    def output_scale(self, x: Tensor) -> Tensor:
+        """(N, 1): what a decoder row's contribution is multiplied by in the raw units of x (N, d_in):
+        each token's std under input_norm "layer_norm", else 1. Latent j's share of `reconstruct(x)[0]`
+        is value_j * W_dec[j] * output_scale(x) (the ablation of eval/ablation.py removes it)."""
+        if self.input_norm == "layer_norm":
+            return layer_norm_input(x.to(self.dtype))[2]
+        return torch.ones(x.shape[0], 1, dtype=self.dtype, device=x.device)
+
+    def _encode_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode` of an input already transformed by `input_norm`."""
+        return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
+
+    def _decode_normalized(self, values: Tensor, indices: Tensor) -> Tensor:
+        """The reconstruction in the units `encode` works in (normalised ones under an input transform)."""
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
@@ -214,6 +278,9 @@ class SparseAutoencoder(nn.Module):
         are global latent ids, and the losses are this replica's share of the global batch's.
         """
         cfg, layout = self.cfg, self.layout
+        if self.input_norm != "none":
+            raise ValueError(f"this SAE has input_norm {self.input_norm!r} (imported): training it is not supported, "
+                             "and its reconstruction is reconstruct(x)")
         x = x.to(self.dtype)
         if variance is None:
             variance = batch_variance if layout.replicas == 1 else layout.variance
@@ -321,9 +388,14 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def folded(self, input_scale: float) -> "SparseAutoencoder":
         """A copy that takes raw activations, when this SAE was trained on inputs times `input_scale`."""
-        copy = type(self)(self.cfg, device=self.device, dtype=self.dtype)
+        self._check_foldable(input_scale)
+        copy = type(self)(self.cfg, device=self.device, dtype=self.dtype, input_norm=self.input_norm)
         copy.load_state_dict(self.folded_state_dict(input_scale))
         return copy
+
+    def _check_foldable(self, input_scale: float) -> None:
+        if self.input_norm != "none" and input_scale != 1:  # the eps of layer_norm_input does not scale with x
+            raise ValueError(f"cannot fold an input scale into an SAE with input_norm {self.input_norm!r}")
 
     def save(self, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
         """Write path/cfg.json and path/sae.safetensors (each written to a temp file, then renamed).
@@ -331,23 +403,30 @@ class SparseAutoencoder(nn.Module):
         input_scale: the factor the training inputs were multiplied by; folded into the weights so the
         saved SAE takes raw activations. metadata: extra cfg.json keys (model, hookpoint, provenance).
         """
+        self._check_foldable(input_scale)
         tensors = self.folded_state_dict(input_scale)
         specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-        return write_sae_folder(path, self.cfg, specs, tensors.values(), input_scale, metadata)
+        return write_sae_folder(path, self.cfg, specs, tensors.values(), input_scale, metadata, self.input_norm)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SparseAutoencoder":
-        """Load a folder written by `save` or by sparsify's `SparseCoder.save_to_disk`. Never unpickles.
+        """Load an SAE from `path`, in whichever layout it is (told apart by its files): a folder written
+        by `save` or by sparsify's `SparseCoder.save_to_disk`, a SAELens TopK folder, an OpenAI TopK state
+        dict, dictionary_learning's AutoEncoderTopK ae.pt (sae/formats/). Never unpickles: torch files
+        are read with weights_only=True.
 
-        A sparsify coder whose math this SAE does not implement (a transcoder, a skip connection, the
-        groupmax activation ...: `SPARSIFY_KEY_RULES`) is refused with a ValueError naming the key,
-        before any weights are read.
+        An SAE whose math this SAE does not implement is refused with a UsageError naming the key that
+        says so (sparsify's: `SPARSIFY_KEY_RULES`, checked before any weights are read; the other tools':
+        their sae/formats/ modules); an unknown layout is refused naming what is there and the known ones.
+        dtype: default the stored one (SAELens: its cfg.json's, which SAELens computes in).
         """
         path = Path(path)
+        if not is_sae_folder(path):
+            foreign = read_foreign_sae(path)
+            return cls.from_state_dict(foreign.cfg, foreign.tensors, device, dtype, foreign.input_norm)
         cfg = read_sae_config(path)
+        input_norm = read_input_norm(path)
         weights_path = path / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise MissingFileError(f"SAE weights not found: {weights_path}")
         expected_shapes = {
             "encoder.weight": (cfg.n_latents, cfg.d_in),
             "encoder.bias": (cfg.n_latents,),
@@ -365,7 +444,14 @@ class SparseAutoencoder(nn.Module):
         for name, shape in expected_shapes.items():
             if tuple(tensors[name].shape) != shape:
                 raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
-        sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype)
+        return cls.from_state_dict(cfg, tensors, device, dtype, input_norm)
+
+    @classmethod
+    def from_state_dict(cls, cfg: SaeConfig, tensors: dict[str, Tensor], device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, input_norm: str = "none") -> "SparseAutoencoder":
+        """A whole SAE with the parameters `tensors` (`PARAMETER_NAMES`, in the shapes `cfg` implies), in
+        `dtype` (default theirs)."""
+        sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype, input_norm=input_norm)
         sae.load_state_dict(tensors)
         return sae
 
@@ -384,16 +470,18 @@ def fold_input_scale(name: str, tensor: Tensor, input_scale: float) -> Tensor:
 
 
 def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], chunks: Iterable[Tensor],
-                     input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
+                     input_scale: float = 1.0, metadata: dict[str, Any] | None = None, input_norm: str = "none") -> Path:
     """The SAE folder format: path/sae.safetensors from its tensors' pieces (`files.write_safetensors`:
-    the four parameters, already folded) and path/cfg.json, each written atomically."""
+    the four parameters, already folded) and path/cfg.json, each written atomically. cfg.json names
+    `input_norm` only when it is not "none", so such folders are what they were before the key existed."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if sorted(spec.name for spec in specs) != sorted(PARAMETER_NAMES):
         raise ValueError(f"an SAE folder holds exactly {sorted(PARAMETER_NAMES)}, got {[spec.name for spec in specs]}")
     config = {_FILE_KEYS.get(key, key): value for key, value in asdict(cfg).items()}
     # sparsify reads these two; "activation" tells it this is a TopK SAE.
-    config.update(activation="topk", input_scale_folded=float(input_scale), **(metadata or {}))
+    input_norm_key = {"input_norm": input_norm} if input_norm != "none" else {}
+    config.update(activation="topk", input_scale_folded=float(input_scale), **input_norm_key, **(metadata or {}))
     atomic_write(path / WEIGHTS_FILE, lambda tmp: write_safetensors(tmp, specs, chunks))
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return path
@@ -411,6 +499,34 @@ def read_sae_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UsageError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     return raw
+
+
+def read_any_sae_metadata(path: str | Path) -> dict[str, Any]:
+    """What `read_sae_metadata` gives for our (and sparsify's) folders; for another tool's SAE, what its
+    files say of where it came from (sae/formats/: e.g. SAELens's model_name), often nothing."""
+    path = Path(path)
+    return read_sae_metadata(path) if is_sae_folder(path) else read_foreign_sae(path).metadata
+
+
+def is_sae_folder(path: Path) -> bool:
+    """Whether `path` is a folder in our (and sparsify's) layout: it holds sae.safetensors."""
+    return (path / WEIGHTS_FILE).is_file()
+
+
+def read_input_norm(path: str | Path) -> str:
+    """The input transform path/cfg.json names (`INPUT_NORMS`; absent: "none")."""
+    value = read_sae_metadata(path).get("input_norm", "none")
+    if value not in INPUT_NORMS:
+        raise UsageError(f"{Path(path) / CONFIG_FILE}: 'input_norm' must be one of {list(INPUT_NORMS)}, found {value!r}")
+    return value
+
+
+def read_sae_provenance(path: str | Path) -> dict[str, Any]:
+    """path/cfg.json without the keys `write_sae_folder` derives from the SAE (its SaeConfig fields,
+    "activation", "input_norm"): model, hookpoint, training provenance, input_scale_folded, and any
+    sparsify keys that are no SaeConfig field."""
+    derived = {_FILE_KEYS.get(f.name, f.name) for f in fields(SaeConfig)} | {"activation", "input_norm"}
+    return {key: value for key, value in read_sae_metadata(path).items() if key not in derived}
 
 
 ANY_VALUE = None

@@ -133,7 +133,8 @@ def test_empty_data_is_one_line_too(tiny_lm_dir, tmp_path):
 
 def test_other_entry_points_exit_2_with_one_line(tmp_path):
     for module, argv, words in [
-        ("eval", [str(tmp_path / "nowhere")], ["SAE config not found", "nowhere"]),
+        ("eval", [str(tmp_path / "nowhere")], ["SAE not found", "nowhere"]),
+        ("sae.convert", [str(tmp_path / "nowhere"), str(tmp_path / "out"), "--to", "saelens"], ["not found", "nowhere"]),
         ("eval.browse", [str(tmp_path / "nowhere")], ["--out"]),
         ("sae.cache", ["--out", str(tmp_path / "cache"), "--verify"], ["no activation cache"]),
     ]:

@@ -157,3 +157,44 @@ def test_ablation_section_on_the_tiny_lm(tiny_lm, windows):
     chosen = ablation_section(model, "transformer.h.1", sae, windows, n_latents=0, per_latent=2, horizon=4,
                               latents=[int(next(iter(section["per_latent"])))])
     assert list(chosen["per_latent"]) == [next(iter(section["per_latent"]))]
+
+
+def test_ablation_of_a_layer_norm_sae_removes_the_latent_in_raw_units(tiny_lm, windows):
+    """For an SAE with OpenAI's LayerNorm input transform, the ablated reconstruction is the dense
+    reference (codes with latent j zeroed at t, decoded, times the token's std, plus its mean)."""
+    from sae.model import SparseAutoencoder, layer_norm_input
+
+    model, _ = tiny_lm
+    hookpoint, horizon = "transformer.h.1", 4
+    plain = random_sae(model.config.n_embd, n_latents=48, k=4, seed=5)
+    sae = SparseAutoencoder.from_state_dict(plain.cfg, plain.state_dict(), input_norm="layer_norm")
+    occurrences = choose_occurrences(model, hookpoint, sae, windows, n_latents=4, per_latent=2, horizon=horizon)
+    effects, _ = ablation_effects(model, hookpoint, sae, windows, occurrences, horizon)
+    module = dict(model.named_modules())[hookpoint]
+    W_dec, b_dec = sae.W_dec.double(), sae.b_dec.double()
+
+    def logits(window, ablate=None):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            x = hidden[0, 1:].double()
+            values, indices = sae.encode(hidden[0, 1:])
+            codes = torch.zeros(x.shape[0], sae.cfg.n_latents, dtype=torch.float64)
+            codes.scatter_(1, indices, values.double())
+            if ablate is not None:
+                codes[ablate.position - 1, ablate.latent] = 0
+            _, mean, std = layer_norm_input(x)
+            x_hat = (codes @ W_dec + b_dec) * std + mean
+            new = torch.cat([hidden[:, :1], x_hat[None].to(hidden.dtype)], dim=1)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return model(input_ids=windows[window : window + 1]).logits[0]
+        finally:
+            handle.remove()
+
+    for occurrence, effect in zip(occurrences, effects):
+        span = slice(occurrence.position, occurrence.position + horizon)
+        expected = effect_sparsity(logits(occurrence.window, occurrence)[span] - logits(occurrence.window)[span])
+        assert effect == pytest.approx(expected, rel=1e-3)

@@ -94,9 +94,9 @@ def test_wandb_writes_the_report_into_the_training_run(embedded_sae_dir):
 
 def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
     sae_dir = random_sae(32).save(tmp_path / "bare")  # no model, hookpoint or dataset in cfg.json
-    with pytest.raises(ValueError, match=r"has no 'dataset'; pass --dataset"):
+    with pytest.raises(ValueError, match=r"does not say its 'dataset'; pass --dataset"):
         main([str(sae_dir)])
-    with pytest.raises(ValueError, match=r"has no 'model'; pass --model"):
+    with pytest.raises(ValueError, match=r"does not say its 'model'; pass --model"):
         main([str(sae_dir), "--dataset", str(text_file), "--split", "train", "--ctx_len", "16"])
     with pytest.raises(ConfigError, match="tokens"):
         main([str(sae_dir), "--tokens", "many"])
@@ -162,3 +162,27 @@ def test_random_model_baseline_is_trained_and_evaluated_on_the_same_random_lm(ti
     printed = capsys.readouterr().out
     assert "(random (seed 3) init) @ transformer.h.1: ce_clean=" in printed
     assert "lm" in printed and "random (seed 3)" in printed and "ablation" in printed  # the side-by-side table
+
+
+def test_an_openai_sae_file_is_evaluated_in_raw_units(tiny_lm_dir, text_file, tmp_path):
+    """An OpenAI TopK state dict normalises each token (LayerNorm) before encoding; the eval splices its
+    reconstruction mapped back to raw units. Built as a perfect autoencoder of the normalised input
+    (latents +-e_i, k = d), it reconstructs the raw activations up to the 1e-5 eps: fvu ~ 0, the LM loss
+    unchanged. Spliced in normalised units (no mapping back) the fvu would be ~1 and the loss far off."""
+    from collections import OrderedDict
+
+    import torch
+
+    d = 32
+    eye = torch.eye(d)
+    state = OrderedDict(pre_bias=torch.zeros(d), latent_bias=torch.zeros(2 * d))
+    state["encoder.weight"] = torch.cat([eye, -eye])
+    state["decoder.weight"] = torch.cat([eye, -eye]).T.contiguous()
+    state["activation"] = "TopK"
+    state["activation_state_dict"] = OrderedDict(k=d, postact_fn="ReLU")
+    path = tmp_path / "v5_layer1.pt"
+    torch.save(state, path)
+    [report] = main([str(path), "--model", str(tiny_lm_dir), "--hookpoint", "transformer.h.1", "--dataset", str(text_file),
+                     "--split", "train", "--ctx_len", "16", "--tokens", "256", "--ablation", "2", "--ablation_horizon", "4"])
+    assert report["fvu"] < 1e-6 and abs(report["ce_sae"] - report["ce_clean"]) < 1e-4
+    assert 0 < report["ablation_sparsity"]["mean"] <= 1

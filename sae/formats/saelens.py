@@ -1,0 +1,173 @@
+"""SAELens folders (sae_lens >= 6, https://github.com/jbloomAus/SAELens): cfg.json + sae_weights.safetensors.
+
+SAELens's TopK SAE (sae_lens/saes/topk_sae.py and saes/sae.py, version 6.54), with W_enc (d_in, d_sae),
+W_dec (d_sae, d_in) and n the decoder row norms (d_sae,):
+
+    x'    = N(x) - b_dec          (N: normalize_activations; "- b_dec" only if apply_b_dec_to_input)
+    h     = x' @ W_enc + b_enc    (times n if rescale_acts_by_decoder_norm)
+    f     = ReLU of the top k of h, zero elsewhere (top-k first, then ReLU: as this SAE)
+    x_hat = N^-1((f / n if rescale else f) @ W_dec + b_dec)
+
+Ours (sae/model.py) computes pre = W (N(x) - b_dec) + b_enc' and x_hat = N^-1(f @ W_dec' + b_dec), so
+(folded in float64, then cast back):
+
+    W = (W_enc * n)^T     b_enc' = (b_enc + b_dec @ W_enc if not apply_b_dec_to_input else b_enc) * n
+    W_dec' = W_dec / n    (n = 1 without rescaling)
+
+Without rescaling and with b_dec applied to the input (what `write_saelens_folder` writes) the mapping is
+a transpose: tensors cross bit for bit both ways. N is "none" or "layer_norm", which SAELens defines as
+our input_norm "layer_norm" (OpenAI's LN, sae/model.py `layer_norm_input`); its other values are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from ..config import ConfigError, SaeConfig, from_dict
+from ..errors import UsageError
+from ..files import TensorSpec, atomic_write, write_safetensors
+from .common import ForeignSae, check_keys, check_shapes, our_shapes, read_json_object, sae_config
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+WEIGHT_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+FORMAT_VERSION = "6.54.12"
+"""The sae_lens version whose folder layout `write_saelens_folder` writes (and the tests load it with).
+A config without one is read by SAELens as a pre-6.0 config."""
+
+TOPK_DEFAULTS = {"k": 100, "rescale_acts_by_decoder_norm": False, "apply_b_dec_to_input": True,
+                 "normalize_activations": "none", "reshape_activations": "none", "dtype": "float32"}
+"""TopKSAEConfig's defaults (sae_lens 6.54): what SAELens computes with when cfg.json lacks the key."""
+
+INPUT_NORMS = ("none", "layer_norm")
+"""The normalize_activations values whose math this SAE has, under the same names as our input_norm."""
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""SAELens's dtype names (sae_lens/constants.py DTYPE_MAP, which also takes a "torch." prefix)."""
+
+OURS_KEY = "topk_sae"
+"""The key of SAELens's metadata under which our export keeps what SAELens's config has no field for
+(our training-loss fields and provenance), so that converting back restores our cfg.json."""
+
+TRAINING_FIELDS = tuple(f.name for f in fields(SaeConfig) if f.name not in ("d_in", "n_latents", "k"))
+
+
+def read_saelens_folder(path: Path) -> ForeignSae:
+    """The TopK SAE of the SAELens folder `path`, or a UsageError saying what of it this SAE cannot compute."""
+    raw = read_json_object(path / CONFIG_FILE)
+    settings = {**TOPK_DEFAULTS, **{key: raw[key] for key in TOPK_DEFAULTS if key in raw}}
+    _check_math(path / CONFIG_FILE, raw, settings)
+    dtype = _dtype(path / CONFIG_FILE, settings["dtype"])
+    stored = _read_weights(path / WEIGHTS_FILE)
+    d_in, d_sae = raw.get("d_in"), raw.get("d_sae")
+    cfg = sae_config(path / CONFIG_FILE, d_in, d_sae, settings["k"])
+    check_shapes(path / WEIGHTS_FILE, stored, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+                                               "b_dec": (d_in,)})
+    tensors = _our_tensors(stored, dtype, settings["rescale_acts_by_decoder_norm"], settings["apply_b_dec_to_input"])
+    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    cfg, provenance = _restore_ours(path / CONFIG_FILE, cfg, metadata)
+    return ForeignSae("saelens", cfg, tensors, settings["normalize_activations"], provenance)
+
+
+def _check_math(cfg_path: Path, raw: dict[str, Any], settings: dict[str, Any]) -> None:
+    """UsageError for a config whose SAE computes something other than a TopK SAE this SAE can express."""
+    if "architecture" not in raw:
+        raise UsageError(f"{cfg_path}: no 'architecture' key, so a SAELens < 6 config; re-save it with sae_lens >= 6 "
+                         "(SAE.load_from_disk(path).save_model(new_path)) and convert that")
+    if raw["architecture"] != "topk":
+        raise UsageError(f"{cfg_path}: cannot load 'architecture': {json.dumps(raw['architecture'])}: only \"topk\" "
+                         "SAEs (top k, then ReLU) compute this SAE's math")
+    if settings["normalize_activations"] not in INPUT_NORMS:
+        raise UsageError(f"{cfg_path}: cannot load 'normalize_activations': "
+                         f"{json.dumps(settings['normalize_activations'])}: this SAE's input transforms are only "
+                         f"{list(INPUT_NORMS)} (SAELens's others scale by a constant or a matrix kept outside the "
+                         "folder, or by each token's norm)")
+    if settings["reshape_activations"] != "none":
+        raise UsageError(f"{cfg_path}: cannot load 'reshape_activations': "
+                         f"{json.dumps(settings['reshape_activations'])}: an SAE on attention heads' (n_heads, d_head) "
+                         "outputs; this SAE reads one module's flat (..., d_in) output")
+    for key in ("rescale_acts_by_decoder_norm", "apply_b_dec_to_input"):
+        if not isinstance(settings[key], bool):
+            raise UsageError(f"{cfg_path}: '{key}' must be true or false, found {json.dumps(settings[key])}")
+
+
+def _dtype(cfg_path: Path, name: Any) -> torch.dtype:
+    """The dtype SAELens computes in: cfg.json's (it casts the stored tensors to it on loading)."""
+    dtype = DTYPES.get(name.removeprefix("torch.")) if isinstance(name, str) else None
+    if dtype is None:
+        raise UsageError(f"{cfg_path}: 'dtype' must be one of {sorted(DTYPES)}, found {json.dumps(name)}")
+    return dtype
+
+
+def _read_weights(weights_path: Path) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as file:
+            check_keys(weights_path, set(file.keys()), set(WEIGHT_NAMES), set(), "a SAELens TopK SAE's weights")
+            return {name: file.get_tensor(name) for name in WEIGHT_NAMES}
+    except SafetensorError as error:
+        raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
+
+
+def _our_tensors(stored: dict[str, Tensor], dtype: torch.dtype, rescale: bool, b_dec_on_input: bool) -> dict[str, Tensor]:
+    """Our parameters computing what SAELens computes with `stored` (the module docstring's mapping)."""
+    W_enc, W_dec, b_enc, b_dec = (stored[name].to(dtype) for name in WEIGHT_NAMES)
+    if b_dec_on_input and not rescale:  # a transpose: exact
+        return {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    W_enc, W_dec, b_enc, b_dec64 = (t.double() for t in (W_enc, W_dec, b_enc, b_dec))
+    if not b_dec_on_input:
+        b_enc = b_enc + b_dec64 @ W_enc
+    norms = W_dec.norm(dim=1) if rescale else torch.ones(len(W_dec), dtype=torch.float64)
+    return {"encoder.weight": (W_enc * norms).T.contiguous().to(dtype), "encoder.bias": (b_enc * norms).to(dtype),
+            "W_dec": (W_dec / norms[:, None]).to(dtype), "b_dec": b_dec}
+
+
+def _restore_ours(cfg_path: Path, cfg: SaeConfig, metadata: dict[str, Any]) -> tuple[SaeConfig, dict[str, Any]]:
+    """(cfg with our training fields, the provenance to record) from SAELens's metadata: what our export
+    kept under OURS_KEY if it is there, else where the SAE came from."""
+    ours = metadata.get(OURS_KEY)
+    if not isinstance(ours, dict):
+        source = {key: metadata[key] for key in ("model_name", "hook_name") if metadata.get(key) is not None}
+        return cfg, {"converted_from": {"format": "saelens", "path": str(cfg_path.parent), **source}}
+    training = {name: ours[name] for name in TRAINING_FIELDS if name in ours}
+    try:
+        cfg = from_dict(SaeConfig, {"d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k, **training})
+    except ConfigError as error:
+        raise UsageError(f"{cfg_path}: metadata.{OURS_KEY}: {error}") from None
+    return cfg, {key: value for key, value in ours.items() if key not in TRAINING_FIELDS}
+
+
+def write_saelens_folder(path: Path, cfg: SaeConfig, tensors: dict[str, Tensor], input_norm: str,
+                         provenance: dict[str, Any]) -> Path:
+    """Write our SAE (`tensors` in our names, sae/formats/common.py `our_shapes`) as a SAELens TopK folder
+    that `sae_lens.SAE.load_from_disk(path)` loads as is, computing what this SAE computes.
+
+    `provenance`: our cfg.json keys beyond the config (model, hookpoint ...), kept with our training
+    fields in SAELens's metadata under OURS_KEY; `model` is SAELens's `model_name` too. SAELens's
+    `hook_name` (a TransformerLens hook) is left unset: our hookpoint names a Hugging Face module.
+    """
+    check_shapes(path, tensors, our_shapes(cfg.d_in, cfg.n_latents))
+    dtype = tensors["W_dec"].dtype
+    dtype_name = next((name for name, value in DTYPES.items() if value == dtype), None)
+    if dtype_name is None:
+        raise UsageError(f"SAELens folders hold {sorted(DTYPES)} SAEs, this one is {dtype}")
+    weights = {"W_enc": tensors["encoder.weight"].T, "W_dec": tensors["W_dec"], "b_enc": tensors["encoder.bias"],
+               "b_dec": tensors["b_dec"]}
+    metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": None,
+                OURS_KEY: {**{name: getattr(cfg, name) for name in TRAINING_FIELDS}, **provenance}}
+    if "model" in provenance:
+        metadata["model_name"] = provenance["model"]
+    config = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": dtype_name, "device": "cpu",
+              "apply_b_dec_to_input": True, "normalize_activations": input_norm, "reshape_activations": "none",
+              "metadata": metadata, "k": cfg.k, "rescale_acts_by_decoder_norm": False, "architecture": "topk"}
+    path.mkdir(parents=True, exist_ok=True)
+    specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in weights.items()]
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: write_safetensors(tmp, specs, weights.values()))
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return path
