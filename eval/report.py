@@ -32,7 +32,7 @@ def comparison_table(reports: Sequence[dict]) -> str:
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
         init = r.get("model_init", "pretrained")
         key = (r["model"], init, r["hookpoint"], json.dumps(r["data"], sort_keys=True))
-        model = r["model"] if init == "pretrained" else f"{r['model']} ({init} init)"
+        model = r["model"] if init == "pretrained" else f"{r['model']} with {init} weights"
         baselines[key] = f"{model} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
                          f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
                          f"({r['data']['dataset']}, {r['data']['held_out']})"

@@ -94,3 +94,9 @@ def test_a_random_init_lm_is_recorded_and_named_apart_from_its_pretrained_twin()
     assert random_lm.model_identity != pretrained.model_identity != TrainConfig(model_init="random").model_identity
     with pytest.raises(ConfigError, match="model_init"):
         parse_args(["--model_init", "shuffled"], TrainConfig)
+
+
+def test_the_scaling_sweep_config_is_twelve_widths_and_ks_of_the_default():
+    cfg = load_config(CONFIGS / "scaling-sweep.yaml")
+    assert {(variant.n_latents, variant.k) for variant in cfg.variants} == {(n, k) for n in (128, 256, 512, 1024) for k in (4, 8, 16)}
+    assert cfg.model == TrainConfig().model and cfg.hookpoint == TrainConfig().hookpoint and cfg.max_tokens == 1_000_000

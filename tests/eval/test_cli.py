@@ -160,7 +160,7 @@ def test_random_model_baseline_is_trained_and_evaluated_on_the_same_random_lm(ti
     assert [report["model_init"] for report in reports] == ["random (seed 3)", "pretrained"]
     assert reports[0]["ce_clean"] != reports[1]["ce_clean"]  # two LMs
     printed = capsys.readouterr().out
-    assert "(random (seed 3) init) @ transformer.h.1: ce_clean=" in printed
+    assert "with random (seed 3) weights @ transformer.h.1: ce_clean=" in printed
     assert "lm" in printed and "random (seed 3)" in printed and "ablation" in printed  # the side-by-side table
 
 
