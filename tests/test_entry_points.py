@@ -18,6 +18,7 @@ from eval.explain.__main__ import PuzzleConfig
 from eval.explain.__main__ import main as explain_main
 from eval.peers.__main__ import PeersConfig
 from eval.peers.__main__ import main as peers_main
+from eval.scaling import ScalingConfig, main as scaling_main
 from sae import bench
 from sae.cache import cli as cache_cli
 from sae.config import TrainConfig, field_docs
@@ -56,7 +57,8 @@ def listed(help_text: str) -> set[str]:
     (explain_main, ["puzzles", "--help"], PuzzleConfig),
     (browse_main, ["--help"], BrowseConfig),
     (peers_main, ["--help"], PeersConfig),
-], ids=["train", "train-h", "eval", "eval-h", "explain", "browse", "peers"])
+    (scaling_main, ["--help"], ScalingConfig),
+], ids=["train", "train-h", "eval", "eval-h", "explain", "browse", "peers", "scaling"])
 def test_help_lists_every_option_with_its_default(main, argv, cls, capsys):
     text = help_of(main, argv, capsys)
     assert set(option_names(cls)) | {"--config"} == listed(text)
@@ -67,7 +69,7 @@ def test_help_lists_every_option_with_its_default(main, argv, cls, capsys):
 
 def test_every_option_has_a_docstring_that_help_shows(capsys):
     """A field without a docstring would be an option --help cannot explain."""
-    for cls in (TrainConfig, EvalConfig, PuzzleConfig, BrowseConfig, PeersConfig):
+    for cls in (TrainConfig, EvalConfig, PuzzleConfig, BrowseConfig, PeersConfig, ScalingConfig):
         for item in dataclasses.fields(cls):
             assert field_docs(cls).get(item.name), f"{cls.__name__}.{item.name} has no docstring"
     text = help_of(train.main, ["--help"], capsys)
@@ -82,6 +84,10 @@ def test_the_cache_and_bench_help_list_their_options(capsys):
     assert set(own + option_names(TrainConfig) + ["--config"]) == listed(text)
     text = help_of(bench.main, ["--help"], capsys)
     assert {"--json", "--threads", "--repeats", "--device", "--quick", "--only"} == listed(text)
+    from sae import convert
+
+    text = help_of(convert.main, ["--help"], capsys)
+    assert {"--to", "--model", "--hookpoint"} <= listed(text)
 
 
 def run_train(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
