@@ -50,7 +50,7 @@ from torch import Tensor
 
 from sae.config import parse_args
 from sae.errors import MissingFileError, UsageError, run_cli
-from sae.files import atomic_write
+from sae.files import atomic_write, read_json
 from sae.model import CONFIG_FILE, WEIGHTS_FILE, read_sae_config, read_sae_metadata
 
 from .__main__ import EvalConfig, run_eval, split_positionals
@@ -393,13 +393,7 @@ def _metric_value(entry: dict, metric: str, where: str) -> float:
 def losses_from_report(report_path: str | Path, folders: list[Path], metric: str) -> list[float]:
     """Each folder's `metric` from a JSON report of `python -m eval --out` (one object or a list, each
     with "sae": the folder as eval was given it, relative to the working directory or absolute)."""
-    report_path = Path(report_path)
-    if not report_path.is_file():
-        raise MissingFileError(f"report not found: {report_path}")
-    try:
-        content = json.loads(report_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{report_path}: not valid JSON ({error})") from None
+    content = read_json(report_path, "report")
     entries = content if isinstance(content, list) else [content]
     by_folder = {}
     for index, entry in enumerate(entries):

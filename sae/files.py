@@ -15,6 +15,28 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from .errors import MissingFileError, UsageError
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """The JSON value in the file `path`; a MissingFileError ("{what} not found: path") or a UsageError
+    naming the file when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """`read_json` of a file that must hold one JSON object."""
+    raw = read_json(path, what)
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new one."""

@@ -32,8 +32,8 @@ import kernels
 from kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
-from .files import TensorSpec, atomic_write, write_safetensors
-from .errors import MissingFileError, UsageError
+from .files import TensorSpec, atomic_write, read_json_object, write_safetensors
+from .errors import UsageError
 from .formats import read_foreign_sae
 from .parallel import ShardLayout
 
@@ -489,16 +489,7 @@ def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], 
 
 def read_sae_metadata(path: str | Path) -> dict[str, Any]:
     """Everything in path/cfg.json: the SaeConfig fields plus model, hookpoint and training provenance."""
-    cfg_path = Path(path) / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise MissingFileError(f"SAE config not found: {cfg_path}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{cfg_path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
+    return read_json_object(Path(path) / CONFIG_FILE, "SAE config")
 
 
 def read_any_sae_metadata(path: str | Path) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import SaeConfig
-from ..errors import MissingFileError, UsageError
+from ..errors import UsageError
 
 
 class ForeignSae(NamedTuple):
@@ -111,14 +110,3 @@ def check_one_dtype(source: Path, tensors: dict[str, Tensor]) -> None:
         raise UsageError(f"{source}: the parameters have several dtypes {dtypes}")
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in the file `path`, or a UserError naming the file."""
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw

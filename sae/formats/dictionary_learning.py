@@ -29,7 +29,8 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import UsageError
-from .common import ForeignSae, check_keys, check_one_dtype, check_shapes, describe, matrix_shape, read_json_object, sae_config
+from ..files import read_json_object
+from .common import ForeignSae, check_keys, check_one_dtype, check_shapes, describe, matrix_shape, sae_config
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"

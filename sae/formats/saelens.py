@@ -32,8 +32,8 @@ from torch import Tensor
 
 from ..config import ConfigError, SaeConfig, from_dict
 from ..errors import UsageError
-from ..files import TensorSpec, atomic_write, write_safetensors
-from .common import ForeignSae, check_keys, check_shapes, our_shapes, read_json_object, sae_config
+from ..files import TensorSpec, atomic_write, read_json_object, write_safetensors
+from .common import ForeignSae, check_keys, check_shapes, our_shapes, sae_config
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
