@@ -96,7 +96,8 @@ class EvalConfig:
     """JSONL of per-unit explanations, scores and excerpts (default: SAE_DIR/explain.jsonl)."""
 
     simulators: str = "auto"
-    """Comma-separated: token-lookup, embedding, llm; "auto" uses every one available."""
+    """Comma-separated: token-lookup, embedding, llm, n2g (N2G patterns, its own explainer); "auto" uses every
+    one available."""
 
     explainer_url: str = ""
     """OpenAI-compatible server (e.g. http://host:8000/v1) that writes explanations (chat completions)."""

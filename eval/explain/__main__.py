@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] != ["puzzles"] and not asks_for_help(argv):
         raise UsageError("the command is `python -m eval.explain puzzles [--options]`; --help lists the options")
     cfg = parse_args(argv[1:] if argv[:1] == ["puzzles"] else argv, PuzzleConfig, usage=__doc__)
+    if "n2g" in cfg.simulators.split(","):
+        raise UsageError("the puzzles score written explanations; n2g simulates only its own patterns "
+                         "(python -m eval --n2g N scores those): leave it out of --simulators")
     _, tokenizer = load_model_and_tokenizer(cfg.model)
     data = DataConfig(dataset=cfg.dataset, ctx_len=cfg.ctx_len, data_dir=cfg.data_dir)
     windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split)

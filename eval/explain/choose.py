@@ -1,7 +1,7 @@
 """Which explainer and simulators a run uses, from command-line options.
 
 No URL and no model: the offline methods (token-lookup explainer; token-lookup and embedding
-simulators). A URL (an OpenAI-compatible server) or a local transformers model switches the explainer
+simulators; and N2G, its own explainer and simulator). A URL (an OpenAI-compatible server) or a local transformers model switches the explainer
 and adds the all-at-once LLM simulator, with no code change.
 """
 
@@ -14,7 +14,7 @@ from sae.errors import UsageError
 from .explainers import LLMExplainer, TokenLookupExplainer
 from .simulators import EmbeddingSimulator, LLMSimulator, TokenLookupSimulator
 
-SIMULATOR_NAMES = ("token-lookup", "embedding", "llm")
+SIMULATOR_NAMES = ("token-lookup", "embedding", "llm", "n2g")
 
 
 def make_backend(url: str = "", model: str = "", api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
@@ -57,6 +57,8 @@ class SimulatorSet:
                 if names != "auto":
                     raise
                 self.notes.append(f"embedding simulator left out: {error}")
+        self.n2g = "n2g" in wanted
+        """N2G pairs its own explainer with its simulator (pipeline.add_n2g_scores): not in `for_unit`."""
         self.use_llm = "llm" in wanted and backend is not None
         if "llm" in wanted and backend is None:
             if names != "auto":

@@ -51,7 +51,7 @@ from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 from .explainers import Explanation
-from .pipeline import derangement, latent_records
+from .units import derangement, latent_records
 from .records import TokenStrings, UnitActivations, UnitRecords, sae_latent_activations
 from .scoring import N_TOP
 
@@ -358,7 +358,7 @@ def n2g_report(records: list[UnitRecords], explanations: list[N2GExplanation], s
 def n2g_section(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoint: str, windows: Tensor, n_units: int,
                 latents: list[int] | None = None, seed: int = 0, batch_windows: int = 32) -> dict:
     """The `n2g` section of an eval report: N2G explanations of `latents`, or of `n_units` random live
-    latents (chosen as pipeline.latent_records does), scored on held-out excerpts of `windows` (N, T).
+    latents (chosen as units.latent_records does), scored on held-out excerpts of `windows` (N, T).
 
     Keys: units, precision, recall, precision_shuffled, recall_shuffled, flagged_no_predicted_firing,
     flagged_no_true_firing, threshold, and per_unit (unit, patterns, n_patterns, unexplained_excerpts,

@@ -9,65 +9,19 @@ latent's explanation: what a score looks like when the explanation is not about 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from sae.files import atomic_write
-from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
-from .records import (
-    TokenStrings, UnitRecords, collect_records, latent_fire_counts, mlp_neuron_module, module_unit_activations,
-    sae_latent_activations,
-)
+from .n2g import N2GExplainer, N2GSimulator, context_and_pad_ids
+from .records import (TokenStrings, UnitActivations, UnitRecords, mlp_neuron_module, module_unit_activations,
+                      sae_latent_activations)
 from .scoring import score_unit
-
-
-def pick(candidates: list[int], count: int, seed: int) -> list[int]:
-    """`count` of `candidates` at random (seeded), in increasing order."""
-    chosen = random.Random(seed).sample(candidates, min(count, len(candidates)))
-    return sorted(chosen)
-
-
-def latent_records(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoint: str, windows: Tensor,
-                   n_units: int = 50, latents: list[int] | None = None, seed: int = 0, batch_windows: int = 32) -> list[UnitRecords]:
-    """Records of `latents`, or of `n_units` latents drawn at random among those alive on `windows`."""
-    if latents is None:
-        counts = latent_fire_counts(model, hookpoint, sae, windows, batch_windows)
-        latents = pick(torch.nonzero(counts).flatten().tolist(), n_units, seed)
-    bad = [latent for latent in latents if not 0 <= latent < sae.cfg.n_latents]
-    if bad:
-        raise UsageError(f"latent ids {bad} are out of range for an SAE with {sae.cfg.n_latents} latents")
-    activations = sae_latent_activations(model, hookpoint, sae, latents)
-    return collect_records(windows, activations, latents, TokenStrings(tokenizer), "latent", batch_windows=batch_windows, seed=seed)
-
-
-def neuron_records(model: nn.Module, tokenizer, hookpoint: str, windows: Tensor, n_units: int = 50, seed: int = 0,
-                   module_name: str | None = None, batch_windows: int = 32) -> list[UnitRecords]:
-    """Records of `n_units` random MLP neurons of the hookpoint's block (GPT-2: transformer.h.L.mlp.act)."""
-    from sae.activations import capture_activations, get_module
-
-    module_name = module_name or mlp_neuron_module(hookpoint)
-    width = capture_activations(model, get_module(model, module_name), windows[:1, :2].to(next(model.parameters()).device)).shape[-1]
-    neurons = pick(list(range(width)), n_units, seed)
-    activations = module_unit_activations(model, module_name, neurons)
-    return collect_records(windows, activations, neurons, TokenStrings(tokenizer), "neuron", batch_windows=batch_windows, seed=seed)
-
-
-def derangement(count: int, seed: int) -> list[int]:
-    """A permutation with no fixed point (identity when count < 2)."""
-    if count < 2:
-        return list(range(count))
-    rng = random.Random(seed)
-    while True:
-        order = list(range(count))
-        rng.shuffle(order)
-        if all(index != value for index, value in enumerate(order)):
-            return order
+from .units import derangement, latent_records, neuron_records
 
 
 def explain_and_score(records: list[UnitRecords], explainer, simulators: dict, shuffled_control: bool = True, seed: int = 0) -> tuple[list[dict], dict]:
@@ -123,13 +77,33 @@ def write_jsonl(path: str | Path, results: list[dict]) -> Path:
     return path
 
 
+def add_n2g_scores(results: list[dict], records: list[UnitRecords], activations: UnitActivations, windows: Tensor,
+                   tokenizer, seed: int = 0, batch_windows: int = 32) -> None:
+    """The fourth offline explainer/simulator pair: each unit's N2G patterns (eval/explain/n2g.py) scored
+    like the other explanations (correlation, top-and-random and random-only, and the shuffled control
+    with the same pairing as `explain_and_score`), added to `results` (one per record, in order) under
+    "n2g"; the patterns as `n2g_explanation`."""
+    units = [record.unit for record in records]
+    explainer = N2GExplainer(activations, units, windows, TokenStrings(tokenizer), *context_and_pad_ids(tokenizer),
+                             token_budget=batch_windows * windows.shape[1])
+    explanations = explainer.explain_many(records)
+    order = derangement(len(records), seed)
+    simulator = N2GSimulator()
+    for index, (result, record) in enumerate(zip(results, records, strict=True)):
+        result["n2g_explanation"] = explanations[index].text
+        result["scores"]["n2g"] = score_unit(simulator, explanations[index], record)
+        if "shuffled_explanation_of" in result:  # explain_and_score paired it with records[order[index]]
+            result.setdefault("shuffled_scores", {})["n2g"] = score_unit(simulator, explanations[order[index]], record)
+
+
 def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: str, windows: Tensor, *, n_units: int,
                 simulators, explainer_backend=None, latents: list[int] | None = None, neurons: bool = True,
                 neuron_module: str | None = None, seed: int = 0, batch_windows: int = 32,
                 jsonl_path: str | Path | None = None) -> dict:
     """The `explain` section of an eval report: latents, neurons and shuffled controls, every simulator.
 
-    `simulators` is a choose.SimulatorSet; `explainer_backend` None uses the token-lookup explainer.
+    `simulators` is a choose.SimulatorSet; `explainer_backend` None uses the token-lookup explainer. With
+    "n2g" among the simulators, each unit also gets N2G patterns, scored by the N2G simulator.
     """
     from .choose import make_explainer
 
@@ -139,13 +113,20 @@ def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: 
     results, summary = [], {}
     for unit_name, records in groups:
         explainer = make_explainer(explainer_backend, unit_name)
-        group_results, group_summary = explain_and_score(records, explainer, simulators.for_unit(unit_name), seed=seed)
+        group_simulators = simulators.for_unit(unit_name)
+        group_results, group_summary = explain_and_score(records, explainer, group_simulators, seed=seed)
+        if simulators.n2g:
+            units = [record.unit for record in records]
+            activations = (sae_latent_activations(model, hookpoint, sae, units) if unit_name == "latent" else
+                           module_unit_activations(model, neuron_module or mlp_neuron_module(hookpoint), units))
+            add_n2g_scores(group_results, records, activations, windows, tokenizer, seed, batch_windows)
+            group_summary = summarize(group_results, [*group_simulators, "n2g"])
         results += group_results
         for simulator, means in group_summary.items():
             summary.setdefault(simulator, {}).update(means)
-    primary = next(name for name in ("llm", "embedding", "token-lookup") if name in summary)
+    primary = next(name for name in ("llm", "embedding", "token-lookup", "n2g") if name in summary)
     section = {
-        "explainer": explainer.name,
+        "explainer": explainer.name + ("; n2g: its own patterns" if simulators.n2g else ""),
         "primary_simulator": primary,
         "mean_score_top_and_random": summary[primary]["latents"]["mean_score_top_and_random"],
         "mean_score_random_only": summary[primary]["latents"]["mean_score_random_only"],

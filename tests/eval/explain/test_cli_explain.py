@@ -116,3 +116,29 @@ def test_puzzles_command(embedded_sae_dir, tmp_path, capsys):
     assert "true best" in capsys.readouterr().out
     with pytest.raises(UsageError, match="python -m eval.explain puzzles"):
         explain_main(["riddles"])
+
+
+def test_n2g_is_a_fourth_offline_explainer_and_simulator(embedded_sae_dir, tmp_path):
+    """--simulators ...,n2g adds each unit's N2G patterns, scored like the other explanations (correlation,
+    shuffled control), for latents and neurons; alone it is the primary simulator."""
+    jsonl = tmp_path / "units.jsonl"
+    [report] = main([str(embedded_sae_dir), "--tokens", "2048", "--explain", "3", "--explain_out", str(jsonl),
+                     "--simulators", "token-lookup,n2g", "--data_dir", data_dir_of(embedded_sae_dir)])
+    groups = report["explain"]["simulators"]["n2g"]
+    assert set(groups) == {"latents", "latents_shuffled", "neurons", "neurons_shuffled"}
+    assert all(group["units"] == 3 for group in groups.values())
+    assert report["explain"]["primary_simulator"] == "token-lookup"
+    units = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert all("n2g" in unit["scores"] and "n2g" in unit["shuffled_scores"] and unit["n2g_explanation"] for unit in units)
+    latent_means = groups["latents"]["mean_score_top_and_random"]
+    assert latent_means == pytest.approx(sum(unit["scores"]["n2g"]["top_and_random"] for unit in units[:3]) / 3)
+    [alone] = main([str(embedded_sae_dir), "--tokens", "2048", "--explain", "2", "--explain_neurons", "false",
+                    "--simulators", "n2g", "--explain_out", str(tmp_path / "alone.jsonl"),
+                    "--data_dir", data_dir_of(embedded_sae_dir)])
+    assert alone["explain"]["primary_simulator"] == "n2g" and alone["explain"]["explainer"] == "token-lookup; n2g: its own patterns"
+    assert set(alone["explain"]["simulators"]["n2g"]) == {"latents", "latents_shuffled"}  # the control without other simulators
+
+
+def test_the_puzzles_refuse_n2g():
+    with pytest.raises(UsageError, match="n2g simulates only its own patterns"):
+        explain_main(["puzzles", "--simulators", "token-lookup,n2g"])

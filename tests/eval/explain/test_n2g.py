@@ -10,7 +10,8 @@ from eval.explain.n2g import (
     WILDCARD, N2GExplainer, N2GExplanation, N2GSimulator, PatternTrie, context_and_pad_ids, firing_precision_recall,
     last_token_activations, n2g_report, n2g_section, pattern_text,
 )
-from eval.explain.pipeline import explain_and_score, latent_records
+from eval.explain.pipeline import explain_and_score
+from eval.explain.units import latent_records
 from eval.explain.records import Excerpt, UnitRecords, collect_records, sae_latent_activations
 from tests.eval.known_saes import random_sae
 
