@@ -60,30 +60,49 @@ def effect_sparsity(delta: Tensor) -> float:
     return float((centred.abs().sum() / l2) ** 2 / centred.numel())
 
 
+def _codes_in_range(model: nn.Module, module: nn.Module, sae: SparseAutoencoder, windows: Tensor, last: int,
+                    batch_windows: int):
+    """Per batch of windows: (first window, positions per window, values, indices) of the SAE's codes at
+    positions 1 .. last, values and indices (batch * last, k)."""
+    device = next(model.parameters()).device
+    for first in range(0, len(windows), batch_windows):
+        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1 : last + 1]
+        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+        yield first, hidden.shape[1], values, indices
+
+
 @torch.no_grad()
 def choose_occurrences(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, n_latents: int,
                        per_latent: int, horizon: int, seed: int = 0, batch_windows: int = 16,
                        latents: list[int] | None = None) -> list[Occurrence]:
     """Up to `per_latent` random firing positions of each of `n_latents` random live latents (or of
-    `latents`), at positions 1 .. ctx_len - horizon so that `horizon` later logits exist."""
+    `latents`), at positions 1 .. ctx_len - horizon so that `horizon` later logits exist.
+
+    Two passes: the first counts firings to find the live latents, the second keeps the firing
+    positions of the chosen ones only (memory: their firings, not every token's k codes)."""
     module = get_module(model, hookpoint)
-    device = next(model.parameters()).device
     last = windows.shape[1] - horizon  # the last position whose horizon fits in the window
     if last < 1:
         raise UsageError(f"ablation horizon {horizon} needs windows longer than {horizon} tokens, got {windows.shape[1]}")
-    found: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for first in range(0, len(windows), batch_windows):
-        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1 : last + 1]
-        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
-        row, slot = torch.nonzero(values > 0, as_tuple=True)
-        for flat, latent in zip(row.tolist(), indices[row, slot].tolist()):
-            found[latent].append((first + flat // hidden.shape[1], 1 + flat % hidden.shape[1]))
     rng = random.Random(seed)
     if latents is None:
-        latents = sorted(rng.sample(sorted(found), min(n_latents, len(found))))
+        counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
+        for _, _, values, indices in _codes_in_range(model, module, sae, windows, last, batch_windows):
+            counts += torch.bincount(indices[values > 0].cpu(), minlength=sae.cfg.n_latents)
+        live = torch.nonzero(counts).flatten().tolist()
+        latents = sorted(rng.sample(live, min(n_latents, len(live))))
+    chosen = torch.tensor(latents, dtype=torch.long)
+    found_latents, found_windows, found_positions = [], [], []
+    for first, positions, values, indices in _codes_in_range(model, module, sae, windows, last, batch_windows):
+        values, indices = values.cpu(), indices.cpu()
+        row, slot = torch.nonzero((values > 0) & torch.isin(indices, chosen), as_tuple=True)
+        found_latents.append(indices[row, slot])
+        found_windows.append(first + torch.div(row, positions, rounding_mode="floor"))
+        found_positions.append(1 + row % positions)
+    found_latents, found_windows, found_positions = (torch.cat(found) for found in (found_latents, found_windows, found_positions))
     occurrences = []
     for latent in latents:
-        places = found.get(latent, [])
+        places = sorted(zip(found_windows[found_latents == latent].tolist(), found_positions[found_latents == latent].tolist()))
         for window, position in sorted(rng.sample(places, min(per_latent, len(places)))):
             occurrences.append(Occurrence(window, position, latent))
     return occurrences
