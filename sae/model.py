@@ -35,6 +35,7 @@ from .config import ConfigError, SaeConfig, from_dict
 from .files import TensorSpec, atomic_write, read_json_object, write_safetensors
 from .errors import UsageError
 from .formats import read_foreign_sae
+from .formats.common import INPUT_NORMS  # cfg.json names a non-default one under "input_norm"
 from .parallel import ShardLayout
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -44,9 +45,6 @@ LATENT_MAJOR_PARAMETERS = ("encoder.weight", "encoder.bias", "W_dec")
 """Split by rows under latent sharding; `b_dec` is replicated."""
 # cfg.json keys that name SaeConfig fields differently (sparsify's names).
 _FILE_KEYS = {"n_latents": "num_latents"}
-INPUT_NORMS = ("none", "layer_norm")
-"""The input transforms an SAE can have (`SparseAutoencoder.input_norm`); cfg.json names a non-default
-one under the key "input_norm"."""
 LAYER_NORM_EPS = 1e-5
 """Added to each token's std by `layer_norm_input` (OpenAI's and SAELens's value)."""
 

@@ -27,6 +27,7 @@ from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 from torch import Tensor
 
 from sae.config import SaeConfig
+from sae.formats.saelens import WEIGHT_NAMES, our_tensors
 from sae.model import SparseAutoencoder
 
 
@@ -63,18 +64,9 @@ def to_our_sae(saelens_sae: TopKTrainingSAE | TopKSAE) -> SparseAutoencoder:
     if not cfg.apply_b_dec_to_input or cfg.normalize_activations != "none" or cfg.reshape_activations != "none":
         raise ValueError("to_our_sae converts SAELens TopK SAEs with apply_b_dec_to_input=True, "
                          "normalize_activations='none' and reshape_activations='none' only")
-    dtype = saelens_sae.W_dec.dtype
-    # Fold in float64 so the conversion adds no rounding beyond the final cast.
-    W_enc, b_enc = saelens_sae.W_enc.double(), saelens_sae.b_enc.double()
-    W_dec, b_dec = saelens_sae.W_dec.double(), saelens_sae.b_dec.double()
-    decoder_norms = W_dec.norm(dim=1)
-    ours = SparseAutoencoder(SaeConfig(d_in=cfg.d_in, n_latents=cfg.d_sae, k=cfg.k), dtype=dtype)
-    ours.load_state_dict({
-        "encoder.weight": (W_enc * decoder_norms).T.contiguous().to(dtype),
-        "encoder.bias": (b_enc * decoder_norms).to(dtype),
-        "W_dec": (W_dec / decoder_norms[:, None]).to(dtype),
-        "b_dec": b_dec.to(dtype),
-    })
+    stored = {name: getattr(saelens_sae, name).detach() for name in WEIGHT_NAMES}
+    ours = SparseAutoencoder(SaeConfig(d_in=cfg.d_in, n_latents=cfg.d_sae, k=cfg.k), dtype=saelens_sae.W_dec.dtype)
+    ours.load_state_dict(our_tensors(stored, saelens_sae.W_dec.dtype, rescale=True, b_dec_on_input=True))
     return ours
 
 

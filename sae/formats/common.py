@@ -14,6 +14,12 @@ from ..config import SaeConfig
 from ..errors import UsageError
 
 
+INPUT_NORMS = ("none", "layer_norm")
+"""The input transforms an SAE can have (`SparseAutoencoder.input_norm`, sae/model.py): none, or OpenAI's
+per-token LayerNorm (SAELens's normalize_activations "layer_norm"). Here, below sae/model.py, so that
+both it and the foreign readers name them from one place."""
+
+
 class ForeignSae(NamedTuple):
     """An SAE read from another tool's files, mapped onto this SAE's parameters (sae/model.py)."""
 
@@ -29,7 +35,7 @@ class ForeignSae(NamedTuple):
     on the CPU, all of one dtype."""
 
     input_norm: str
-    """The input transform the source applies before encoding: "none" or "layer_norm" (sae/model.py)."""
+    """The input transform the source applies before encoding: one of INPUT_NORMS."""
 
     metadata: dict[str, Any]
     """cfg.json keys to record when the SAE is saved in our format: where it came from (`converted_from`)."""

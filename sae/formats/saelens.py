@@ -33,7 +33,7 @@ from torch import Tensor
 from ..config import ConfigError, SaeConfig, from_dict
 from ..errors import UsageError
 from ..files import TensorSpec, atomic_write, read_json_object, write_safetensors
-from .common import ForeignSae, check_keys, check_shapes, our_shapes, sae_config
+from .common import INPUT_NORMS, ForeignSae, check_keys, check_shapes, our_shapes, sae_config
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -45,9 +45,6 @@ A config without one is read by SAELens as a pre-6.0 config."""
 TOPK_DEFAULTS = {"k": 100, "rescale_acts_by_decoder_norm": False, "apply_b_dec_to_input": True,
                  "normalize_activations": "none", "reshape_activations": "none", "dtype": "float32"}
 """TopKSAEConfig's defaults (sae_lens 6.54): what SAELens computes with when cfg.json lacks the key."""
-
-INPUT_NORMS = ("none", "layer_norm")
-"""The normalize_activations values whose math this SAE has, under the same names as our input_norm."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """SAELens's dtype names (sae_lens/constants.py DTYPE_MAP, which also takes a "torch." prefix)."""
@@ -70,7 +67,7 @@ def read_saelens_folder(path: Path) -> ForeignSae:
     cfg = sae_config(path / CONFIG_FILE, d_in, d_sae, settings["k"])
     check_shapes(path / WEIGHTS_FILE, stored, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
                                                "b_dec": (d_in,)})
-    tensors = _our_tensors(stored, dtype, settings["rescale_acts_by_decoder_norm"], settings["apply_b_dec_to_input"])
+    tensors = our_tensors(stored, dtype, settings["rescale_acts_by_decoder_norm"], settings["apply_b_dec_to_input"])
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     cfg, provenance = _restore_ours(path / CONFIG_FILE, cfg, metadata)
     return ForeignSae("saelens", cfg, tensors, settings["normalize_activations"], provenance)
@@ -115,8 +112,9 @@ def _read_weights(weights_path: Path) -> dict[str, Tensor]:
         raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
 
 
-def _our_tensors(stored: dict[str, Tensor], dtype: torch.dtype, rescale: bool, b_dec_on_input: bool) -> dict[str, Tensor]:
-    """Our parameters computing what SAELens computes with `stored` (the module docstring's mapping)."""
+def our_tensors(stored: dict[str, Tensor], dtype: torch.dtype, rescale: bool, b_dec_on_input: bool) -> dict[str, Tensor]:
+    """Our parameters computing what SAELens computes with `stored` (W_enc, W_dec, b_enc, b_dec in its
+    shapes; the module docstring's mapping), folded in float64 and cast to `dtype`."""
     W_enc, W_dec, b_enc, b_dec = (stored[name].to(dtype) for name in WEIGHT_NAMES)
     if b_dec_on_input and not rescale:  # a transpose: exact
         return {"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
