@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .config import TrainConfig
 from .data import TokenWindows
 from .errors import UsageError
 
@@ -46,6 +47,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", device: 
     else:
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
     return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def load_run_lm(cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """The LM and tokenizer a training run (or its activation cache) reads: cfg.model in cfg.model_dtype,
+    pretrained or re-initialised as cfg.model_init says."""
+    return load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
 
 
 def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx_len") -> None:

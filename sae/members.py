@@ -21,7 +21,6 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import SaeConfig, TrainConfig
-from .distributed import resolve_precision
 from .files import TensorSpec
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
@@ -67,11 +66,12 @@ def member_specs(cfg: TrainConfig, d_in_of: dict[str, int]) -> list[tuple[str, s
     return [(name, hookpoint, replace(sae_cfg, d_in=d_in_of[hookpoint]), lr) for name, hookpoint, sae_cfg, lr in specs]
 
 
-def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device) -> list[Member]:
+def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device,
+                  compute_dtype: torch.dtype) -> list[Member]:
     """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
-    would, and every rank's latents are the slice of that init)."""
+    would, and every rank's latents are the slice of that init), training in `compute_dtype`
+    (`distributed.resolve_precision` of cfg.precision, resolved once by the trainer)."""
     members = []
-    compute_dtype = resolve_precision(cfg.precision, device)
     for name, hookpoint, sae_cfg, lr in member_specs(cfg, d_in_of):
         torch.manual_seed(cfg.seed)
         sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=compute_dtype)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, capture_many,
-                          check_context_length, get_module, load_model_and_tokenizer)
+                          check_context_length, get_module, load_run_lm)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import (DistInfo, gather_objects, init_distributed, resolve_device, resolve_precision, shutdown,
@@ -179,7 +179,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
                               rank=layout.replica)
     report_memory(cfg, d_in_of, layout, device, compute_dtype, model, stream, info)  # refuses before the SAEs exist
-    members = build_members(cfg, d_in_of, layout, device)  # same seed: the same init on every rank
+    members = build_members(cfg, d_in_of, layout, device, compute_dtype)  # same seed: the same init on every rank
     if latest:
         start_step, tokens_seen, wandb_id = resume(cfg, info, members, stream, latest[-1])
         batches = iter(stream)
@@ -282,10 +282,10 @@ def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
         source = open_cache_source(cfg, hookpoints, layout)
         d_in_of = {hookpoint: source.cache.d_in_of[hookpoint] for hookpoint in hookpoints}
         if cfg.eval_every > 0:
-            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
+            model, tokenizer = load_run_lm(cfg, device)
             check_context_length(model, cfg.data.ctx_len)
     else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
+        model, tokenizer = load_run_lm(cfg, device)
         check_context_length(model, cfg.data.ctx_len)
         probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
         d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}

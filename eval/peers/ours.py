@@ -10,6 +10,7 @@ import torch
 from sae import checkpoint
 from sae.cache import ActivationCache
 from sae.config import TrainConfig
+from sae.distributed import resolve_precision
 from sae.members import build_members, evaluation_sae, load_member
 from sae.parallel import ShardLayout
 from sae.trainer import train
@@ -26,11 +27,13 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path, met
     train(cfg)
     cache = ActivationCache(cfg.data.activation_cache)
     folders = {}
+    cpu = torch.device("cpu")
+    compute_dtype = resolve_precision(cfg.precision, cpu)
     for path in checkpoint.list_checkpoints(cfg.run_dir):
         tensors, state = checkpoint.load_checkpoint(path)
         if state["step"] not in checkpoint_steps:
             continue
-        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, ShardLayout(), torch.device("cpu"))
+        [member] = build_members(cfg, {cfg.hookpoint: cache.d_in_of[cfg.hookpoint]}, ShardLayout(), cpu, compute_dtype)
         load_member(member, tensors, state["members"][member.name])
         sae = evaluation_sae(member)  # what the trainer's final save writes
         folders[state["step"]] = sae.save(out_dir / f"step-{state['step']:08d}", input_scale=member.input_scale,

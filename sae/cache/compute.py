@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..activations import capture_many, check_context_length, get_module, load_model_and_tokenizer
+from ..activations import capture_many, check_context_length, get_module, load_run_lm
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
 from ..distributed import resolve_device
@@ -106,7 +106,7 @@ def _load_lm(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str]) -> tup
     """The config's LM cut after the last of `hookpoints` on its device ("auto" as in training), its
     tokenizer, and each hookpoint's width {name: d_in}."""
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.model_dtype, device, cfg.model_init, cfg.model_init_seed)
+    model, tokenizer = load_run_lm(cfg, device)
     check_context_length(model, cfg.data.ctx_len)
     modules = [get_module(model, hookpoint) for hookpoint in hookpoints]
     probe = capture_many(model, modules, torch.zeros(1, 2, dtype=torch.long, device=device))

@@ -129,6 +129,7 @@ def test_random_model_baseline_is_trained_and_evaluated_on_the_same_random_lm(ti
     """train.py --model_init random trains on the LM rebuilt from its seed and records how to rebuild it;
     the eval rebuilds that LM (not the pretrained one), scores both SAEs side by side and says which LM
     each row reads. (That one seed always rebuilds the same weights: tests/test_activations.py.)"""
+    import sae.activations
     import sae.trainer
     import eval.__main__ as eval_main
     from sae.config import DataConfig, SaeConfig, TrainConfig
@@ -141,7 +142,7 @@ def test_random_model_baseline_is_trained_and_evaluated_on_the_same_random_lm(ti
             return load(name, dtype, device, init, init_seed)
         return wrapper
 
-    monkeypatch.setattr(sae.trainer, "load_model_and_tokenizer", recording(sae.trainer.load_model_and_tokenizer))
+    monkeypatch.setattr(sae.activations, "load_model_and_tokenizer", recording(sae.activations.load_model_and_tokenizer))
     monkeypatch.setattr(eval_main, "load_model_and_tokenizer", recording(eval_main.load_model_and_tokenizer))
     common = dict(model=str(tiny_lm_dir), hookpoint="transformer.h.1", sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=2000),
                   data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512), batch_size=128,
