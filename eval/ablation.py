@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sae.activations import capture_activations, get_module
+from sae.activations import get_module
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
+from .explain.records import latent_fire_counts, sae_codes
 from .splice import SpliceRunner
 
 ROWS_PER_FORWARD = 64
@@ -60,17 +61,6 @@ def effect_sparsity(delta: Tensor) -> float:
     return float((centred.abs().sum() / l2) ** 2 / centred.numel())
 
 
-def _codes_in_range(model: nn.Module, module: nn.Module, sae: SparseAutoencoder, windows: Tensor, last: int,
-                    batch_windows: int):
-    """Per batch of windows: (first window, positions per window, values, indices) of the SAE's codes at
-    positions 1 .. last, values and indices (batch * last, k)."""
-    device = next(model.parameters()).device
-    for first in range(0, len(windows), batch_windows):
-        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1 : last + 1]
-        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
-        yield first, hidden.shape[1], values, indices
-
-
 @torch.no_grad()
 def choose_occurrences(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, n_latents: int,
                        per_latent: int, horizon: int, seed: int = 0, batch_windows: int = 16,
@@ -80,20 +70,16 @@ def choose_occurrences(model: nn.Module, hookpoint: str, sae: SparseAutoencoder,
 
     Two passes: the first counts firings to find the live latents, the second keeps the firing
     positions of the chosen ones only (memory: their firings, not every token's k codes)."""
-    module = get_module(model, hookpoint)
     last = windows.shape[1] - horizon  # the last position whose horizon fits in the window
     if last < 1:
         raise UsageError(f"ablation horizon {horizon} needs windows longer than {horizon} tokens, got {windows.shape[1]}")
     rng = random.Random(seed)
     if latents is None:
-        counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
-        for _, _, values, indices in _codes_in_range(model, module, sae, windows, last, batch_windows):
-            counts += torch.bincount(indices[values > 0].cpu(), minlength=sae.cfg.n_latents)
-        live = torch.nonzero(counts).flatten().tolist()
+        live = torch.nonzero(latent_fire_counts(model, hookpoint, sae, windows, batch_windows, last)).flatten().tolist()
         latents = sorted(rng.sample(live, min(n_latents, len(live))))
     chosen = torch.tensor(latents, dtype=torch.long)
     found_latents, found_windows, found_positions = [], [], []
-    for first, positions, values, indices in _codes_in_range(model, module, sae, windows, last, batch_windows):
+    for first, positions, values, indices in sae_codes(model, hookpoint, sae, windows, batch_windows, last):
         values, indices = values.cpu(), indices.cpu()
         row, slot = torch.nonzero((values > 0) & torch.isin(indices, chosen), as_tuple=True)
         found_latents.append(indices[row, slot])

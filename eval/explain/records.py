@@ -13,7 +13,7 @@ shows mostly zeros there, as it should.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -164,14 +164,24 @@ def module_unit_activations(model: nn.Module, module_name: str, units: list[int]
 
 
 @torch.no_grad()
-def latent_fire_counts(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, batch_windows: int = 32) -> Tensor:
-    """(n_latents,) how many tokens (positions 1..) each latent fired on."""
+def sae_codes(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, batch_windows: int = 32,
+              last: int | None = None) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """Per batch of `windows` (N, T): (its first window, positions per window P, values, indices), the SAE's
+    codes (P * batch, k) of positions 1 .. last (default T - 1), window-major."""
     module = get_module(model, hookpoint)
     device = next(model.parameters()).device
-    counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
+    stop = None if last is None else last + 1
     for first in range(0, len(windows), batch_windows):
-        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1:]
+        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1:stop]
         values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+        yield first, hidden.shape[1], values, indices
+
+
+def latent_fire_counts(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor, batch_windows: int = 32,
+                       last: int | None = None) -> Tensor:
+    """(n_latents,) how many tokens (positions 1 .. last, default all) each latent fired on."""
+    counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
+    for _, _, values, indices in sae_codes(model, hookpoint, sae, windows, batch_windows, last):
         counts += torch.bincount(indices[values > 0].cpu(), minlength=sae.cfg.n_latents)
     return counts
 
