@@ -22,12 +22,17 @@ _COLUMNS = [
 ]
 
 
+def _aligned(rows: list[list]) -> list[str]:
+    """Each row's cells padded to their column's widest, two spaces apart."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
+
+
 def comparison_table(reports: Sequence[dict]) -> str:
     """A plain-text table, one row per SAE, then the SAE-independent losses of each model/hookpoint."""
     header = ["sae", "hookpoint", *(title for _, title, _ in _COLUMNS)]
     rows = [[r["sae"], r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines = _aligned([header, *rows])
     baselines = {}
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
         init = r.get("model_init", "pretrained")
@@ -71,9 +76,7 @@ def interpretability_table(reports: Sequence[dict]) -> str:
     primary simulator), mean ablation sparsity, probe loss and N2G precision / recall; "–" where not run."""
     rows = [_interpretability_cells(report) for report in reports]
     header = [column for column in _INTERPRETABILITY_COLUMNS if any(column in row for row in rows)]
-    table = [header, *([row.get(key, "–") for key in header] for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in table)
+    return "\n".join(_aligned([header, *([row.get(key, "–") for key in header] for row in rows)]))
 
 
 def write_report(path: str | Path, reports: Sequence[dict]) -> Path:
