@@ -33,6 +33,7 @@ from sae.errors import run_cli
 from sae.optim import run_lr
 
 from ..__main__ import EvalConfig, run_eval
+from .dead import window_dead_fraction
 from .ours import train_ours
 from .rows import shared_batches
 
@@ -63,6 +64,10 @@ class PeersConfig:
 
     eval_tokens: int = 131072
     """Held-out tokens to score on (fewer if the held-out text is shorter)."""
+
+    dead_window_tokens: int = 1_000_000
+    """Rows of the activation cache (training text) a latent must fire on none of to count as dead in the
+    "dead (window)" column (eval/peers/dead.py); 0 leaves the column out."""
 
     out: str = "runs/peers"
     """Folder of the cache, the runs and the report."""
@@ -152,12 +157,18 @@ def _peer_trainer(system: str):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = "| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | dead | L0 | train wall s | train CPU s |"
+    """The report's table; "dead (held-out)" counts latents silent on the held-out tokens, "dead (N train)"
+    those silent on N rows of the training text's activations (present when the rows carry it)."""
+    window = rows[0].get("dead_window_tokens") if rows else None
+    window_column = f" dead ({window:,} train tokens) |" if window else ""
+    header = (f"| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | dead (held-out) |{window_column} L0 "
+              "| train wall s | train CPU s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         times = (f"{row['wall_s']:.0f} | {row['cpu_s']:.0f}" if row["final"] else " | ")
+        window_cell = f" {row['dead_window']:.3f} |" if window else ""
         lines.append(f"| {row['hookpoint']} | {row['k']} | {row['system']} | {row['tokens']:,} | {row['fvu']:.4f} | "
-                     f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['dead_frac']:.3f} | {row['l0']:.1f} | {times} |")
+                     f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['dead_frac']:.3f} |{window_cell} {row['l0']:.1f} | {times} |")
     return "\n".join(lines)
 
 
@@ -166,6 +177,8 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     hookpoints = list(cfg.hookpoints or [base.hookpoint])
     ks = list(cfg.ks or [base.sae.k])
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
+    if cfg.dead_window_tokens < 0:
+        raise ConfigError(f"--dead_window_tokens must be >= 0 (0 leaves the column out), got {cfg.dead_window_tokens}")
     for system in cfg.systems:  # a bad system spec fails before any work
         if is_ours(system) or len(system.split()) > 1:
             run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
@@ -186,6 +199,7 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
                 result = train_system(cfg, system, hookpoint, k, cache, out / hookpoint / f"k{k}" / system_label(system))
                 runs.append({"hookpoint": hookpoint, "k": k, "system": system, **result})
     folders = [folder for run in runs for folder in run["folders"].values()]
+    activations = ActivationCache(cache)
     reports = {report["sae"]: report for report in run_eval(EvalConfig(tokens=cfg.eval_tokens, data_dir=base.data.data_dir), folders)}
     rows = []
     for run in runs:
@@ -196,6 +210,9 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
                          "final": tokens == last, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "sae": folder,
                          "held_out": report["data"]["held_out"],
                          **{key: report[key] for key in ("fvu", "delta_ce", "kl", "dead_frac", "l0", "ce_clean")}})
+            if cfg.dead_window_tokens > 0:
+                rows[-1]["dead_window"], rows[-1]["dead_window_tokens"] = window_dead_fraction(
+                    folder, activations, run["hookpoint"], cfg.dead_window_tokens)
     table = markdown_table(rows)
     (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "report.md").write_text(table + "\n")

@@ -13,7 +13,7 @@ from eval.peers.__main__ import main
 from eval.peers.ours import train_ours
 from eval.peers.rows import shared_batches
 from sae.activations import ActivationStream
-from sae.cache import build_cache
+from sae.cache import ActivationCache, build_cache
 from sae.config import ConfigError, parse_args
 
 pytest.importorskip("sparsify")
@@ -42,10 +42,12 @@ def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_c
     assert len({row["held_out"] for row in rows}) == 1 and "past what training read" in rows[0]["held_out"]
     for row in rows:
         assert all(torch.isfinite(torch.tensor(row[key])) for key in ("fvu", "delta_ce", "kl")), row
-        assert row["l0"] <= 4 and 0 <= row["dead_frac"] <= 1
+        assert row["l0"] <= 4 and 0 <= row["dead_frac"] <= 1 and 0 <= row["dead_window"] <= 1
+    assert {row["dead_window_tokens"] for row in rows} == {ActivationCache(tmp_path / "peers" / "cache").n_tokens}
     fvu = {(row["system"], row["tokens"]): row["fvu"] for row in rows}
     assert fvu[("ours", 768)] != fvu[("ours --grad_clip=0 --lr=0.01", 768)]  # the overrides took effect
-    assert "| transformer.h.1 | 4 | sparsify | 768 |" in (tmp_path / "peers" / "report.md").read_text()
+    report = (tmp_path / "peers" / "report.md").read_text()
+    assert "| transformer.h.1 | 4 | sparsify | 768 |" in report and "| dead (held-out) | dead (" in report
 
     runs = {(row["system"], row["tokens"]): row["wall_s"] for row in rows}
     again = main(argv)  # trained runs are reused, not retrained
@@ -63,8 +65,11 @@ def test_a_run_that_is_not_a_whole_number_of_checkpoints_is_scored_at_its_end_to
     """7 steps with a checkpoint every 3: folders after 3, 6 and 7 steps (a batch of 16384 over 1M tokens
     is 61 steps, checkpoints every 30)."""
     argv = ["--train_config", str(train_config), "--systems", "[ours, sparsify]", "--tokens", str(128 * 7),
-            "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--out", str(tmp_path / "peers")]
+            "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--dead_window_tokens", "0",
+            "--out", str(tmp_path / "peers")]
     rows = main(argv)
+    assert not any("dead_window" in row for row in rows)
+    assert "train tokens" not in (tmp_path / "peers" / "report.md").read_text()
     assert [(row["system"], row["tokens"]) for row in rows] == [(s, 128 * n) for s in ("ours", "sparsify") for n in (3, 6, 7)]
     assert len({row["fvu"] for row in rows if row["system"] == "ours"}) == 3
 
@@ -74,6 +79,8 @@ def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
         main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
     with pytest.raises(ConfigError, match="only 'ours' takes config overrides"):
         main(["--train_config", str(train_config), "--systems", "[sparsify --lr=1]", "--out", str(tmp_path / "peers")])
+    with pytest.raises(ConfigError, match="--dead_window_tokens must be >= 0"):
+        main(["--train_config", str(train_config), "--dead_window_tokens", "-1", "--out", str(tmp_path / "peers")])
     assert not (tmp_path / "peers").exists()
 
 
