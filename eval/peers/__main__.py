@@ -67,7 +67,7 @@ class PeersConfig:
 
     dead_window_tokens: int = 1_000_000
     """Rows of the activation cache (training text) a latent must fire on none of to count as dead in the
-    "dead (window)" column (eval/peers/dead.py); 0 leaves the column out."""
+    "dead (N train tokens)" column (eval/peers/dead.py); 0 leaves the column out."""
 
     out: str = "runs/peers"
     """Folder of the cache, the runs and the report."""
@@ -157,8 +157,8 @@ def _peer_trainer(system: str):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The report's table; "dead (held-out)" counts latents silent on the held-out tokens, "dead (N train)"
-    those silent on N rows of the training text's activations (present when the rows carry it)."""
+    """The report's table; "dead (held-out)" counts latents silent on the held-out tokens, "dead (N train
+    tokens)" those silent on N rows of the training text's activations (present when the rows carry it)."""
     window = rows[0].get("dead_window_tokens") if rows else None
     window_column = f" dead ({window:,} train tokens) |" if window else ""
     header = (f"| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | dead (held-out) |{window_column} L0 "
