@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sae.model import fire_counts
+
 # Edges of the latent-density histogram, in log10(fraction of tokens a latent fires on).
 DENSITY_BIN_EDGES = [edge / 2 for edge in range(-16, 1)]  # -8.0, -7.5, ..., 0.0
 
@@ -51,9 +53,8 @@ class ReconstructionStats:
         self.squared_error += (x - x_hat).pow(2).sum().item()
         self.energy += x.pow(2).sum().item()
         self.centered_energy += (x - self.mean.to(x.device)).pow(2).sum().item()
-        fired = values > 0
-        self.active_latents += int(fired.sum().item())
-        self.fire_counts += torch.bincount(indices[fired].cpu(), minlength=self.n_latents)
+        self.active_latents += int((values > 0).sum().item())
+        self.fire_counts += fire_counts(values, indices, self.n_latents)
 
     def summary(self) -> dict:
         """nmse, fvu, mse, l0, dead_frac, and the density histogram (see the module docstring)."""

@@ -120,6 +120,12 @@ def normalized_mse(target: Tensor, prediction: Tensor, variance: VarianceFn = ba
     return (target - prediction).pow(2).sum() / variance(target)
 
 
+def fire_counts(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
+    """(n_latents,) int64 on the CPU: on how many rows of a TopK code, values and indices (N, k), each
+    latent fires (its value > 0; a selected latent whose ReLU output is 0 does not fire)."""
+    return torch.bincount(indices[values > 0].cpu(), minlength=n_latents)
+
+
 @torch.no_grad()
 def normalize_rows_(matrix: Tensor) -> Tensor:
     """Scale each row of `matrix` (n, d) to unit norm, in place (a zero row stays zero)."""

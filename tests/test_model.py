@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae import SaeConfig, SparseAutoencoder
-from sae.model import geometric_median
+from sae.model import fire_counts, geometric_median
 
 
 def random_sae(d_in, n_latents, k, **kwargs) -> SparseAutoencoder:
@@ -175,6 +175,24 @@ def test_decoder_gradient_projection_and_renormalisation():
         sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) + 0.5)
     sae.set_decoder_norm_to_unit_norm()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_fire_counts_match_a_loop_and_skip_zero_values(k):
+    generator = torch.Generator().manual_seed(k)
+    n_latents, rows = 13, 50
+    indices = torch.randint(0, n_latents, (rows, k), generator=generator)
+    values = torch.rand(rows, k, generator=generator)
+    values[values < 0.3] = 0.0  # selected by TopK but cut by ReLU: not a firing
+    reference = [0] * n_latents
+    for row in range(rows):
+        for slot in range(k):
+            if values[row, slot] > 0:
+                reference[indices[row, slot]] += 1
+    counts = fire_counts(values, indices, n_latents)
+    assert counts.dtype == torch.int64 and counts.shape == (n_latents,)
+    assert counts.tolist() == reference
+    assert fire_counts(values[:0], indices[:0], n_latents).tolist() == [0] * n_latents
 
 
 def test_geometric_median():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from sae.activations import capture_activations, get_module
 from sae.errors import UsageError
-from sae.model import SparseAutoencoder
+from sae.model import SparseAutoencoder, fire_counts
 
 UnitActivations = Callable[[Tensor], Tensor]
 """Maps token windows (B, T) to the chosen units' activations at positions 1.. : (B, T - 1, n_units)."""
@@ -182,7 +182,7 @@ def latent_fire_counts(model: nn.Module, hookpoint: str, sae: SparseAutoencoder,
     """(n_latents,) how many tokens (positions 1 .. last, default all) each latent fired on."""
     counts = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
     for _, _, values, indices in sae_codes(model, hookpoint, sae, windows, batch_windows, last):
-        counts += torch.bincount(indices[values > 0].cpu(), minlength=sae.cfg.n_latents)
+        counts += fire_counts(values, indices, sae.cfg.n_latents)
     return counts
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sae.cache import ActivationCache
-from sae.model import SparseAutoencoder
+from sae.model import SparseAutoencoder, fire_counts
 
 ROWS_PER_READ = 16384
 """About how many cache rows are read and encoded at once (whole windows)."""
@@ -33,7 +33,7 @@ def window_fire_counts(sae: SparseAutoencoder, cache: ActivationCache, hookpoint
             break
         x = cache.read_windows(first, min(windows_per_read, cache.n_windows - first), hookpoint)[: window_tokens - rows]
         values, indices = sae.encode(x.to(sae.dtype))
-        counts += torch.bincount(indices[values > 0], minlength=sae.cfg.n_latents)
+        counts += fire_counts(values, indices, sae.cfg.n_latents)
         rows += x.shape[0]
     return counts, rows
 
