@@ -5,7 +5,7 @@ the bare encoder matmul x @ W_enc^T measured in the same process.
     python -m sae.bench --json          # the same as JSON
     python -m sae.bench --quick         # tiny shapes (a smoke test, numbers mean nothing)
 
-Implementations: `kernels[torch]` and `kernels[triton]` (the `kernels` package; triton only on CUDA), `sae.model`
+Implementations: `sae_kernels[torch]` and `sae_kernels[triton]` (the `sae_kernels` package; triton only on CUDA), `sae.model`
 (the project's eager SparseAutoencoder), `dense` (a dense TopK SAE: (N, n_latents) codes and matmuls,
 autograd backward) and `sparsify` (EleutherAI's SparseCoder, eager decoder, if installed). Each runs
 with and without AuxK (10% of latents dead, k_aux = 512; sparsify picks its own k_aux = d_in / 2).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import ops
+from sae_kernels import ops
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,9 @@ def sparsify_available() -> bool:
 
 
 def implementations(device: torch.device) -> dict[str, Callable]:
-    impls = {"kernels[torch]": kernels_forward("torch")}
+    impls = {"sae_kernels[torch]": kernels_forward("torch")}
     if device.type == "cuda" and ops.triton_available():
-        impls["kernels[triton]"] = kernels_forward("triton")
+        impls["sae_kernels[triton]"] = kernels_forward("triton")
     impls["sae.model"] = model_forward
     impls["dense"] = dense_forward
     if sparsify_available():

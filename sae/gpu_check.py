@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": bench.machine()}
     report["step"] = [r for shape in step_shapes for r in step_check(device, *shape)]
     report["bench"] = bench.run(bench.QUICK_SIZES if args.dry else bench.CUDA_SIZES, device, 1 if args.dry else 5,
-                                {"kernels[torch]"} if args.dry else None)
+                                {"sae_kernels[torch]"} if args.dry else None)
     with tempfile.TemporaryDirectory() as folder:
         report["train"] = training_check(device, args.dry, Path(folder))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))

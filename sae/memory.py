@@ -3,7 +3,7 @@
     parameters   n_local (2 d_in + 1) + d_in floats per SAE (this rank's latents: n_latents / shard_latents)
     gradients    as many
     optimizer    two more (Adam: exp_avg, exp_avg_sq; schedule-free Adam: z, exp_avg_sq)
-    step         the pre-activation chunk (kernels/select.py bounds it for any batch) in the compute
+    step         the pre-activation chunk (kernels/sae_kernels/select.py bounds it for any batch) in the compute
                  dtype, the weights cast to it (bf16 mixed precision), the sparse codes and a few
                  (N, d_in) float32 tensors of one step (x, x_hat, residuals, gradients)
     shuffle      the shuffle block of every hookpoint's activations, and its shuffled copy
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.select import chunk_rows
+from sae_kernels.select import chunk_rows
 
 from .config import SaeConfig
 from .errors import UserError

@@ -9,7 +9,7 @@ there (`SparseCoder.load_from_disk`) and gives the same outputs:
     encode:  pre = W_enc (x - b_dec) + b_enc;  keep the top k per row;  values = ReLU(top values)
     decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
 
-`encode`, `decode` and `forward` run on the sparse `kernels` ops (Triton on CUDA, eager torch on CPU).
+`encode`, `decode` and `forward` run on the sparse `sae_kernels` ops (Triton on CUDA, eager torch on CPU).
 
 An SAE imported from OpenAI's TopK SAEs (sae/formats/) also has an input transform, `input_norm`
 "layer_norm": encode normalises each token x to (x - mean) / (std + 1e-5) first, and `reconstruct` maps
@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-import kernels
-from kernels import sparse_decode
+import sae_kernels
+from sae_kernels import sparse_decode
 
 from .config import ConfigError, SaeConfig, from_dict
 from .files import TensorSpec, atomic_write, read_json_object, write_safetensors
@@ -262,14 +262,14 @@ class SparseAutoencoder(nn.Module):
 
     def _encode_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """`encode` of an input already transformed by `input_norm`."""
-        return kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
+        return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
 
     def _decode_normalized(self, values: Tensor, indices: Tensor) -> Tensor:
         """The reconstruction in the units `encode` works in (normalised ones under an input transform)."""
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
-        """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `kernels` ops.
+        """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `sae_kernels` ops.
 
         dead_mask: this rank's latents the AuxK loss may use, (n_local,) bool; or a `DeadMaskFn`,
         called with this batch's TopK selection before AuxK, that counts it into the dead-latent
@@ -295,7 +295,7 @@ class SparseAutoencoder(nn.Module):
         x_in = x.to(weights.W_enc.dtype)  # x itself stays in the parameters' dtype for the losses
         # One node for both encodes (one all-reduce in backward), in the compute dtype like x_in.
         b_dec_enc = layout.b_dec_for_encoder(self.b_dec).to(weights.W_enc.dtype)
-        values, local = kernels.topk_encode(
+        values, local = sae_kernels.topk_encode(
             x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local), b_dec=b_dec_enc, sorted=cfg.multi_topk,
         )
         top = layout.top_over_shards(values, local + self.latent_start, n_top, sorted=cfg.multi_topk)
@@ -342,7 +342,7 @@ class SparseAutoencoder(nn.Module):
                                               width=min(k_aux, most_on_one_shard))
         aux_values, aux_local = aux_top.local_part(aux_values, aux_local, k_aux)
         if variance is batch_variance and self.layout.shards == 1:  # the fused op: the local batch's variance
-            return kernels.auxk_loss(aux_values, aux_local, weights.W_dec, residual).to(self.dtype)
+            return sae_kernels.auxk_loss(aux_values, aux_local, weights.W_dec, residual).to(self.dtype)
         loss = normalized_mse(residual, self._reconstruct(weights, aux_values, aux_local), variance)
         return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
 
@@ -355,7 +355,7 @@ class SparseAutoencoder(nn.Module):
         the forward's (default: the parameters as stored)."""
         if latents.numel() == 0 or k == 0:
             return x.new_zeros(len(x), 0), latents.new_zeros(len(x), 0)
-        values, local = kernels.topk_encode(
+        values, local = sae_kernels.topk_encode(
             x, (weights.W_enc if weights else self.encoder.weight).index_select(0, latents),
             (weights.b_enc if weights else self.encoder.bias).index_select(0, latents),
             min(k, latents.numel()), b_dec=self.b_dec if b_dec is None else b_dec,

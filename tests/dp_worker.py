@@ -4,7 +4,7 @@ batches, each rank taking its slice, and save the parameters. Run alone, it trai
 import sys
 from pathlib import Path
 
-# Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
+# Run as a script, sys.path[0] is tests/, where tests/eval would shadow the real `eval` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch

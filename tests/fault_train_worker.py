@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
+# Run as a script, sys.path[0] is tests/, where tests/eval would shadow the real `eval` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import train

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-# Run as a script, sys.path[0] is tests/, where tests/kernels would shadow the real `kernels` package.
+# Run as a script, sys.path[0] is tests/, where tests/eval would shadow the real `eval` package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch

@@ -12,7 +12,7 @@ def test_the_dry_gpu_check_runs_every_step_and_writes_its_report(tmp_path):
     assert report["dry"] and report["device"] == "cpu"
     assert {r["compute_dtype"] for r in report["step"]} == {"float32", "bfloat16"}
     assert all(r["ok"] and r["same_selection"] for r in report["step"])
-    assert {r["impl"] for r in report["bench"]} >= {"kernels[torch]"}
+    assert {r["impl"] for r in report["bench"]} >= {"sae_kernels[torch]"}
     assert 0 < report["train"]["final_fvu"] < 1 and report["train"]["tokens"] > 0
     assert "GPU check on cpu (dry run)" in (tmp_path / "gpu_check.md").read_text()
 

@@ -264,12 +264,6 @@ def test_optimiser_settings_out_of_range_are_refused():
         TrainConfig(optimizer="adam", schedule_free_r=1.0)
 
 
-def test_transformers_does_not_mistake_our_kernels_package_for_hugging_faces():
-    from transformers.utils import import_utils
-
-    assert not import_utils.is_kernels_available()
-
-
 def test_short_run_on_the_embedded_model_and_corpus(embedded_sae_dir):
     """The embedded default end to end (model committed in sae/embedded, corpus built from the stdlib)."""
     log = [line for line in read_log(embedded_sae_dir) if "fvu" in line]

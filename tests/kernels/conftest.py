@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
+import sae_kernels
 
 BACKENDS = ["torch", "triton"]
-if sys.platform != "linux" or not kernels.triton_available():  # triton is Linux-only
+if sys.platform != "linux" or not sae_kernels.triton_available():  # triton is Linux-only
     BACKENDS = ["torch"]
 
 

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 within the hardware limits (kernels/aot.py).
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 within the hardware limits (kernels/sae_kernels/aot.py).
 
 The check needs compiled (not interpreted) kernel modules, so it runs in a subprocess without
 TRITON_INTERPRET (the suite sets it for everything else)."""
@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 
-import kernels
+import sae_kernels
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux" or not kernels.triton_available(), reason="triton is Linux-only")
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or not sae_kernels.triton_available(), reason="triton is Linux-only")
 
 
 def run_without_interpreter(args: list[str], tmp_path) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def run_without_interpreter(args: list[str], tmp_path) -> subprocess.CompletedPr
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     report = tmp_path / "aot.json"
-    done = run_without_interpreter(["-m", "kernels.aot", "--json", str(report)], tmp_path)
+    done = run_without_interpreter(["-m", "sae_kernels.aot", "--json", str(report)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(report.read_text())
     assert result["problems"] == []
@@ -50,7 +50,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
 def test_the_check_fails_on_spills_too_many_registers_and_unlaunched_kernels(tmp_path):
     script = textwrap.dedent("""
         import json
-        from kernels.aot import Build, problems
+        from sae_kernels.aot import Build, problems
         ok = Build("_gather_rows_kernel", "sm_90", "s", "", registers=40, spill_bytes=0, shared_bytes=1024)
         spill = Build("_row_dots_kernel", "sm_80", "s", "", registers=255, spill_bytes=8, shared_bytes=0)
         heavy = Build("_aux_residual_kernel", "sm_80", "s", "", registers=256, spill_bytes=0, shared_bytes=0)

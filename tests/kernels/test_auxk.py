@@ -1,11 +1,11 @@
-"""kernels.auxk_loss, and the whole SAE forward on the ops, against sae.model in float64."""
+"""sae_kernels.auxk_loss, and the whole SAE forward on the ops, against sae.model in float64."""
 
 import math
 
 import pytest
 import torch
 
-import kernels
+import sae_kernels
 from sae import SaeConfig, SparseAutoencoder
 from sae.model import ForwardOutput, normalized_mse
 
@@ -17,19 +17,19 @@ def forward_with_ops(sae: SparseAutoencoder, x, dead_mask=None, backend=None) ->
     use_aux = dead_mask is not None and cfg.auxk_coef > 0
     # Multi-TopK needs the top 4k; sorted, its first k columns are the top k.
     k = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
-    encoded = kernels.topk_encode(
+    encoded = sae_kernels.topk_encode(
         x, sae.encoder.weight, sae.encoder.bias, k, b_dec=sae.b_dec,
         dead_mask=dead_mask if use_aux else None, k_aux=cfg.k_aux, sorted=cfg.multi_topk, backend=backend,
     )
     values, indices = encoded[0], encoded[1]
     latent_acts, latent_indices = values[:, : cfg.k], indices[:, : cfg.k]
-    x_hat = kernels.sparse_decode(latent_acts, latent_indices, sae.W_dec, backend=backend) + sae.b_dec
+    x_hat = sae_kernels.sparse_decode(latent_acts, latent_indices, sae.W_dec, backend=backend) + sae.b_dec
     fvu = normalized_mse(x, x_hat)
     zero = fvu.new_zeros(())
-    auxk = kernels.auxk_loss(encoded[2], encoded[3], sae.W_dec, x - x_hat, backend=backend) if use_aux else zero
+    auxk = sae_kernels.auxk_loss(encoded[2], encoded[3], sae.W_dec, x - x_hat, backend=backend) if use_aux else zero
     multi_topk_fvu = zero
     if cfg.multi_topk:
-        multi_topk_fvu = normalized_mse(x, kernels.sparse_decode(values, indices, sae.W_dec, backend=backend) + sae.b_dec)
+        multi_topk_fvu = normalized_mse(x, sae_kernels.sparse_decode(values, indices, sae.W_dec, backend=backend) + sae.b_dec)
     loss = fvu + cfg.auxk_coef * auxk + multi_topk_fvu / 8
     return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk, multi_topk_fvu, loss)
 
@@ -85,7 +85,7 @@ def test_loss_and_gradients_match_float64(backend, dtype, k_aux, pool, ref):
     W_dec = torch.randn(n_latents, d_in, dtype=dtype).requires_grad_(True)
     residual = torch.randn(n_rows, d_in, dtype=dtype, requires_grad=True)  # must not receive a gradient
 
-    loss = kernels.auxk_loss(values, indices, W_dec, residual, backend=backend)
+    loss = sae_kernels.auxk_loss(values, indices, W_dec, residual, backend=backend)
     assert loss.shape == () and loss.dtype == dtype
     values64, W64 = values.detach().double().requires_grad_(True), W_dec.detach().double().requires_grad_(True)
     e = residual.detach().double()
@@ -104,18 +104,18 @@ def test_nan_becomes_zero_with_zero_gradient_and_inf_stays(backend):
     W_dec = torch.randn(50, 8, requires_grad=True)
     values = torch.zeros(4, 3, requires_grad=True)  # e_hat = 0
     indices = torch.randint(0, 50, (4, 3))
-    loss = kernels.auxk_loss(values, indices, W_dec, torch.zeros(4, 8), backend=backend)  # 0 / 0
+    loss = sae_kernels.auxk_loss(values, indices, W_dec, torch.zeros(4, 8), backend=backend)  # 0 / 0
     assert loss.item() == 0
     loss.backward()
     assert torch.equal(W_dec.grad, torch.zeros(50, 8)) and torch.equal(values.grad, torch.zeros(4, 3))
     # Constant non-zero residual: variance 0, error > 0, loss +inf (only NaN is replaced, as in sae.model).
-    loss = kernels.auxk_loss(values, indices, W_dec, torch.ones(4, 8), backend=backend)
+    loss = sae_kernels.auxk_loss(values, indices, W_dec, torch.ones(4, 8), backend=backend)
     assert loss.item() == math.inf
 
 
 def test_no_dead_latents_gives_zero(backend):
     W_dec = torch.randn(50, 8)
-    loss = kernels.auxk_loss(torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.int64), W_dec, torch.randn(4, 8), backend=backend)
+    loss = sae_kernels.auxk_loss(torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.int64), W_dec, torch.randn(4, 8), backend=backend)
     assert loss.item() == 0
 
 
@@ -124,7 +124,7 @@ def test_bfloat16(backend, ref):
     indices = torch.stack([torch.randperm(200)[:64] for _ in range(12)])
     W_dec = torch.randn(1000, 100, dtype=torch.bfloat16, requires_grad=True)
     residual = torch.randn(12, 100, dtype=torch.bfloat16)
-    loss = kernels.auxk_loss(values, indices, W_dec, residual, backend=backend)
+    loss = sae_kernels.auxk_loss(values, indices, W_dec, residual, backend=backend)
     values64, W64 = values.detach().double().requires_grad_(True), W_dec.detach().double().requires_grad_(True)
     expected = normalized_mse(residual.double(), ref.dense_codes64(values64, indices, 1000) @ W64)
     ref.assert_close(loss, expected, 3e-2, "loss")

@@ -1,9 +1,9 @@
-"""kernels.sparse_decode, both backends, against a dense float64 reference: output and gradients."""
+"""sae_kernels.sparse_decode, both backends, against a dense float64 reference: output and gradients."""
 
 import pytest
 import torch
 
-import kernels
+import sae_kernels
 from sae.model import sparse_decode as model_sparse_decode
 
 
@@ -32,7 +32,7 @@ def test_output_and_gradients_match_float64(backend, dtype, case, kind, ref):
     values = torch.randn(n_rows, k, dtype=dtype).abs().requires_grad_(True)
     indices = random_indices(n_rows, k, n_latents, pool)
     W_dec = torch.randn(n_latents, d_in, dtype=dtype, requires_grad=True)
-    x_hat = kernels.sparse_decode(values, indices, W_dec, backend=backend)
+    x_hat = sae_kernels.sparse_decode(values, indices, W_dec, backend=backend)
     assert x_hat.dtype == dtype and x_hat.shape == (n_rows, d_in)
 
     values64, W64 = values.detach().double().requires_grad_(True), W_dec.detach().double().requires_grad_(True)
@@ -58,7 +58,7 @@ def test_equals_the_model_embedding_bag_in_float64(backend, ref):
     values = torch.rand(19, 5, dtype=torch.float64)
     indices = random_indices(19, 5, 1000)
     W_dec = torch.randn(1000, 100, dtype=torch.float64)
-    ours = kernels.sparse_decode(values, indices, W_dec, backend=backend)
+    ours = sae_kernels.sparse_decode(values, indices, W_dec, backend=backend)
     ref.assert_close(ours, model_sparse_decode(values, indices, W_dec), ref.tolerance(backend, torch.float64))
 
 
@@ -66,7 +66,7 @@ def test_bfloat16(backend, ref):
     values = torch.rand(21, 5, dtype=torch.bfloat16, requires_grad=True)
     indices = random_indices(21, 5, 1000)
     W_dec = torch.randn(1000, 100, dtype=torch.bfloat16, requires_grad=True)
-    x_hat = kernels.sparse_decode(values, indices, W_dec, backend=backend)
+    x_hat = sae_kernels.sparse_decode(values, indices, W_dec, backend=backend)
     assert x_hat.dtype == torch.bfloat16
     values64, W64 = values.detach().double().requires_grad_(True), W_dec.detach().double().requires_grad_(True)
     expected = ref.dense_codes64(values64, indices, 1000) @ W64
@@ -81,7 +81,7 @@ def test_bfloat16(backend, ref):
 def test_empty_selection_decodes_to_zero(backend):
     W_dec = torch.randn(50, 8, requires_grad=True)
     values = torch.zeros(4, 0, requires_grad=True)
-    x_hat = kernels.sparse_decode(values, torch.zeros(4, 0, dtype=torch.int64), W_dec, backend=backend)
+    x_hat = sae_kernels.sparse_decode(values, torch.zeros(4, 0, dtype=torch.int64), W_dec, backend=backend)
     assert torch.equal(x_hat, torch.zeros(4, 8))
     x_hat.sum().backward()
     assert torch.equal(W_dec.grad, torch.zeros(50, 8))
@@ -90,11 +90,11 @@ def test_empty_selection_decodes_to_zero(backend):
 def test_bad_indices_are_rejected(backend):
     W_dec = torch.randn(50, 8)
     with pytest.raises(IndexError, match=r"\[0, 50\)"):
-        kernels.sparse_decode(torch.ones(2, 3), torch.tensor([[0, 1, 50], [2, 3, 4]]), W_dec, backend=backend)
+        sae_kernels.sparse_decode(torch.ones(2, 3), torch.tensor([[0, 1, 50], [2, 3, 4]]), W_dec, backend=backend)
     with pytest.raises(ValueError, match="int64"):
-        kernels.sparse_decode(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.int32), W_dec, backend=backend)
+        sae_kernels.sparse_decode(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.int32), W_dec, backend=backend)
     with pytest.raises(ValueError, match=r"\(N, K\)"):
-        kernels.sparse_decode(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.int64), W_dec, backend=backend)
+        sae_kernels.sparse_decode(torch.ones(2, 3), torch.zeros(2, 4, dtype=torch.int64), W_dec, backend=backend)
 
 
 def test_indices_modified_in_place_are_not_served_stale_facts(backend, ref):
@@ -103,12 +103,12 @@ def test_indices_modified_in_place_are_not_served_stale_facts(backend, ref):
     values = torch.rand(9, 5, dtype=torch.float64, requires_grad=True)
     indices = random_indices(9, 5, 1000)
     W_dec = torch.randn(1000, 100, dtype=torch.float64, requires_grad=True)
-    kernels.sparse_decode(values, indices, W_dec, backend=backend).sum().backward()
+    sae_kernels.sparse_decode(values, indices, W_dec, backend=backend).sum().backward()
     indices[:, 0] = (indices[:, 0] + 1) % 1000
     W_dec.grad = None
-    kernels.sparse_decode(values, indices, W_dec, backend=backend).sum().backward()
+    sae_kernels.sparse_decode(values, indices, W_dec, backend=backend).sum().backward()
     expected = ref.dense_codes64(values.detach(), indices, 1000).sum(0)[:, None].expand(1000, 100)
     ref.assert_close(W_dec.grad, expected, ref.tolerance(backend, torch.float64), "grad W_dec")
     indices[0, 0] = 1000
     with pytest.raises(IndexError):
-        kernels.sparse_decode(values, indices, W_dec, backend=backend)
+        sae_kernels.sparse_decode(values, indices, W_dec, backend=backend)

@@ -1,4 +1,4 @@
-"""Backend choice (device, SAE_KERNELS, backend=), and that `import kernels` stays light."""
+"""Backend choice (device, SAE_KERNELS, backend=), and that `import sae_kernels` stays light."""
 
 import json
 import os
@@ -8,46 +8,46 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import eager
+import sae_kernels
+from sae_kernels import eager
 
 
 def test_cpu_tensors_default_to_the_eager_path(monkeypatch):
     monkeypatch.delenv("SAE_KERNELS", raising=False)
-    assert kernels.resolve_backend(torch.device("cpu")) == "torch"
+    assert sae_kernels.resolve_backend(torch.device("cpu")) == "torch"
     monkeypatch.setenv("SAE_KERNELS", "auto")
-    assert kernels.resolve_backend(torch.device("cpu")) == "torch"
+    assert sae_kernels.resolve_backend(torch.device("cpu")) == "torch"
 
 
 def test_cuda_tensors_default_to_triton_when_installed(monkeypatch):
     monkeypatch.delenv("SAE_KERNELS", raising=False)
-    expected = "triton" if kernels.triton_available() else "torch"
-    assert kernels.resolve_backend(torch.device("cuda")) == expected
+    expected = "triton" if sae_kernels.triton_available() else "torch"
+    assert sae_kernels.resolve_backend(torch.device("cuda")) == expected
 
 
 def test_environment_and_argument_force_a_backend(monkeypatch):
     monkeypatch.setenv("SAE_KERNELS", "torch")
-    assert kernels.resolve_backend(torch.device("cuda")) == "torch"
-    assert kernels.resolve_backend(torch.device("cpu"), "torch") == "torch"
+    assert sae_kernels.resolve_backend(torch.device("cuda")) == "torch"
+    assert sae_kernels.resolve_backend(torch.device("cpu"), "torch") == "torch"
     monkeypatch.setenv("SAE_KERNELS", "nonsense")
     with pytest.raises(ValueError, match="nonsense"):
-        kernels.resolve_backend(torch.device("cpu"))
+        sae_kernels.resolve_backend(torch.device("cpu"))
 
 
-@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+@pytest.mark.skipif(not sae_kernels.triton_available(), reason="triton is not installed")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("SAE_KERNELS", "triton")
-    assert kernels.resolve_backend(torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 in tests
+    assert sae_kernels.resolve_backend(torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 in tests
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.resolve_backend(torch.device("cpu"))
+        sae_kernels.resolve_backend(torch.device("cpu"))
 
 
-@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+@pytest.mark.skipif(not sae_kernels.triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("forced", ["triton", "torch"])
 def test_sae_kernels_routes_every_op(monkeypatch, forced):
     """With SAE_KERNELS set, every primitive of forward and backward runs on that backend only."""
-    from kernels import auxk, decode, encode
+    from sae_kernels import auxk, decode, encode
 
     calls = []
 
@@ -66,15 +66,15 @@ def test_sae_kernels_routes_every_op(monkeypatch, forced):
     spy(decode, "row_dots", "triton")
     spy(encode, "scatter_rows", "triton")
     spy(auxk, "aux_residual", "triton")
-    monkeypatch.setattr(kernels.ops, "_triton_backend", None)  # rebuild it from the spied functions
+    monkeypatch.setattr(sae_kernels.ops, "_triton_backend", None)  # rebuild it from the spied functions
     monkeypatch.setenv("SAE_KERNELS", forced)
 
     x = torch.randn(6, 12, requires_grad=True)
     W_enc, W_dec = torch.randn(40, 12, requires_grad=True), torch.randn(40, 12, requires_grad=True)
     dead = torch.arange(40) < 10
-    values, indices, aux_values, aux_indices = kernels.topk_encode(x, W_enc, None, 3, dead_mask=dead, k_aux=4)
-    x_hat = kernels.sparse_decode(values, indices, W_dec)
-    (x_hat.sum() + kernels.auxk_loss(aux_values, aux_indices, W_dec, x - x_hat)).backward()
+    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(x, W_enc, None, 3, dead_mask=dead, k_aux=4)
+    x_hat = sae_kernels.sparse_decode(values, indices, W_dec)
+    (x_hat.sum() + sae_kernels.auxk_loss(aux_values, aux_indices, W_dec, x - x_hat)).backward()
 
     assert {tag for tag, _ in calls} == {forced}
     assert {name for _, name in calls} == {"gather_rows", "row_dots", "scatter_rows", "aux_residual"}
@@ -88,20 +88,20 @@ def _run_python(code: str, **env) -> str:
 
 
 def test_import_is_light_and_works_without_triton():
-    """`import kernels` must not import triton (transformers probes this package name), and the eager
+    """`import sae_kernels` must not import triton (a CPU user should not pay for it), and the eager
     ops must work where triton cannot be imported at all."""
     code = """
 import sys, json
 light = {}
-import kernels
+import sae_kernels
 light["triton_imported"] = "triton" in sys.modules
 sys.modules["triton"] = None  # from here on, `import triton` fails as on a machine without it
 import torch
-v, i = kernels.topk_encode(torch.randn(4, 8), torch.randn(20, 8), None, 2)
-light["decoded"] = list(kernels.sparse_decode(v, i, torch.randn(20, 8)).shape)
-light["available"] = kernels.triton_available()
+v, i = sae_kernels.topk_encode(torch.randn(4, 8), torch.randn(20, 8), None, 2)
+light["decoded"] = list(sae_kernels.sparse_decode(v, i, torch.randn(20, 8)).shape)
+light["available"] = sae_kernels.triton_available()
 try:
-    kernels.sparse_decode(v, i, torch.randn(20, 8), backend="triton")
+    sae_kernels.sparse_decode(v, i, torch.randn(20, 8), backend="triton")
 except RuntimeError as error:
     light["error"] = str(error)
 print(json.dumps(light))

@@ -1,11 +1,11 @@
-"""kernels.topk_encode, both backends, against float64 references: values, indices and every gradient."""
+"""sae_kernels.topk_encode, both backends, against float64 references: values, indices and every gradient."""
 
 import math
 
 import pytest
 import torch
 
-import kernels
+import sae_kernels
 from sae import SaeConfig, SparseAutoencoder
 
 # (rows, d_in, n_latents, k): the issue's odd shape, k = 1, and k = n_latents (everything selected).
@@ -34,7 +34,7 @@ def reference_loss(values, kind, seed_grad):
 def test_values_and_all_gradients_match_float64(backend, dtype, shape, kind, ref):
     n_rows, d_in, n_latents, k = shape
     t = ref.inputs(n_rows, d_in, n_latents, dtype)
-    values, indices = kernels.topk_encode(t.x, t.W_enc, t.b_enc, k, b_dec=t.b_dec, backend=backend)
+    values, indices = sae_kernels.topk_encode(t.x, t.W_enc, t.b_enc, k, b_dec=t.b_dec, backend=backend)
     assert values.dtype == dtype and indices.dtype == torch.int64
 
     leaves = [p.detach().double().requires_grad_(True) for p in (t.x, t.W_enc, t.b_enc, t.b_dec)]
@@ -60,7 +60,7 @@ def test_selects_what_sae_model_selects(backend, dtype, ref):
         for p in sae.parameters():
             p.normal_()
     x = torch.randn(31, 100, dtype=dtype)
-    values, indices = kernels.topk_encode(
+    values, indices = sae_kernels.topk_encode(
         x, sae.encoder.weight, sae.encoder.bias, 5, b_dec=sae.b_dec, backend=backend
     )
     expected_values, expected_indices = sae.encode(x)
@@ -80,7 +80,7 @@ def test_aux_selection_and_gradients(backend, dtype, k_aux, ref):
     t = ref.inputs(n_rows, d_in, n_latents, dtype)
     dead = torch.rand(n_latents) < 0.3
     dead[t.b_enc.detach().topk(3).indices] = True  # hot latents are dead too: main and aux overlap
-    values, indices, aux_values, aux_indices = kernels.topk_encode(
+    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
         t.x, t.W_enc, t.b_enc, k, b_dec=t.b_dec, dead_mask=dead, k_aux=k_aux, backend=backend
     )
     k_aux_eff = min(k_aux, int(dead.sum()))
@@ -107,12 +107,12 @@ def test_aux_selection_and_gradients(backend, dtype, k_aux, ref):
 def test_aux_gradient_alone_and_no_dead_latents(backend, ref):
     t = ref.inputs(10, 100, 1000)
     dead = torch.zeros(1000, dtype=torch.bool)
-    values, indices, aux_values, aux_indices = kernels.topk_encode(
+    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
         t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=512, backend=backend
     )
     assert aux_values.shape == aux_indices.shape == (10, 0)
     dead[:400] = True
-    _, _, aux_values, aux_indices = kernels.topk_encode(
+    _, _, aux_values, aux_indices = sae_kernels.topk_encode(
         t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=9, backend=backend
     )
     aux_values.sum().backward()  # only the aux output carries a gradient
@@ -126,7 +126,7 @@ def test_aux_gradient_alone_and_no_dead_latents(backend, ref):
 def test_optional_biases_and_partial_gradients(backend, ref):
     t = ref.inputs(15, 100, 1000, torch.float32)
     x = t.x.detach()  # no input gradient wanted
-    values, indices = kernels.topk_encode(x, t.W_enc, None, 5, backend=backend)
+    values, indices = sae_kernels.topk_encode(x, t.W_enc, None, 5, backend=backend)
     pre = x.double() @ t.W_enc.detach().double().t()
     ref.assert_valid_topk(pre, indices, 5, slack=1e-4 * pre.abs().max().item())
     values.pow(2).sum().backward()
@@ -137,7 +137,7 @@ def test_optional_biases_and_partial_gradients(backend, ref):
 
 def test_sorted_gives_descending_values(backend, ref):
     t = ref.inputs(9, 100, 1000, hot=0)
-    values, indices = kernels.topk_encode(t.x, t.W_enc, t.b_enc, 12, b_dec=t.b_dec, sorted=True, backend=backend)
+    values, indices = sae_kernels.topk_encode(t.x, t.W_enc, t.b_enc, 12, b_dec=t.b_dec, sorted=True, backend=backend)
     assert (values.diff(dim=1) <= 0).all()
     pre = ref.pre_acts64(t.x, t.W_enc, t.b_enc, t.b_dec).detach()
     assert torch.equal(indices[:, :5], pre.topk(5).indices)
@@ -147,7 +147,7 @@ def test_bfloat16(backend, ref):
     """bfloat16 inputs. On the triton backend this checks bf16 loads and stores only: the kernels
     convert to float32 before any arithmetic (the interpreter's own bf16 arithmetic is not reliable)."""
     t = ref.inputs(17, 100, 1000, torch.bfloat16)
-    values, indices = kernels.topk_encode(t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, backend=backend)
+    values, indices = sae_kernels.topk_encode(t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, backend=backend)
     assert values.dtype == torch.bfloat16
     leaves = [p.detach().double().requires_grad_(True) for p in (t.x, t.W_enc, t.b_enc, t.b_dec)]
     pre = ref.pre_acts64(*leaves)
@@ -172,11 +172,11 @@ def test_nothing_of_size_batch_by_latents_is_saved_or_allocated(backend, ref):
     dead = torch.rand(n_latents) < 0.2
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor.shape) or tensor, lambda tensor: tensor):
-        values, indices, aux_values, aux_indices = kernels.topk_encode(
+        values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
             t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=64, backend=backend
         )
-        x_hat = kernels.sparse_decode(values, indices, t.W_dec, backend=backend) + t.b_dec
-        aux = kernels.auxk_loss(aux_values, aux_indices, t.W_dec, t.x - x_hat, backend=backend)
+        x_hat = sae_kernels.sparse_decode(values, indices, t.W_dec, backend=backend) + t.b_dec
+        aux = sae_kernels.auxk_loss(aux_values, aux_indices, t.W_dec, t.x - x_hat, backend=backend)
         loss = (t.x - x_hat).pow(2).sum() + aux
     assert saved and all(math.prod(shape) < dense_elements for shape in saved), saved
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -192,7 +192,7 @@ def test_nothing_of_size_batch_by_latents_is_saved_or_allocated(backend, ref):
 def test_grouped_cpu_topk_selects_the_same_values_as_torch_topk(n):
     """select.topk_rows searches only the columns of the k groups with the largest maxima; its values
     must equal torch.topk's, ties (integer data), NaN and -inf included."""
-    from kernels.select import topk_rows
+    from sae_kernels.select import topk_rows
 
     pre = torch.randint(-4, 5, (50, n)).float()
     pre[:25] = torch.randn(25, n)
@@ -210,16 +210,16 @@ def test_cpu_row_chunks_give_the_same_selection(monkeypatch, ref):
     """On CPU the pre-activations go through a reused buffer in row chunks; with chunks of 4 rows (and
     a ragged last chunk) the outputs must be those of a single chunk (up to the matmul's rounding,
     which may depend on the number of rows)."""
-    from kernels import select
+    from sae_kernels import select
 
     t = ref.inputs(18, 100, 1000)
     dead = torch.rand(1000) < 0.3
     args = (t.x, t.W_enc, t.b_enc, 5)
     kwargs = dict(b_dec=t.b_dec, dead_mask=dead, k_aux=40, sorted=True, backend="torch")
-    whole = kernels.topk_encode(*args, **kwargs)
+    whole = sae_kernels.topk_encode(*args, **kwargs)
     monkeypatch.setitem(select.PRE_ACTIVATION_BUDGET, "cpu", 4 * 1000 * t.W_enc.element_size())
     select.clear_workspace()
-    chunked = kernels.topk_encode(*args, **kwargs)
+    chunked = sae_kernels.topk_encode(*args, **kwargs)
     for (values, indices), (values_chunked, indices_chunked) in [(whole[:2], chunked[:2]), (whole[2:], chunked[2:])]:
         order, order_chunked = indices.argsort(1), indices_chunked.argsort(1)
         assert torch.equal(indices.gather(1, order), indices_chunked.gather(1, order_chunked))
@@ -229,7 +229,7 @@ def test_cpu_row_chunks_give_the_same_selection(monkeypatch, ref):
 def test_encoder_chunks_are_bounded_on_every_device():
     """The pre-activation chunk fits the device's budget at any batch and width (CUDA included: a whole
     32768 x 1M bf16 batch would be 64 GiB), keeps at least one row, and is the whole batch when it fits."""
-    from kernels.select import PRE_ACTIVATION_BUDGET, chunk_rows
+    from sae_kernels.select import PRE_ACTIVATION_BUDGET, chunk_rows
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     rows = chunk_rows(32768, 2**20, cuda, 2)

@@ -1,9 +1,10 @@
 """The plain `pytest` script collects what `python -m pytest` collects.
 
-This folder has no __init__.py and shares its name with the `kernels` package. `python -m pytest` puts
-the working directory on sys.path, so `import kernels` finds the real package there; the `pytest` script
-does not, and without `pythonpath = ["."]` in pyproject.toml `import kernels` found tests/kernels (on
-sys.path through tests/conftest.py) as an empty namespace package: every test module failed to import.
+This folder has no __init__.py and bears the name of the top-level folder kernels/. The kernel tests
+import `sae_kernels` (kernels/sae_kernels/), which the editable install maps from any working directory,
+and the shared fixtures of tests/conftest.py, which need `eval`: `python -m pytest` puts the working
+directory on sys.path, the `pytest` script does not, and without `pythonpath = ["."]` in pyproject.toml
+`import eval` found tests/eval as an empty namespace package.
 """
 
 import os

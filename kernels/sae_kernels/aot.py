@@ -1,7 +1,7 @@
 """Every Triton kernel compiled ahead of time for real GPU targets, on a machine without a GPU.
 
-    python -m kernels.aot            # table: kernel, target, dtype, shape, registers, spills, shared memory
-    python -m kernels.aot --json F   # the same rows as JSON
+    python -m sae_kernels.aot            # table: kernel, target, dtype, shape, registers, spills, shared memory
+    python -m sae_kernels.aot --json F   # the same rows as JSON
 
 The argument types and specialisations are not written by hand: the public ops (ops.py) run one
 SAE training step (encode with AuxK, decode, both losses, backward) on CPU tensors at each shape of
@@ -78,7 +78,7 @@ class Build:
 
 def _kernel_modules() -> list[Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("kernels.aot needs compiled kernels: run it where TRITON_INTERPRET is not set")
+        raise RuntimeError("sae_kernels.aot needs compiled kernels: run it where TRITON_INTERPRET is not set")
     from . import auxk, decode, encode
 
     return [decode, encode, auxk]
@@ -231,7 +231,7 @@ def markdown(builds: list[Build]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sae_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the builds and problems as JSON")
     args = parser.parse_args(argv)
     builds, launched = build_all()
