@@ -24,12 +24,14 @@ from sae.errors import UsageError, run_cli
 
 from .data import held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
+from .explain.options import ScoringOptions
 from .report import INTERPRETABILITY_KEYS, comparison_table, interpretability_table, log_to_wandb, write_report
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Options of `python -m eval`. Empty strings / 0 mean "as in the SAE's cfg.json"."""
+class EvalConfig(ScoringOptions):
+    """Options of `python -m eval`. Empty strings / 0 mean "as in the SAE's cfg.json". The explain
+    scoring options (simulators, servers) are `ScoringOptions`, shared with `python -m eval.explain`."""
 
     model: str = ""
     """LM (hub name or local folder)."""
@@ -95,30 +97,11 @@ class EvalConfig:
     explain_out: str = ""
     """JSONL of per-unit explanations, scores and excerpts (default: SAE_DIR/explain.jsonl)."""
 
-    simulators: str = "auto"
-    """Comma-separated: token-lookup, embedding, llm, n2g (N2G patterns, its own explainer); "auto" uses every
-    one available."""
-
     explainer_url: str = ""
     """OpenAI-compatible server (e.g. http://host:8000/v1) that writes explanations (chat completions)."""
 
     explainer_model: str = ""
     """Model for explanations: the server's model name with --explainer_url, else a local transformers model."""
-
-    simulator_url: str = ""
-    """OpenAI-compatible server for the all-at-once simulator (completions with echo + logprobs)."""
-
-    simulator_model: str = ""
-    """Model for the simulator: the server's model name with --simulator_url, else a local transformers model."""
-
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the servers' API key (never logged)."""
-
-    http_concurrency: int = 4
-    """Requests in flight at once per server."""
-
-    cache_dir: str = ".cache/explain"
-    """Server replies are cached here, so a rerun costs nothing."""
 
     ablation: int = 0
     """Ablation sparsity (Gao et al. §4.5) of this many random live latents: how many logits a latent's
@@ -208,6 +191,7 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
             "hookpoint": _require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
             # a dataset other than training's is held out as a whole: its train split unless told
             "split": cfg.split or ("train" if other_dataset else ""),
+            "training_dataset": metadata.get("dataset") is not None and not other_dataset,
             "text_read": metadata.get("text_read"),  # what training read, for held-out rule 4 (eval/data.py)
         })
 
@@ -219,11 +203,12 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
         for note in _model_init_notes(model_jobs):
             print(note)
         model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device, init, init_seed)
-        for data_key in dict.fromkeys((job["data"], job["split"]) for job in model_jobs):
-            data_jobs = [job for job in model_jobs if (job["data"], job["split"]) == data_key]
+        for data_key in dict.fromkeys((job["data"], job["split"], job["training_dataset"]) for job in model_jobs):
+            data_jobs = [job for job in model_jobs if (job["data"], job["split"], job["training_dataset"]) == data_key]
             read_by_training = [job["text_read"] for job in data_jobs]
             check_context_length(model, data_key[0].ctx_len, "ctx_len")
-            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], read_by_training)
+            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], read_by_training,
+                                               training_dataset=data_key[2])
             for hookpoint in dict.fromkeys(job["hookpoint"] for job in data_jobs):
                 hook_jobs = [job for job in data_jobs if job["hookpoint"] == hookpoint]
                 saes = {str(job["dir"]): SparseAutoencoder.load(job["dir"], device=device) for job in hook_jobs}
@@ -281,14 +266,13 @@ def _gao_metrics(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows
 def _explain_tools(cfg: EvalConfig, device) -> tuple:
     """The simulators and the explainer's backend, built once for every SAE of the run (loading an
     embedding model or a local LLM is the slow part). One local model serves both roles when named twice."""
-    from .explain.choose import SimulatorSet, make_backend
+    from .explain.choose import SimulatorSet
 
-    backend_options = dict(api_key_env=cfg.api_key_env, concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir, device=str(device))
-    simulator_backend = make_backend(cfg.simulator_url, cfg.simulator_model, **backend_options)
+    simulator_backend = cfg.simulator_backend(str(device))
     if (cfg.explainer_url, cfg.explainer_model) == (cfg.simulator_url, cfg.simulator_model):
         explainer_backend = simulator_backend
     else:
-        explainer_backend = make_backend(cfg.explainer_url, cfg.explainer_model, **backend_options)
+        explainer_backend = cfg.backend(cfg.explainer_url, cfg.explainer_model, str(device))
     return SimulatorSet(cfg.simulators, simulator_backend), explainer_backend
 
 

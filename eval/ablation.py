@@ -14,7 +14,8 @@ logit moves, 1 when every logit moves by the same amount. Smaller is sparser. Ga
 A latent's value is the mean over its ablations (up to `ablations_per_latent` positions where it fires,
 drawn at random); the report gives the mean over the sampled live latents and their distribution. An
 ablation that changes no logit beyond a constant (Δ = 0 after the median) has no ratio: it is counted
-under `no_effect` and left out of the means.
+under `no_effect` and left out of the means. A value with nothing to measure (a latent whose every
+ablation had no effect, a mean over no latents) is None (eval/missing.py).
 
 Batching: one forward carries, for a batch of windows, the spliced run and up to m ablations of each
 window (the i-th variant ablates each window's i-th chosen occurrence), so the layers before the
@@ -36,6 +37,7 @@ from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 from .explain.records import latent_fire_counts, sae_codes
+from .missing import mean_or_none
 from .splice import SpliceRunner
 
 ROWS_PER_FORWARD = 64
@@ -51,13 +53,13 @@ class Occurrence:
     latent: int
 
 
-def effect_sparsity(delta: Tensor) -> float:
+def effect_sparsity(delta: Tensor) -> float | None:
     """(‖Δ‖₁/‖Δ‖₂)² / Δ.numel() of logit differences `delta` (T, V) after subtracting each position's
-    median over the vocabulary; NaN when nothing but constant shifts remains."""
+    median over the vocabulary; None when nothing but constant shifts remains."""
     centred = delta.double() - delta.double().median(dim=-1, keepdim=True).values
     l2 = centred.norm()
     if l2 == 0:
-        return math.nan
+        return None
     return float((centred.abs().sum() / l2) ** 2 / centred.numel())
 
 
@@ -146,7 +148,7 @@ def _batches(by_window: dict[int, list[int]]) -> list[list[int]]:
 
 @torch.no_grad()
 def ablation_effects(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows: Tensor,
-                     occurrences: list[Occurrence], horizon: int = 16) -> tuple[list[float], int]:
+                     occurrences: list[Occurrence], horizon: int = 16) -> tuple[list[float | None], int]:
     """effect_sparsity of each occurrence's ablation over the logits at positions t .. t + horizon - 1
     (in the order given), and the vocabulary size."""
     runner = SpliceRunner(model, get_module(model, hookpoint), start=1)
@@ -154,7 +156,8 @@ def ablation_effects(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, w
     by_window: dict[int, list[int]] = defaultdict(list)
     for number, occurrence in enumerate(occurrences):
         by_window[occurrence.window].append(number)
-    results, vocab = [math.nan] * len(occurrences), 0
+    results: list[float | None] = [None] * len(occurrences)
+    vocab = 0
     for batch in _batches(by_window):
         per_window = [[occurrences[number] for number in by_window[window]] for window in batch]
         depth = max(map(len, per_window))
@@ -179,32 +182,29 @@ def ablation_section(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, w
     effects, vocab = ablation_effects(model, hookpoint, sae, windows, occurrences, horizon)
     per_latent_effects: dict[int, list[float]] = defaultdict(list)
     for occurrence, effect in zip(occurrences, effects):
-        per_latent_effects[occurrence.latent].append(effect)
-    latent_means = {latent: _mean([e for e in values if not math.isnan(e)]) for latent, values in per_latent_effects.items()}
-    measured = sorted(value for value in latent_means.values() if not math.isnan(value))
-    finite_effects = [effect for effect in effects if not math.isnan(effect)]
+        if effect is not None:
+            per_latent_effects[occurrence.latent].append(effect)
+    latent_means = {occurrence.latent: mean_or_none(per_latent_effects[occurrence.latent]) for occurrence in occurrences}
+    measured = sorted(value for value in latent_means.values() if value is not None)
+    measured_effects = [effect for effect in effects if effect is not None]
     return {
-        "mean": _mean(measured),
+        "mean": mean_or_none(measured),
         "median": _quantile(measured, 0.5),
         "quantiles": {str(q): _quantile(measured, q) for q in (0.1, 0.25, 0.75, 0.9)},
-        "mean_over_ablations": _mean(finite_effects),
+        "mean_over_ablations": mean_or_none(measured_effects),
         "latents": len(measured),
-        "ablations": len(finite_effects),
-        "no_effect": len(effects) - len(finite_effects),
+        "ablations": len(measured_effects),
+        "no_effect": len(effects) - len(measured_effects),
         "horizon": horizon,
         "vocab": vocab,
         "per_latent": {str(latent): value for latent, value in sorted(latent_means.items())},
     }
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between the nearest ranks of an ascending list."""
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """Linear interpolation between the nearest ranks of an ascending list; None for an empty one."""
     if not sorted_values:
-        return math.nan
+        return None
     position = q * (len(sorted_values) - 1)
     low = math.floor(position)
     high = min(low + 1, len(sorted_values) - 1)

@@ -1,11 +1,12 @@
 """Held-out evaluation text: token windows the SAE's training did not read.
 
 Where the text comes from, in order:
-1. the split asked for (`--split`), as given;
-2. the embedded corpus: its `validation` split;
+1. the split asked for (`--split`), as given, unless it is the training split of the training
+   dataset: that one is read past what training read (rule 4), or refused;
+2. the embedded corpus and local data files: their `validation` split (documents chosen by a hash of
+   their text, `sae.splits`, which the training split never contains);
 3. a hub dataset with a `validation` or `test` split (whichever loads first);
-4. otherwise (a local file or a hub dataset with one split) the training split, past what training
-   read. The trainer records in cfg.json (`text_read`) where each data-parallel replica's stream
+4. otherwise (a hub dataset with one split) the training split, past what training read. The trainer records in cfg.json (`text_read`) where each data-parallel replica's stream
    stopped: the end of the last document it read, including documents it tokenized but never trained
    on. The eval replays each replica's shard from that point, so every window it uses comes from a
    document no replica read; a replica that went past the end of its shard (a second epoch) read all
@@ -46,20 +47,27 @@ def held_out_windows(
     n_tokens: int,
     split: str = "",
     read_by_training: list[dict | None] | None = None,
+    training_dataset: bool = True,
 ) -> tuple[Tensor, dict]:
     """(n_windows, ctx_len) int64 windows of held-out text, and a description of where they came from.
 
     n_windows = ceil(n_tokens / ctx_len), or fewer when the held-out text runs out first.
 
-    `data` is the training data config (dataset, split, text column, ctx_len); `split` overrides the
-    choice of held-out split. `read_by_training` holds the cfg.json `text_read` record of each SAE to
-    be evaluated (None for a folder without one); None itself forbids rule 4 (used during training,
-    when the training split is still being read).
+    `data` is the training data config (dataset, split, text column, ctx_len), or another dataset's
+    (`training_dataset=False`: all of it is held out); `split` overrides the choice of held-out split.
+    `read_by_training` holds the cfg.json `text_read` record of each SAE to be evaluated (None for a
+    folder without one); None itself forbids rule 4 (used during training, when the training split is
+    still being read).
     """
     if n_tokens <= 0:
         raise ValueError(f"the number of eval tokens must be positive, got {n_tokens}")
     n_windows = math.ceil(n_tokens / data.ctx_len)
-    if split:
+    where = f"dataset '{data.dataset}' has no held-out split"
+    if split == data.split and training_dataset:
+        # the training text itself: only what training did not read of it (rule 4)
+        where = f"split '{split}' of '{data.dataset}' is the text training reads"
+        split = ""
+    elif split:
         rule = f"split '{split}' (as asked)"
     elif held_out := held_out_split(data):
         split, rule = held_out
@@ -68,7 +76,7 @@ def held_out_windows(
                                 loop=False)]
     else:
         split = data.split
-        streams = unread_streams(data, tokenizer, read_by_training)
+        streams = unread_streams(data, tokenizer, read_by_training, where)
         rule = (f"training split '{split}' past what training read (cfg.json text_read: "
                 f"{len(read_by_training[0]['streams'])} replica stream(s), {len(streams)} with text left)")
     collected = _round_robin(streams, n_windows)
@@ -81,10 +89,11 @@ def held_out_windows(
     return torch.stack(collected), description
 
 
-def unread_streams(data: DataConfig, tokenizer, read_by_training: list[dict | None] | None) -> list[TokenWindows]:
+def unread_streams(data: DataConfig, tokenizer, read_by_training: list[dict | None] | None,
+                   where: str) -> list[TokenWindows]:
     """Rule 4: per data-parallel replica with text left, its shard of the training split from just past
-    the furthest any of the SAEs' training read (single pass). Refuses what cannot be replayed exactly."""
-    where = f"dataset '{data.dataset}' has no held-out split"
+    the furthest any of the SAEs' training read (single pass). Refuses what cannot be replayed exactly,
+    with `where` (why rule 4 applies) at the start of the message."""
     if read_by_training is None:
         raise UsageError(f"{where}; name one that training does not read (a split, or another dataset)")
     if not read_by_training or any(record is None for record in read_by_training):
@@ -133,10 +142,12 @@ def _round_robin(streams: list[TokenWindows], n_windows: int) -> list[Tensor]:
 
 def held_out_split(data: DataConfig) -> tuple[str, str] | None:
     """(split, rule) of rules 2-3, the held-out split a dataset has of its own; None if it has none
-    (a local file, or a hub dataset with one split), when only rule 4 or a named split is left."""
+    (a hub dataset with one split), when only rule 4 or a named split is left."""
     if data.dataset == CORPUS_NAME:
         return "validation", "the embedded corpus' validation split"
-    if not is_local_dataset(data.dataset) and (split := _first_loadable_split(data)):
+    if is_local_dataset(data.dataset):
+        return "validation", "the local files' validation split (documents chosen by hash)"
+    if split := _first_loadable_split(data):
         return split, f"the dataset's '{split}' split"
     return None
 

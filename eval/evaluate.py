@@ -74,10 +74,10 @@ def evaluate_many(
 ) -> dict[str, dict]:
     """Evaluate several SAEs on the same hookpoint and tokens (n_windows, ctx_len); one report each.
 
-    SAEs take raw activations (as saved). Each report has nmse, fvu, mse, l0, dead_frac,
-    density_histogram (eval/reconstruction.py), ce_clean, ce_sae, ce_zero, ce_mean, ce_recovered,
-    ce_recovered_mean, delta_ce, kl (eval/downstream.py), and the counts `tokens` (activations
-    reconstructed) and `ce_positions` (predictions scored). `splice_mode` is for tests; see splice.py.
+    SAEs take raw activations (as saved). Each report has nmse, fvu, mse, l0, never_fired_frac,
+    never_fired_tokens, density_histogram (eval/reconstruction.py), ce_clean, ce_sae, ce_zero,
+    ce_mean, ce_recovered, ce_recovered_mean, delta_ce, kl (eval/downstream.py), and the counts
+    `tokens` (activations reconstructed) and `ce_positions` (predictions scored). `splice_mode` is for tests; see splice.py.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (n_windows, ctx_len), got shape {tuple(tokens.shape)}")
@@ -134,7 +134,8 @@ def evaluate(sae: SparseAutoencoder, model: nn.Module, tokens: Tensor, hookpoint
 
 
 # Keys of the report the trainer logs during training (as eval/KEY).
-TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
+TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "never_fired_frac", "never_fired_tokens", "ce_clean", "ce_sae",
+                      "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
 
 
 def training_evaluator(cfg: TrainConfig, model: nn.Module, tokenizer) -> Callable[[SparseAutoencoder, float, str], dict[str, float]]:

@@ -1,11 +1,15 @@
 """Probe loss (Gao et al. 2024, §4.2): how well a single latent predicts a known binary feature.
 
 For each binary task (a 0/1 label per token), a 1-D logistic probe p_t = sigmoid(w z_it + b) is fitted
-on every latent i separately, z_it being latent i's value at token t; the task's score is the best
-(lowest) binary cross-entropy over latents, in nats per token. The report gives it per task and the
-mean over tasks, next to two references: the label-prior entropy (the loss of the best constant
-predictor, what a useless latent reaches) and the same probe on the hookpoint's own d_in coordinates
-("neurons": the raw activation directions), which an SAE's latents should beat.
+on every latent i separately, z_it being latent i's value at token t. The tokens are split in two
+halves, alternate eval windows (`fit_half`): the probes are fitted on one, the latent whose probe fits
+best there is chosen, and the task's score is that probe's binary cross-entropy on the other half, in
+nats per token. Fitting and scoring on the same tokens would reward the best of thousands of latents
+for fitting noise (on pure-noise labels it lands below the prior), and more so than the best of d_in
+neurons. The report gives the score per task and the mean over tasks, next to two references, held
+out the same way: the label prior (the constant predictor fitted on the fit half, what a latent that
+never fires reaches) and the same probe on the hookpoint's own d_in coordinates ("neurons": the raw
+activation directions), which an SAE's latents should beat.
 
 The fit: Newton's method on (w, b), vectorised over units (latents or neurons). With s = w z + b,
     loss = sum_t softplus(s_t) - y_t s_t           gradient  (sum r z, sum r),       r = sigmoid(s) - y
@@ -27,9 +31,9 @@ Tasks are per-token labels computed from the eval text itself (TASKS), so they r
 corpus; a jsonl file adds the user's own (read_task_file). Labels come from the token strings of
 each window (decoded one token at a time), with the window as their only context, as the LM sees it;
 position 0 is never scored (the SAE never sees it) but is context for position 1. A task needs at
-least `min_class_tokens` (default MIN_CLASS_TOKENS = 32) positive and as many negative tokens; otherwise it
-is listed under `skipped` with the counts, not averaged: with a handful of positives, the best of
-thousands of latents fits noise.
+least `min_class_tokens` (default MIN_CLASS_TOKENS = 32) positive and as many negative tokens in each half;
+otherwise it is listed under `skipped` with the counts, not averaged. User tasks are split the same
+way, in blocks of ctx_len - 1 tokens of their texts laid end to end.
 
     from eval.probe import probe_section
     section = probe_section(model, tokenizer, sae, "transformer.h.2", windows)   # windows (n, ctx_len)
@@ -48,11 +52,11 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from sae.activations import capture_activations, get_module
 from sae.errors import MissingFileError, UsageError
 from sae.model import SparseAutoencoder
 
-from .explain.records import TokenStrings
+from .explain.records import TokenStrings, encode_windows
+from .missing import mean_or_none
 
 MIN_CLASS_TOKENS = 32
 """Fewest positive and fewest negative tokens a task needs to be scored."""
@@ -434,20 +438,14 @@ class Features(NamedTuple):
     """(d_in, N) float32 hookpoint activations (transposed, so units are rows)."""
 
 
-@torch.no_grad()
 def _features(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, batches: list[Tensor]) -> Features:
     """Run the LM to `hookpoint` and the SAE on each batch of token ids (B, T); positions 0 dropped."""
-    module = get_module(model, hookpoint)
-    device = next(model.parameters()).device
     values, indices, neurons = [], [], []
     for input_ids in batches:
-        hidden = capture_activations(model, module, input_ids.to(device))[:, 1:].flatten(0, 1).to(sae.device)
-        if hidden.shape[-1] != sae.cfg.d_in:
-            raise UsageError(f"the SAE takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {hidden.shape[-1]} features")
-        batch_values, batch_indices = sae.encode(hidden.to(sae.dtype))
-        values.append(batch_values)
-        indices.append(batch_indices)
-        neurons.append(hidden.float().T)
+        codes = encode_windows(model, hookpoint, sae, input_ids)
+        values.append(codes.values)
+        indices.append(codes.indices)
+        neurons.append(codes.hidden.flatten(0, 1).float().T)
     return Features(torch.cat(values), torch.cat(indices), torch.cat(neurons, 1))
 
 
@@ -475,24 +473,51 @@ def _user_tasks(user_texts: dict[str, list[TextLabels]], model: nn.Module, hookp
     return tasks
 
 
-def _score_task(labels: Tensor, features: Features, n_latents: int, min_class_tokens: int) -> dict | str:
-    """A task's entry of the report, or why it is skipped."""
+def fit_half(n_tokens: int, block: int) -> Tensor:
+    """(n_tokens,) bool: the tokens probes are fitted on, blocks 0, 2, 4, ... of `block` consecutive
+    tokens (one eval window each); the other blocks are the held-out half the losses are measured on."""
+    return torch.arange(n_tokens) // block % 2 == 0
+
+
+def held_out_prior_loss(fit_labels: Tensor, scored_labels: Tensor) -> float:
+    """Mean cross-entropy (nats) on `scored_labels` of the constant predictor fitted on `fit_labels`:
+    what a latent that never fires reaches."""
+    p = float(fit_labels.mean())
+    positives = float(scored_labels.sum())
+    return -(positives * math.log(p) + (len(scored_labels) - positives) * math.log(1 - p)) / len(scored_labels)
+
+
+def held_out_best(sums_on: Callable[[Tensor], SumsProvider], fit: Tensor) -> tuple[float, int]:
+    """(its mean loss on the held-out tokens, unit) of the unit whose probe fits the `fit` tokens (N,)
+    bool best; `sums_on(rows)` gives the sums over the tokens `rows` (N,) bool."""
+    fitted = best_probe_losses(sums_on(fit))
+    unit = fitted.loss.argmin().reshape(1)
+    held_out = sums_on(~fit)
+    return float(held_out(fitted.weight[unit], fitted.bias[unit], unit).loss[0]) / held_out.n_tokens, int(unit)
+
+
+def _score_task(labels: Tensor, features: Features, n_latents: int, min_class_tokens: int, block: int) -> dict | str:
+    """A task's entry of the report, or why it is skipped. Each unit's probe is fitted on one half of
+    the tokens (`fit_half`); the best unit there is scored on the other half, so that neither the probe
+    nor the choice among thousands of latents (against d_in neurons) fits the tokens it is scored on."""
+    fit = fit_half(len(labels), block)
     tokens, positives = len(labels), int(labels.sum())
-    if min(positives, tokens - positives) < min_class_tokens:
-        return (f"{positives} positive and {tokens - positives} negative tokens of {tokens}; "
-                f"needs at least {min_class_tokens} of each")
-    labels = labels.to(features.values.device)
-    latents = best_probe_losses(SparseSums.from_codes(features.values, features.indices, labels, n_latents)).loss
-    neurons = best_probe_losses(DenseSums(features.neurons.T, labels)).loss
+    counts = [(int(labels[half].sum()), int((1 - labels[half]).sum())) for half in (fit, ~fit)]
+    if min(count for half in counts for count in half) < max(min_class_tokens, 1):
+        (fit_pos, fit_neg), (held_pos, held_neg) = counts
+        return (f"{positives} positive and {tokens - positives} negative tokens of {tokens} ({fit_pos} and {fit_neg} "
+                f"in the fit half, {held_pos} and {held_neg} in the held-out half); needs at least "
+                f"{min_class_tokens} of each in each half")
+    device = features.values.device
+    labels, fit = labels.to(device), fit.to(device)
+    latent_loss, best_latent = held_out_best(
+        lambda rows: SparseSums.from_codes(features.values[rows], features.indices[rows], labels[rows], n_latents), fit)
+    neuron_loss, best_neuron = held_out_best(lambda rows: DenseSums(features.neurons[:, rows].T, labels[rows]), fit)
     return {
-        "positives": positives, "tokens": tokens, "baseline_loss": prior_entropy(positives, tokens),
-        "loss": float(latents.min()), "best_latent": int(latents.argmin()),
-        "neuron_loss": float(neurons.min()), "best_neuron": int(neurons.argmin()),
+        "positives": positives, "tokens": tokens, "held_out_tokens": counts[1][0] + counts[1][1],
+        "baseline_loss": held_out_prior_loss(labels[fit], labels[~fit]),
+        "loss": latent_loss, "best_latent": best_latent, "neuron_loss": neuron_loss, "best_neuron": best_neuron,
     }
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 def probe_section(
@@ -508,12 +533,13 @@ def probe_section(
 ) -> dict:
     """The report's `probe` section for an SAE on `windows` (n_windows, ctx_len) of held-out text.
 
-    Keys: mean_loss (mean over scored tasks of the best latent's loss), baseline_loss (mean prior
-    entropy), neuron_mean_loss (the same probe on the hookpoint's d_in coordinates), tasks {name:
-    {positives, tokens, baseline_loss, loss, best_latent, neuron_loss, best_neuron}}, skipped {name:
-    reason}. Losses are mean cross-entropies in nats per token; means are NaN when every task is
-    skipped. `max_tokens` caps the eval tokens (positions >= 1, the first windows first); `tasks_file`
-    adds user tasks (read_task_file), scored on their own texts.
+    Keys: mean_loss (mean over scored tasks of the best latent's held-out loss), baseline_loss (mean
+    held-out loss of the label prior), neuron_mean_loss (the same probe on the hookpoint's d_in
+    coordinates), tasks {name: {positives, tokens, held_out_tokens, baseline_loss, loss, best_latent,
+    neuron_loss, best_neuron}}, skipped {name: reason}. Losses are mean cross-entropies in nats per
+    held-out token (module docstring); means are None when every task is skipped. `max_tokens` caps the
+    eval tokens (positions >= 1, the first windows first); `tasks_file` adds user tasks (read_task_file),
+    scored on their own texts.
     """
     if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n_windows >= 1, ctx_len >= 2), got shape {tuple(windows.shape)}")
@@ -533,12 +559,12 @@ def probe_section(
 
     scored, skipped = {}, {}
     for name, (labels, task_features) in tasks.items():
-        result = _score_task(labels, task_features, sae.cfg.n_latents, min_class_tokens)
+        result = _score_task(labels, task_features, sae.cfg.n_latents, min_class_tokens, block=windows.shape[1] - 1)
         (skipped if isinstance(result, str) else scored)[name] = result
     return {
-        "mean_loss": _mean([task["loss"] for task in scored.values()]),
-        "baseline_loss": _mean([task["baseline_loss"] for task in scored.values()]),
-        "neuron_mean_loss": _mean([task["neuron_loss"] for task in scored.values()]),
+        "mean_loss": mean_or_none(task["loss"] for task in scored.values()),
+        "baseline_loss": mean_or_none(task["baseline_loss"] for task in scored.values()),
+        "neuron_mean_loss": mean_or_none(task["neuron_loss"] for task in scored.values()),
         "tasks": scored,
         "skipped": skipped,
     }

@@ -11,6 +11,10 @@ Sums are kept in float64 so that a long eval does not drift; the ratios are take
                                                        a residual stream's large mean makes it < fvu
     mse  = sum ||x - x_hat||^2 / (tokens * d_in)         per-element squared error, raw units
     l0   = mean number of latents with a non-zero value per token
+    never_fired_frac = fraction of latents with a non-zero value on none of the `never_fired_tokens`
+                       eval tokens. Not training's `dead_frac` (latents silent for the last `dead_tokens`
+                       training tokens, the AuxK set): over a short eval a rare but live latent can be
+                       silent, so the token count goes with the fraction.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class ReconstructionStats:
         self.fire_counts += fire_counts(values, indices, self.n_latents)
 
     def summary(self) -> dict:
-        """nmse, fvu, mse, l0, dead_frac, and the density histogram (see the module docstring)."""
+        """nmse, fvu, mse, l0, never_fired_frac and never_fired_tokens, and the density histogram (see
+        the module docstring)."""
         if self.tokens == 0:
             raise ValueError("no tokens were evaluated")
         density = self.fire_counts.double() / self.tokens
@@ -71,7 +76,8 @@ class ReconstructionStats:
             "fvu": _ratio(self.squared_error, self.centered_energy),
             "mse": self.squared_error / (self.tokens * self.d_in),
             "l0": self.active_latents / self.tokens,
-            "dead_frac": float((self.fire_counts == 0).double().mean().item()),
+            "never_fired_frac": float((self.fire_counts == 0).double().mean().item()),
+            "never_fired_tokens": self.tokens,
             "density_histogram": {
                 "log10_bin_edges": list(DENSITY_BIN_EDGES),
                 "counts": counts,

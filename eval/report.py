@@ -8,6 +8,8 @@ from typing import Sequence
 
 from sae.files import atomic_write
 
+from .missing import format_or_dash
+
 # (report key, column title, format) of the comparison table.
 _COLUMNS = [
     ("l0", "L0", "{:.1f}"),
@@ -18,7 +20,7 @@ _COLUMNS = [
     ("kl", "kl", "{:.4f}"),
     ("ce_recovered", "ce_rec", "{:.4f}"),
     ("ce_recovered_mean", "ce_rec_mean", "{:.4f}"),
-    ("dead_frac", "dead", "{:.4f}"),
+    ("never_fired_frac", "never_fired", "{:.4f}"),
 ]
 
 
@@ -29,7 +31,8 @@ def _aligned(rows: list[list]) -> list[str]:
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
-    """A plain-text table, one row per SAE, then the SAE-independent losses of each model/hookpoint."""
+    """A plain-text table, one row per SAE, then per model/hookpoint/text the SAE-independent losses and
+    the number of tokens the never_fired column counts over."""
     header = ["sae", "hookpoint", *(title for _, title, _ in _COLUMNS)]
     rows = [[r["sae"], r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
     lines = _aligned([header, *rows])
@@ -40,7 +43,8 @@ def comparison_table(reports: Sequence[dict]) -> str:
         model = r["model"] if init == "pretrained" else f"{r['model']} with {init} weights"
         baselines[key] = f"{model} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
                          f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
-                         f"({r['data']['dataset']}, {r['data']['held_out']})"
+                         f"({r['data']['dataset']}, {r['data']['held_out']}); " \
+                         f"never_fired: no firing on any of {r['never_fired_tokens']:,} tokens"
     return "\n".join([*lines, "", *baselines.values()])
 
 
@@ -51,23 +55,18 @@ INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "n2g")
 _INTERPRETABILITY_COLUMNS = ("sae", "lm", "explain", "ablation", "probe (prior / neurons)", "n2g P / R (shuffled)")
 
 
-def _number(value, spec: str) -> str:
-    """`value` formatted, or "–" for a metric that has no value (None, NaN: e.g. no unit to average)."""
-    return "–" if not isinstance(value, (int, float)) or value != value else format(value, spec)
-
-
 def _interpretability_cells(report: dict) -> dict[str, str]:
     cells = {"sae": report["sae"], "lm": report.get("model_init", "pretrained")}
     if explain := report.get("explain"):
-        cells["explain"] = _number(explain["mean_score_top_and_random"], ".3f")
+        cells["explain"] = format_or_dash(explain["mean_score_top_and_random"], ".3f")
     if ablation := report.get("ablation_sparsity"):
-        cells["ablation"] = _number(ablation["mean"], ".4g")
+        cells["ablation"] = format_or_dash(ablation["mean"], ".4g")
     if probe := report.get("probe"):
-        cells["probe (prior / neurons)"] = (f"{_number(probe['mean_loss'], '.4f')} ({_number(probe['baseline_loss'], '.4f')} / "
-                                            f"{_number(probe['neuron_mean_loss'], '.4f')})")
+        cells["probe (prior / neurons)"] = (f"{format_or_dash(probe['mean_loss'], '.4f')} ({format_or_dash(probe['baseline_loss'], '.4f')} / "
+                                            f"{format_or_dash(probe['neuron_mean_loss'], '.4f')})")
     if n2g := report.get("n2g"):
-        cells["n2g P / R (shuffled)"] = (f"{_number(n2g['precision'], '.3f')} / {_number(n2g['recall'], '.3f')} "
-                                         f"({_number(n2g['precision_shuffled'], '.3f')} / {_number(n2g['recall_shuffled'], '.3f')})")
+        cells["n2g P / R (shuffled)"] = (f"{format_or_dash(n2g['precision'], '.3f')} / {format_or_dash(n2g['recall'], '.3f')} "
+                                         f"({format_or_dash(n2g['precision_shuffled'], '.3f')} / {format_or_dash(n2g['recall_shuffled'], '.3f')})")
     return cells
 
 

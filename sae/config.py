@@ -78,7 +78,8 @@ class DataConfig:
     """The hub dataset's configuration name, if it has several."""
 
     split: str = "train"
-    """Split to stream."""
+    """Split to stream. The embedded corpus and local files have train / validation / test, chosen per
+    document by a hash of its text (sae/splits.py: 95 / 2.5 / 2.5%); a hub dataset has its own."""
 
     text_column: str = "text"
     """Column holding the text."""
@@ -180,7 +181,11 @@ class TrainConfig:
     """Linear warmup steps (on the peer benchmark warmup only slowed schedule-free Adam down)."""
 
     lr_decay_frac: float = 0.0
-    """Fraction of training, at the end, over which the learning rate decays linearly to 0."""
+    """Fraction of training, at the end, over which the learning rate decays linearly: over the last
+    int(lr_decay_frac * steps) steps, down to lr / that many at the last step (`optim.lr_at`). With
+    schedule_free_adam the decay shrinks the steps of its iterate z (and of y); the average x still
+    weights each iterate by the largest lr so far (see schedule_free_r), so the late, smaller steps
+    keep their full weight in it."""
 
     grad_clip: float = 1.0
     """Gradient-norm clip; 0 turns it off."""
@@ -195,7 +200,9 @@ class TrainConfig:
     fit_encoder_scale: bool = True
     """Shrink the tied encoder init (W_enc = W_dec^T) where its first reconstruction overshoots: by the
     largest factor <= 1 at which the first batch is reconstructed no worse than by b_dec alone (at
-    large k; sae/initialization.py). False keeps Gao et al.'s scale 1 at every k."""
+    large k; sae/initialization.py). OpenAI's reference code (`init_from_data_`) rescales the tied
+    encoder too, by another rule (1 / the mean norm of what random unit directions reconstruct to).
+    False leaves the tied encoder unscaled at every k."""
 
     adam_beta1: float = 0.9
     """Adam's first-moment decay; for schedule_free_adam the interpolation weight of y between the
@@ -208,9 +215,12 @@ class TrainConfig:
     """Adam's epsilon (Gao et al.'s value, for their normalised loss)."""
 
     schedule_free_r: float | None = None
-    """schedule_free_adam only: iterate t enters the average x with weight t^r lr_t^2 (Defazio et al.
-    2024; 0 is their uniform average, a larger r forgets the early iterates faster). None: 1, which
-    beat 0 in all 32 fvu cells of the peer benchmark (README)."""
+    """schedule_free_adam only: the average x weights the iterate z_t of step t (t = 1, 2, ...) by
+    t^r * lr_max_t^2, where lr_max_t is the largest lr of steps 1..t (the schedulefree library's
+    rule, its weight_lr_power 2): warmup steps weigh less, steps of the final decay do not. 0 is
+    Defazio et al.'s (2024) average, uniform once the lr stops rising; a larger r forgets the early
+    iterates faster.
+    None: 1, which beat 0 in all 32 fvu cells of the peer benchmark (README)."""
 
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (world size = replicas x shard_latents);
@@ -249,8 +259,9 @@ class TrainConfig:
     """Held-out tokens per eval."""
 
     eval_split: str = ""
-    """Held-out split for those evals; empty picks one (the embedded corpus: validation; a hub dataset:
-    validation or test). A dataset with no other split needs one named here."""
+    """Held-out split for those evals; empty picks one (the embedded corpus and local files: validation;
+    a hub dataset: validation or test). The training split is refused; a hub dataset with no other
+    split needs one named here."""
 
     log_every: int = 10
     """Steps between metric lines (stdout and wandb)."""

@@ -20,6 +20,7 @@ from .config import DataConfig
 from .embedded import CORPUS_NAME
 from .embedded.corpus import build_corpus
 from .errors import MissingFileError, UsageError
+from .splits import SPLITS, document_split
 
 # Builders of `datasets` for local files, by extension.
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -29,6 +30,8 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
     """A streaming dataset of documents for `cfg`, sharded to this rank (disjoint across ranks).
 
     `cfg.dataset` is the embedded corpus name, a local file / folder / glob, or a hub dataset name.
+    Local files have the embedded corpus' three splits, chosen per document by a hash of its text
+    (`sae.splits`): `train` streams the 95% of documents that are neither `validation` nor `test`.
     """
     split = split or cfg.split
     if cfg.dataset == CORPUS_NAME:
@@ -37,14 +40,25 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
             raise UsageError(f"the embedded corpus has splits {sorted(files)}, not '{split}'")
         dataset = load_dataset("json", data_files={split: str(files[split])}, split=split, streaming=True)
     elif is_local_dataset(cfg.dataset):
+        if split not in SPLITS:
+            raise UsageError(f"a local dataset has the splits {list(SPLITS)} (chosen per document by a hash of its "
+                             f"text), not '{split}'")
         files = _local_files(cfg.dataset)
         builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
-        dataset = load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+        dataset = load_dataset(builder, data_files={"all": files}, split="all", streaming=True)
+        dataset = dataset.filter(_in_split, fn_kwargs={"split": split, "text_column": cfg.text_column})
     else:
         dataset = load_dataset(cfg.dataset, cfg.dataset_config, split=split, streaming=True)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     return dataset
+
+
+def _in_split(document: dict, split: str, text_column: str) -> bool:
+    """Whether a local document belongs to `split`. One without a text keeps its place, so that
+    TokenWindows names the missing column."""
+    text = document.get(text_column)
+    return not isinstance(text, str) or document_split(text) == split
 
 
 def is_local_dataset(name: str) -> bool:

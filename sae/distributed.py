@@ -77,53 +77,10 @@ def init_distributed(timeout_s: float = 300) -> DistInfo:
                     main_rank_wait_group=wait_group)
 
 
-def all_reduce_sum(tensor: Tensor, info: DistInfo) -> Tensor:
-    """Sum over ranks, in place (a no-op when running alone)."""
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def all_reduce_max(tensor: Tensor, info: DistInfo) -> Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
-
-
-def global_variance(x: Tensor, info: DistInfo) -> Tensor:
-    """sum ||x - mean(x)||^2 over the global batch (all ranks' rows of x), without gathering x."""
-    count = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-    sums = torch.cat([x.double().sum(0), x.double().pow(2).sum().reshape(1)])
-    all_reduce_sum(sums, info)
-    all_reduce_sum(count, info)
-    total, squared = sums[:-1], sums[-1]
-    return (squared - total.pow(2).sum() / count).to(x.dtype).reshape(())
-
-
-def sum_gradients(parameters, info: DistInfo) -> None:
-    """Sum gradients over all ranks (the per-rank losses are already divided by global totals)."""
-    if info.enabled:
-        all_reduce_gradients(parameters)
-
-
-def all_reduce_gradients(parameters, group=None) -> None:
-    """Sum the parameters' gradients over the ranks of `group` (default: all), one flattened all-reduce."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
-def gather_rows(x: Tensor, info: DistInfo) -> Tensor:
-    """Concatenate every rank's rows of x (equal row counts), in rank order."""
-    if not info.enabled:
-        return x
-    parts = [torch.empty_like(x) for _ in range(info.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def gather_objects(value: Any, info: DistInfo) -> list[Any]:

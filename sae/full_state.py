@@ -13,7 +13,7 @@ For a process alone these are copies to the CPU and back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,28 +60,31 @@ def full_state_specs(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | 
 
 @torch.no_grad()
 def full_state_chunks(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
-                      extra: dict[str, Tensor] | None = None,
-                      max_chunk_bytes: int = 1 << 26) -> Iterator[tuple[str, Tensor]]:
+                      extra: dict[str, Tensor] | None = None, max_chunk_bytes: int = 1 << 26,
+                      parameter_rows: Callable[[Tensor, slice], Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
     """The full state as (name, CPU piece) pairs, on rank 0: each tensor of `full_state_specs` in
     consecutive row pieces of at most `max_chunk_bytes`, whole shard by whole shard. The other ranks
     of replica 0's shard group send their rows to rank 0 when their turn comes and yield nothing;
     other replicas, which hold identical copies, do nothing. Collective: every rank must exhaust it
     (`drain`). A piece may share memory with the training state (a process alone, on the CPU):
-    copy before changing it."""
+    copy before changing it. `parameter_rows(parameter, rows)`, if given, reads the parameters' pieces
+    in place of `parameter[rows]` (the optimiser's evaluated weights: `optim.evaluated_rows`), one
+    piece at a time, so they never exist whole on the device."""
     layout = sae.layout
     if layout.replica != 0:
         return
+    parameters = {id(p) for p in sae.parameters()}
     for name, tensor, latent_major in _latent_major_state(sae, optimizer, extra):
-        tensor = tensor.detach()
+        read = parameter_rows if parameter_rows is not None and id(tensor) in parameters else _rows
         if not latent_major:
             if layout.is_main:
-                yield name, tensor.cpu()
+                yield name, read(tensor, slice(None)).cpu()
             continue
         row_bytes = max(1, tensor[:1].numel() * tensor.element_size())
         rows_per_chunk = max(1, max_chunk_bytes // row_bytes)
         for shard, rank in enumerate(layout.shard_ranks):
             for start in range(0, tensor.shape[0], rows_per_chunk):
-                rows = tensor[start : start + rows_per_chunk]
+                rows = read(tensor, slice(start, start + rows_per_chunk))
                 if layout.is_main and shard == 0:
                     yield name, rows.cpu()
                 elif layout.is_main:
@@ -92,6 +95,11 @@ def full_state_chunks(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer |
                     dist.send(rows.contiguous(), dst=layout.shard_ranks[0], group=layout.shard_group)
 
 
+def _rows(tensor: Tensor, rows: slice) -> Tensor:
+    """`tensor[rows]`, or a 0-dim tensor (an optimiser's step count) itself."""
+    return tensor.detach()[rows] if tensor.dim() else tensor.detach()
+
+
 def drain(chunks: Iterable) -> None:
     """Run a collective iterator (`full_state_chunks`) to its end, discarding what it yields."""
     for _ in chunks:
@@ -99,12 +107,14 @@ def drain(chunks: Iterable) -> None:
 
 
 def gather_full_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None = None,
-                      extra: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
-    """The full state (see `full_state_specs`) as one dict of CPU tensors on rank 0 (new memory, never
-    the training state's), None on the other ranks. Collective: call it on every rank. Checkpoints and
-    saves do not use it: they write `full_state_chunks` piece by piece (never the whole state at once)."""
+                      extra: dict[str, Tensor] | None = None,
+                      parameter_rows: Callable[[Tensor, slice], Tensor] | None = None) -> dict[str, Tensor] | None:
+    """The full state (see `full_state_specs`; parameters read by `parameter_rows` as in
+    `full_state_chunks`) as one dict of CPU tensors on rank 0 (new memory, never the training state's),
+    None on the other ranks. Collective: call it on every rank. Checkpoints and saves do not use it:
+    they write `full_state_chunks` piece by piece (never the whole state at once)."""
     pieces: dict[str, list[Tensor]] = {}
-    for name, piece in full_state_chunks(sae, optimizer, extra):
+    for name, piece in full_state_chunks(sae, optimizer, extra, parameter_rows=parameter_rows):
         pieces.setdefault(name, []).append(piece)
     if not sae.layout.is_main:
         return None

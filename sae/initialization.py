@@ -2,7 +2,10 @@
 
 Gao et al. 2024 (§2, "Scaling and evaluating sparse autoencoders") initialise the decoder with random
 unit-norm rows, tie the encoder to it (W_enc = W_dec^T), set b_dec to the geometric median of a batch
-and scale the inputs to a fixed mean squared norm. We add one fitted number: the tied encoder's scale.
+and scale the inputs to a fixed mean squared norm. Their reference code (openai/sparse_autoencoder,
+train.py, `init_from_data_`) also rescales the tied encoder: it divides W_enc by the mean norm of
+x_hat - b_dec over 256 random unit directions added to b_dec, so that such an input reconstructs to
+norm 1 on average. We rescale it too, by another rule, fitted to the first batch of data.
 
 Why the scale: at init every latent value is a projection of x - b_dec on a random unit direction,
 and the k largest of them are kept and decoded with those unit directions. Their sum overshoots more
@@ -10,7 +13,7 @@ the larger k is: on the embedded model the first batch's fvu at scale 1 is 0.72 
 k=64, worse than b_dec alone. Multiplying W_enc by c (b_enc is zero at init, so every latent value,
 and the reconstruction, scales by c and the TopK choice does not change) gives the least-squares
 best at c* = 0.68 (k=8) and 0.28 (k=64). We take the largest c <= 1 that starts no worse than b_dec
-alone, min(1, 2 c*): Gao et al.'s scale 1 at k <= 16 here, 0.57 at k=64. On the peer benchmark
+alone, min(1, 2 c*): 1 (the tied encoder unscaled) at k <= 16 here, 0.57 at k=64. On the peer benchmark
 (README) this closed the early gap to sparsify at k=64, while c* itself left 27-31% of the latents
 dead at k=8 (an init that does not overshoot lets the first winners keep winning).
 """

@@ -10,9 +10,9 @@ The same code serves every layout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +25,7 @@ from .files import TensorSpec
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
 from .model import SparseAutoencoder, fold_input_scale, normalize_rows_, write_sae_folder
-from .optim import make_optimizer, run_lr
+from .optim import evaluated_rows, make_optimizer, run_lr
 from .parallel import ShardLayout
 
 
@@ -100,27 +100,17 @@ def load_member(member: Member, tensors: Mapping[str, Tensor], state: dict[str, 
     member.input_scale = state["input_scale"]
 
 
-@contextmanager
-def averaged_weights(member: Member) -> Iterator[None]:
-    """Inside, the member's SAE holds the weights its optimiser evaluates: for schedule-free Adam the
-    average x (its `eval()`), else the weights themselves. The swap back (`train()`) is not bitwise
-    exact, so it is used only where every run of the same config does it at the same steps (held-out
-    evals, the final save), never around checkpoints, which keep the training weights y."""
-    swaps = hasattr(member.optimizer, "eval") and hasattr(member.optimizer, "train")
-    if swaps:
-        member.optimizer.eval()
-    try:
-        yield
-    finally:
-        if swaps:
-            member.optimizer.train()
+def evaluated_weights(member: Member) -> Callable[[Tensor, slice], Tensor]:
+    """How to read rows of the member's parameters as its optimiser evaluates them (for schedule-free
+    Adam the average x, built in new memory: `optim.evaluated_rows`), for `full_state_chunks`. The
+    training weights are never touched, so an eval or a save changes nothing of the run that follows."""
+    return partial(evaluated_rows, member.optimizer)
 
 
 def evaluation_sae(member: Member) -> SparseAutoencoder | None:
     """The member's whole SAE as it is evaluated (in training scale), in rank 0's CPU memory (None on
     the other ranks); the weights `save_member` writes. Collective: call it on every rank."""
-    with averaged_weights(member):
-        full = gather_full_state(member.sae)  # copies: the training weights are back after the block
+    full = gather_full_state(member.sae, parameter_rows=evaluated_weights(member))  # new memory
     if full is None:
         return None
     if member.sae.cfg.normalize_decoder:
@@ -130,7 +120,7 @@ def evaluation_sae(member: Member) -> SparseAutoencoder | None:
 
 def save_member(member: Member, metadata: dict[str, Any]) -> None:
     """Write the member's SAE folder (rank 0; collective: call it on every rank) piece by piece, so
-    that no rank holds the whole SAE: its optimiser's evaluated weights (`averaged_weights`), the
+    that no rank holds the whole SAE: its optimiser's evaluated weights (`evaluated_weights`), the
     decoder rows renormalised to unit norm, folded to take raw activations (`model.fold_input_scale`).
 
     Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
@@ -143,9 +133,8 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
             rows = normalize_rows_(rows.clone())  # a copy: the piece may be the training weights
         return fold_input_scale(name, rows, member.input_scale)
 
-    with averaged_weights(member):
-        chunks = (folded(name, rows) for name, rows in full_state_chunks(sae))
-        if sae.layout.is_main:
-            write_sae_folder(member.out_dir, sae.cfg, full_state_specs(sae), chunks, member.input_scale, metadata)
-        else:
-            drain(chunks)
+    chunks = (folded(name, rows) for name, rows in full_state_chunks(sae, parameter_rows=evaluated_weights(member)))
+    if sae.layout.is_main:
+        write_sae_folder(member.out_dir, sae.cfg, full_state_specs(sae), chunks, member.input_scale, metadata)
+    else:
+        drain(chunks)

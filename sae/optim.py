@@ -44,7 +44,9 @@ def run_lr(lr: float | None, sae_cfg: SaeConfig, cfg: TrainConfig) -> float:
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, decay_frac: float) -> float:
-    """Linear warmup over `warmup_steps`, constant, then linear decay to 0 over the last `decay_frac`."""
+    """The lr of step `step` (0-based) of `total_steps`: linear warmup over `warmup_steps`, constant,
+    then a linear decay over the last d = int(decay_frac * total_steps) steps, base_lr * (d, d - 1,
+    ..., 1) / d: the last step still runs at base_lr / d (0 would be a step that does nothing)."""
     scale = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     decay_steps = int(decay_frac * total_steps)
     if decay_steps > 0:
@@ -100,6 +102,25 @@ def clip_grad_norm_(sae, max_norm: float) -> Tensor:
     total = sae.layout.gradient_norm([p.grad for p in with_grad], [p is sae.b_dec for p in with_grad])
     torch.nn.utils.clip_grads_with_norm_(sae.parameters(), max_norm, total)
     return total
+
+
+@torch.no_grad()
+def evaluated_rows(optimizer: torch.optim.Optimizer, parameter: Tensor, rows: slice = slice(None)) -> Tensor:
+    """`parameter[rows]` as the optimiser evaluates it, never changing the parameter.
+
+    Schedule-free Adam (in train mode) holds y, where gradients are taken, as the parameter and its
+    iterate z in its state; it evaluates the average x of y = (1 - beta1) z + beta1 x, so
+    x = (y - (1 - beta1) z) / beta1, written as the library's `eval()` writes it in place,
+    lerp(y, z, 1 - 1 / beta1): the same bits, in new memory. Its `eval()` then `train()` would change
+    y by an ulp, so a run that evaluates at a step where another does not would train on differently.
+    Any other optimiser (or schedule-free Adam in eval mode, or before its first step) evaluates the
+    parameter itself: its rows are returned (a view, not a copy)."""
+    group = next(group for group in optimizer.param_groups if any(p is parameter for p in group["params"]))
+    z = optimizer.state.get(parameter, {}).get("z")
+    y = parameter.detach()[rows]
+    if z is None or not group.get("train_mode", False):
+        return y
+    return torch.lerp(y, z[rows], 1 - 1 / group["betas"][0])
 
 
 @torch.no_grad()

@@ -382,11 +382,22 @@ def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: i
         metadata = {
             **cfg.provenance(member.hookpoint), "tokens_trained": tokens_seen, "text_read": text_read,
             "run_name": cfg.run_name, "variant": member.name or None,
-            "final_metrics": {**member.metrics, **member.eval_metrics},
+            "final_metrics": final_metrics(member),
         }
         if log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=log.run.id, wandb_project=cfg.wandb_project)
         save_member(member, metadata)  # collective: rank 0 writes one ordinary SAE folder
+
+
+def final_metrics(member: Member) -> dict[str, dict]:
+    """cfg.json's `final_metrics`. `last_train_batch`: the last step's metrics (fvu, l0, dead_frac, ...)
+    on that training batch, at the weights the step started from (schedule-free's y), not the saved
+    SAE's. `held_out` (with `eval_every`): the held-out eval of the saved weights after the last step,
+    its keys without the log's "eval/" prefix."""
+    final = {"last_train_batch": dict(member.metrics)}
+    if member.eval_metrics:
+        final["held_out"] = {key.removeprefix("eval/"): value for key, value in member.eval_metrics.items()}
+    return final
 
 
 class RunLog:

@@ -1,4 +1,5 @@
-"""Text -> token windows: local files through `datasets` streaming, exact state, clear errors."""
+"""Text -> token windows: local files through `datasets` streaming, their hash-chosen splits, exact state,
+clear errors."""
 
 import json
 
@@ -8,6 +9,7 @@ from transformers import AutoTokenizer
 
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
+from sae.splits import document_split
 
 
 @pytest.fixture()
@@ -20,8 +22,10 @@ def test_windows_are_the_concatenated_documents(text_file, tokenizer):
     windows = TokenWindows(dataset, tokenizer, ctx_len=16, loop=False)
     produced = torch.cat(list(windows)).tolist()
     expected = []
-    for line in text_file.read_text().splitlines():
-        expected += tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+    for text in (json.loads(line)["text"] for line in text_file.read_text().splitlines()):
+        if document_split(text) != "train":
+            continue
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"]
         expected.append(tokenizer.eos_token_id)
     assert len(produced) == len(expected) // 16 * 16
     assert produced == expected[: len(produced)]
@@ -51,7 +55,20 @@ def test_text_files_and_folders(tmp_path, tokenizer):
     (tmp_path / "corpus" / "a.txt").write_text("one line of text\nanother line here\n")
     (tmp_path / "corpus" / "b.txt").write_text("more text in a second file\n")
     dataset = load_text_dataset(DataConfig(dataset=str(tmp_path / "corpus")))
-    assert [row["text"] for row in dataset] == ["one line of text", "another line here", "more text in a second file"]
+    lines = ["one line of text", "another line here", "more text in a second file"]
+    assert [row["text"] for row in dataset] == [line for line in lines if document_split(line) == "train"]
+
+
+def test_local_files_split_into_train_validation_and_test_by_document_hash(text_file):
+    everything = [json.loads(line)["text"] for line in text_file.read_text().splitlines()]
+    read = {split: [row["text"] for row in load_text_dataset(DataConfig(dataset=str(text_file), split=split))]
+            for split in ("train", "validation", "test")}
+    assert sorted(sum(read.values(), [])) == sorted(everything)  # every document in exactly one split
+    for split, texts in read.items():
+        assert texts and all(document_split(text) == split for text in texts), split
+    assert len(read["train"]) > 0.85 * len(everything)
+    with pytest.raises(ValueError, match=r"a local dataset has the splits \['train', 'validation', 'test'\].*not 'val'"):
+        load_text_dataset(DataConfig(dataset=str(text_file), split="val"))
 
 
 def test_missing_data_file_names_the_path(tmp_path):

@@ -40,7 +40,7 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
         "train.py", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1", f"--data.dataset={text_file}",
         "--data.ctx_len=16", "--data.shuffle_buffer_tokens=256", "--sae.n_latents=64", "--sae.k=4",
         "--sae.dead_tokens=300", "--sae.k_aux=8", "--batch_size=128", "--max_tokens=1280", "--log_every=5",
-        "--save_every=5", f"--out_dir={tmp_path}", "--eval_every=5", "--eval_tokens=256", "--eval_split=train",
+        "--save_every=5", f"--out_dir={tmp_path}", "--eval_every=5", "--eval_tokens=256",
     ]
     # stopped at step 5 and resumed: the second rank of the shard group streams nothing itself
     # (its batches are the first rank's), so its empty stream state must resume too

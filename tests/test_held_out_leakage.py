@@ -1,8 +1,11 @@
-"""Held-out rule 4 (eval/data.py) on real training runs: the eval's windows on a dataset without a
-held-out split share no text with what training read, in one process and with 2 data-parallel ranks.
+"""Held-out text on real training runs shares no text with what training read, in one process and with 2
+data-parallel ranks: the local files' hash-chosen validation and test splits (sae/splits.py), and rule 4
+(eval/data.py: the training split past what training read, when it is asked for by name).
 
-Each document is a string of random letter-words, so two windows share a 12-token run only when they
-hold the same text. tests/recording_train_worker.py records every window the training stream handed out."""
+Each document is a string of random letter-words, so two windows share an 8-token run only when they
+hold the same text. Runs of at most half a window (ctx_len 16) make the check blind to no alignment: two
+streams of the same text cut into windows at any offset still share a whole run inside a window of each
+(with 12-token runs, 7 of the 16 offsets share none). tests/recording_train_worker.py records every window the training stream handed out."""
 
 import json
 import math
@@ -19,7 +22,7 @@ from sae.activations import load_model_and_tokenizer
 from sae.config import DataConfig
 from sae.data import TokenWindows, load_text_dataset
 
-NGRAM = 12
+NGRAM = 8
 
 
 def write_random_letter_documents(path, count, seed):
@@ -36,7 +39,7 @@ def ngrams(windows: torch.Tensor) -> set[tuple]:
 
 
 def overlapping(held_out: torch.Tensor, training_ngrams: set[tuple]) -> int:
-    """How many held-out windows share a 12-token run with the training windows."""
+    """How many held-out windows share an NGRAM-token run with the training windows."""
     return sum(bool(ngrams(window[None]) & training_ngrams) for window in held_out)
 
 
@@ -67,7 +70,11 @@ def test_held_out_windows_share_no_text_with_training(tiny_lm_dir, tmp_path, npr
 
     _, tokenizer = load_model_and_tokenizer(str(tiny_lm_dir))
     data = DataConfig(dataset=dataset, ctx_len=16)
-    everything_left, source = held_out_windows(data, tokenizer, n_tokens=10**7, read_by_training=[record])
+    for split in ("validation", "test"):
+        held_out, source = held_out_windows(data, tokenizer, n_tokens=10**7, split=split, read_by_training=[record])
+        assert held_out.numel() > 0 and overlapping(held_out, training_ngrams) == 0, split
+    everything_left, source = held_out_windows(data, tokenizer, n_tokens=10**7, split="train",
+                                               read_by_training=[record])
     assert "past what training read" in source["held_out"]
     assert overlapping(everything_left, training_ngrams) == 0
     # and it loses little: per stream, at most the documents of the last tokenizer read (64) that
@@ -82,5 +89,7 @@ def test_held_out_windows_share_no_text_with_training(tiny_lm_dir, tmp_path, npr
     skipped = math.ceil(metadata["tokens_trained"] / 16)
     assert overlapping(all_windows[skipped:], training_ngrams) > 0
 
-    [report] = eval_main([str(sae_dir), "--tokens", "320"])
+    [report] = eval_main([str(sae_dir), "--split", "train", "--tokens", "320"])
     assert report["data"]["held_out"] == source["held_out"] and report["data"]["windows"] == 20
+    [report] = eval_main([str(sae_dir), "--tokens", "320"])  # by default: the validation split
+    assert report["data"]["split"] == "validation"

@@ -74,6 +74,6 @@ def test_a_sweep_run_under_wandb_agent_offline(tiny_lm_dir, text_file, tmp_path,
     assert process.poll() == 0
     sae_dir = tmp_path / "runs" / "sweeprun1" / "transformer.h.1"  # run_name auto -> the agent's run id
     saved = json.loads((sae_dir / "cfg.json").read_text())
-    assert saved["k"] == 4 and saved["run_name"] == "sweeprun1" and "fvu" in saved["final_metrics"]
+    assert saved["k"] == 4 and saved["run_name"] == "sweeprun1" and "fvu" in saved["final_metrics"]["last_train_batch"]
     [offline_run] = (tmp_path / "runs" / "sweeprun1" / "wandb").glob("offline-run-*-sweeprun1")
     assert b"final/fvu" in (offline_run / "run-sweeprun1.wandb").read_bytes()  # the metric the sweep optimises

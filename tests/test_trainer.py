@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
 
 from sae import SparseAutoencoder
 from sae import checkpoint, trainer
@@ -40,6 +41,10 @@ def read_log(sae_dir):
     return [json.loads(line) for line in (sae_dir.parent / "log.jsonl").read_text().splitlines()]
 
 
+STEP_METRICS = ("fvu", "auxk_loss", "multi_topk_fvu", "l0", "dead_frac", "lr")
+"""A training step's metrics: in its log line, and the last step's in cfg.json's final_metrics.last_train_batch."""
+
+
 def test_training_lowers_fvu_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tmp_path):
     sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 80, log_every=1))
     log = read_log(sae_dir)
@@ -50,6 +55,7 @@ def test_training_lowers_fvu_and_saves_a_loadable_sae(tiny_lm_dir, text_file, tm
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     assert sae_dir.name == "transformer.h.1" and cfg["hookpoint"] == "transformer.h.1" and cfg["d_in"] == 32
     assert cfg["tokens_trained"] == 128 * 80
+    assert cfg["final_metrics"] == {"last_train_batch": {key: log[-1][key] for key in STEP_METRICS}}  # no eval_every
 
 
 def test_auxk_uses_the_dead_set_after_counting_this_batch():
@@ -84,13 +90,46 @@ def test_auxk_uses_the_dead_set_after_counting_this_batch():
     torch.testing.assert_close(out.auxk_loss, expected)
 
 
-def test_auxk_revives_dead_latents(tiny_lm_dir, text_file, tmp_path):
-    # Few latents die at this size; AuxK must at least produce a positive loss once some are dead.
-    sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, sae=SaeConfig(n_latents=512, k=2, k_aux=32, dead_tokens=256),
-                                max_tokens=128 * 30))
-    log = read_log(sae_dir)
-    assert any(entry["dead_frac"] > 0 for entry in log)
-    assert any(entry["auxk_loss"] > 0 for entry in log if entry["dead_frac"] > 0)
+def revival_run(auxk_coef: float, steps: int = 40, batch: int = 64) -> tuple[list[int], Tensor, Tensor]:
+    """Default optimiser, lr 3e-2: an SAE with k=1 whose latent 0 reads and writes feature u (always
+    on, 1..2) and latent 1 writes feature v (+8 or -8 on half of the tokens, 0 on the rest) but reads
+    it at 0.05: latent 1 never wins the top 1, so it is dead after the first batch (dead_tokens = one
+    batch), while the residual is all v. (Latent 2 reads a silent direction.) Returns latent 1's
+    dead-latent counter after each step, and its encoder row before and after."""
+    eye = torch.eye(4)
+    v, u = eye[0], eye[1]
+    sae = SparseAutoencoder(SaeConfig(d_in=4, n_latents=3, k=1, k_aux=1, dead_tokens=batch, auxk_coef=auxk_coef))
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.stack([u, 0.05 * v, -eye[2]]))
+        sae.encoder.bias.zero_()
+        sae.W_dec.copy_(torch.stack([u, v, eye[3]]))
+        sae.b_dec.zero_()
+    before = sae.encoder.weight[1].detach().clone()
+    optimizer = optim.make_optimizer(TrainConfig(), sae.parameters(), 3e-2)
+    generator = torch.Generator().manual_seed(0)
+    counters, history = torch.zeros(3, dtype=torch.long), []
+    for _ in range(steps):
+        on = 1 + torch.rand(batch, 1, generator=generator)
+        sometimes = 8.0 * torch.randint(-1, 2, (batch, 1), generator=generator) * (torch.rand(batch, 1, generator=generator) < 0.5)
+        x = on * u + sometimes * v + 0.01 * torch.randn(batch, 4, generator=generator)
+        trainer.training_step(sae, optimizer, x, counters, 3e-2, 1.0)
+        history.append(int(counters[1]))
+    return history, before, sae.encoder.weight[1].detach()
+
+
+def test_auxk_revives_dead_latents():
+    """A latent dead after the first step fires again later, and only through AuxK: without it (the
+    same run at auxk_coef 0) nothing moves a dead latent (no gradient reaches it), and it stays dead."""
+    batch = 64
+    history, _, _ = revival_run(auxk_coef=1 / 32)
+    assert history[0] >= batch  # dead after the first batch
+    revived_at = next((step for step, tokens in enumerate(history) if tokens == 0), None)
+    assert revived_at is not None and revived_at < 10, history
+    assert history[-1] < batch  # and alive at the end
+
+    history, before, after = revival_run(auxk_coef=0.0)
+    assert history == [batch * (step + 1) for step in range(len(history))]  # never fires again
+    assert torch.equal(before, after)
 
 
 @pytest.mark.parametrize("optimizer, state_names", [
@@ -112,6 +151,33 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_lm_dir, text
         assert torch.equal(full_state[name], resumed_state[name]), name
 
 
+def recording_evaluator(seen: list):
+    """An `EvaluatorFactory` whose scorer records a checksum of each SAE it is given (no LM, no text):
+    what a held-out eval does to the run is the same whatever it scores."""
+    def factory(cfg, model, tokenizer):
+        def score(sae, input_scale, hookpoint):
+            seen.append(sae.W_dec.double().sum().item())
+            return {"eval/w_dec_sum": seen[-1]}
+        return score
+    return factory
+
+
+def test_resume_with_held_out_evals_gives_the_same_weights_as_an_uninterrupted_run(tiny_lm_dir, text_file, tmp_path):
+    """A run extended past its end evaluates at its old last step (25), which the uninterrupted run
+    does not: reading the schedule-free average there must leave the training weights as they were."""
+    seen = []
+    config = lambda **values: tiny_config(tiny_lm_dir, text_file, tmp_path, optimizer="schedule_free_adam",  # noqa: E731
+                                          eval_every=10, save_every=0, **values)
+    full = train(config(run_name="full"), evaluator=recording_evaluator(seen))
+    train(config(run_name="split", max_tokens=128 * 25), evaluator=recording_evaluator(seen))
+    resumed = train(config(run_name="split", resume=True), evaluator=recording_evaluator(seen))
+    assert len(seen) == 4 + 3 + 2  # evals at 10, 20, 30, 40; 10, 20, 25; 30, 40
+    assert seen[:2] == seen[4:6] and seen[2:4] == seen[7:9]
+    full_tensors, resumed_tensors = load_file(full / "sae.safetensors"), load_file(resumed / "sae.safetensors")
+    for name, tensor in full_tensors.items():
+        assert torch.equal(tensor, resumed_tensors[name]), name
+
+
 def test_a_schedule_free_run_saves_its_averaged_weights_with_unit_norm_decoder_rows(tiny_lm_dir, text_file, tmp_path):
     """Defazio et al.'s x = (y - (1 - beta1) z) / beta1 from the last checkpoint's training weights y and
     Adam iterate z, decoder rows renormalised, folded: exactly the saved SAE (never y itself)."""
@@ -128,6 +194,23 @@ def test_a_schedule_free_run_saves_its_averaged_weights_with_unit_norm_decoder_r
     for name in names:
         torch.testing.assert_close(saved[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.allclose(saved["W_dec"], tensors["W_dec"], atol=1e-3)  # not the training weights y
+
+
+def test_a_run_without_decoder_normalisation_trains_and_leaves_the_rows_as_they_come(tiny_lm_dir, text_file, tmp_path):
+    """sae.normalize_decoder=False: no projection, no renormalisation of y or z, none on save: the saved
+    W_dec is exactly the schedule-free average of the last checkpoint's y and z, rows of any norm."""
+    sae_cfg = SaeConfig(n_latents=128, k=4, k_aux=16, dead_tokens=2000, normalize_decoder=False)
+    sae_dir = train(tiny_config(tiny_lm_dir, text_file, tmp_path, sae=sae_cfg, lr=3e-2, log_every=1))
+    log = read_log(sae_dir)
+    assert log[-1]["fvu"] < 0.7 * log[0]["fvu"], (log[0]["fvu"], log[-1]["fvu"])
+    tensors, _ = checkpoint.load_checkpoint(checkpoint.list_checkpoints(sae_dir.parent)[-1])
+    order = [name for name, _ in SparseAutoencoder(SaeConfig(d_in=32, n_latents=128)).named_parameters()]
+    y, z = tensors["W_dec"], tensors[f"optimizer.{order.index('W_dec')}.z"]
+    for rows in (y, z):
+        assert (rows.norm(dim=1) - 1).abs().max() > 1e-2
+    saved = SparseAutoencoder.load(sae_dir)
+    assert saved.cfg.normalize_decoder is False
+    assert torch.equal(load_file(sae_dir / "sae.safetensors")["W_dec"], y.lerp(z, 1 - 1 / 0.9))
 
 
 def test_existing_run_needs_resume_and_resume_rejects_a_changed_config(tiny_lm_dir, text_file, tmp_path):
@@ -281,13 +364,19 @@ def test_held_out_evals_during_training_are_logged_and_saved(embedded_sae_dir):
         assert 0 < line["eval/ce_recovered"] <= 1 and line["eval/kl"] > 0
     assert evals[-1]["eval/fvu"] < evals[0]["eval/fvu"]
     saved = json.loads((embedded_sae_dir / "cfg.json").read_text())
-    assert saved["final_metrics"]["eval/ce_recovered"] == evals[-1]["eval/ce_recovered"]
+    # final_metrics says what each number is of: the last training batch (at the training weights), and
+    # the held-out eval of the saved SAE after the last step
+    final, last_batch = saved["final_metrics"], [line for line in read_log(embedded_sae_dir) if "fvu" in line][-1]
+    assert set(final) == {"last_train_batch", "held_out"}
+    assert final["held_out"] == {key: evals[-1][f"eval/{key}"] for key in TRAINING_EVAL_KEYS}
+    assert type(final["held_out"]["never_fired_tokens"]) is int and final["held_out"]["never_fired_tokens"] > 0
+    assert final["last_train_batch"] == {key: last_batch[key] for key in STEP_METRICS} and last_batch["step"] == 100
     assert saved["wandb_run_id"] and saved["text_column"] == "text"
 
 
-def test_held_out_evals_need_a_held_out_split(tiny_lm_dir, text_file, tmp_path):
-    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5)
-    with pytest.raises(ValueError, match="no held-out split"):
+def test_held_out_evals_refuse_the_training_split(tiny_lm_dir, text_file, tmp_path):
+    cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, eval_every=5, eval_split="train")
+    with pytest.raises(ValueError, match="split 'train' of .* is the text training reads"):
         train(cfg, evaluator=training_evaluator)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..missing import mean_or_none
 from .inputs import Unit, log_series, read_training_log
 from .metrics import ablation_html, n2g_html, probe_html, scaling_html
 from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
@@ -13,7 +14,9 @@ LOG_CURVES = [
     ("Fraction of variance unexplained", ["fvu", "eval/fvu"]),
     ("Normalized MSE", ["nmse", "eval/nmse"]),
     ("L0 (active latents per token)", ["l0", "eval/l0"]),
-    ("Dead latent fraction", ["dead_frac", "eval/dead_frac"]),
+    ("Dead latent fraction (training: silent for dead_tokens)", ["dead_frac"]),
+    # eval/dead_frac: older logs' name for eval/never_fired_frac
+    ("Latents never fired on the held-out eval", ["eval/never_fired_frac", "eval/dead_frac"]),
     ("CE loss recovered (eval)", ["eval/ce_recovered", "eval/ce_recovered_mean"]),
 ]
 """(chart title, log keys drawn in it); a chart is drawn when the log has any of its keys."""
@@ -22,7 +25,8 @@ REPORT_METRICS = [
     ("fvu", "fraction of variance unexplained"),
     ("nmse", "normalized MSE"),
     ("l0", "L0 (active latents per token)"),
-    ("dead_frac", "dead latent fraction"),
+    ("never_fired_frac", "latents that never fired (fraction)"),
+    ("never_fired_tokens", "tokens never_fired_frac counts over"),
     ("ce_clean", "LM cross-entropy, clean"),
     ("ce_sae", "LM cross-entropy, SAE spliced in"),
     ("ce_recovered", "CE loss recovered (vs zero ablation)"),
@@ -30,17 +34,15 @@ REPORT_METRICS = [
     ("kl", "KL(clean ‖ SAE)"),
     ("tokens", "eval tokens"),
 ]
-"""Headline numbers of an eval report, in the order shown."""
+"""Headline numbers of an eval report (and of cfg.json's final_metrics.held_out), in the order shown."""
 
 TRAINING_METRICS = [
-    ("step", "step"),
     ("fvu", "fraction of variance unexplained"),
-    ("nmse", "normalized MSE"),
     ("l0", "L0 (active latents per token)"),
-    ("dead_frac", "dead latent fraction"),
-    ("tokens", "tokens"),
+    ("dead_frac", "dead latent fraction (silent for dead_tokens)"),
+    ("lr", "learning rate"),
 ]
-"""Headline numbers of cfg.json's final_metrics (the last training step), in the order shown."""
+"""Headline numbers of cfg.json's final_metrics.last_train_batch, in the order shown."""
 
 SORT_SCRIPT = """
 "use strict";
@@ -83,15 +85,43 @@ def sae_facts(cfg: dict) -> str:
     return facts_table([(label, cfg[key]) for key, label in keys if key in cfg])
 
 
+def held_out_metrics(metrics: dict) -> dict:
+    """Eval numbers (a report, final_metrics.held_out) with never_fired_frac and never_fired_tokens:
+    older files call the first `dead_frac` and count it over the report's `tokens`."""
+    if "dead_frac" not in metrics or "never_fired_frac" in metrics:
+        return metrics
+    renamed = {**metrics, "never_fired_frac": metrics["dead_frac"]}
+    if "tokens" in metrics:
+        renamed["never_fired_tokens"] = metrics["tokens"]
+    return renamed
+
+
+def final_metrics_of(cfg: dict) -> tuple[dict, dict]:
+    """(last training batch, held-out eval) of cfg.json's final_metrics. Older files hold both in one
+    flat dict, the held-out eval's under "eval/" keys."""
+    final = cfg.get("final_metrics") if isinstance(cfg.get("final_metrics"), dict) else {}
+    if "last_train_batch" in final or "held_out" in final:
+        parts = [final.get("last_train_batch"), final.get("held_out")]
+        train, held_out = (part if isinstance(part, dict) else {} for part in parts)
+    else:
+        train = {key: value for key, value in final.items() if not key.startswith("eval/")}
+        held_out = {key.removeprefix("eval/"): value for key, value in final.items() if key.startswith("eval/")}
+    return train, held_out_metrics(held_out)
+
+
 def headline_html(cfg: dict, report: dict | None, report_path: Path | None) -> str:
-    """Headline numbers side by side: the SAE's shape, the last training step's numbers (cfg.json) and,
-    when given, the eval report's."""
+    """Headline numbers side by side: the SAE's shape, the last training batch's numbers and the held-out
+    eval at the end of training (cfg.json) and, when given, the eval report's."""
     cards = [("SAE", "", sae_facts(cfg))]
-    final = cfg.get("final_metrics") or {}
-    rows = [(label, final[key]) for key, label in TRAINING_METRICS if key in final]
-    if rows:
-        cards.append(("End of training", "cfg.json's final_metrics (training batches)", facts_table(rows)))
+    train, held_out = final_metrics_of(cfg)
+    if rows := [(label, train[key]) for key, label in TRAINING_METRICS if key in train]:
+        cards.append(("Last training batch", "cfg.json's final_metrics.last_train_batch: that batch, at the "
+                      "training weights (not the saved SAE's)", facts_table(rows)))
+    if rows := [(label, held_out[key]) for key, label in REPORT_METRICS if key in held_out]:
+        cards.append(("Held-out eval, end of training", "cfg.json's final_metrics.held_out: the saved SAE",
+                      facts_table(rows)))
     if report is not None:
+        report = held_out_metrics(report)
         data = report.get("data") if isinstance(report.get("data"), dict) else {}
         where = ", ".join(str(data[key]) for key in ("dataset", "held_out") if data.get(key))
         source = f"{report_path}" + (f" ({where})" if where else "")
@@ -145,7 +175,7 @@ def mean_score_row(label: str, unit_scores: list[dict], simulators: list[str]) -
     cells = []
     for name in simulators:
         values = [value for value in (score_of(scores, name) for scores in unit_scores) if value is not None]
-        cells.append(number_cell(sum(values) / len(values) if values else None))
+        cells.append(number_cell(mean_or_none(values)))
     return f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>"
 
 

@@ -19,9 +19,9 @@ def ablation_html(report: dict) -> str:
     section = report.get("ablation_sparsity")
     if not isinstance(section, dict):
         return ""
-    facts = [("latents", section.get("latents")), ("ablations", section.get("ablations")),
-             ("mean", section.get("mean")), ("median", section.get("median")),
-             ("positions per ablation (T)", section.get("horizon")), ("vocabulary (V)", section.get("vocab"))]
+    facts = [(label, section[key]) for label, key in (  # a key present but null (nothing measured) shows "–"
+        ("latents", "latents"), ("ablations", "ablations"), ("mean", "mean"), ("median", "median"),
+        ("positions per ablation (T)", "horizon"), ("vocabulary (V)", "vocab")) if key in section]
     values = [value for value in (section.get("per_latent") or {}).values() if _finite(value) and value > 0]
     chart = ""
     if values:
@@ -30,7 +30,7 @@ def ablation_html(report: dict) -> str:
     return ('<h2 id="ablation">Ablation sparsity</h2>\n<p class="note">How many logits a latent\'s ablation moves, '
             "as a fraction of the V·T logits at the ablated position and the T − 1 after it (Gao et al. §4.5); "
             "smaller is sparser. 1/(V·T) is a single logit.</p>\n"
-            f'{facts_table([(label, value) for label, value in facts if value is not None])}\n{chart}')
+            f'{facts_table(facts)}\n{chart}')
 
 
 def probe_html(report: dict) -> str:

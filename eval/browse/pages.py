@@ -111,8 +111,8 @@ def facts_table(rows: list[tuple[str, object]]) -> str:
 
 
 def value_cell(value) -> str:
-    """A numeric cell for a number, a text cell for anything else."""
-    return number_cell(value) if isinstance(value, (int, float)) else text_cell(value)
+    """A numeric cell for a number or a missing one (None: "–"), a text cell for anything else."""
+    return number_cell(value) if value is None or isinstance(value, (int, float)) else text_cell(value)
 
 
 def simulator_names(units: list[Unit]) -> list[str]:

@@ -1,11 +1,12 @@
-"""Numbers for tables and axes, histogram binning, and the inline SVG charts (line and bar) of the site."""
+"""Numbers for tables and axes, histogram binning, and the SVG charts: line and bar charts inline in the site,
+and the log-log plot of a scaling sweep (`python -m eval.scaling`, inlined by the site too)."""
 
 from __future__ import annotations
 
 import html
 import math
 
-SERIES_COLOURS = ["#1f6fb4", "#e0601a", "#2a9d4b", "#8e44ad"]
+SERIES_COLOURS = ["#1f6fb4", "#e0601a", "#2a9d4b", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d", "#b8860b"]
 
 # ----------------------------------------------------------------------------------------------
 # Numbers
@@ -43,6 +44,24 @@ def nice_ticks(low: float, high: float, target: int = 5, integer: bool = False) 
         step = max(1, round(step))
     first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
     return [float(f"{i * step:.12g}") for i in range(first, last + 1)]
+
+
+def power_of_two_ticks(low: float, high: float) -> list[float]:
+    """Powers of two within [low, high] (low > 0), thinned to at most 8."""
+    exponents = list(range(math.ceil(math.log2(low) - 1e-9), math.floor(math.log2(high) + 1e-9) + 1))
+    stride = max(1, math.ceil(len(exponents) / 8))
+    return [2.0 ** e for e in exponents[::stride]] or [low, high]
+
+
+def decimal_log_ticks(low: float, high: float) -> list[float]:
+    """1, 2, 5 times powers of ten within [low, high] (low > 0); all nine mantissas if that gives fewer
+    than 3, and linear ticks if that still gives fewer than 2."""
+    for mantissas, enough in (((1, 2, 5), 3), (range(1, 10), 2)):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+                 for m in mantissas if low * (1 - 1e-9) <= m * 10.0 ** e <= high * (1 + 1e-9)]
+        if len(ticks) >= enough:
+            return ticks
+    return [tick for tick in nice_ticks(low, high) if low <= tick <= high and tick > 0]
 
 
 def format_tick(value: float) -> str:
@@ -93,15 +112,22 @@ class Frame:
         self.height = self.HEIGHT + extra_bottom
         self.plot_bottom = self.HEIGHT - self.BOTTOM
 
+    @staticmethod
+    def scale(value: float) -> float:
+        """Where a data value lies along an axis, before the axis maps it to pixels linearly."""
+        return value
+
     def x(self, value: float) -> float:
         """Pixel column of a data x."""
         span = self.WIDTH - self.LEFT - self.RIGHT
-        return round(self.LEFT + (value - self.x_low) / (self.x_high - self.x_low) * span, 2)
+        low, high = self.scale(self.x_low), self.scale(self.x_high)
+        return round(self.LEFT + (self.scale(value) - low) / (high - low) * span, 2)
 
     def y(self, value: float) -> float:
         """Pixel row of a data y."""
         span = self.plot_bottom - self.TOP
-        return round(self.plot_bottom - (value - self.y_low) / (self.y_high - self.y_low) * span, 2)
+        low, high = self.scale(self.y_low), self.scale(self.y_high)
+        return round(self.plot_bottom - (self.scale(value) - low) / (high - low) * span, 2)
 
     def axes(self, title: str, x_label: str, y_label: str) -> list[str]:
         """SVG elements of the title, grid lines, both axes, their ticks and labels."""
@@ -124,11 +150,21 @@ class Frame:
             parts.append(svg_text(14, middle, y_label, "middle", f' transform="rotate(-90 14 {middle})"'))
         return parts
 
-    def svg(self, title: str, parts: list[str]) -> str:
-        """The whole <svg> element (its <title> is the chart's title, for screen readers and tooltips)."""
-        return (f'<svg class="chart" viewBox="0 0 {self.WIDTH} {self.height}" width="{self.WIDTH}" '
+    def svg(self, title: str, parts: list[str], standalone: bool = False) -> str:
+        """The whole <svg> element (its <title> is the chart's title, for screen readers and tooltips);
+        `standalone` declares the SVG namespace, which a .svg file needs and inline SVG in HTML does not."""
+        namespace = ' xmlns="http://www.w3.org/2000/svg"' if standalone else ""
+        return (f'<svg{namespace} class="chart" viewBox="0 0 {self.WIDTH} {self.height}" width="{self.WIDTH}" '
                 f'height="{self.height}" role="img" font-family="sans-serif"><title>{esc(title)}</title>'
                 + "".join(parts) + "</svg>")
+
+
+class LogLogFrame(Frame):
+    """A Frame whose two axes are logarithmic (positive data only)."""
+
+    WIDTH, HEIGHT = 520, 320
+    LEFT = 64
+    scale = staticmethod(math.log)
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "step",
@@ -172,3 +208,31 @@ def bar_chart(title: str, edges: list[float], counts: list[int], x_label: str, y
             parts.append(f'<rect x="{x}" y="{top}" width="{width}" height="{round(frame.plot_bottom - top, 2)}" '
                          f'fill="#1f6fb4"><title>{esc(tooltip)}</title></rect>')
     return frame.svg(title, parts)
+
+
+def scaling_chart(title: str, dots: list[tuple[float, float, str, str]],
+                  curves: list[tuple[str, bool, list[tuple[float, float]]]], groups: list[str],
+                  x_label: str, y_label: str, note: str) -> str:
+    """A standalone log-log SVG of widths against a loss: dots (x, y, group, tooltip) and curves (group,
+    dashed, [(x, y) ...]) in their group's colour, a legend of `groups` (in order; the order picks the
+    colours) and a `note` line below it. x ticks at powers of two, y ticks at 1, 2, 5 times powers of 10."""
+    colour = {group: SERIES_COLOURS[index % len(SERIES_COLOURS)] for index, group in enumerate(groups)}
+    xs = [x for x, _, _, _ in dots]
+    ys = [y for _, y, _, _ in dots] + [y for _, _, line in curves for _, y in line]
+    x_range, y_range = (min(xs) / 1.15, max(xs) * 1.15), (min(ys) / 1.08, max(ys) * 1.08)
+    frame = LogLogFrame(x_range, y_range, power_of_two_ticks(*x_range), decimal_log_ticks(*y_range), extra_bottom=34)
+    parts = frame.axes(title, x_label, y_label)
+    for group, dashed, line in curves:
+        coordinates = " ".join(f"{frame.x(x)},{frame.y(y)}" for x, y in line)
+        parts.append(f'<polyline fill="none" stroke="{colour[group]}" stroke-width="1.5"'
+                     + (' stroke-dasharray="5,3"' if dashed else "") + f' points="{coordinates}"/>')
+    for x, y, group, tooltip in dots:
+        parts.append(f'<circle cx="{frame.x(x)}" cy="{frame.y(y)}" r="3" fill="{colour[group]}">'
+                     f'<title>{esc(tooltip)}</title></circle>')
+    legend_row = frame.HEIGHT + 8
+    for index, group in enumerate(groups):
+        left = frame.LEFT + 62 * index
+        parts.append(f'<circle cx="{left}" cy="{legend_row}" r="3" fill="{colour[group]}"/>')
+        parts.append(svg_text(left + 7, legend_row + 4, group))
+    parts.append(svg_text(frame.LEFT, legend_row + 20, note))
+    return frame.svg(title, parts, standalone=True)

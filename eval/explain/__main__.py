@@ -22,14 +22,16 @@ from sae.errors import UsageError, run_cli
 from sae.files import atomic_write
 
 from ..data import held_out_windows
-from .choose import SimulatorSet, make_backend
+from .choose import SimulatorSet
+from .options import ScoringOptions
 from .puzzles import PUZZLES, puzzle_records, run_puzzles
 from .records import TokenStrings
 
 
 @dataclass(frozen=True)
-class PuzzleConfig:
-    """Options of `python -m eval.explain puzzles`."""
+class PuzzleConfig(ScoringOptions):
+    """Options of `python -m eval.explain puzzles` (the scoring ones are `ScoringOptions`, shared with
+    `python -m eval`)."""
 
     model: str = str(EMBEDDED_MODEL_DIR)
     """Tokenizer source (the puzzles are rules over its token strings)."""
@@ -49,24 +51,6 @@ class PuzzleConfig:
     tokens: int = 32768
     """Held-out tokens to draw excerpts from."""
 
-    simulators: str = "auto"
-    """Comma-separated: token-lookup, embedding, llm; "auto" uses every one available."""
-
-    simulator_url: str = ""
-    """OpenAI-compatible server for the LLM simulator."""
-
-    simulator_model: str = ""
-    """The server's model name, or (without a URL) a local transformers model."""
-
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the server's API key (never logged)."""
-
-    http_concurrency: int = 4
-    """Requests in flight at once to the server."""
-
-    cache_dir: str = ".cache/explain"
-    """Server replies are cached here, so a rerun costs nothing."""
-
     seed: int = 0
     """Seeds the choice of excerpts."""
 
@@ -84,10 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "(python -m eval --n2g N scores those): leave it out of --simulators")
     _, tokenizer = load_model_and_tokenizer(cfg.model)
     data = DataConfig(dataset=cfg.dataset, ctx_len=cfg.ctx_len, data_dir=cfg.data_dir)
-    windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split)
-    backend = make_backend(cfg.simulator_url, cfg.simulator_model, api_key_env=cfg.api_key_env,
-                           concurrency=cfg.http_concurrency, cache_dir=cfg.cache_dir)
-    simulators = SimulatorSet(cfg.simulators, backend)
+    windows, source = held_out_windows(data, tokenizer, cfg.tokens, cfg.split, training_dataset=False)  # no SAE here
+    simulators = SimulatorSet(cfg.simulators, cfg.simulator_backend())
     records = puzzle_records(windows, TokenStrings(tokenizer), seed=cfg.seed)
     report = {"data": source, "puzzles": len(PUZZLES), "simulators": run_puzzles(records, simulators.for_unit("latent"))}
     print(f"{len(PUZZLES)} puzzles on {windows.numel():,} tokens ({source['held_out']})")

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
+from ..missing import mean_or_none
 from .explainers import Explanation
 from .units import derangement, latent_records
 from .records import TokenStrings, UnitActivations, UnitRecords, sae_latent_activations
@@ -327,10 +328,6 @@ def score_n2g(explanation: N2GExplanation, records: UnitRecords) -> dict:
     return firing_precision_recall([excerpt.activations for excerpt in excerpts], predicted)
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def n2g_report(records: list[UnitRecords], explanations: list[N2GExplanation], seed: int = 0) -> dict:
     """Per-unit precision and recall, their means, and the shuffled control (each unit scored with the
     trie of unit `derangement(...)[i]`; None with fewer than 2 units). Means over no units are None."""
@@ -345,10 +342,10 @@ def n2g_report(records: list[UnitRecords], explanations: list[N2GExplanation], s
     shuffled = [entry["shuffled"] for entry in per_unit if "shuffled" in entry]
     return {
         "units": len(per_unit),
-        "precision": _mean([entry["precision"] for entry in per_unit]),
-        "recall": _mean([entry["recall"] for entry in per_unit]),
-        "precision_shuffled": _mean([entry["precision"] for entry in shuffled]),
-        "recall_shuffled": _mean([entry["recall"] for entry in shuffled]),
+        "precision": mean_or_none(entry["precision"] for entry in per_unit),
+        "recall": mean_or_none(entry["recall"] for entry in per_unit),
+        "precision_shuffled": mean_or_none(entry["precision"] for entry in shuffled),
+        "recall_shuffled": mean_or_none(entry["recall"] for entry in shuffled),
         "flagged_no_predicted_firing": sum("no predicted firing" in entry["flags"] for entry in per_unit),
         "flagged_no_true_firing": sum("no true firing" in entry["flags"] for entry in per_unit),
         "per_unit": per_unit,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sae.files import atomic_write
 from sae.model import SparseAutoencoder
 
+from ..missing import format_or_dash, mean_or_none
 from .n2g import N2GExplainer, N2GSimulator, context_and_pad_ids
 from .records import (TokenStrings, UnitActivations, UnitRecords, mlp_neuron_module, module_unit_activations,
                       sae_latent_activations)
@@ -44,11 +45,11 @@ def explain_and_score(records: list[UnitRecords], explainer, simulators: dict, s
 
 
 def _means(scores: list[dict]) -> dict:
-    count = len(scores)
+    """Mean scores over units (None over no units) and how many of them were flagged."""
     return {
-        "mean_score_top_and_random": sum(s["top_and_random"] for s in scores) / count if count else None,
-        "mean_score_random_only": sum(s["random_only"] for s in scores) / count if count else None,
-        "units": count,
+        "mean_score_top_and_random": mean_or_none(s["top_and_random"] for s in scores),
+        "mean_score_random_only": mean_or_none(s["random_only"] for s in scores),
+        "units": len(scores),
         "flagged_top_and_random": sum("top_and_random" in s["flags"] for s in scores),
         "flagged_random_only": sum("random_only" in s["flags"] for s in scores),
     }
@@ -125,11 +126,12 @@ def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: 
         for simulator, means in group_summary.items():
             summary.setdefault(simulator, {}).update(means)
     primary = next(name for name in ("llm", "embedding", "token-lookup", "n2g") if name in summary)
+    latents = summary[primary].get("latents") or _means([])  # no latent to explain: no live one on `windows`
     section = {
         "explainer": explainer.name + ("; n2g: its own patterns" if simulators.n2g else ""),
         "primary_simulator": primary,
-        "mean_score_top_and_random": summary[primary]["latents"]["mean_score_top_and_random"],
-        "mean_score_random_only": summary[primary]["latents"]["mean_score_random_only"],
+        "mean_score_top_and_random": latents["mean_score_top_and_random"],
+        "mean_score_random_only": latents["mean_score_random_only"],
         "simulators": summary,
         "notes": list(simulators.notes),
     }
@@ -143,6 +145,6 @@ def explain_table(section: dict) -> str:
     lines = [f"explainer: {section['explainer']}", f"{'simulator':14} {'units':22} {'top+random':>10} {'random-only':>11} {'n':>4}"]
     for simulator, groups in section["simulators"].items():
         for group, means in groups.items():
-            lines.append(f"{simulator:14} {group:22} {means['mean_score_top_and_random']:10.3f} "
-                         f"{means['mean_score_random_only']:11.3f} {means['units']:4d}")
+            lines.append(f"{simulator:14} {group:22} {format_or_dash(means['mean_score_top_and_random'], '.3f'):>10} "
+                         f"{format_or_dash(means['mean_score_random_only'], '.3f'):>11} {means['units']:4d}")
     return "\n".join(lines + [f"note: {note}" for note in section["notes"]])

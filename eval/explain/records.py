@@ -5,15 +5,17 @@ An excerpt is one eval window minus its first position (the position the SAE nev
 ctx_len - 1 tokens: 63 with the default 64-token windows (Bills et al. use 64-token excerpts).
 
 One pass over the windows keeps, per unit, the `n_top` windows with the highest maximum activation
-(a running top-k over (units, n_top) tensors: memory does not grow with the text). Random excerpts are
-the same windows for every unit, drawn once with a seeded generator, so a unit that rarely fires
-shows mostly zeros there, as it should.
+(a running top-k over (units, n_top) tensors: memory does not grow with the text). The explainer sees
+the top excerpts of even rank; scoring uses those of odd rank and the random excerpts, so no scoring
+excerpt is one the explainer saw. Random excerpts come from one seeded draw of windows, the same for
+every unit except that a unit skips the windows of its own explanation excerpts (the next windows of
+the draw take their place): a unit that rarely fires shows mostly zeros there, as it should.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,17 +58,22 @@ class UnitRecords:
     """Top-activating excerpts, strongest first."""
 
     random: list[Excerpt]
-    """Random excerpts (the same windows for every unit)."""
+    """Random excerpts: windows of one seeded draw, none of them an explanation excerpt's window."""
 
     extra: dict = field(default_factory=dict)
 
     def explanation_excerpts(self, count: int = 5) -> list[Excerpt]:
         """Top excerpts the explainer sees: ranks 0, 2, 4, ... (the odd ranks are kept for scoring)."""
-        return self.top[0::2][:count]
+        return [self.top[rank] for rank in explanation_ranks(len(self.top))][:count]
 
     def scoring_top(self, count: int = 5) -> list[Excerpt]:
         """Top excerpts for scoring, disjoint from the explainer's: ranks 1, 3, 5, ..."""
         return self.top[1::2][:count]
+
+
+def explanation_ranks(n_top: int) -> range:
+    """Ranks of the top excerpts an explainer may see (0, 2, 4, ...); no scoring excerpt comes from their windows."""
+    return range(0, n_top, 2)
 
 
 class TokenStrings:
@@ -97,13 +104,15 @@ def collect_records(
     batch_windows: int = 32,
     seed: int = 0,
 ) -> list[UnitRecords]:
-    """Records for `units` (their activations come from `unit_activations`, in that order)."""
+    """Records for `units` (their activations come from `unit_activations`, in that order).
+
+    Each unit gets `n_random` random excerpts (fewer only when `windows` has too few windows besides
+    its explanation excerpts')."""
     n_windows = len(windows)
-    generator = torch.Generator().manual_seed(seed)
-    random_ids = torch.randperm(n_windows, generator=generator)[: min(n_random, n_windows)].sort().values
     n_top = min(n_top, n_windows)
-    top_scores = top_ids = top_acts = None
-    random_acts = []
+    # enough windows in the draw for every unit to skip its explanation windows and keep n_random
+    pool_ids = random_window_draw(n_windows, n_random + len(explanation_ranks(n_top)), seed)
+    top_scores = top_ids = top_acts = pool_acts = None
     for first in range(0, n_windows, batch_windows):
         acts = unit_activations(windows[first : first + batch_windows]).float().cpu()  # (B, T-1, U)
         batch_ids = torch.arange(first, first + len(acts))
@@ -111,6 +120,7 @@ def collect_records(
         scores = per_unit.amax(-1)  # (U, B)
         if top_scores is None:
             top_scores, top_ids, top_acts = scores, batch_ids.expand_as(scores), per_unit
+            pool_acts = acts.new_zeros(len(pool_ids), *acts.shape[1:])  # (pool, T-1, U)
         else:
             top_scores = torch.cat([top_scores, scores], 1)
             top_ids = torch.cat([top_ids, batch_ids.expand_as(scores)], 1)
@@ -118,9 +128,8 @@ def collect_records(
         keep = top_scores.topk(min(n_top, top_scores.shape[1]), dim=1).indices  # bounded: (U, n_top)
         top_scores, top_ids = top_scores.gather(1, keep), top_ids.gather(1, keep)
         top_acts = top_acts.gather(1, keep[..., None].expand(-1, -1, top_acts.shape[-1]))
-        in_batch = (random_ids >= first) & (random_ids < first + len(acts))
-        random_acts.append(acts[random_ids[in_batch] - first])
-    random_acts = torch.cat(random_acts)  # (n_random, T-1, U)
+        in_batch = ((pool_ids >= first) & (pool_ids < first + len(acts))).nonzero().squeeze(1)
+        pool_acts[in_batch] = acts[pool_ids[in_batch] - first]
 
     def excerpt(window_id: int, activations: Tensor) -> Excerpt:
         return Excerpt(token_strings(windows[window_id, 1:]), activations.tolist(), window_id)
@@ -128,21 +137,58 @@ def collect_records(
     records = []
     for column, unit in enumerate(units):
         top = [excerpt(int(window_id), top_acts[column, rank]) for rank, window_id in enumerate(top_ids[column])]
-        random = [excerpt(int(window_id), random_acts[row, :, column]) for row, window_id in enumerate(random_ids)]
+        seen = {int(top_ids[column, rank]) for rank in explanation_ranks(n_top)}
+        rows = held_out_rows(pool_ids, seen, n_random)
+        random = [excerpt(int(pool_ids[row]), pool_acts[row, :, column]) for row in rows]
         records.append(UnitRecords(unit=unit, kind=kind, top=top, random=random))
     return records
 
 
+def random_window_draw(n_windows: int, count: int, seed: int) -> Tensor:
+    """(min(count, n_windows),) distinct window ids in a seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_windows, generator=generator)[:count]
+
+
+def held_out_rows(pool_ids: Tensor, seen: set[int], count: int) -> list[int]:
+    """Rows of the first `count` windows of the draw `pool_ids` that are not in `seen`, in window order."""
+    rows = [row for row, window_id in enumerate(pool_ids.tolist()) if window_id not in seen][:count]
+    return sorted(rows, key=lambda row: int(pool_ids[row]))
+
+
+class WindowCodes(NamedTuple):
+    """The hookpoint's activations at positions 1 .. of a batch of windows, and the SAE's codes of them."""
+
+    hidden: Tensor
+    """(B, P, d_in) on the SAE's device, in the LM's dtype."""
+    values: Tensor
+    """(B * P, k) window-major."""
+    indices: Tensor
+    """(B * P, k) int64."""
+
+
+@torch.no_grad()
+def encode_windows(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, input_ids: Tensor,
+                   last: int | None = None) -> WindowCodes:
+    """Run the LM on `input_ids` (B, T) up to `hookpoint` and the SAE on positions 1 .. last (default
+    T - 1): position 0 is never encoded, as in training."""
+    stop = None if last is None else last + 1
+    device = next(model.parameters()).device
+    hidden = capture_activations(model, get_module(model, hookpoint), input_ids.to(device))[:, 1:stop].to(sae.device)
+    if hidden.shape[-1] != sae.cfg.d_in:
+        raise UsageError(f"the SAE takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {hidden.shape[-1]} features")
+    values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+    return WindowCodes(hidden, values, indices)
+
+
 def sae_latent_activations(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, latents: list[int]) -> UnitActivations:
     """The chosen latents' values (0 where a latent is not in a token's top k)."""
-    module = get_module(model, hookpoint)
-    device = next(model.parameters()).device
+    get_module(model, hookpoint)  # a wrong name fails here, not at the first call
     column = torch.full((sae.cfg.n_latents,), -1, dtype=torch.long, device=sae.device)
-    column[torch.tensor(latents, device=sae.device)] = torch.arange(len(latents), device=sae.device)
+    column[torch.tensor(latents, dtype=torch.long, device=sae.device)] = torch.arange(len(latents), device=sae.device)
 
     def activations(input_ids: Tensor) -> Tensor:
-        hidden = capture_activations(model, module, input_ids.to(device))[:, 1:]
-        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+        hidden, values, indices = encode_windows(model, hookpoint, sae, input_ids)
         chosen = column[indices]
         dense = torch.zeros(values.shape[0], len(latents) + 1, dtype=values.dtype, device=values.device)
         dense.scatter_add_(1, torch.where(chosen >= 0, chosen, len(latents)), values)  # the spare column absorbs the rest
@@ -168,12 +214,8 @@ def sae_codes(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, windows:
               last: int | None = None) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """Per batch of `windows` (N, T): (its first window, positions per window P, values, indices), the SAE's
     codes (P * batch, k) of positions 1 .. last (default T - 1), window-major."""
-    module = get_module(model, hookpoint)
-    device = next(model.parameters()).device
-    stop = None if last is None else last + 1
     for first in range(0, len(windows), batch_windows):
-        hidden = capture_activations(model, module, windows[first : first + batch_windows].to(device))[:, 1:stop]
-        values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
+        hidden, values, indices = encode_windows(model, hookpoint, sae, windows[first : first + batch_windows], last)
         yield first, hidden.shape[1], values, indices
 
 

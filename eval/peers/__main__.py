@@ -3,17 +3,23 @@
     python -m eval.peers                                          # embedded default, k=16, 2M tokens
     python -m eval.peers --ks "[8, 16, 32, 64]" --hookpoints "[transformer.h.1, transformer.h.2]"
     python -m eval.peers --systems "[ours, ours --grad_clip=0, sparsify]"      # an ablation of ours
+    python -m eval.peers --peer_lr_factors "[0.25, 4, 16]"       # each peer also at these multiples of its lr
 
 One activation cache of `--train_config`'s model and text (all hookpoints, one LM forward per batch),
 then for every hookpoint, k and system: train on the same rows in the same order (our trainer's order
 of that cache, eval/peers/rows.py) for the same tokens, writing an SAE folder every
 `--checkpoint_tokens`. Each peer uses its own trainer with its own defaults: sparsify's `Trainer`
 (eval/peers/sparsify_trainer.py) and SAELens's `SAETrainer` with its TopK SAE (eval/peers/saelens.py).
-A system of the form "ours --key=value ..." is ours with those config overrides (for ablations).
-Then one `python -m eval` pass scores every folder on the same held-out tokens; the table (markdown,
-also in OUT/report.md, and OUT/report.json) has held-out fvu, delta CE, KL, dead fraction and L0 at
-every checkpoint, with each run's wall and CPU seconds. A run already in OUT with the same resolved config
-is reused, not retrained; one with another config (a changed default, say) is trained again.
+A system of the form "ours --key=value ..." is ours with those config overrides (for ablations); a peer
+takes one override, "--lr_factor=F" (its default learning rate times F). With `--peer_lr_factors`, each
+peer is also trained at those multiples of its default learning rate, and the factor whose final SAE has
+the lowest fvu on the validation split is marked "(tuned)": peers get the same tuning on validation that
+chose our defaults. Then one `python -m eval` pass scores every folder on the same held-out tokens of
+`--split` (test: nothing is chosen on it); the table (markdown,
+also in OUT/report.md, and OUT/report.json) has held-out fvu, delta CE, KL, the fraction of latents
+that never fired on the held-out tokens and L0 at every checkpoint, with each run's wall and CPU
+seconds. A run already in OUT with the same resolved config is reused, not retrained; one with another
+config (a changed default, say) is trained again.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from .rows import shared_batches
 
 PEERS = ("sparsify", "saelens")
 
+REPORT_KEYS = ("fvu", "delta_ce", "kl", "never_fired_frac", "never_fired_tokens", "l0", "ce_clean")
+"""The keys of each checkpoint's eval report that its row of the benchmark carries."""
+
 
 @dataclass(frozen=True)
 class PeersConfig:
@@ -54,7 +63,8 @@ class PeersConfig:
     """k values to benchmark; empty: the config's."""
 
     systems: tuple[str, ...] = ("ours", "sparsify", "saelens")
-    """"ours", "ours --key=value ..." (ours with config overrides), "sparsify", "saelens"."""
+    """"ours", "ours --key=value ..." (ours with config overrides), "sparsify", "saelens" (with an optional
+    "--lr_factor=F": the peer's default learning rate times F)."""
 
     tokens: int = 2_000_000
     """Training tokens per run (rounded down to whole batches)."""
@@ -69,6 +79,14 @@ class PeersConfig:
     """Rows of the activation cache (training text) a latent must fire on none of to count as dead in the
     "dead (N train tokens)" column (eval/peers/dead.py); 0 leaves the column out."""
 
+    split: str = "test"
+    """Held-out split the table reports (the embedded corpus and local files: validation or test; settings are
+    chosen on validation, so the final numbers are read on test)."""
+
+    peer_lr_factors: tuple[float, ...] = ()
+    """Also train each peer at these multiples of its default learning rate and mark the one with the lowest
+    final validation fvu "(tuned)"; empty: peers at their defaults only."""
+
     out: str = "runs/peers"
     """Folder of the cache, the runs and the report."""
 
@@ -82,11 +100,25 @@ def is_ours(system: str) -> bool:
     return system.split()[0] == "ours"
 
 
+def peer_lr_factor(system: str) -> float:
+    """The learning-rate factor of a peer's system spec: "sparsify --lr_factor=4" -> 4.0, "sparsify" -> 1.0."""
+    _, *overrides = system.split()
+    if not overrides:
+        return 1.0
+    match = re.fullmatch(r"--lr_factor=(\S+)", overrides[0]) if len(overrides) == 1 else None
+    try:
+        factor = float(match[1]) if match else float("nan")
+    except ValueError:
+        factor = float("nan")
+    if not factor > 0:
+        raise ConfigError(f"system '{system}': a peer takes one override, --lr_factor=F with F > 0; only 'ours' "
+                          "takes config overrides")
+    return factor
+
+
 def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
     """Our config for one run of the benchmark: the file's, the system's overrides, this hookpoint and k."""
-    name, *overrides = system.split()
-    if name != "ours" and overrides:
-        raise ConfigError(f"system '{system}': only 'ours' takes config overrides")
+    _, *overrides = system.split()
     cfg = parse_args(["--config", train_config, *overrides], TrainConfig)
     return replace(cfg, hookpoint=hookpoint, sae=replace(cfg.sae, k=k), max_tokens=tokens, eval_every=0,
                    wandb_mode="disabled", resume=False, data=replace(cfg.data, activation_cache=str(cache)))
@@ -114,7 +146,8 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
         identity = {"system": system, "config": to_dict(train_cfg), "lr": run_lr(train_cfg.lr, train_cfg.sae, train_cfg),
                     "checkpoint_steps": steps}
     else:
-        identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps}
+        identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps,
+                    "lr_factor": peer_lr_factor(system)}
     record = out_dir / "run.json"
     if record.exists() and (earlier := json.loads(record.read_text())).get("identity") == identity:
         return earlier
@@ -130,7 +163,8 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     else:
         batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
         folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, activations.d_in_of[hookpoint],
-                                        train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed)
+                                        train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed,
+                                        lr_factor=peer_lr_factor(system))
     result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
               "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "identity": identity}
     record.write_text(json.dumps(result, indent=1) + "\n")
@@ -145,30 +179,37 @@ def peer_task(train_cfg: TrainConfig) -> dict:
 
 
 def _peer_trainer(system: str):
-    if system == "sparsify":
+    name = system.split()[0]
+    if name == "sparsify":
         from .sparsify_trainer import train_sparsify
 
         return train_sparsify
-    if system == "saelens":
+    if name == "saelens":
         from .saelens import train_saelens
 
         return train_saelens
-    raise ConfigError(f"unknown system '{system}'; systems are 'ours' (with optional --key=value overrides), {', '.join(PEERS)}")
+    raise ConfigError(f"unknown system '{name}'; systems are 'ours' (with optional --key=value overrides), "
+                      f"{', '.join(PEERS)} (with optional --lr_factor=F)")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The report's table; "dead (held-out)" counts latents silent on the held-out tokens, "dead (N train
-    tokens)" those silent on N rows of the training text's activations (present when the rows carry it)."""
+    """The report's table; "never fired (N held-out tokens)" counts latents silent on all N held-out
+    tokens, "dead (N train tokens)" those silent on N rows of the training text's activations (present
+    when the rows carry it); "(tuned)" marks the peer learning rate chosen on validation. Every row is
+    scored on the same held-out tokens."""
+    held_out_tokens = rows[0]["never_fired_tokens"] if rows else 0
     window = rows[0].get("dead_window_tokens") if rows else None
     window_column = f" dead ({window:,} train tokens) |" if window else ""
-    header = (f"| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | dead (held-out) |{window_column} L0 "
-              "| train wall s | train CPU s |")
+    header = (f"| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | never fired ({held_out_tokens:,} "
+              f"held-out tokens) |{window_column} L0 | train wall s | train CPU s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         times = (f"{row['wall_s']:.0f} | {row['cpu_s']:.0f}" if row["final"] else " | ")
         window_cell = f" {row['dead_window']:.3f} |" if window else ""
-        lines.append(f"| {row['hookpoint']} | {row['k']} | {row['system']} | {row['tokens']:,} | {row['fvu']:.4f} | "
-                     f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['dead_frac']:.3f} |{window_cell} {row['l0']:.1f} | {times} |")
+        system = row["system"] + (" (tuned)" if row.get("tuned") else "")
+        lines.append(f"| {row['hookpoint']} | {row['k']} | {system} | {row['tokens']:,} | {row['fvu']:.4f} | "
+                     f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['never_fired_frac']:.3f} |{window_cell} "
+                     f"{row['l0']:.1f} | {times} |")
     return "\n".join(lines)
 
 
@@ -179,11 +220,15 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
     if cfg.dead_window_tokens < 0:
         raise ConfigError(f"--dead_window_tokens must be >= 0 (0 leaves the column out), got {cfg.dead_window_tokens}")
-    for system in cfg.systems:  # a bad system spec fails before any work
-        if is_ours(system) or len(system.split()) > 1:
+    if any(not factor > 0 for factor in cfg.peer_lr_factors):
+        raise ConfigError(f"--peer_lr_factors must all be > 0, got {list(cfg.peer_lr_factors)}")
+    systems = with_lr_variants(cfg.systems, cfg.peer_lr_factors)
+    for system in systems:  # a bad system spec fails before any work
+        if is_ours(system):
             run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
         else:
             _peer_trainer(system)
+            peer_lr_factor(system)
     out = Path(cfg.out)
     cache = out / "cache"
     cached = read_manifest(cache)["hookpoints"] if (cache / MANIFEST).exists() else []
@@ -194,22 +239,25 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     runs = []
     for hookpoint in hookpoints:
         for k in ks:
-            for system in cfg.systems:
+            for system in systems:
                 print(f"== {hookpoint} k={k} {system}")
                 result = train_system(cfg, system, hookpoint, k, cache, out / hookpoint / f"k{k}" / system_label(system))
                 runs.append({"hookpoint": hookpoint, "k": k, "system": system, **result})
     folders = [folder for run in runs for folder in run["folders"].values()]
     activations = ActivationCache(cache)
-    reports = {report["sae"]: report for report in run_eval(EvalConfig(tokens=cfg.eval_tokens, data_dir=base.data.data_dir), folders)}
+    scored = EvalConfig(tokens=cfg.eval_tokens, data_dir=base.data.data_dir, split=cfg.split)
+    reports = {report["sae"]: report for report in run_eval(scored, folders)}
+    tuned = tuned_peers(runs, replace(scored, split="validation")) if cfg.peer_lr_factors else set()
     rows = []
     for run in runs:
         last = max(run["folders"], key=int)
         for tokens, folder in run["folders"].items():
             report = reports[folder]
             rows.append({"hookpoint": run["hookpoint"], "k": run["k"], "system": run["system"], "tokens": int(tokens),
+                         "tuned": (run["hookpoint"], run["k"], run["system"]) in tuned,
                          "final": tokens == last, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "sae": folder,
                          "held_out": report["data"]["held_out"],
-                         **{key: report[key] for key in ("fvu", "delta_ce", "kl", "dead_frac", "l0", "ce_clean")}})
+                         **{key: report[key] for key in REPORT_KEYS}})
             if cfg.dead_window_tokens > 0:
                 rows[-1]["dead_window"], rows[-1]["dead_window_tokens"] = window_dead_fraction(
                     folder, activations, run["hookpoint"], cfg.dead_window_tokens)
@@ -219,6 +267,28 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     print(table)
     print(f"held-out text: {rows[0]['held_out']}; ce_clean={rows[0]['ce_clean']:.4f}")
     return rows
+
+
+def with_lr_variants(systems: tuple[str, ...], factors: tuple[float, ...]) -> list[str]:
+    """The systems, each plain peer followed by its variants at `factors` times its default learning rate."""
+    expanded = []
+    for system in systems:
+        expanded.append(system)
+        if system in PEERS:
+            expanded += [f"{system} --lr_factor={factor:g}" for factor in factors if factor != 1]
+    return list(dict.fromkeys(expanded))
+
+
+def tuned_peers(runs: list[dict], validation: EvalConfig) -> set[tuple[str, int, str]]:
+    """(hookpoint, k, system) of each peer's learning-rate variant whose final SAE has the lowest fvu on the
+    validation split, among that peer's variants at that hookpoint and k."""
+    finals = {run["folders"][max(run["folders"], key=int)]: run for run in runs if not is_ours(run["system"])}
+    fvu = {report["sae"]: report["fvu"] for report in run_eval(validation, list(finals))}
+    best: dict[tuple, tuple[float, str]] = {}
+    for folder, run in finals.items():
+        key = (run["hookpoint"], run["k"], run["system"].split()[0])
+        best[key] = min(best.get(key, (float("inf"), "")), (fvu[folder], run["system"]))
+    return {(hookpoint, k, system) for (hookpoint, k, _), (_, system) in best.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -90,9 +90,11 @@ def _checked_batches(batches: Iterator[Tensor], steps: int, batch_size: int, d_i
 
 
 def train_saelens(batches: Iterator[Tensor], steps: int, batch_size: int, d_in: int, n_latents: int, k: int,
-                  checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0) -> dict[int, Path]:
-    """Train SAELens's TopK SAE (its trainer's defaults) for `steps` steps on `batches`, each (batch_size, d_in)
-    float32 — the benchmark's shared order of activation rows. After each step in `checkpoint_steps` (1-based
+                  checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0,
+                  lr_factor: float = 1.0) -> dict[int, Path]:
+    """Train SAELens's TopK SAE (its trainer's defaults, its default learning rate times `lr_factor`) for
+    `steps` steps on `batches`, each (batch_size, d_in) float32 — the benchmark's shared order of activation
+    rows. After each step in `checkpoint_steps` (1-based
     step counts, increasing; the last one is `steps`), write the SAE converted to our format
     (sae.model.SparseAutoencoder, unit-norm decoder) to out_dir / f"step-{step:08d}" with `metadata` (plus
     {"system": "saelens", "tokens_trained": step*batch_size}); return {step: folder}.
@@ -116,6 +118,7 @@ def train_saelens(batches: Iterator[Tensor], steps: int, batch_size: int, d_in: 
         total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
     )
+    trainer_cfg.lr *= lr_factor
     # SAETrainerConfig leaves lr_end None but SAETrainer asserts it is set; SAELens's runner config
     # defaults it to lr / 10. The constant schedule without decay steps never uses it.
     trainer_cfg.lr_end = trainer_cfg.lr / 10

@@ -80,9 +80,11 @@ class _OneTokenSequences(torch.utils.data.Dataset):
 
 
 def train_sparsify(batches: Iterator[Tensor], steps: int, batch_size: int, d_in: int, n_latents: int, k: int,
-                   checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0) -> dict[int, Path]:
-    """Train sparsify's TopK SAE (its Trainer's defaults) for `steps` steps on `batches` (batch_size, d_in);
-    after each of `checkpoint_steps` write it as our SAE folder out_dir/step-N; {step: folder}."""
+                   checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0,
+                   lr_factor: float = 1.0) -> dict[int, Path]:
+    """Train sparsify's TopK SAE (its Trainer's defaults, its default learning rate times `lr_factor`) for
+    `steps` steps on `batches` (batch_size, d_in); after each of `checkpoint_steps` write it as our SAE folder
+    out_dir/step-N; {step: folder}."""
     if not torch.cuda.is_available():
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs CUDA
     from sparsify import SparseCoderConfig, Trainer
@@ -106,7 +108,20 @@ def train_sparsify(batches: Iterator[Tensor], steps: int, batch_size: int, d_in:
         init_seeds=[seed], save_every=steps + 1, log_to_wandb=False, save_dir=str(out_dir / "sparsify"), run_name="run",
     )
     trainer = Trainer(cfg, _OneTokenSequences(steps * batch_size), _RowsModel(rows))
+    scale_learning_rates(trainer, lr_factor)
     trainer.fit()  # ends with a save after the last step
     export(steps)
     shutil.rmtree(out_dir / "sparsify")
     return folders
+
+
+def scale_learning_rates(trainer, factor: float) -> None:
+    """Multiply the learning rate sparsify's Trainer chose (its default rule for this width) by `factor`,
+    in its optimisers and in any schedulers' base rates, before training starts."""
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+    for scheduler in trainer.lr_schedulers:
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]

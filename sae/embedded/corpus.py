@@ -6,8 +6,8 @@ effects, e.g. `antigravity` opens a browser and `this` prints), plus the referen
 that `pydoc` ships in `pydoc_data/topics.py`.
 
 The corpus is deterministic: files are walked in sorted order, documents keep a stable order, and
-the train/validation split is decided by a hash of each document's text, so the same Python gives
-byte-identical `train.jsonl` and `validation.jsonl`.
+the train/validation/test split is decided by a hash of each document's text (`sae.splits`), so the
+same Python gives byte-identical `train.jsonl`, `validation.jsonl` and `test.jsonl`.
 
 Command line: `python -m sae.embedded.corpus OUT_DIR` builds the corpus and prints its size.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
 import re
@@ -27,20 +26,18 @@ import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..splits import SPLITS, document_split
 from . import CORPUS_NAME
 
-# Bump when the extraction rules change, so cached corpora from older code are rebuilt.
-FORMAT_VERSION = 1
+# Bump when the extraction or split rules change, so cached corpora from older code are rebuilt.
+FORMAT_VERSION = 2
 
 MIN_DOC_CHARS = 40
 """Docstrings shorter than this ("Return self.", "Close the file.") are mostly noise."""
 
 MAX_TOPIC_CHARS = 4000
 """Reference topics longer than this are split into groups of whole paragraphs, so a few huge
-topics (the longest is ~60k characters) do not decide the train/validation split on their own."""
-
-VALIDATION_PER_MILLE = 50
-"""Share of documents (in 1/1000) that go to the validation split: 5%."""
+topics (the longest is ~60k characters) do not decide the splits on their own."""
 
 # Directories that hold tests, demos or third-party code rather than library documentation.
 _SKIP_DIRS = frozenset(
@@ -148,12 +145,6 @@ def _unique_long(docs: Iterable[str], min_chars: int) -> Iterator[str]:
             yield doc
 
 
-def is_validation(text: str) -> bool:
-    """Stable split: a document is held out when its SHA-1 falls in the first 5% of the range."""
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % 1000 < VALIDATION_PER_MILLE
-
-
 def collect_documents(root: Path | None = None) -> list[str]:
     """All corpus documents in their stable order: docstrings first, then reference topics."""
     root = root or stdlib_dir()
@@ -188,7 +179,7 @@ def _manifest_header() -> dict[str, object]:
 
 
 def _is_up_to_date(paths: dict[str, Path], manifest_path: Path) -> bool:
-    """True when both splits exist and match a manifest written by this Python and this code."""
+    """True when every split exists and matches a manifest written by this Python and this code."""
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -203,21 +194,21 @@ def _is_up_to_date(paths: dict[str, Path], manifest_path: Path) -> bool:
 
 
 def build_corpus(out_dir: str | Path) -> dict[str, Path]:
-    """Write `train.jsonl` and `validation.jsonl` under `out_dir`; return {split: path}.
+    """Write `train.jsonl`, `validation.jsonl` and `test.jsonl` under `out_dir`; return {split: path}.
 
     Skips the work when `out_dir` already holds a corpus built by this Python version (checked
     through `manifest.json`, which also records document and character counts).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.jsonl", "validation": out / "validation.jsonl"}
+    paths = {split: out / f"{split}.jsonl" for split in SPLITS}
     manifest_path = out / "manifest.json"
     if _is_up_to_date(paths, manifest_path):
         return paths
 
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for doc in collect_documents():
-        splits["validation" if is_validation(doc) else "train"].append(doc)
+        splits[document_split(doc)].append(doc)
     for split, docs in splits.items():
         _write_jsonl_atomic(paths[split], docs)
 
@@ -242,7 +233,7 @@ def read_documents(path: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=f"Build the {CORPUS_NAME} corpus.")
-    parser.add_argument("out_dir", type=Path, help="directory for train.jsonl and validation.jsonl")
+    parser.add_argument("out_dir", type=Path, help="directory for train.jsonl, validation.jsonl and test.jsonl")
     args = parser.parse_args(argv)
     paths = build_corpus(args.out_dir)
     manifest = json.loads((args.out_dir / "manifest.json").read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """Ablation sparsity (eval/ablation.py): the metric by hand, batched ablations against one-at-a-time
 forwards, and the report section."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -49,7 +50,7 @@ def test_effect_sparsity_by_hand():
     one_logit[1, 4] = -2.5
     assert effect_sparsity(one_logit) == pytest.approx(1 / 21)
     assert effect_sparsity(torch.tensor([[1.0, -1.0, 0.0, 0.0]])) == pytest.approx(0.5)  # median 0: L1 2, L2 sqrt 2
-    assert math.isnan(effect_sparsity(torch.full((2, 5), 3.0)))  # a constant shift changes no probability
+    assert effect_sparsity(torch.full((2, 5), 3.0)) is None  # a constant shift changes no probability
     shifted = torch.tensor([[5.0, 5.0, 5.0, 6.0, 5.0]])  # median 5 removed: one logit left
     assert effect_sparsity(shifted) == pytest.approx(1 / 5)
 
@@ -157,6 +158,18 @@ def test_ablation_section_on_the_tiny_lm(tiny_lm, windows):
     chosen = ablation_section(model, "transformer.h.1", sae, windows, n_latents=0, per_latent=2, horizon=4,
                               latents=[int(next(iter(section["per_latent"])))])
     assert list(chosen["per_latent"]) == [next(iter(section["per_latent"]))]
+
+
+def test_ablation_section_with_no_live_latent_is_strict_json(tiny_lm, windows):
+    model, _ = tiny_lm
+    sae = random_sae(model.config.n_embd, n_latents=48, k=4, seed=0)
+    with torch.no_grad():
+        sae.encoder.bias.fill_(-1e4)  # every pre-activation below 0: no latent ever fires
+    section = ablation_section(model, "transformer.h.1", sae, windows, n_latents=6, per_latent=2, horizon=4)
+    assert section["latents"] == 0 and section["ablations"] == 0 and section["per_latent"] == {}
+    assert section["mean"] is None and section["median"] is None and section["mean_over_ablations"] is None
+    assert set(section["quantiles"].values()) == {None}
+    json.dumps(section, allow_nan=False)  # a missing value is null, never NaN
 
 
 def test_ablation_of_a_layer_norm_sae_removes_the_latent_in_raw_units(tiny_lm, windows):

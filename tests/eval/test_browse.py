@@ -52,13 +52,17 @@ def unit_record(kind, unit, explanation, top, shuffled_of=None):
     return record
 
 
-def make_sae_dir(root, with_log=True, with_explain=True):
+FINAL_METRICS = {"last_train_batch": {"fvu": 0.3, "l0": 2.0, "dead_frac": 0.0, "lr": 1e-3},
+                 "held_out": {"fvu": 0.35, "l0": 2.0, "never_fired_frac": 0.1875, "never_fired_tokens": 2048}}
+"""cfg.json's final_metrics as the trainer writes them (with held-out evals)."""
+
+
+def make_sae_dir(root, with_log=True, with_explain=True, final_metrics=FINAL_METRICS):
     """A run folder with SAE_DIR = root/run/layer.1 (cfg.json, explain.jsonl) and optionally run/log.jsonl."""
     sae_dir = root / "run" / "layer.1"
     sae_dir.mkdir(parents=True)
     cfg = {"d_in": 8, "num_latents": 32, "k": 2, "model": "tiny-lm", "hookpoint": "layer.1",
-           "run_name": "unit-test-run", "tokens_trained": 4096,
-           "final_metrics": {"step": 40, "fvu": 0.3, "l0": 2.0, "dead_frac": 0.0}}
+           "run_name": "unit-test-run", "tokens_trained": 4096, "final_metrics": final_metrics}
     (sae_dir / "cfg.json").write_text(json.dumps(cfg))
     if with_explain:
         lines = [unit_record(kind, unit, explanation, top, shuffled_of=7 if unit == 3 else None)
@@ -67,15 +71,16 @@ def make_sae_dir(root, with_log=True, with_explain=True):
     if with_log:
         log = [{"step": step, "fvu": 1 / step, "auxk_loss": 0.0, "l0": 2.0, "dead_frac": 0.1 / step, "lr": 1e-3,
                 "tokens": 64 * step, "tokens_per_s": 1000.0} for step in range(10, 50, 10)]
-        log.insert(2, {"step": 20, "eval/fvu": 0.6, "eval/ce_recovered": 0.8})
-        log.append({"step": 40, "eval/fvu": 0.3, "eval/ce_recovered": 0.9})
+        log.insert(2, {"step": 20, "eval/fvu": 0.6, "eval/ce_recovered": 0.8, "eval/never_fired_frac": 0.25})
+        log.append({"step": 40, "eval/fvu": 0.3, "eval/ce_recovered": 0.9, "eval/never_fired_frac": 0.1875})
         (root / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
     return sae_dir
 
 
 def write_report(path):
     """A small eval report as `python -m eval --out` writes it (the keys the index shows)."""
-    report = {"sae": "elsewhere", "nmse": 0.2, "fvu": 0.25, "l0": 2.0, "dead_frac": 0.125, "ce_clean": 3.0,
+    report = {"sae": "elsewhere", "nmse": 0.2, "fvu": 0.25, "l0": 2.0, "never_fired_frac": 0.125,
+              "never_fired_tokens": 4096, "tokens": 4096, "ce_clean": 3.0,
               "ce_sae": 3.5, "ce_recovered": 0.9375, "ce_recovered_mean": 0.75, "kl": 0.4,
               "density_histogram": {"log10_bin_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [1, 5, 2], "never_fired": 4},
               "ablation_sparsity": {"mean": 0.02, "median": 0.015, "latents": 3, "ablations": 9, "horizon": 16,
@@ -203,13 +208,61 @@ def test_index_shows_the_report_and_training_curves(site):
     index = read(out / "index.html")
     titles = [svg.find("title").text for svg in svg_fragments(index)]
     assert titles == ["Latent density", "Ablation sparsity per latent", "Fraction of variance unexplained",
-                      "L0 (active latents per token)", "Dead latent fraction", "CE loss recovered (eval)"]
+                      "L0 (active latents per token)", "Dead latent fraction (training: silent for dead_tokens)",
+                      "Latents never fired on the held-out eval", "CE loss recovered (eval)"]
     assert "0.9375" in index and "CE loss recovered (vs zero ablation)" in index
     assert "never fired on the eval tokens (not in the chart): 4" in index
     fvu_chart = svg_fragments(index)[2]
     assert len(fvu_chart.findall("polyline")) == 2  # train fvu and eval/fvu, with a legend
     for svg in svg_fragments(index):  # a title, axes with ticks, tick labels
         assert svg.find("text") is not None and len(svg.findall("line")) >= 4
+
+
+def headline_cards(index):
+    """{card title: {label: value shown}} of the index's headline cards."""
+    cards = {}
+    for section in (element for element in parse_html(index) if element.tag == "section"):
+        title = next(child.text for child in section.children if child.tag == "h2")
+        [table] = [child for child in section.children if child.tag == "table"]
+        cards[title] = {row.children[0].text: row.children[1].text for row in table.children[0].children}
+    return cards
+
+
+def test_headline_says_which_weights_and_tokens_each_number_is_from(site):
+    _, out = site
+    index = read(out / "index.html")
+    cards = headline_cards(index)
+    assert cards["Last training batch"] == {"fraction of variance unexplained": "0.3", "L0 (active latents per token)": "2",
+                                            "dead latent fraction (silent for dead_tokens)": "0", "learning rate": "0.001"}
+    assert "final_metrics.last_train_batch: that batch, at the training weights (not the saved SAE" in index
+    held_out = cards["Held-out eval, end of training"]
+    assert held_out["latents that never fired (fraction)"] == "0.1875" and held_out["fraction of variance unexplained"] == "0.35"
+    assert held_out["tokens never_fired_frac counts over"] == "2,048"
+    report = cards["Evaluation"]
+    assert report["latents that never fired (fraction)"] == "0.125" and report["tokens never_fired_frac counts over"] == "4,096"
+    assert not any("dead" in label for label in [*held_out, *report])
+
+
+def test_headline_reads_files_written_before_never_fired_frac(tmp_path):
+    """Older cfg.json: one flat final_metrics with the held-out eval under "eval/"; older reports and logs:
+    the never-fired fraction under the name dead_frac."""
+    flat = {"fvu": 0.3, "l0": 2.0, "dead_frac": 0.0, "lr": 1e-3, "eval/fvu": 0.35, "eval/dead_frac": 0.1875}
+    sae_dir = make_sae_dir(tmp_path, final_metrics=flat)
+    log = sae_dir.parent / "log.jsonl"
+    log.write_text(log.read_text().replace("eval/never_fired_frac", "eval/dead_frac"))
+    report = write_report(tmp_path / "report.json")
+    old = json.loads(report.read_text())
+    old["dead_frac"] = old.pop("never_fired_frac")
+    del old["never_fired_tokens"]
+    report.write_text(json.dumps(old))
+    index = read(build_site(sae_dir, tmp_path / "site", report_path=report))
+    cards = headline_cards(index)
+    assert cards["Last training batch"]["dead latent fraction (silent for dead_tokens)"] == "0"
+    assert cards["Held-out eval, end of training"] == {"fraction of variance unexplained": "0.35",
+                                                       "latents that never fired (fraction)": "0.1875"}
+    assert cards["Evaluation"]["latents that never fired (fraction)"] == "0.125"
+    assert cards["Evaluation"]["tokens never_fired_frac counts over"] == "4,096"  # the report's tokens
+    assert "Latents never fired on the held-out eval" in [svg.find("title").text for svg in svg_fragments(index)]
 
 
 def test_index_shows_ablation_probe_n2g_and_the_runs_scaling_plot(tmp_path):

@@ -102,13 +102,13 @@ def test_cli_errors_name_the_problem(tiny_lm_dir, text_file, tmp_path):
         main([str(sae_dir), "--tokens", "many"])
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         main([str(tmp_path / "missing")])
-    # what training read is unknown: a dataset without a held-out split needs the split named
+    # what training read is unknown: a local dataset's validation split, or the split named
     options = ["--dataset", str(text_file), "--ctx_len", "16", "--model", str(tiny_lm_dir), "--hookpoint", "transformer.h.1",
                "--tokens", "160"]
-    with pytest.raises(ValueError, match="does not say which text.*--split"):
-        main([str(sae_dir), *options])
+    [report] = main([str(sae_dir), *options])
+    assert report["data"]["split"] == "validation" and report["data"]["dataset"] == str(text_file)
     [report] = main([str(sae_dir), *options, "--split", "train"])
-    assert report["data"]["split"] == "train" and report["data"]["dataset"] == str(text_file)
+    assert report["data"]["split"] == "train" and report["data"]["held_out"] == "split 'train' (as asked)"
 
 
 def test_module_entry_point_without_a_folder_says_what_to_name():

@@ -14,16 +14,16 @@ from known_saes import constant_sae, identity_sae, random_sae
 
 HOOKPOINT = "transformer.h.1"
 D = 128  # the embedded model's width
-FLOAT_KEYS = {"nmse", "fvu", "mse", "l0", "dead_frac", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
+FLOAT_KEYS = {"nmse", "fvu", "mse", "l0", "never_fired_frac", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
               "ce_recovered", "ce_recovered_mean", "delta_ce", "kl"}
 
 
 def test_report_keys_and_types_are_stable(embedded_lm, embedded_windows):
     model, _ = embedded_lm
     report = evaluate(random_sae(D), model, embedded_windows, HOOKPOINT, batch_windows=4)
-    assert set(report) == FLOAT_KEYS | {"tokens", "ce_positions", "density_histogram"}
+    assert set(report) == FLOAT_KEYS | {"tokens", "never_fired_tokens", "ce_positions", "density_histogram"}
     assert all(type(report[key]) is float for key in FLOAT_KEYS)
-    assert report["tokens"] == 10 * 15 and report["ce_positions"] == 10 * 14
+    assert report["tokens"] == report["never_fired_tokens"] == 10 * 15 and report["ce_positions"] == 10 * 14
     assert set(report["density_histogram"]) == {"log10_bin_edges", "counts", "never_fired"}
     assert all(type(count) is int for count in report["density_histogram"]["counts"])
 
@@ -49,7 +49,7 @@ def test_zero_and_mean_reconstructions_recover_nothing(embedded_lm, embedded_win
     assert abs(reports["zero"]["ce_sae"] - reports["zero"]["ce_zero"]) < 1e-6
     assert abs(reports["mean"]["ce_recovered_mean"]) < 1e-5
     assert abs(reports["mean"]["fvu"] - 1) < 1e-5  # predicting the mean explains no variance
-    assert reports["mean"]["l0"] > 0 and reports["zero"]["dead_frac"] < 1
+    assert reports["mean"]["l0"] > 0 and reports["zero"]["never_fired_frac"] < 1
 
 
 def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm, embedded_windows):

@@ -9,7 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from eval.peers.__main__ import main
+from eval.__main__ import EvalConfig, run_eval
+from eval.peers.__main__ import main, markdown_table
 from eval.peers.ours import train_ours
 from eval.peers.rows import shared_batches
 from sae.activations import ActivationStream
@@ -22,7 +23,7 @@ pytest.importorskip("sae_lens")
 
 @pytest.fixture
 def train_config(tmp_path, tiny_lm_dir, text_file) -> Path:
-    """A YAML run config of the tiny LM on the local text file (no held-out split: rule 4 applies)."""
+    """A YAML run config of the tiny LM on the local text file (its hash-chosen validation and test splits)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({
         "model": str(tiny_lm_dir), "hookpoint": "transformer.h.1",
@@ -39,15 +40,16 @@ def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_c
             "--checkpoint_tokens", str(128 * 3), "--eval_tokens", "480", "--out", str(tmp_path / "peers")]
     rows = main(argv)
     assert [(row["system"], row["tokens"]) for row in rows] == [(s, t) for s in systems for t in (384, 768)]
-    assert len({row["held_out"] for row in rows}) == 1 and "past what training read" in rows[0]["held_out"]
+    assert {row["held_out"] for row in rows} == {"split 'test' (as asked)"}  # the split nothing is tuned on
     for row in rows:
         assert all(torch.isfinite(torch.tensor(row[key])) for key in ("fvu", "delta_ce", "kl")), row
-        assert row["l0"] <= 4 and 0 <= row["dead_frac"] <= 1 and 0 <= row["dead_window"] <= 1
+        assert row["l0"] <= 4 and 0 <= row["never_fired_frac"] <= 1 and 0 <= row["dead_window"] <= 1
+        assert row["never_fired_tokens"] == rows[0]["never_fired_tokens"] > 0 and "dead_frac" not in row
     assert {row["dead_window_tokens"] for row in rows} == {ActivationCache(tmp_path / "peers" / "cache").n_tokens}
     fvu = {(row["system"], row["tokens"]): row["fvu"] for row in rows}
     assert fvu[("ours", 768)] != fvu[("ours --grad_clip=0 --lr=0.01", 768)]  # the overrides took effect
     report = (tmp_path / "peers" / "report.md").read_text()
-    assert "| transformer.h.1 | 4 | sparsify | 768 |" in report and "| dead (held-out) | dead (" in report
+    assert "| transformer.h.1 | 4 | sparsify | 768 |" in report and f"| never fired ({rows[0]['never_fired_tokens']:,} held-out tokens) | dead (" in report
 
     runs = {(row["system"], row["tokens"]): row["wall_s"] for row in rows}
     again = main(argv)  # trained runs are reused, not retrained
@@ -59,6 +61,17 @@ def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_c
     changed = {(row["system"], row["tokens"]): row["wall_s"] for row in main(argv)}
     assert all(changed[key] != runs[key] for key in runs if key[0] == "ours")
     assert all(changed[key] == runs[key] for key in runs if key[0] in ("sparsify", "saelens"))
+
+
+def test_the_table_names_the_held_out_never_fired_fraction_and_its_tokens():
+    row = {"hookpoint": "h", "k": 4, "system": "ours", "tokens": 768, "fvu": 0.5, "delta_ce": 0.1, "kl": 0.2,
+           "never_fired_frac": 0.25, "never_fired_tokens": 16384, "l0": 4.0, "final": True, "wall_s": 3.0,
+           "cpu_s": 5.0, "dead_window": 0.125, "dead_window_tokens": 1000}
+    header, _, line = markdown_table([row]).splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert columns[7:9] == ["never fired (16,384 held-out tokens)", "dead (1,000 train tokens)"]
+    assert cells[7:9] == ["0.250", "0.125"] and len(cells) == len(columns)
 
 
 def test_a_run_that_is_not_a_whole_number_of_checkpoints_is_scored_at_its_end_too(train_config, tmp_path):
@@ -74,11 +87,31 @@ def test_a_run_that_is_not_a_whole_number_of_checkpoints_is_scored_at_its_end_to
     assert len({row["fvu"] for row in rows if row["system"] == "ours"}) == 3
 
 
+def test_peers_tuned_on_validation_are_marked_and_scored_on_test(train_config, tmp_path):
+    argv = ["--train_config", str(train_config), "--systems", "[ours, saelens]", "--peer_lr_factors", "[0.25, 16]",
+            "--tokens", str(128 * 4), "--checkpoint_tokens", str(128 * 4), "--eval_tokens", "480",
+            "--dead_window_tokens", "0", "--out", str(tmp_path / "peers")]
+    rows = main(argv)
+    systems = ["ours", "saelens", "saelens --lr_factor=0.25", "saelens --lr_factor=16"]
+    assert [row["system"] for row in rows] == systems
+    assert len({row["fvu"] for row in rows}) == 4  # the factors took effect
+    validation = {report["sae"]: report["fvu"] for report in
+                  run_eval(EvalConfig(tokens=480, split="validation"), [row["sae"] for row in rows[1:]])}
+    best = min(rows[1:], key=lambda row: validation[row["sae"]])
+    assert [row["tuned"] for row in rows] == [row is best for row in rows]
+    assert f"| {best['system']} (tuned) |" in (tmp_path / "peers" / "report.md").read_text()
+    assert {row["held_out"] for row in rows} == {"split 'test' (as asked)"}
+
+
 def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
     with pytest.raises(ConfigError, match="unknown system 'sparsfy'"):
         main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
     with pytest.raises(ConfigError, match="only 'ours' takes config overrides"):
         main(["--train_config", str(train_config), "--systems", "[sparsify --lr=1]", "--out", str(tmp_path / "peers")])
+    with pytest.raises(ConfigError, match="a peer takes one override, --lr_factor=F with F > 0"):
+        main(["--train_config", str(train_config), "--systems", "[sparsify --lr_factor=0]", "--out", str(tmp_path / "peers")])
+    with pytest.raises(ConfigError, match="--peer_lr_factors must all be > 0"):
+        main(["--train_config", str(train_config), "--peer_lr_factors", "[-1]", "--out", str(tmp_path / "peers")])
     with pytest.raises(ConfigError, match="--dead_window_tokens must be >= 0"):
         main(["--train_config", str(train_config), "--dead_window_tokens", "-1", "--out", str(tmp_path / "peers")])
     assert not (tmp_path / "peers").exists()
@@ -125,3 +158,23 @@ def test_a_sparsify_checkpoint_is_the_state_after_that_many_steps(tmp_path):
         torch.testing.assert_close(at_two[name], short[name], rtol=1e-6, atol=1e-7)
     assert not torch.equal(at_two["W_dec"], load_file(long_run[4] / "sae.safetensors")["W_dec"])
     assert json.loads((long_run[4] / "cfg.json").read_text())["tokens_trained"] == 4 * 64
+
+
+def test_a_sparsify_learning_rate_factor_scales_the_rate_its_trainer_chose(tmp_path, monkeypatch):
+    import sparsify
+
+    from eval.peers import sparsify_trainer
+
+    rates = []
+    fit = sparsify.Trainer.fit
+
+    def recording_fit(self):
+        rates.append(sorted({group["lr"] for optimizer in self.optimizers for group in optimizer.param_groups}))
+        return fit(self)
+
+    monkeypatch.setattr(sparsify.Trainer, "fit", recording_fit)
+    batches = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
+    for factor in (1.0, 4.0):
+        sparsify_trainer.train_sparsify(iter(batches), 2, 64, 16, 48, 4, [2], tmp_path / f"x{factor}", {"model": "m"},
+                                        lr_factor=factor)
+    assert len(rates[0]) == 1 and rates[1] == [4.0 * rates[0][0]]

@@ -1,6 +1,17 @@
-"""The interpretability table of `python -m eval`: one row per SAE, the LM it reads, "–" where not run."""
+"""The tables of `python -m eval`: the comparison table (never_fired with the tokens it counts over) and
+the interpretability table (one row per SAE, the LM it reads, "–" where not run)."""
 
-from eval.report import interpretability_table
+from eval.report import comparison_table, interpretability_table
+
+
+def test_comparison_table_names_never_fired_and_its_token_count():
+    report = dict(sae="runs/a", model="m", hookpoint="h", data={"dataset": "x", "held_out": "split 'test'"}, l0=4.0,
+                  fvu=0.5, nmse=0.4, ce_sae=4.0, delta_ce=0.1, kl=0.1, ce_recovered=0.9, ce_recovered_mean=0.8,
+                  never_fired_frac=0.0625, never_fired_tokens=16384, ce_clean=3.9, ce_zero=9.0, ce_mean=6.0,
+                  ce_positions=16000)
+    header, row, _, footer = comparison_table([report]).splitlines()
+    assert header.split()[-1] == "never_fired" and "dead" not in header and row.split()[-1] == "0.0625"
+    assert footer.endswith("(x, split 'test'); never_fired: no firing on any of 16,384 tokens")
 
 
 def test_interpretability_table_rows_and_missing_values():

@@ -69,3 +69,22 @@ def test_puzzle_suite_reports_per_simulator(embedded_lm, text_file):
     rows = {row["puzzle"]: row for row in report["token-lookup"]["puzzles"]}
     assert len(rows) == len(PUZZLES) and 0 <= report["token-lookup"]["true_is_best"] <= 1
     assert rows["the"]["true"] > 0.99 and rows["the"]["true_is_best"]  # "the" is named exactly; "The" is not it
+
+
+def test_explain_sae_with_no_live_latent_reports_null_means(tiny_lm, windows):
+    import torch
+
+    from eval.explain.choose import SimulatorSet
+    from eval.explain.pipeline import explain_sae, explain_table
+    from known_saes import random_sae
+
+    model, tokenizer = tiny_lm
+    sae = random_sae(model.config.n_embd, n_latents=48, k=4)
+    with torch.no_grad():
+        sae.encoder.bias.fill_(-1e4)  # no latent ever fires
+    section = explain_sae(sae, model, tokenizer, "transformer.h.1", windows, n_units=3,
+                          simulators=SimulatorSet("token-lookup,n2g"), neurons=True)
+    assert section["mean_score_top_and_random"] is None and section["mean_score_random_only"] is None
+    assert section["simulators"]["token-lookup"]["neurons"]["units"] == 3  # the neurons are still explained
+    json.dumps(section, allow_nan=False)
+    assert explain_table(section).count("\n") >= 2

@@ -25,9 +25,37 @@ def test_running_top_k_equals_a_full_sort_and_random_windows_are_shared():
         assert [excerpt.tokens for excerpt in record.top] == [[str(i) for i in windows[w, 1:].tolist()] for w in order]
         assert [excerpt.activations for excerpt in record.top] == [table[w, :, column].tolist() for w in order]
         assert len(record.random) == 4 and len(record.scoring_top()) == 3 and len(record.explanation_excerpts()) == 3
-    assert [e.tokens for e in records[0].random] == [e.tokens for e in records[2].random]  # same windows for all units
     assert records[1].unit == 7 and records[1].explanation_excerpts()[0] is records[1].top[0]
     assert records[1].scoring_top()[0] is records[1].top[1]  # scoring never reuses what the explainer saw
+
+
+def excerpt_windows(excerpts):
+    return {excerpt.window for excerpt in excerpts}
+
+
+def test_no_scoring_excerpt_comes_from_a_window_the_explainer_saw():
+    """400 units that each fire in a few of 60 windows: with 5 explanation windows and 20 random ones of
+    60, a shared random draw holds some unit's explanation window for most units."""
+    generator = torch.Generator().manual_seed(1)
+    n_windows, n_units = 60, 400
+    windows = torch.arange(n_windows)[:, None].expand(-1, 9)  # each window's tokens name it
+    fires = torch.rand(n_windows, 1, n_units, generator=generator) < 0.15
+    table = torch.rand(n_windows, 8, n_units, generator=generator) * fires
+    records = collect_records(windows, lambda ids: table[ids[:, 0]], list(range(n_units)),
+                              lambda ids: [str(i) for i in ids.tolist()], "latent", batch_windows=7, seed=3)
+    draw = torch.randperm(n_windows, generator=torch.Generator().manual_seed(3)).tolist()
+    shared = sorted(draw[:20])
+    changed = 0
+    for record in records:
+        seen = excerpt_windows(record.explanation_excerpts(len(record.top)))
+        assert len(seen) == 5 and not seen & (excerpt_windows(record.scoring_top()) | excerpt_windows(record.random))
+        random_windows = [excerpt.window for excerpt in record.random]
+        assert random_windows == sorted([window for window in draw if window not in seen][:20])  # the draw's next ones
+        for excerpt in record.random:
+            assert excerpt.tokens[0] == str(excerpt.window)
+            assert excerpt.activations == table[excerpt.window, :, record.unit].tolist()
+        changed += random_windows != shared
+    assert changed > 100  # the case is not rare here
 
 
 def test_latent_and_neuron_activations_equal_dense_references(tiny_lm):
