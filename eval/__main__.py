@@ -14,7 +14,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
+
+from torch import Tensor
 
 from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import DataConfig, parse_args
@@ -154,92 +156,157 @@ def _require(value, metadata: dict, key: str, sae_dir: Path, option: str):
     return metadata[key]
 
 
+@dataclass
+class EvalJob:
+    """One SAE folder to evaluate: the options, else what its cfg.json says (`resolve_job`)."""
+
+    dir: Path
+    model: str
+    model_init: tuple[str, int]
+    """("pretrained", 0), or ("random", seed): a random-init LM (train.py --model_init random), rebuilt
+    from its seed, is another LM than its pretrained twin."""
+    model_init_versions: dict | None
+    """The torch and transformers versions that drew a random-init LM."""
+    data: DataConfig
+    hookpoint: str
+    split: str
+    """The held-out split; "" lets eval/data.py pick one."""
+    training_dataset: bool
+    """Whether `data` is the dataset the SAE was trained on."""
+    text_read: dict | None
+    """What training read, for held-out rule 4 (eval/data.py)."""
+
+
 def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
-    """Evaluate every SAE folder; reports in the order given."""
+    """Evaluate every SAE folder; reports in the order given. SAEs on the same LM share its load, on
+    the same text its held-out windows, and at the same hookpoint each LM forward."""
+    check_sae_dirs(cfg, sae_dirs)
+    device = resolve_device(cfg.device)
+    jobs = [resolve_job(cfg, sae_dir) for sae_dir in map(Path, sae_dirs)]
+    explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
+    reports: dict[Path, dict] = {}
+    for model_jobs in _grouped(jobs, lambda job: (job.model, job.model_init)):
+        reports.update(evaluate_on_one_lm(cfg, model_jobs, device, explain_tools))
+    return [reports[job.dir] for job in jobs]
+
+
+def check_sae_dirs(cfg: EvalConfig, sae_dirs: list[str]) -> None:
     if cfg.explain_out and len(sae_dirs) > 1:
         raise UsageError("--explain_out names one file; with several SAEs each writes SAE_DIR/explain.jsonl")
     if len(set(map(str, sae_dirs))) != len(sae_dirs):
         raise UsageError(f"an SAE folder is given twice: {sae_dirs}")
-    device = resolve_device(cfg.device)
-    jobs = []
-    for sae_dir in map(Path, sae_dirs):
-        metadata = read_any_sae_metadata(sae_dir)
-        dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
-        if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
-            # What training read is unknown (e.g. a folder written by sparsify): only a split the user
-            # names, or a held-out split the dataset has, may be called held out.
-            asked = DataConfig(dataset=dataset, dataset_config=cfg.dataset_config, text_column=cfg.text_column or "text",
-                               data_dir=cfg.data_dir)
-            if held_out_split(asked) is None:
-                raise UsageError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on; {dataset} "
-                                 "has no validation or test split, so pass --split with text training did not read")
-        other_dataset = bool(cfg.dataset) and metadata.get("dataset") is not None and cfg.dataset != metadata.get("dataset")
-        data = DataConfig(
-            dataset=dataset,
-            dataset_config=cfg.dataset_config if cfg.dataset else metadata.get("dataset_config"),
-            split=metadata.get("split") or "train",
-            text_column=cfg.text_column or metadata.get("text_column") or "text",
-            ctx_len=_require(cfg.ctx_len, metadata, "ctx_len", sae_dir, "--ctx_len"),
-            data_dir=cfg.data_dir,
-        )
-        jobs.append({
-            "dir": sae_dir, "metadata": metadata, "data": data,
-            "model": resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model")),
-            # a random-init LM (train.py --model_init random) is rebuilt from its seed: another LM than its twin
-            "model_init": (metadata.get("model_init") or "pretrained", int(metadata.get("model_init_seed") or 0)),
-            "model_init_versions": metadata.get("model_init_versions"),
-            "hookpoint": _require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
-            # a dataset other than training's is held out as a whole: its train split unless told
-            "split": cfg.split or ("train" if other_dataset else ""),
-            "training_dataset": metadata.get("dataset") is not None and not other_dataset,
-            "text_read": metadata.get("text_read"),  # what training read, for held-out rule 4 (eval/data.py)
-        })
 
-    explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
-    reports: dict[Path, dict] = {}
-    for model_key in dict.fromkeys((job["model"], job["model_init"]) for job in jobs):
-        model_name, (init, init_seed) = model_key
-        model_jobs = [job for job in jobs if (job["model"], job["model_init"]) == model_key]
-        for note in _model_init_notes(model_jobs):
-            print(note)
-        model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device, init, init_seed)
-        for data_key in dict.fromkeys((job["data"], job["split"], job["training_dataset"]) for job in model_jobs):
-            data_jobs = [job for job in model_jobs if (job["data"], job["split"], job["training_dataset"]) == data_key]
-            read_by_training = [job["text_read"] for job in data_jobs]
-            check_context_length(model, data_key[0].ctx_len, "ctx_len")
-            windows, source = held_out_windows(data_key[0], tokenizer, cfg.tokens, data_key[1], read_by_training,
-                                               training_dataset=data_key[2])
-            for hookpoint in dict.fromkeys(job["hookpoint"] for job in data_jobs):
-                hook_jobs = [job for job in data_jobs if job["hookpoint"] == hookpoint]
-                saes = {str(job["dir"]): SparseAutoencoder.load(job["dir"], device=device) for job in hook_jobs}
-                results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True)
-                for job in hook_jobs:
-                    sae = saes[str(job["dir"])]
-                    report = reports[job["dir"]] = {
-                        "sae": str(job["dir"]), "model": model_name, "model_init": _model_init_text(init, init_seed),
-                        "hookpoint": hookpoint, "data": source, **results[str(job["dir"])],
-                    }
-                    if cfg.explain:
-                        report["explain"] = _explain(cfg, explain_tools, sae, model, tokenizer, hookpoint, windows, job["dir"])
-                    report.update(_gao_metrics(cfg, sae, model, tokenizer, hookpoint, windows))
-        del model
-    return [reports[job["dir"]] for job in jobs]
+
+def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
+    """What to evaluate the SAE in `sae_dir` with: each option given, else what its cfg.json says; one
+    line (UsageError) naming the option to pass when neither says a thing the eval needs."""
+    metadata = read_any_sae_metadata(sae_dir)
+    dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
+    if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
+        # What training read is unknown (e.g. a folder written by sparsify): only a split the user
+        # names, or a held-out split the dataset has, may be called held out.
+        asked = DataConfig(dataset=dataset, dataset_config=cfg.dataset_config, text_column=cfg.text_column or "text",
+                           data_dir=cfg.data_dir)
+        if held_out_split(asked) is None:
+            raise UsageError(f"{sae_dir / 'cfg.json'} does not say which text the SAE was trained on; {dataset} "
+                             "has no validation or test split, so pass --split with text training did not read")
+    other_dataset = bool(cfg.dataset) and metadata.get("dataset") is not None and cfg.dataset != metadata.get("dataset")
+    data = DataConfig(
+        dataset=dataset,
+        dataset_config=cfg.dataset_config if cfg.dataset else metadata.get("dataset_config"),
+        split=metadata.get("split") or "train",
+        text_column=cfg.text_column or metadata.get("text_column") or "text",
+        ctx_len=_require(cfg.ctx_len, metadata, "ctx_len", sae_dir, "--ctx_len"),
+        data_dir=cfg.data_dir,
+    )
+    model = resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model"))
+    return EvalJob(
+        dir=sae_dir, model=model,
+        model_init=(metadata.get("model_init") or "pretrained", int(metadata.get("model_init_seed") or 0)),
+        model_init_versions=metadata.get("model_init_versions"),
+        data=data, hookpoint=_require(cfg.hookpoint, metadata, "hookpoint", sae_dir, "--hookpoint"),
+        # a dataset other than training's is held out as a whole: its train split unless told
+        split=cfg.split or ("train" if other_dataset else ""),
+        training_dataset=metadata.get("dataset") is not None and not other_dataset,
+        text_read=metadata.get("text_read"),
+    )
+
+
+def evaluate_on_one_lm(cfg: EvalConfig, jobs: list[EvalJob], device, explain_tools) -> dict[Path, dict]:
+    """The reports of `jobs`, SAEs on one LM (loaded here, once), by their folders."""
+    model_name, (init, init_seed) = jobs[0].model, jobs[0].model_init
+    for note in _model_init_notes(jobs):
+        print(note)
+    model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device, init, init_seed)
+    reports = {}
+    for data_jobs in _grouped(jobs, lambda job: (job.data, job.split, job.training_dataset)):
+        windows, source = read_held_out_windows(cfg, model, tokenizer, data_jobs)
+        for hook_jobs in _grouped(data_jobs, lambda job: job.hookpoint):
+            reports.update(evaluate_at_hookpoint(cfg, hook_jobs, model, tokenizer, windows, source, device,
+                                                 explain_tools))
+    return reports
+
+
+def read_held_out_windows(cfg: EvalConfig, model, tokenizer, jobs: list[EvalJob]) -> tuple[Tensor, dict]:
+    """The held-out windows (n_windows, ctx_len) that `jobs` share (the same data, split and training
+    dataset; eval/data.py's rules, past what any of their trainings read) and the report's
+    description of that text."""
+    data, split, training_dataset = jobs[0].data, jobs[0].split, jobs[0].training_dataset
+    check_context_length(model, data.ctx_len, "ctx_len")
+    return held_out_windows(data, tokenizer, cfg.tokens, split, [job.text_read for job in jobs],
+                            training_dataset=training_dataset)
+
+
+def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer, windows: Tensor, source: dict, device,
+                          explain_tools) -> dict[Path, dict]:
+    """The reports of `jobs`, SAEs at one hookpoint, evaluated together on `windows` (one LM forward
+    per batch for all of them), each with the optional sections the options ask for."""
+    hookpoint = jobs[0].hookpoint
+    saes = {str(job.dir): SparseAutoencoder.load(job.dir, device=device) for job in jobs}
+    results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True)
+    reports = {}
+    for job in jobs:
+        reports[job.dir] = {
+            "sae": str(job.dir), "model": job.model, "model_init": _model_init_text(*job.model_init),
+            "hookpoint": hookpoint, "data": source, **results[str(job.dir)],
+            **optional_sections(cfg, explain_tools, saes[str(job.dir)], model, tokenizer, hookpoint, windows, job.dir),
+        }
+    return reports
+
+
+def optional_sections(cfg: EvalConfig, explain_tools, sae, model, tokenizer, hookpoint: str, windows,
+                      sae_dir: Path) -> dict:
+    """The report sections beyond the reconstruction metrics that the options ask for: `explain`,
+    then Gao et al.'s other metrics (ablation sparsity, probe loss, N2G)."""
+    sections = {}
+    if cfg.explain:
+        sections["explain"] = _explain(cfg, explain_tools, sae, model, tokenizer, hookpoint, windows, sae_dir)
+    sections.update(_gao_metrics(cfg, sae, model, tokenizer, hookpoint, windows))
+    return sections
+
+
+def _grouped(jobs: list[EvalJob], key: Callable[[EvalJob], Any]) -> list[list[EvalJob]]:
+    """`jobs` grouped by `key`: groups in the order of their first job, jobs in the order given."""
+    groups: dict[Any, list[EvalJob]] = {}
+    for job in jobs:
+        groups.setdefault(key(job), []).append(job)
+    return list(groups.values())
 
 
 def _model_init_text(init: str, seed: int) -> str:
     return "pretrained" if init == "pretrained" else f"random (seed {seed})"
 
 
-def _model_init_notes(jobs: list[dict]) -> list[str]:
+def _model_init_notes(jobs: list[EvalJob]) -> list[str]:
     """A note per SAE trained on a random-init LM drawn by other torch/transformers versions than these:
     their init code may draw other weights from the same seed, so the rebuilt LM may not be training's."""
     import torch
     import transformers
 
     here = {"torch": torch.__version__, "transformers": transformers.__version__}
-    return [f"note: {job['dir']} was trained on a random-init LM drawn with {job['model_init_versions']}; this is "
+    return [f"note: {job.dir} was trained on a random-init LM drawn with {job.model_init_versions}; this is "
             f"{here}, whose init may draw other weights from the same seed"
-            for job in jobs if job["model_init_versions"] not in (None, here)]
+            for job in jobs if job.model_init_versions not in (None, here)]
 
 
 def _gao_metrics(cfg: EvalConfig, sae, model, tokenizer, hookpoint: str, windows) -> dict:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from sae.files import atomic_write
 
-from .missing import format_or_dash
+from .missing import format_or_dash, report_json
 
 # (report key, column title, format) of the comparison table.
 _COLUMNS = [
@@ -83,7 +83,7 @@ def write_report(path: str | Path, reports: Sequence[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     content = reports[0] if len(reports) == 1 else list(reports)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(report_json(content) + "\n"))
     return path
 
 

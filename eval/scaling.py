@@ -20,11 +20,11 @@ Uncertainty: with s^2 = RSS / (points - parameters) and J the Jacobian of the re
 the covariance is s^2 (J^T J)^-1, the asymptotic one (the model linearised at the fit, errors normal).
 Each 95% interval is coefficient +- t standard errors with t the 97.5% quantile of Student's t with
 points - parameters degrees of freedom: 1.96 (the normal's) for many points, but 2.57 with 5, where
-the normal's would cover about 89%. Both stay approximations for a nonlinear law: on 100 synthetic
-sweeps of 5 widths x 4 k the joint law's intervals held the true coefficients 96-97% of the time with
-0.2% noise, but only 76-86% with 1% noise, where the estimates spread 1.2-1.4 times their standard
-errors (the law is far from linear over that range, the irreducible part most). Standard errors and
-intervals are null where J^T J is singular (the points cannot tell some parameters apart).
+the normal's would cover about 89%. Both stay approximations for a nonlinear law: the law is far
+from linear over a sweep's range (the irreducible part most), so with noisier losses the intervals
+cover the true coefficients less often than 95% (docs/metrics.md, "Scaling fits", has their coverage
+on synthetic sweeps). Standard errors and intervals are null where J^T J is singular (the points cannot
+tell some parameters apart).
 
 The CLI finds every SAE folder (cfg.json + sae.safetensors, as the trainer writes RUN_DIR/HOOKPOINT or
 RUN_DIR/VARIANT) at or under each RUN_DIR, reads n_latents and k from its cfg.json and its loss, the
@@ -121,8 +121,8 @@ IRREDUCIBLE_FRACTIONS = (0.01, 0.25, 0.5, 0.75, 0.95)
 
 SOLVER_TOLERANCE = 1e-14
 """scipy's ftol, xtol and gtol: stop where the cost, the step or the gradient change by less than this
-relative amount: a minimum to float64 precision. At scipy's default 1e-8 the joint law's coefficients
-stop up to 2e-4 (relative) short of it on synthetic sweeps with 3% noise."""
+relative amount: a minimum to float64 precision. scipy's default, 1e-8, stops the joint law's
+coefficients measurably short of the minimum (docs/metrics.md, "Scaling fits")."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,9 +177,8 @@ def _joint_starts(log_n: np.ndarray, log_k: np.ndarray, losses: np.ndarray) -> l
     """Starts (6,) for eq. 4. The irreducible loss exp(zeta + eta log k): eta the slope of each k's
     smallest loss on log k (where the irreducible part weighs most) and that +- 0.5, zeta such that it
     is a fraction of every loss (IRREDUCIBLE_FRACTIONS); then alpha, beta_k, beta_n, gamma by a linear
-    fit of log(L - irreducible). The likelihood has several local minima that differ mostly in eta:
-    on synthetic sweeps from five laws (eta -2 to 1), starts at eta = 0 alone missed the best in half
-    of them, these missed none of 60."""
+    fit of log(L - irreducible). The likelihood has several local minima that differ mostly in eta,
+    so a single start at eta = 0 often ends in the wrong one (docs/metrics.md, "Scaling fits")."""
     distinct_k = np.unique(log_k)
     smallest = np.log([losses[log_k == value].min() for value in distinct_k])
     slope = _linear_fit(np.stack([np.ones_like(distinct_k), distinct_k], axis=1), smallest)[1]

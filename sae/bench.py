@@ -5,10 +5,13 @@ the bare encoder matmul x @ W_enc^T measured in the same process.
     python -m sae.bench --json          # the same as JSON
     python -m sae.bench --quick         # tiny shapes (a smoke test, numbers mean nothing)
 
-Implementations: `sae_kernels[torch]` and `sae_kernels[triton]` (the `sae_kernels` package; triton only on CUDA), `sae.model`
-(the project's eager SparseAutoencoder), `dense` (a dense TopK SAE: (N, n_latents) codes and matmuls,
-autograd backward) and `sparsify` (EleutherAI's SparseCoder, eager decoder, if installed). Each runs
-with and without AuxK (10% of latents dead, k_aux = 512; sparsify picks its own k_aux = d_in / 2).
+Implementations: `sae_kernels[torch]` and `sae_kernels[triton]` (the `sae_kernels` ops alone; triton
+only on CUDA), `sae.model` (the SparseAutoencoder forward the trainer runs, on the same ops), `dense` (a
+dense TopK SAE: (N, n_latents) codes and matmuls, autograd backward) and `sparsify` (EleutherAI's
+SparseCoder, eager decoder, if installed). Each runs with and without AuxK (10% of latents dead,
+k_aux = 512; sparsify picks its own k_aux = d_in / 2). AuxK in the `sae_kernels` and `sae.model` rows
+is the trainer's: after the TopK selection, a second encode on the dead latents' rows alone (its
+matmul costs n_dead / n_latents of the first), then their reconstruction loss.
 All use the same parameters, batch and Adam (torch's fused Adam where the device supports it). On CUDA
 a second size is added: 32768 latents, batch 32768, bfloat16.
 """
@@ -75,14 +78,18 @@ def nmse(target: Tensor, prediction: Tensor) -> Tensor:
 
 
 def kernels_forward(backend: str) -> Callable:
+    """The step on the ops alone, in the trainer's order (SparseAutoencoder.forward without the module)."""
     def forward(p: Params, x: Tensor, dead: Tensor | None, k: int) -> Tensor:
-        encoded = ops.topk_encode(
-            x, p.encoder.weight, p.encoder.bias, k, b_dec=p.b_dec, dead_mask=dead, k_aux=K_AUX, backend=backend
-        )
-        x_hat = ops.sparse_decode(encoded[0], encoded[1], p.W_dec, backend=backend) + p.b_dec
+        values, indices = ops.topk_encode(x, p.encoder.weight, p.encoder.bias, k, b_dec=p.b_dec, backend=backend)
+        x_hat = ops.sparse_decode(values, indices, p.W_dec, backend=backend) + p.b_dec
         loss = nmse(x, x_hat)
-        if dead is not None:
-            loss = loss + ops.auxk_loss(encoded[2], encoded[3], p.W_dec, x - x_hat, backend=backend) / 32
+        dead_latents = dead.nonzero().squeeze(1) if dead is not None else None
+        if dead_latents is not None and len(dead_latents) > 0:
+            aux_values, local = ops.topk_encode(
+                x, p.encoder.weight.index_select(0, dead_latents), p.encoder.bias.index_select(0, dead_latents),
+                min(K_AUX, len(dead_latents)), b_dec=p.b_dec, backend=backend,
+            )
+            loss = loss + ops.auxk_loss(aux_values, dead_latents[local], p.W_dec, x - x_hat, backend=backend) / 32
         return loss
 
     return forward

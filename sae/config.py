@@ -147,7 +147,7 @@ class TrainConfig:
     model_init: Literal["pretrained", "random"] = "pretrained"
     """"random": train on the same architecture and tokenizer with freshly initialised weights (seeded by
     `model_init_seed`), the random-model baseline of Heap et al. 2025; `python -m eval` rebuilds the
-    same LM from the SAE's cfg.json, so its scores sit beside the trained LM's SAE (README)."""
+    same LM from the SAE's cfg.json, so its scores sit beside the trained LM's SAE (docs/metrics.md)."""
 
     model_init_seed: int = 0
     """Seeds the weights of a `model_init: random` LM (independent of `seed`, so SAE seeds can vary
@@ -178,7 +178,8 @@ class TrainConfig:
     adam the width)."""
 
     lr_warmup_steps: int = 0
-    """Linear warmup steps (on the peer benchmark warmup only slowed schedule-free Adam down)."""
+    """Linear warmup steps. The default 0 suits schedule_free_adam, which warmup only slows down
+    (docs/peers.md)."""
 
     lr_decay_frac: float = 0.0
     """Fraction of training, at the end, over which the learning rate decays linearly: over the last
@@ -195,7 +196,7 @@ class TrainConfig:
 
     scale_inputs: bool = True
     """Train on activations times one scale, fixed on the first batch so that E||x||^2 = d_in (Gao et
-    al.; the lr rule was measured so); saved SAEs are folded back to raw activations either way."""
+    al.; the default lr rule assumes it); saved SAEs are folded back to raw activations either way."""
 
     fit_encoder_scale: bool = True
     """Shrink the tied encoder init (W_enc = W_dec^T) where its first reconstruction overshoots: by the
@@ -220,7 +221,7 @@ class TrainConfig:
     rule, its weight_lr_power 2): warmup steps weigh less, steps of the final decay do not. 0 is
     Defazio et al.'s (2024) average, uniform once the lr stops rising; a larger r forgets the early
     iterates faster.
-    None: 1, which beat 0 in all 32 fvu cells of the peer benchmark (README)."""
+    None: 1, chosen on the peer benchmark (docs/peers.md)."""
 
     shard_latents: int = 1
     """Under torchrun: split the latents over this many ranks (world size = replicas x shard_latents);

@@ -9,13 +9,13 @@ norm 1 on average. We rescale it too, by another rule, fitted to the first batch
 
 Why the scale: at init every latent value is a projection of x - b_dec on a random unit direction,
 and the k largest of them are kept and decoded with those unit directions. Their sum overshoots more
-the larger k is: on the embedded model the first batch's fvu at scale 1 is 0.72 at k=8 and 4.9 at
-k=64, worse than b_dec alone. Multiplying W_enc by c (b_enc is zero at init, so every latent value,
-and the reconstruction, scales by c and the TopK choice does not change) gives the least-squares
-best at c* = 0.68 (k=8) and 0.28 (k=64). We take the largest c <= 1 that starts no worse than b_dec
-alone, min(1, 2 c*): 1 (the tied encoder unscaled) at k <= 16 here, 0.57 at k=64. On the peer benchmark
-(README) this closed the early gap to sparsify at k=64, while c* itself left 27-31% of the latents
-dead at k=8 (an init that does not overshoot lets the first winners keep winning).
+the larger k is, until at large k the first reconstruction is worse than b_dec alone. Multiplying
+W_enc by c (b_enc is zero at init, so every latent value, and the reconstruction, scales by c and the
+TopK choice does not change) has a least-squares best c*. We take the largest c <= 1 that starts no
+worse than b_dec alone, min(1, 2 c*): the tied encoder unscaled at small k, where it does not
+overshoot, and shrunk only as far as needed at large k. Not c* itself: an init that does not overshoot
+at all lets the first latents to win keep winning, and leaves many latents dead at small k.
+docs/peers.md ("The encoder init, and large k") has the factors and the ablations on the embedded model.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .files import TensorSpec, atomic_write, read_json_object, write_safetensors
 from .errors import UsageError
 from .formats import read_foreign_sae
 from .formats.common import INPUT_NORMS  # cfg.json names a non-default one under "input_norm"
-from .parallel import ShardLayout
+from .parallel import ShardLayout, ShardTop
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -67,6 +67,31 @@ class ComputeWeights(NamedTuple):
     """(n_local,)."""
     W_dec: Tensor
     """(n_local, d_in)."""
+    b_dec: Tensor
+    """(d_in,): b_dec as the encoders subtract it (`ShardLayout.b_dec_for_encoder`). One autograd node for
+    the TopK and the AuxK encode, so under latent sharding its gradient is summed over the shards once."""
+
+
+class TopLatents(NamedTuple):
+    """A row-wise top-k over every shard's latents (`SparseAutoencoder._top_over_shards`), with this
+    rank's candidates it was chosen from. For one shard the candidates are the selection."""
+
+    candidates: Tensor
+    """(N, c) this rank's candidate values after ReLU, with their gradient."""
+    local_indices: Tensor
+    """(N, c) int64: their indices into this rank's latents."""
+    over_shards: ShardTop
+    """The winners among all shards' candidates."""
+
+    def codes(self, k: int) -> tuple[Tensor, Tensor]:
+        """The first k winners (values (N, k), global latent ids (N, k)): the top k when sorted."""
+        return self.over_shards.head(k)
+
+    def local_winners(self, k: int) -> tuple[Tensor, Tensor]:
+        """What this rank decodes of the first k winners with its rows of W_dec: (values, local indices),
+        its candidates zeroed where another shard's latent won, (N, c) each; for one shard the first k
+        candidates, (N, k) each."""
+        return self.over_shards.local_part(self.candidates, self.local_indices, k)
 
 
 class ForwardOutput(NamedTuple):
@@ -194,8 +219,8 @@ class SparseAutoencoder(nn.Module):
         a run starts from the same SAE on a GPU as on the CPU. The whole (n_latents, d_in) draw is in
         host memory, transient, freed before any gradient or optimiser state exists (torch's
         generators cannot skip ahead to a row); a device only ever holds its rows. The two uniform
-        draws first are nn.Linear's own init, discarded: they keep the RNG stream, and so every init,
-        what it was when the encoder was a plain nn.Linear."""
+        draws first are an nn.Linear encoder's own init, discarded: they leave the RNG stream where
+        building the encoder with nn.Linear leaves it, so a seed draws the same SAE as with one."""
         if self.device.type == "meta":  # shapes only, to be loaded with `assign=True`: nothing to draw
             return
         n_latents, d_in = self.cfg.n_latents, self.cfg.d_in
@@ -216,10 +241,6 @@ class SparseAutoencoder(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
-
-    def compute_weights(self) -> ComputeWeights:
-        dtype = self.compute_dtype or self.dtype
-        return ComputeWeights(self.encoder.weight.to(dtype), self.encoder.bias.to(dtype), self.W_dec.to(dtype))
 
     # ---- the forward pass -------------------------------------------------------------------
 
@@ -269,7 +290,16 @@ class SparseAutoencoder(nn.Module):
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
-        """Encode, decode and compute the losses for a batch `x` (N, d_in), on the `sae_kernels` ops.
+        """The training forward of a batch `x` (N, d_in), on the `sae_kernels` ops:
+
+            encode, top-k  pre = W_enc (x - b_dec) + b_enc; the top k per row (Multi-TopK: the top 4k,
+                           sorted, whose first k are the TopK selection); ReLU
+            dead latents   `dead_mask`, if a function, counts this selection into the dead-latent statistics
+            decode         x_hat = sum_j values_j W_dec[index_j] + b_dec
+            fvu            normalized_mse(x, x_hat)
+            AuxK           the normalized MSE of the top-k_aux dead latents' reconstruction of x - x_hat
+            Multi-TopK     the normalized MSE of the top-4k reconstruction
+            loss           fvu + auxk_coef * AuxK + Multi-TopK / 8
 
         dead_mask: this rank's latents the AuxK loss may use, (n_local,) bool; or a `DeadMaskFn`,
         called with this batch's TopK selection before AuxK, that counts it into the dead-latent
@@ -277,88 +307,110 @@ class SparseAutoencoder(nn.Module):
         fires in this batch is not trained as dead on it (the order of OpenAI's reference). None, or
         no dead latent, turns AuxK off.
         variance: the normalized MSEs' denominator (see `normalized_mse`); by default the global
-        batch's (`ShardLayout.variance`), which for a process alone is the local batch's.
-        Under latent sharding every rank of the shard group returns the same output; latent_indices
-        are global latent ids, and the losses are this replica's share of the global batch's.
+        batch's, which for one replica is the batch's own (`batch_variance`).
+
+        One code path for every layout. The steps that involve other ranks are named for what they do
+        over the shard group, and for one shard they are the identity: `_top_over_shards` (the
+        candidates are the selection), `_decode_over_shards` (the sum of one part) and the dead count
+        in `_auxk_loss` (this rank's own). Under latent sharding every rank of the shard group returns
+        the same output; latent_indices are global latent ids, and the losses are this replica's share
+        of the global batch's.
         """
-        cfg, layout = self.cfg, self.layout
-        if self.input_norm != "none":
-            raise ValueError(f"this SAE has input_norm {self.input_norm!r} (imported): training it is not supported, "
-                             "and its reconstruction is reconstruct(x)")
-        x = x.to(self.dtype)
+        self._check_trainable()
+        cfg = self.cfg
+        x = x.to(self.dtype)  # the losses are in the parameters' dtype
         if variance is None:
-            variance = batch_variance if layout.replicas == 1 else layout.variance
-        k = cfg.k
-        # Multi-TopK selects the top 4k, sorted, so the first k of them are the TopK selection.
-        n_top = min(4 * k, cfg.n_latents) if cfg.multi_topk else k
-        weights = self.compute_weights()
-        x_in = x.to(weights.W_enc.dtype)  # x itself stays in the parameters' dtype for the losses
-        # One node for both encodes (one all-reduce in backward), in the compute dtype like x_in.
-        b_dec_enc = layout.b_dec_for_encoder(self.b_dec).to(weights.W_enc.dtype)
-        values, local = sae_kernels.topk_encode(
-            x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local), b_dec=b_dec_enc, sorted=cfg.multi_topk,
-        )
-        top = layout.top_over_shards(values, local + self.latent_start, n_top, sorted=cfg.multi_topk)
-        latent_acts, latent_indices = top.head(k)
+            variance = self._global_batch_variance()
+        n_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
+        weights = self._compute_weights()
+        x_in = x.to(weights.W_enc.dtype)  # the kernels' inputs, in the compute dtype
+
+        candidates = sae_kernels.topk_encode(x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local),
+                                             b_dec=weights.b_dec, sorted=cfg.multi_topk)  # among this rank's latents
+        top = self._top_over_shards(*candidates, n_top, sorted=cfg.multi_topk)
+        latent_acts, latent_indices = top.codes(cfg.k)
         if callable(dead_mask):
             dead_mask = dead_mask(latent_indices, latent_acts.detach())
-        x_hat = self._reconstruct(weights, *top.local_part(values, local, k)) + self.b_dec
+
+        x_hat = self._decode_over_shards(weights, top, cfg.k) + self.b_dec
         fvu = normalized_mse(x, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
-        if dead_mask is not None and self.cfg.auxk_coef > 0:
-            auxk_loss = self._auxk_loss(x_in, (x - x_hat).detach(), dead_mask, variance, b_dec_enc, weights)
+        if dead_mask is not None and cfg.auxk_coef > 0:
+            auxk_loss = self._auxk_loss(weights, x_in, (x - x_hat).detach(), dead_mask, variance)
 
         multi_topk_fvu = zero
         if cfg.multi_topk:
-            multi_topk_fvu = normalized_mse(x, self._reconstruct(weights, *top.local_part(values, local, n_top)) + self.b_dec,
-                                            variance)
+            multi_topk_fvu = normalized_mse(x, self._decode_over_shards(weights, top, n_top) + self.b_dec, variance)
 
-        loss = fvu + self.cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
+        loss = fvu + cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
 
-    def _reconstruct(self, weights: ComputeWeights, values: Tensor, local_indices: Tensor) -> Tensor:
-        """sum_j values_j W_dec[index_j] over every shard's part (N, d_in), without b_dec, in the
-        parameters' dtype (the kernels accumulate in float32 whatever their inputs)."""
-        return self.layout.sum_reconstructions(sparse_decode(values, local_indices, weights.W_dec).to(self.dtype))
-
-    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, variance: VarianceFn, b_dec_enc: Tensor,
-                   weights: ComputeWeights) -> Tensor:
+    def _auxk_loss(self, weights: ComputeWeights, x: Tensor, residual: Tensor, dead_mask: Tensor,
+                   variance: VarianceFn) -> Tensor:
         """AuxK (Gao et al. §2.4): the normalized MSE of the top-k_aux dead latents' reconstruction of
-        the residual `x - x_hat` (detached); 0 when no latent is dead."""
+        the residual `x - x_hat` (detached), k_aux = min(cfg.k_aux, dead latents); 0 when none is dead.
+        `x` (N, d_in) in the compute dtype, `dead_mask` (n_local,) this rank's dead latents."""
         if dead_mask.shape != (self.n_local,):
             raise ValueError(f"dead_mask must have shape ({self.n_local},), got {tuple(dead_mask.shape)}")
         dead_latents = dead_mask.nonzero().squeeze(1)
-        k_aux, most_on_one_shard = self.layout.total_over_shards(dead_latents.new_tensor(dead_latents.numel()))
-        k_aux = min(self.cfg.k_aux, k_aux)
+        n_dead, most_dead_on_one_shard = self.layout.total_over_shards(dead_latents.new_tensor(dead_latents.numel()))
+        k_aux = min(self.cfg.k_aux, n_dead)
         if k_aux == 0:
             return x.new_zeros(())
         # Each shard sends min(k_aux, its dead) real candidates (padded to a common width): at least
         # k_aux real ones in all, and every global winner is among them.
-        aux_values, aux_local = self.encode_among(x, dead_latents, min(k_aux, most_on_one_shard), b_dec=b_dec_enc,
-                                                  weights=weights)
-        aux_top = self.layout.top_over_shards(aux_values, aux_local + self.latent_start, k_aux,
-                                              width=min(k_aux, most_on_one_shard))
-        aux_values, aux_local = aux_top.local_part(aux_values, aux_local, k_aux)
-        if variance is batch_variance and self.layout.shards == 1:  # the fused op: the local batch's variance
-            return sae_kernels.auxk_loss(aux_values, aux_local, weights.W_dec, residual).to(self.dtype)
-        loss = normalized_mse(residual, self._reconstruct(weights, aux_values, aux_local), variance)
+        width = min(k_aux, most_dead_on_one_shard)
+        top = self._top_over_shards(*self.encode_among(x, dead_latents, width, weights), k_aux, width=width)
+        if variance is batch_variance and self.layout.shards == 1:  # fused decode and error (the batch's variance)
+            return sae_kernels.auxk_loss(*top.local_winners(k_aux), weights.W_dec, residual).to(self.dtype)
+        loss = normalized_mse(residual, self._decode_over_shards(weights, top, k_aux), variance)
         return torch.where(loss.isnan(), torch.zeros_like(loss), loss)
 
-    def encode_among(self, x: Tensor, latents: Tensor, k: int, b_dec: Tensor | None = None,
+    def _top_over_shards(self, values: Tensor, local_indices: Tensor, k: int, width: int | None = None,
+                         sorted: bool = False) -> TopLatents:
+        """The top k per row among every shard's candidates, from this rank's: `values` (N, c) after
+        ReLU, with their gradient, and their `local_indices` (N, c) into this rank's latents
+        (`ShardLayout.top_over_shards`, padded to `width`; for one shard the candidates themselves)."""
+        top = self.layout.top_over_shards(values, local_indices + self.latent_start, k, width=width, sorted=sorted)
+        return TopLatents(values, local_indices, top)
+
+    def _decode_over_shards(self, weights: ComputeWeights, top: TopLatents, k: int) -> Tensor:
+        """sum_j values_j W_dec[index_j] over the first k winners of `top` (N, d_in), without b_dec, in
+        the parameters' dtype (the kernels accumulate in float32 whatever their inputs): each rank
+        decodes its own winners with its rows of W_dec and the parts are summed over the shard group."""
+        values, local_indices = top.local_winners(k)
+        return self.layout.sum_reconstructions(sparse_decode(values, local_indices, weights.W_dec).to(self.dtype))
+
+    def _global_batch_variance(self) -> VarianceFn:
+        """The normalized MSEs' default denominator: over the global batch (`ShardLayout.variance`, an
+        all-reduce over the replicas), which for one replica is the batch's own, `batch_variance`."""
+        return batch_variance if self.layout.replicas == 1 else self.layout.variance
+
+    def _compute_weights(self) -> ComputeWeights:
+        dtype = self.compute_dtype or self.dtype
+        W_enc, b_enc, W_dec = self.encoder.weight.to(dtype), self.encoder.bias.to(dtype), self.W_dec.to(dtype)
+        return ComputeWeights(W_enc, b_enc, W_dec, self.layout.b_dec_for_encoder(self.b_dec).to(dtype))
+
+    def _check_trainable(self) -> None:
+        if self.input_norm != "none":
+            raise ValueError(f"this SAE has input_norm {self.input_norm!r} (imported): training it is not supported, "
+                             "and its reconstruction is reconstruct(x)")
+
+    def encode_among(self, x: Tensor, latents: Tensor, k: int,
                      weights: ComputeWeights | None = None) -> tuple[Tensor, Tensor]:
         """The top min(k, len(latents)) of each row of `x` (N, d_in) among this rank's `latents` (n,)
         int64 only: (values (N, k') after ReLU, indices (N, k') int64 into this rank's latents). The
         pre-activations of the other latents are never computed: the cost is len(latents) / n_local
-        of `encode`'s. `b_dec`: the pre-bias as the encoder subtracts it (default `self.b_dec`); `weights`:
-        the forward's (default: the parameters as stored)."""
+        of `encode`'s. `weights`: the forward's (default: the parameters as stored)."""
         if latents.numel() == 0 or k == 0:
             return x.new_zeros(len(x), 0), latents.new_zeros(len(x), 0)
+        if weights is None:
+            weights = ComputeWeights(self.encoder.weight, self.encoder.bias, self.W_dec, self.b_dec)
         values, local = sae_kernels.topk_encode(
-            x, (weights.W_enc if weights else self.encoder.weight).index_select(0, latents),
-            (weights.b_enc if weights else self.encoder.bias).index_select(0, latents),
-            min(k, latents.numel()), b_dec=self.b_dec if b_dec is None else b_dec,
+            x, weights.W_enc.index_select(0, latents), weights.b_enc.index_select(0, latents), min(k, latents.numel()),
+            b_dec=weights.b_dec,
         )
         return values, latents[local]
 
@@ -477,7 +529,7 @@ def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], 
                      input_scale: float = 1.0, metadata: dict[str, Any] | None = None, input_norm: str = "none") -> Path:
     """The SAE folder format: path/sae.safetensors from its tensors' pieces (`files.write_safetensors`:
     the four parameters, already folded) and path/cfg.json, each written atomically. cfg.json names
-    `input_norm` only when it is not "none", so such folders are what they were before the key existed."""
+    `input_norm` only when it is not "none": a folder without an input transform is sparsify's layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if sorted(spec.name for spec in specs) != sorted(PARAMETER_NAMES):

@@ -1,6 +1,6 @@
 """The optimiser side of a training step, for every layout of the SAE (sae/parallel.py): the
-learning rate (the default rule and the schedule), the optimiser itself, and the update after a
-forward (backward, projected and clipped gradients, the step, unit-norm decoder rows).
+learning rate (the default rule and the schedule), the optimiser itself, and the pieces of the update
+that `trainer.training_step` runs after a forward (the loss check, the clip, unit-norm decoder rows).
 
 A leaf of the trainer: it imports only the config, the collectives and the model's row normalisation.
 """
@@ -26,11 +26,9 @@ def default_lr(n_latents: int, k: int, optimizer: str, batch_size: int) -> float
     """The learning rate when `lr` is not given; `batch_size` is the global batch (tokens per step).
 
     adam: Gao et al.'s 2e-4 / sqrt(n_latents / 2^14), whatever k and batch.
-    schedule_free_adam: 1.6e-2 * (k / 16)^(1/4) * (batch_size / 4096)^(1/4), whatever the width. On the
-    peer benchmark (README) 1.6e-2 was the best of 4e-3 ... 3.2e-2 at 2048 latents, k=16, batch 4096,
-    and at 8192 latents it beat Gao et al.'s 1/sqrt(n_latents) scaling of it (8e-3). With the fitted
-    encoder init, 2.26e-2 beat 1.6e-2 and 3.2e-2 (which degraded late) at k=64, and 1.6e-2 at k=32. At
-    batch 16384, 2.26e-2 beat 1.6e-2 (and sparsify at 1M tokens); at batch 1024, 1.13e-2 and 1.6e-2 tied."""
+    schedule_free_adam: 1.6e-2 * (k / 16)^(1/4) * (batch_size / 4096)^(1/4), whatever the width (no
+    1/sqrt(n_latents) factor, unlike the adam rule). The constant and both exponents were chosen on the
+    peer benchmark (docs/peers.md, "The learning-rate rule")."""
     if optimizer == "adam":
         return 2e-4 / math.sqrt(n_latents / 2**14)
     if optimizer == "schedule_free_adam":
@@ -72,26 +70,19 @@ def make_optimizer(cfg: TrainConfig, parameters, lr: float) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer '{cfg.optimizer}'")
 
 
-def optimizer_update(sae, optimizer, loss: Tensor, lr: float, grad_clip: float) -> None:
-    """The update after a forward, for every layout of the SAE (`sae.layout`): check the loss,
-    backward, sum gradients over the data-parallel replicas, project decoder gradients, clip, Adam
-    step at `lr`, renormalise decoder rows. The order matters: clipping sees the projected gradient."""
-    losses = every_rank(loss)  # every rank decides together, so none is left waiting in a collective
+def check_loss_is_finite(loss: Tensor) -> None:
+    """Raise `NonFiniteLossError` if the loss is NaN or infinite on any rank. Every rank decides
+    together, so none is left waiting in a collective."""
+    losses = every_rank(loss)
     if bad := [rank for rank, value in enumerate(losses) if not math.isfinite(value)]:
         where = f" on rank {', '.join(map(str, bad))} of {len(losses)}" if len(losses) > 1 else ""
         raise NonFiniteLossError(f"loss is {losses[bad[0]]}{where}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.layout.sum_gradients_over_replicas(sae.parameters())
-    if sae.cfg.normalize_decoder:
-        sae.remove_gradient_parallel_to_decoder_directions()
-    if grad_clip > 0:
-        clip_grad_norm_(sae, grad_clip)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group (the trainer sets each step's: warmup, decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
-    if sae.cfg.normalize_decoder:
-        set_decoder_rows_to_unit_norm(sae, optimizer)
 
 
 @torch.no_grad()
@@ -130,15 +121,14 @@ def set_decoder_rows_to_unit_norm(sae, optimizer: torch.optim.Optimizer) -> None
     Under Adam the rows of `sae.W_dec` are the whole state. Schedule-free Adam (Defazio et al. 2024)
     holds two more points: the Adam iterate z (in its state) and the average x, implicit in
     y = beta1 * x + (1 - beta1) * z, the parameter in train mode (where gradients are taken).
-    Renormalising y alone lets z's rows grow: the tangent-projected gradient is rescaled elementwise,
-    so every step adds a radial part. Measured on a 20M-token run here, z's median row norm went
-    4 -> 11 while y stayed at 1, so the implied x = (y - (1 - beta1) z) / beta1, which is what is
-    saved, shrank and then flipped sign (held-out fvu 0.09 -> 2.9).
+    Renormalising y alone would let z's rows grow: the tangent-projected gradient is rescaled
+    elementwise, so every step adds a radial part, and over a long run the implied
+    x = (y - (1 - beta1) z) / beta1, which is what is saved, shrinks and then flips sign.
 
     So z's rows are renormalised too. y and z on the unit sphere keep x's rows between 1 and
-    (2 - beta1) / beta1 in norm (the saved SAE renormalises them). Renormalising x and z instead, and
-    rebuilding y from them, leaves y (the decoder the loss sees) shorter than one: on the peer benchmark
-    that cost 4-6% held-out fvu at 0.5M-2M tokens and left 21% of the latents dead at k=8 at 0.5M."""
+    (2 - beta1) / beta1 in norm (the saved SAE renormalises them). y rather than x is held at unit norm
+    because y is the decoder the loss sees: rebuilt from unit-norm x and z it would be shorter than one,
+    which trains worse SAEs. docs/peers.md ("Longer horizon") has the measurements of both."""
     z = optimizer.state.get(sae.W_dec, {}).get("z")
     if z is not None:
         normalize_rows_(z)

@@ -1,12 +1,9 @@
 """The training loop, top to bottom: stream activations from the LM, step the SAE, log, checkpoint.
 
-One step (Gao et al. 2024):
-    x      = input_scale * activations          (scale chosen once so that E||x||^2 = d_in)
-    loss   = fvu(x, x_hat) + auxk_coef * L_aux + [multi-TopK fvu / 8]      (fvu: normalized MSE)
-    grad  -= the component of each decoder row's gradient parallel to that row
-    clip the gradient norm, Adam step (lr warmed up, optionally decayed at the end)
-    renormalise decoder rows to unit norm (for schedule-free Adam: its iterate z's too)
-    dead-latent counters: +N tokens for every latent, reset to 0 for those that fired
+One step is `training_step`: the forward (encode, top-k, count the batch into the dead-latent
+counters, decode, fvu, AuxK, Multi-TopK), backward, gradients summed over the replicas, decoder
+gradients projected, clipped, the optimiser's step, decoder rows renormalised. Its input is
+x = input_scale * activations, the scale chosen once from the first batch so that E||x||^2 = d_in.
 
 Every run has a layout (sae/parallel.py): a process alone, data parallel under torchrun, or with
 --shard_latents its latents split over groups of ranks. The loop below is the same for all of them:
@@ -22,9 +19,9 @@ import itertools
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -44,13 +41,17 @@ from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
 from .members import Member, build_members, evaluation_sae, load_member, member_specs, member_state, save_member
 from .model import ForwardOutput, SparseAutoencoder
-from .optim import NonFiniteLossError, lr_at, optimizer_update
+from .optim import (NonFiniteLossError, check_loss_is_finite, clip_grad_norm_, lr_at, set_decoder_rows_to_unit_norm,
+                    set_lr)
 from .parallel import ShardLayout
 from .stopping import RunStopped, StopOnSignal
 
-# What `train` calls on rank 0, once, when cfg.eval_every > 0: (cfg, model, tokenizer) -> a function that
-# scores an SAE, (sae, input_scale, hookpoint) -> {"eval/KEY": value}. eval.training_evaluator is one.
-EvaluatorFactory = Callable[[TrainConfig, Any, Any], Callable[[SparseAutoencoder, float, str], dict[str, float]]]
+HeldOutScorer = Callable[[SparseAutoencoder, float, str], dict[str, float]]
+"""Scores an SAE on held-out text: (sae, input_scale, hookpoint) -> {"eval/KEY": value}."""
+
+# What `train` calls on rank 0, once, when cfg.eval_every > 0: (cfg, model, tokenizer) -> a HeldOutScorer.
+# eval.training_evaluator is one.
+EvaluatorFactory = Callable[[TrainConfig, Any, Any], HeldOutScorer]
 
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {
@@ -69,17 +70,29 @@ def training_step(
 ) -> ForwardOutput:
     """One optimiser step on this rank's rows of the batch, `x` (N, d_in), already scaled.
 
-    `tokens_since_fired` (n_local,) are the dead-latent counters of this rank's latents: the step
-    counts the batch into them after its TopK selection and before AuxK, which then uses the latents
-    dead after this batch. Under torchrun (`sae.layout`) the losses are this replica's share of the
-    global batch's and the gradients are summed over replicas, so every rank takes the same step.
+    `tokens_since_fired` (n_local,) are the dead-latent counters of this rank's latents: the forward
+    counts the batch into them right after its top-k, so AuxK trains the latents dead after this
+    batch (one that fires in it is not dead). Under torchrun (`sae.layout`) the losses are this
+    replica's share of the global batch's and the gradients are summed over replicas, so every rank
+    takes the same step; for one process that sum is nothing.
     """
-    def dead_after_this_batch(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
+    def mark_fired_latents(latent_indices: Tensor, latent_acts: Tensor) -> Tensor:
         update_dead_counters(sae, tokens_since_fired, latent_indices, latent_acts)
-        return tokens_since_fired >= sae.cfg.dead_tokens
+        return tokens_since_fired >= sae.cfg.dead_tokens  # the dead mask AuxK uses
 
-    out = sae(x, dead_after_this_batch)
-    optimizer_update(sae, optimizer, out.loss, lr, grad_clip)
+    out = sae(x, mark_fired_latents)
+    check_loss_is_finite(out.loss)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.layout.sum_gradients_over_replicas(sae.parameters())
+    if sae.cfg.normalize_decoder:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    if grad_clip > 0:  # after the projection: the clip bounds the gradient the step uses
+        clip_grad_norm_(sae, grad_clip)
+    set_lr(optimizer, lr)
+    optimizer.step()
+    if sae.cfg.normalize_decoder:
+        set_decoder_rows_to_unit_norm(sae, optimizer)
     return out
 
 
@@ -163,8 +176,46 @@ def train(cfg: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
         shutdown(info)
 
 
+@dataclass
+class Run:
+    """One training run as this rank holds it: what the step loop and the saves work on."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    layout: ShardLayout
+    device: torch.device
+    members: list[Member]
+    stream: ActivationStream
+    log: RunLog | None
+    """Rank 0's log (None on the other ranks)."""
+    score_held_out: HeldOutScorer | None
+    """Rank 0's held-out evaluator, with cfg.eval_every > 0 (else None)."""
+
+
 def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None, stop: StopOnSignal) -> Path:
     layout = ShardLayout(info.rank, info.world_size, cfg.shard_latents)
+    device, compute_dtype = set_up_process(cfg, info, layout)
+    latest = checkpoint.list_checkpoints(cfg.run_dir)
+    prepare_run_folder(cfg, latest, info)
+    source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
+    stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
+                              rank=layout.replica)
+    report_memory(cfg, d_in_of, layout, device, compute_dtype, model, stream, info)  # refuses before the SAEs exist
+    members = build_members(cfg, d_in_of, layout, device, compute_dtype)  # same seed: the same init on every rank
+    start_step, tokens_seen, wandb_id, batches = start_or_resume(cfg, info, members, stream, latest)
+    log, score_held_out = open_log_and_evaluator(cfg, info, wandb_id, start_step, evaluator, model, tokenizer)
+    run = Run(cfg, info, layout, device, members, stream, log, score_held_out)
+    tokens_seen = run_steps(run, batches, start_step, tokens_seen, stop)
+    save_members(run, source, tokens_seen)
+    if log is not None:
+        log.finish(members, tokens_seen)
+    wait_for_main_rank(info)
+    return members[0].out_dir
+
+
+def set_up_process(cfg: TrainConfig, info: DistInfo, layout: ShardLayout) -> tuple[torch.device, torch.dtype]:
+    """Check the batch splits over the replicas, seed torch, and pick this rank's device and the
+    compute dtype of the matmuls (`cfg.precision`): (device, compute dtype)."""
     if cfg.batch_size % layout.replicas:
         raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
     torch.manual_seed(cfg.seed)
@@ -172,67 +223,79 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     compute_dtype = resolve_precision(cfg.precision, device)
     if device.type == "cuda" and compute_dtype == torch.bfloat16:
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 matmuls left (evals) may use TF32 too
-    latest = checkpoint.list_checkpoints(cfg.run_dir)
-    prepare_run_folder(cfg, latest, info)
+    return device, compute_dtype
 
-    source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
-    stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
-                              rank=layout.replica)
-    report_memory(cfg, d_in_of, layout, device, compute_dtype, model, stream, info)  # refuses before the SAEs exist
-    members = build_members(cfg, d_in_of, layout, device, compute_dtype)  # same seed: the same init on every rank
+
+def start_or_resume(cfg: TrainConfig, info: DistInfo, members: list[Member], stream: ActivationStream,
+                    latest: list[Path]) -> tuple[int, int, str | None, Iterator[dict[str, Tensor]]]:
+    """(first step, tokens seen, wandb run id, batches): from the last checkpoint of `latest` if there
+    is one, else from step 0 with each member's input scale and pre-bias set from the first batch,
+    which is then trained on like any other."""
     if latest:
         start_step, tokens_seen, wandb_id = resume(cfg, info, members, stream, latest[-1])
-        batches = iter(stream)
-    else:
-        # Scale and pre-bias come from the first batch, which is then trained on like any other.
-        first_batch = next(stream)
-        for member in members:
-            member.input_scale = initialize_from_first_batch(member.sae, first_batch[member.hookpoint], cfg)
-        start_step, tokens_seen, wandb_id = 0, 0, None
-        batches = itertools.chain([first_batch], stream)
+        return start_step, tokens_seen, wandb_id, iter(stream)
+    first_batch = next(stream)
+    for member in members:
+        member.input_scale = initialize_from_first_batch(member.sae, first_batch[member.hookpoint], cfg)
+    return 0, 0, None, itertools.chain([first_batch], stream)
 
+
+def open_log_and_evaluator(cfg: TrainConfig, info: DistInfo, wandb_id: str | None, start_step: int,
+                           evaluator: EvaluatorFactory | None, model,
+                           tokenizer) -> tuple[RunLog | None, HeldOutScorer | None]:
+    """Rank 0's log and held-out evaluator (None elsewhere, and the evaluator without eval_every):
+    only rank 0 logs, writes files and runs the held-out evals. Every rank waits for it."""
     log = score_held_out = None
-    if info.is_main:  # only rank 0 logs, writes files and runs the held-out evals
+    if info.is_main:
         log = RunLog(cfg, wandb_id, start_step)
         if cfg.eval_every > 0:
             score_held_out = evaluator(cfg, model, tokenizer)
     wait_for_main_rank(info)
+    return log, score_held_out
 
+
+def run_steps(run: Run, batches: Iterator[dict[str, Tensor]], start_step: int, tokens_seen: int,
+              stop: StopOnSignal) -> int:
+    """The steps from `start_step` to the last, each with the logging, held-out evals and checkpoint
+    that `cfg` asks for after it; returns the tokens seen. On a signal (any rank's), the step's
+    checkpoint is written and every rank raises `RunStopped`."""
+    cfg, info = run.cfg, run.info
     total_steps = cfg.max_tokens // cfg.batch_size
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
     started, tokens_at_start = time.perf_counter(), tokens_seen
     for step in range(start_step, total_steps):
         last_step = step + 1 == total_steps
         log_now = (step + 1) % cfg.log_every == 0 or last_step
-        line = step_members(members, next(batches), step, total_steps, cfg, info, layout, log_now)
+        line = step_members(run, next(batches), step, total_steps, log_now)
         tokens_seen += cfg.batch_size
         progress.update(1)
         if log_now:
             line.update(tokens=tokens_seen, tokens_per_s=(tokens_seen - tokens_at_start) / (time.perf_counter() - started))
-            if log is not None:
-                log.write(line)
-                first = members[0].metrics
-                progress.set_postfix(fvu=f"{first['fvu']:.4f}", l0=f"{first['l0']:.1f}",
-                                     dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
+            write_log_line(run, line, progress)
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
             eval_started = time.perf_counter()
-            evaluate_members(members, step + 1, score_held_out, log, info)
+            evaluate_members(run, step + 1)
             started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-        signal_number = 0 if last_step else stop.requested(info, device)  # Ctrl-C, preemption
+        signal_number = 0 if last_step else stop.requested(info, run.device)  # Ctrl-C, preemption
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step or signal_number:
-            save_checkpoint(cfg, members, step + 1, tokens_seen, stream, log, info)
+            save_checkpoint(run, step + 1, tokens_seen)
         if signal_number:
             progress.close()
-            if log is not None:
-                log.close()
+            if run.log is not None:
+                run.log.close()
             raise RunStopped(signal_number, step + 1, checkpoint.step_dir(cfg.run_dir, step + 1), info)
     progress.close()
+    return tokens_seen
 
-    save_members(cfg, members, source, tokens_seen, log, info, layout)
-    if log is not None:
-        log.finish(members, tokens_seen)
-    wait_for_main_rank(info)
-    return members[0].out_dir
+
+def write_log_line(run: Run, line: dict[str, Any], progress: tqdm) -> None:
+    """Rank 0: log a step's line and show the first member's metrics on the progress bar."""
+    if run.log is None:
+        return
+    run.log.write(line)
+    first = run.members[0].metrics
+    progress.set_postfix(fvu=f"{first['fvu']:.4f}", l0=f"{first['l0']:.1f}",
+                         dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
 
 
 def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device,
@@ -317,13 +380,13 @@ def resume(cfg: TrainConfig, info: DistInfo, members: list[Member],
     return state["step"], state["tokens_seen"], state["wandb_id"]
 
 
-def step_members(members: list[Member], batch: dict[str, Tensor], step: int, total_steps: int, cfg: TrainConfig,
-                 info: DistInfo, layout: ShardLayout, log_now: bool) -> dict[str, Any]:
+def step_members(run: Run, batch: dict[str, Tensor], step: int, total_steps: int, log_now: bool) -> dict[str, Any]:
     """One optimiser step of every member on its hookpoint's rows of `batch`; the log line of the
     step (every member's metrics, when `log_now`; they are also kept in `member.metrics`)."""
+    cfg = run.cfg
     line: dict[str, Any] = {"step": step + 1}
-    for member in members:
-        x = layout.broadcast_rows(batch[member.hookpoint])  # bitwise-equal rows within a shard group
+    for member in run.members:
+        x = run.layout.broadcast_rows(batch[member.hookpoint])  # bitwise-equal rows within a shard group
         lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
         try:
             out = training_step(member.sae, member.optimizer, x * member.input_scale, member.tokens_since_fired,
@@ -340,22 +403,22 @@ def step_members(members: list[Member], batch: dict[str, Tensor], step: int, tot
     return line
 
 
-def evaluate_members(members: list[Member], step: int, score_held_out, log: RunLog | None, info: DistInfo) -> None:
+def evaluate_members(run: Run, step: int) -> None:
     """The held-out eval of every member's evaluated SAE (kept in `member.eval_metrics`), logged on rank 0."""
-    for member in members:
+    for member in run.members:
         sae = evaluation_sae(member)  # collective under sharding
-        if info.is_main:
-            member.eval_metrics = score_held_out(sae, member.input_scale, member.hookpoint)
-    if log is not None:
-        log.write({"step": step, **{m.key(k): v for m in members for k, v in m.eval_metrics.items()}})
-    wait_for_main_rank(info)
+        if run.info.is_main:
+            member.eval_metrics = run.score_held_out(sae, member.input_scale, member.hookpoint)
+    if run.log is not None:
+        run.log.write({"step": step, **{m.key(k): v for m in run.members for k, v in m.eval_metrics.items()}})
+    wait_for_main_rank(run.info)
 
 
-def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_seen: int, stream: ActivationStream,
-                    log: RunLog | None, info: DistInfo) -> None:
+def save_checkpoint(run: Run, step: int, tokens_seen: int) -> None:
     """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written
     by rank 0 piece by piece while the other ranks send their rows (collective: every rank calls it)."""
-    streams = gather_objects(stream.state_dict(), info)
+    cfg, info, members = run.cfg, run.info, run.members
+    streams = gather_objects(run.stream.state_dict(), info)
     entries = [member_state(member) for member in members]
     chunks = itertools.chain.from_iterable(member_chunks for _, member_chunks, _ in entries)
     if info.is_main:
@@ -363,7 +426,7 @@ def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_s
         state = {
             "step": step, "tokens_seen": tokens_seen, "streams": streams, "world_size": info.world_size,
             "members": {member.name: member_state for member, (_, _, member_state) in zip(members, entries)},
-            "wandb_id": log.run.id, "config": to_dict(cfg),
+            "wandb_id": run.log.run.id, "config": to_dict(cfg),
         }
         specs = [spec for member_specs, _, _ in entries for spec in member_specs] + rng_specs
         checkpoint.save_checkpoint(cfg.run_dir, step, specs, itertools.chain(chunks, rng_chunks), state, cfg.keep_checkpoints)
@@ -372,20 +435,20 @@ def save_checkpoint(cfg: TrainConfig, members: list[Member], step: int, tokens_s
     wait_for_main_rank(info)
 
 
-def save_members(cfg: TrainConfig, members: list[Member], source, tokens_seen: int, log: RunLog | None,
-                 info: DistInfo, layout: ShardLayout) -> None:
+def save_members(run: Run, source, tokens_seen: int) -> None:
     """The final SAEs, folded to take raw activations, each in its folder with its provenance."""
+    cfg = run.cfg
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
-    text_read = text_read_record(gather_objects(source.text_read(), info)[:: layout.shards], cfg.data)  # collective
-    for member in members:
+    text_read = text_read_record(gather_objects(source.text_read(), run.info)[:: run.layout.shards], cfg.data)  # collective
+    for member in run.members:
         metadata = {
             **cfg.provenance(member.hookpoint), "tokens_trained": tokens_seen, "text_read": text_read,
             "run_name": cfg.run_name, "variant": member.name or None,
             "final_metrics": final_metrics(member),
         }
-        if log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
-            metadata.update(wandb_run_id=log.run.id, wandb_project=cfg.wandb_project)
+        if run.log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
+            metadata.update(wandb_run_id=run.log.run.id, wandb_project=cfg.wandb_project)
         save_member(member, metadata)  # collective: rank 0 writes one ordinary SAE folder
 
 

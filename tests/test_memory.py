@@ -10,7 +10,7 @@ from sae import trainer
 from sae.config import SaeConfig, TrainConfig
 from sae.memory import MemoryEstimate, OutOfMemoryPlan, check_fits, estimate_memory
 from sae.model import SparseAutoencoder
-from sae.optim import make_optimizer, optimizer_update
+from sae.optim import make_optimizer
 
 
 def tensor_bytes(tensors) -> int:
@@ -22,8 +22,8 @@ def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer):
     sae_cfg = SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8)
     sae = SparseAutoencoder(sae_cfg, device="cpu")
     opt = make_optimizer(TrainConfig(optimizer=optimizer), sae.parameters(), 1e-3)
-    out = sae(torch.randn(32, 24), torch.ones(96, dtype=torch.bool))
-    optimizer_update(sae, opt, out.loss, 1e-3, 1.0)
+    tokens_since_fired = torch.full((96,), sae_cfg.dead_tokens)  # every latent dead: the step runs AuxK too
+    trainer.training_step(sae, opt, torch.randn(32, 24), tokens_since_fired, 1e-3, 1.0)
     estimate = estimate_memory([(sae_cfg, 96)], 32, [24], 64, 0, torch.device("cpu"))
     assert estimate.parameters == tensor_bytes(sae.parameters())
     assert estimate.gradients == tensor_bytes(p.grad for p in sae.parameters())

@@ -39,6 +39,7 @@ from sae.errors import run_cli
 from sae.optim import run_lr
 
 from ..__main__ import EvalConfig, run_eval
+from ..missing import report_json
 from .dead import window_dead_fraction
 from .ours import train_ours
 from .rows import shared_batches
@@ -262,7 +263,7 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
                 rows[-1]["dead_window"], rows[-1]["dead_window_tokens"] = window_dead_fraction(
                     folder, activations, run["hookpoint"], cfg.dead_window_tokens)
     table = markdown_table(rows)
-    (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "report.json").write_text(report_json(rows, indent=1) + "\n")
     (out / "report.md").write_text(table + "\n")
     print(table)
     print(f"held-out text: {rows[0]['held_out']}; ce_clean={rows[0]['ce_clean']:.4f}")

@@ -1,10 +1,10 @@
 """Sparse TopK-SAE ops (Gao et al. 2024, appendix D) behind one set of autograd functions.
 
-    values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=None)
-    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec,
-                                                                       dead_mask=dead, k_aux=512)
-    x_hat = sae_kernels.sparse_decode(values, indices, W_dec)                  # no bias
-    loss = sae_kernels.auxk_loss(aux_values, aux_indices, W_dec, x - x_hat)   # residual detached inside
+    values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, b_dec=b_dec)
+    x_hat = sae_kernels.sparse_decode(values, indices, W_dec) + b_dec          # the op adds no bias
+    # AuxK: the same op on the dead latents' rows only (dead: (n_dead,) int64), indices mapped back
+    aux_values, local = sae_kernels.topk_encode(x, W_enc[dead], b_enc[dead], min(k_aux, len(dead)), b_dec=b_dec)
+    loss = sae_kernels.auxk_loss(aux_values, dead[local], W_dec, x - x_hat)   # residual detached inside
 
 CUDA tensors run Triton kernels, CPU tensors the eager torch twins; SAE_KERNELS=torch|triton forces one
 (triton on CPU tensors needs TRITON_INTERPRET=1). No backward forms an (N, n_latents) tensor.

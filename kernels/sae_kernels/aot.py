@@ -4,7 +4,8 @@
     python -m sae_kernels.aot --json F   # the same rows as JSON
 
 The argument types and specialisations are not written by hand: the public ops (ops.py) run one
-SAE training step (encode with AuxK, decode, both losses, backward) on CPU tensors at each shape of
+SAE training step as the trainer runs it (encode, decode, then AuxK: the encoder on the dead latents'
+rows alone, their reconstruction loss; backward) on CPU tensors at each shape of
 `SHAPES`, with every kernel launch recorded instead of run, and each recorded launch is then compiled
 with `triton.compile` for each `GPUTarget` of `TARGETS`. The cubin's resource usage comes from the
 `cuobjdump` that ships in the triton wheel. `problems` names what fails the check: a compile error,
@@ -104,19 +105,18 @@ def record_launches(shape: Shape) -> list[tuple[Any, tuple, dict]]:
     b_enc = torch.zeros(shape.n_latents, dtype=shape.dtype, requires_grad=True)
     W_dec = W_enc.detach().clone().requires_grad_()
     b_dec = torch.zeros(shape.d_in, dtype=shape.dtype, requires_grad=True)
-    dead = torch.zeros(shape.n_latents, dtype=torch.bool)
-    dead[: shape.n_latents // 10] = True
+    dead = torch.arange(shape.n_latents // 10)
     saved_run, saved_interpret = JITFunction.run, os.environ.get("TRITON_INTERPRET")
     JITFunction.run = record
     # resolve_backend lets the triton backend take CPU tensors only under the interpreter; the kernels
     # were imported compiled above, so the variable only opens that door.
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        values, indices, aux_values, aux_indices = ops.topk_encode(
-            x, W_enc, b_enc, shape.k, b_dec=b_dec, dead_mask=dead, k_aux=shape.k_aux, backend="triton")
+        values, indices = ops.topk_encode(x, W_enc, b_enc, shape.k, b_dec=b_dec, backend="triton")
         x_hat = ops.sparse_decode(values, indices, W_dec, backend="triton") + b_dec
-        loss = (x - x_hat).float().pow(2).sum() + ops.auxk_loss(aux_values, aux_indices, W_dec, x - x_hat, backend="triton")
-        loss.backward()
+        aux_values, local = ops.topk_encode(x, W_enc[dead], b_enc[dead], shape.k_aux, b_dec=b_dec, backend="triton")
+        aux_loss = ops.auxk_loss(aux_values, dead[local], W_dec, x - x_hat, backend="triton")
+        ((x - x_hat).float().pow(2).sum() + aux_loss).backward()
     finally:
         JITFunction.run = saved_run
         if saved_interpret is None:

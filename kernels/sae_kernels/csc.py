@@ -10,17 +10,15 @@ written latent by latent with no atomics and in a fixed order (deterministic), n
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 
 class LatentMajor(NamedTuple):
-    """Entries of one or more (N, K_p) index sets, grouped by latent.
-
-    Entry e is position e of the concatenation of the flattened index sets (part 0 first, row-major).
-    """
+    """Entries of an (N, K) index set, grouped by latent. Entry e is position e of the flattened
+    (row-major) index set."""
 
     perm: Tensor
     """(E,) int64: entries sorted by latent (stable, so each run keeps batch order)."""
@@ -54,41 +52,18 @@ def memo(indices: Tensor) -> dict[Any, Any]:
     return facts
 
 
-def flat_indices(indices: Sequence[Tensor]) -> Tensor:
-    """Concatenation of the flattened (N, K_p) index sets, (E,) with E = N * sum K_p."""
-    return torch.cat([idx.reshape(-1) for idx in indices]) if len(indices) > 1 else indices[0].reshape(-1)
-
-
-def flat_rows(indices: Sequence[Tensor]) -> Tensor:
-    """Batch row of every entry of `flat_indices(indices)`, (E,)."""
-    rows = []
-    for idx in indices:
-        n_rows, k = idx.shape
-        rows.append(torch.arange(n_rows, device=idx.device).repeat_interleave(k))
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
-
-
-def latent_major(indices: Sequence[Tensor], n_latents: int) -> LatentMajor:
-    """Group the entries of the index sets `indices` (each (N, K_p), int64) by latent."""
-    if len(indices) == 1:
-        facts = memo(indices[0])
-        if ("latent_major", n_latents) not in facts:
-            facts[("latent_major", n_latents)] = _latent_major(indices, n_latents)
-        return facts[("latent_major", n_latents)]
-    return _latent_major(indices, n_latents)
-
-
-def _latent_major(indices: Sequence[Tensor], n_latents: int) -> LatentMajor:
-    flat = flat_indices(indices)
-    _, perm = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_latents)
-    offsets = torch.zeros(n_latents + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    if len(indices) == 1:
-        rows = torch.div(perm, indices[0].shape[1], rounding_mode="floor")
-    else:
-        rows = flat_rows(indices)[perm]
-    return LatentMajor(perm, rows, offsets)
+def latent_major(indices: Tensor, n_latents: int) -> LatentMajor:
+    """Group the entries of `indices` (N, K) int64 by latent (memoised per index tensor)."""
+    facts = memo(indices)
+    if ("latent_major", n_latents) not in facts:
+        flat = indices.reshape(-1)
+        _, perm = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_latents)
+        offsets = torch.zeros(n_latents + 1, dtype=torch.int64, device=flat.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        rows = torch.div(perm, indices.shape[1], rounding_mode="floor")
+        facts[("latent_major", n_latents)] = LatentMajor(perm, rows, offsets)
+    return facts[("latent_major", n_latents)]
 
 
 def check_indices(indices: Tensor, n_rows: int, name: str = "indices") -> None:

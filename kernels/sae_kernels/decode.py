@@ -12,8 +12,6 @@ needs a real GPU timer: the interpreter has none).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import triton
 import triton.language as tl
@@ -95,15 +93,12 @@ def _row_major(table: Tensor) -> Tensor:
     return table if table.stride(1) == 1 else table.contiguous()
 
 
-def gather_rows(parts: Sequence[tuple[Tensor, Tensor]], table: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """sum over parts of sum_j w[:, j] * table[idx[:, j]]  ->  (N, d). See eager.gather_rows."""
-    n_rows, d = parts[0][1].shape[0], table.shape[1]
-    parts = [(w, idx) for w, idx in parts if idx.shape[1] > 0]
-    if not parts or n_rows == 0:
+def gather_rows(weights: Tensor, indices: Tensor, table: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """sum_j weights[:, j] * table[indices[:, j]]  ->  (N, d). See eager.gather_rows."""
+    n_rows, d = indices.shape[0], table.shape[1]
+    if indices.shape[1] == 0 or n_rows == 0:
         return torch.zeros(n_rows, d, dtype=out_dtype or table.dtype, device=table.device)
-    weights = torch.cat([w for w, _ in parts], 1).contiguous() if len(parts) > 1 else parts[0][0].contiguous()
-    indices = torch.cat([i for _, i in parts], 1).contiguous() if len(parts) > 1 else parts[0][1].contiguous()
-    table = _row_major(table)
+    weights, indices, table = weights.contiguous(), indices.contiguous(), _row_major(table)
     out = torch.empty(n_rows, d, dtype=out_dtype or table.dtype, device=table.device)
     bd = block_d(d)
     _gather_rows_kernel[(n_rows, triton.cdiv(d, bd))](

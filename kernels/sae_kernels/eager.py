@@ -1,12 +1,12 @@
 """Eager torch twins of the Triton kernels: the CPU path, with the same semantics.
 
-Every function here is one sparse primitive of the TopK SAE step. A "part" is a pair (weights (N, K),
-indices (N, K) int64) standing for the sparse (N, n) matrix S with S[n, indices[n, j]] += weights[n, j].
-The primitives never form an (N, n_latents) tensor:
+Every function here is one sparse primitive of the TopK SAE step. A pair (weights (N, K), indices
+(N, K) int64) stands for the sparse (N, n) matrix S with S[n, indices[n, j]] += weights[n, j]. The
+primitives never form an (N, n_latents) tensor:
 
-    gather_rows(parts, table)          sum_p S_p @ table            (N, d)   decode forward; encoder dx
-    row_dots(grad, table, indices)     (grad @ table^T)[n, idx]     (N, K)   gradient of the values
-    scatter_rows(parts, src, n)        sum_p S_p^T @ src, S_p^T 1   (n, d)   dW_dec, dW_enc (+ db_enc)
+    gather_rows(w, idx, table)         S @ table                    (N, d)   decode forward; encoder dx
+    row_dots(grad, table, idx)         (grad @ table^T)[n, idx]     (N, K)   gradient of the values
+    scatter_rows(w, idx, src, n)       S^T @ src, S^T 1             (n, d)   dW_dec, dW_enc (+ db_enc)
     aux_residual(w, idx, table, e)     e - S @ table, its sum of squares     AuxK forward
 
 Half-precision inputs are computed in float32 (the Triton kernels accumulate in float32 too) and the
@@ -21,15 +21,12 @@ stays proportional to the sparse data, never to n_latents.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .csc import flat_indices, latent_major, memo
-
-Part = tuple[Tensor, Tensor]
+from .csc import latent_major, memo
 
 DENSE_MIN_K = 64
 """Index sets with fewer entries per row always take the sparse path (no support count needed)."""
@@ -51,21 +48,14 @@ class _Support:
         self.local = local  # (N, K) int64 in [0, u)
 
     def block(self, weights: Tensor, dtype: torch.dtype) -> Tensor:
-        """The part as a dense (N, u) matrix (repeated entries in a row add up)."""
+        """The pair as a dense (N, u) matrix (repeated entries in a row add up)."""
         out = torch.zeros(self.local.shape[0], len(self.latents), dtype=dtype, device=weights.device)
         return out.scatter_add_(1, self.local, weights.to(dtype))
 
 
-def remember_support(indices: Tensor, latents: Tensor, local: Tensor, n_latents: int) -> None:
-    """Record that `indices` (N, K) == latents[local], with `latents` (u,) distinct, so the support path
-    needs no counting pass. The encoder calls this for the AuxK selection (latents = the dead ones)."""
-    if indices.shape[1] >= DENSE_MIN_K and indices.shape[1] >= DENSE_MIN_DENSITY * len(latents):
-        memo(indices)[("support", n_latents)] = _Support(latents, local)
-
-
 def _support(indices: Tensor, n_latents: int) -> _Support | None:
-    """The support of `indices` when the part is dense enough over it to use matmuls, else None.
-    Memoised per index tensor: an AuxK step asks four times (decode, values' grad, W_dec's, W_enc's)."""
+    """The support of `indices` when the pair is dense enough over it to use matmuls, else None.
+    Memoised per index tensor: an AuxK step asks three times (its forward, values' grad, W_dec's)."""
     k = indices.shape[1]
     if k < DENSE_MIN_K or indices.shape[0] == 0:
         return None
@@ -80,37 +70,21 @@ def _support(indices: Tensor, n_latents: int) -> _Support | None:
     return facts[("support", n_latents)]
 
 
-def _split(parts: Sequence[Part], n_latents: int) -> tuple[list[Part], list[tuple[Tensor, _Support]]]:
-    sparse, dense = [], []
-    for weights, indices in parts:
-        if indices.shape[1] == 0:
-            continue
-        support = _support(indices, n_latents)
-        if support is None:
-            sparse.append((weights, indices))
-        else:
-            dense.append((weights, support))
-    return sparse, dense
+def gather_rows(weights: Tensor, indices: Tensor, table: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """sum_j weights[:, j] * table[indices[:, j]]  ->  (N, d).
 
-
-def gather_rows(parts: Sequence[Part], table: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """sum over parts of sum_j weights[:, j] * table[indices[:, j]]  ->  (N, d).
-
-    parts: (weights (N, K_p), indices (N, K_p) int64); table (n, d). Result in `out_dtype` (default
-    table.dtype), accumulated in acc_dtype(table.dtype).
+    weights (N, K), indices (N, K) int64; table (n, d). Result in `out_dtype` (default table.dtype),
+    accumulated in acc_dtype(table.dtype).
     """
-    n_rows = parts[0][1].shape[0]
+    n_rows = indices.shape[0]
     dtype = acc_dtype(table.dtype)
     tab = table.to(dtype)
-    sparse, dense = _split(parts, table.shape[0])
-    if sparse:
-        indices = torch.cat([idx for _, idx in sparse], 1)
-        weights = torch.cat([w.to(dtype) for w, _ in sparse], 1)
-        out = F.embedding_bag(indices, tab, per_sample_weights=weights, mode="sum")
-    else:
+    if indices.shape[1] == 0:
         out = torch.zeros(n_rows, table.shape[1], dtype=dtype, device=table.device)
-    for weights, support in dense:
-        out.addmm_(support.block(weights, dtype), tab[support.latents])
+    elif (support := _support(indices, table.shape[0])) is not None:
+        out = support.block(weights, dtype) @ tab[support.latents]
+    else:
+        out = F.embedding_bag(indices, tab, per_sample_weights=weights.to(dtype), mode="sum")
     return out.to(out_dtype or table.dtype)
 
 
@@ -156,7 +130,8 @@ def _sampled_dots(grad: Tensor, tab: Tensor, indices: Tensor) -> Tensor:
 
 
 def scatter_rows(
-    parts: Sequence[Part],
+    weights: Tensor,
+    indices: Tensor,
     src: Tensor,
     n_latents: int,
     want_rows: bool = True,
@@ -166,28 +141,28 @@ def scatter_rows(
     """Per-latent sums: rows[i] = sum of weights[n, j] * src[n] over entries with indices[n, j] = i,
     and sums[i] = sum of those weights.  ->  (rows (n, d) in out_dtype or src.dtype, sums (n,) float32/64).
 
-    The transposed sparse product S^T @ src (and S^T 1). Sparse parts go latent by latent through the
-    latent-major view (an embedding_bag with one bag per latent), support parts through a matmul.
+    The transposed sparse product S^T @ src (and S^T 1). A sparse pair goes latent by latent through
+    the latent-major view (an embedding_bag with one bag per latent), a dense one through a matmul.
     """
     dtype = acc_dtype(src.dtype)
     device = src.device
     rows = sums = None
-    sparse, dense = _split(parts, n_latents)
+    empty = indices.shape[1] == 0
+    support = None if empty else _support(indices, n_latents)
     if want_rows:
         src_acc = src.to(dtype).contiguous()
-        if sparse:
-            view = latent_major([idx for _, idx in sparse], n_latents)
-            weights = flat_indices([w.to(dtype) for w, _ in sparse])[view.perm]
-            rows = F.embedding_bag(
-                view.rows, src_acc, view.offsets, per_sample_weights=weights, mode="sum", include_last_offset=True
-            )
-        else:
+        if empty or support is not None:
             rows = torch.zeros(n_latents, src.shape[1], dtype=dtype, device=device)
+        else:
+            view = latent_major(indices, n_latents)
+            sorted_weights = weights.to(dtype).reshape(-1)[view.perm]
+            rows = F.embedding_bag(view.rows, src_acc, view.offsets, per_sample_weights=sorted_weights, mode="sum",
+                                   include_last_offset=True)
     if want_sums:
         sums = torch.zeros(n_latents, dtype=dtype, device=device)
-        if sparse:
-            sums.index_add_(0, flat_indices([idx for _, idx in sparse]), flat_indices([w.to(dtype) for w, _ in sparse]))
-    for weights, support in dense:
+        if not empty and support is None:
+            sums.index_add_(0, indices.reshape(-1), weights.to(dtype).reshape(-1))
+    if support is not None:
         block = support.block(weights, dtype)
         if want_rows:
             rows.index_add_(0, support.latents, block.t() @ src_acc)
@@ -201,5 +176,5 @@ def scatter_rows(
 def aux_residual(values: Tensor, indices: Tensor, table: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
     """diff = residual - sum_j values[:, j] table[indices[:, j]]  (N, d) and sum(diff^2), both in acc dtype."""
     dtype = acc_dtype(table.dtype)
-    diff = residual.to(dtype) - gather_rows([(values, indices)], table, out_dtype=dtype)
+    diff = residual.to(dtype) - gather_rows(values, indices, table, out_dtype=dtype)
     return diff, diff.pow(2).sum()

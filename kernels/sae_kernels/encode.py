@@ -9,19 +9,16 @@ loads the matching source row segments as one (BLOCK_L, BLOCK_D) tile (contiguou
 accumulating in float32. Each output row is written once: no atomics, no zero-fill pass, and the same
 summation order on every run (deterministic). A group runs as many steps as its busiest latent has
 entries; a latent that fires on most tokens makes its group the longest program of the launch.
-The AuxK entries of the encoder are merged into the same view, so one launch covers both.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .csc import flat_indices, latent_major
+from .csc import latent_major
 from .decode import block_d
 
 BLOCK_L = 16
@@ -66,7 +63,8 @@ def _scatter_rows_kernel(
 
 
 def scatter_rows(
-    parts: Sequence[tuple[Tensor, Tensor]],
+    weights: Tensor,
+    indices: Tensor,
     src: Tensor,
     n_latents: int,
     want_rows: bool = True,
@@ -82,20 +80,19 @@ def scatter_rows(
     sums = torch.empty(n_latents, dtype=torch.float32, device=device) if want_sums else None
     if not (want_rows or want_sums):
         return None, None
-    parts = [(w, idx) for w, idx in parts if idx.numel() > 0]
-    if not parts:
+    if indices.numel() == 0:
         if rows_out is not None:
             rows_out.zero_()
         if sums is not None:
             sums.zero_()
         return rows_out, sums
-    view = latent_major([idx for _, idx in parts], n_latents)
-    weights = flat_indices([w for w, _ in parts])[view.perm].contiguous()
+    view = latent_major(indices, n_latents)
+    sorted_weights = weights.reshape(-1)[view.perm].contiguous()
     bd = block_d(d)
     grid = (triton.cdiv(n_latents, BLOCK_L), triton.cdiv(d, bd) if want_rows else 1)
     _scatter_rows_kernel[grid](
-        weights, view.rows, view.offsets, src,
-        rows_out if want_rows else weights, sums if want_sums else weights,
+        sorted_weights, view.rows, view.offsets, src,
+        rows_out if want_rows else sorted_weights, sums if want_sums else sorted_weights,
         n_latents, d,
         src.stride(0), src.stride(1), rows_out.stride(0) if want_rows else 0,
         WITH_ROWS=want_rows, WITH_SUMS=want_sums,

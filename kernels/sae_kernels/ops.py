@@ -79,46 +79,35 @@ def _impl(name: str) -> Any:
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_latents, k_aux, sorted, backend):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, sorted, backend):
         xc = x - b_dec if b_dec is not None else x
-        values, indices, aux_values, aux_indices, aux_local = encode_select(
-            xc, W_enc, b_enc, k, dead_latents, k_aux, sorted
-        )
+        values, indices = encode_select(xc, W_enc, b_enc, k, sorted)
         mark_in_range(indices, W_enc.shape[0])
-        mark_in_range(aux_indices, W_enc.shape[0])
-        if backend == "torch" and k_aux > 0:
-            eager.remember_support(aux_indices, dead_latents, aux_local, W_enc.shape[0])
-        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
-        ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.save_for_backward(xc, W_enc, values, indices)
+        ctx.mark_non_differentiable(indices)
         ctx.backend = backend
-        ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
-        return values, indices, aux_values, aux_indices
+        return values, indices
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
-        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    def backward(ctx, grad_values, _grad_indices):
+        xc, W_enc, values, indices = ctx.saved_tensors
         need_x, need_W, need_b, need_b_dec = ctx.needs_input_grad[:4]
         impl = _impl(ctx.backend)
         # Gradient of the pre-activations at the selected entries: ReLU passes it where the value is > 0.
-        parts = []
-        if grad_values is not None:
-            parts.append((grad_values * (values > 0), indices))
-        if grad_aux_values is not None and aux_indices.shape[1] > 0:
-            parts.append((grad_aux_values * (aux_values > 0), aux_indices))
+        grad_pre = grad_values * (values > 0)
         grad_x = grad_W = grad_b = grad_b_dec = None
-        if not parts:
-            return (None,) * 9
         if need_W or need_b or need_b_dec:
             grad_W, sums = impl.scatter_rows(
-                parts, xc, W_enc.shape[0], want_rows=need_W, want_sums=need_b or need_b_dec, out_dtype=W_enc.dtype
+                grad_pre, indices, xc, W_enc.shape[0], want_rows=need_W, want_sums=need_b or need_b_dec,
+                out_dtype=W_enc.dtype,
             )
             if need_b:
                 grad_b = sums.to(W_enc.dtype)
             if need_b_dec:
                 grad_b_dec = -(W_enc.t().to(sums.dtype) @ sums).to(xc.dtype)
         if need_x:
-            grad_x = impl.gather_rows(parts, W_enc, out_dtype=xc.dtype)
-        return grad_x, grad_W, grad_b, grad_b_dec, None, None, None, None, None
+            grad_x = impl.gather_rows(grad_pre, indices, W_enc, out_dtype=xc.dtype)
+        return grad_x, grad_W, grad_b, grad_b_dec, None, None, None
 
 
 def topk_encode(
@@ -128,11 +117,9 @@ def topk_encode(
     k: int,
     *,
     b_dec: Tensor | None = None,
-    dead_mask: Tensor | None = None,
-    k_aux: int = 0,
     sorted: bool = False,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """TopK encoder with a sparse backward: pre = W_enc (x - b_dec) + b_enc, top k per row, then ReLU.
 
     x (N, d) (cast to W_enc's dtype); W_enc (n_latents, d); b_enc (n_latents,) or None; b_dec (d,) or
@@ -141,10 +128,8 @@ def topk_encode(
     the selection, so indices are defined even when fewer than k are positive), in no particular
     order unless `sorted` (then descending).
 
-    With `dead_mask` (n_latents,) bool, also selects for AuxK, from the same pre-activations (no second
-    matmul): the top k_aux' = min(k_aux, #dead) of each row among the dead latents, after ReLU, and
-    returns (values, indices, aux_values (N, k_aux'), aux_indices (N, k_aux')). Gradients flowing into
-    aux_values reach W_enc, b_enc, b_dec and x like those of values.
+    AuxK's selection among the dead latents is this op on their rows alone (W_enc[dead], b_enc[dead]),
+    its indices mapped back through `dead`: the other latents' pre-activations are never computed.
     """
     if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise ValueError(
@@ -153,22 +138,8 @@ def topk_encode(
     n_latents = W_enc.shape[0]
     if not 1 <= k <= n_latents:
         raise ValueError(f"topk_encode: k must be in [1, n_latents={n_latents}], got {k}")
-    dead_latents, k_aux_eff = None, 0
-    if dead_mask is not None:
-        if dead_mask.shape != (n_latents,) or dead_mask.dtype != torch.bool:
-            raise ValueError(
-                f"topk_encode: dead_mask must be a bool ({n_latents},) tensor, "
-                f"got {dead_mask.dtype} with shape {tuple(dead_mask.shape)}"
-            )
-        dead_latents = dead_mask.nonzero().squeeze(1)
-        k_aux_eff = min(int(k_aux), dead_latents.numel())
     name = resolve_backend(x.device, backend)
-    values, indices, aux_values, aux_indices = _TopKEncode.apply(
-        x.to(W_enc.dtype), W_enc, b_enc, b_dec, int(k), dead_latents, k_aux_eff, bool(sorted), name
-    )
-    if dead_mask is None:
-        return values, indices
-    return values, indices, aux_values, aux_indices
+    return _TopKEncode.apply(x.to(W_enc.dtype), W_enc, b_enc, b_dec, int(k), bool(sorted), name)
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -179,7 +150,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values, indices, W_dec, backend):
         ctx.save_for_backward(values, indices, W_dec)
         ctx.backend = backend
-        return _impl(backend).gather_rows([(values, indices)], W_dec)
+        return _impl(backend).gather_rows(values, indices, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -189,7 +160,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = impl.row_dots(grad_out, W_dec, indices, out_dtype=values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W, _ = impl.scatter_rows([(values, indices)], grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
+            grad_W, _ = impl.scatter_rows(values, indices, grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
         return grad_values, None, grad_W, None
 
 
@@ -231,7 +202,7 @@ class _AuxKLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = impl.row_dots(grad_e_hat, W_dec, indices, out_dtype=values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W, _ = impl.scatter_rows([(values, indices)], grad_e_hat, W_dec.shape[0], out_dtype=W_dec.dtype)
+            grad_W, _ = impl.scatter_rows(values, indices, grad_e_hat, W_dec.shape[0], out_dtype=W_dec.dtype)
         return grad_values, None, grad_W, None, None
 
 
@@ -240,12 +211,12 @@ def auxk_loss(
 ) -> Tensor:
     """AuxK loss (Gao et al. 2024, section 2.4): how well the dead latents reconstruct the residual.
 
-    aux_values, aux_indices (N, k_aux): the dead latents' selection from topk_encode(..., dead_mask=,
-    k_aux=); W_dec (n_latents, d); residual (N, d) = x - x_hat, detached here. Returns the scalar
-    sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2 with e_hat = sparse_decode(aux_values,
-    aux_indices, W_dec) (no bias), NaN replaced by 0 (also its gradient); 0 when k_aux = 0. The decode
-    and the squared error are fused (the Triton kernel never writes e_hat). The loss is float32 for a
-    half-precision W_dec, else W_dec's dtype.
+    aux_values, aux_indices (N, k_aux): the dead latents' selection (topk_encode on their rows, its
+    indices mapped back to all latents); W_dec (n_latents, d); residual (N, d) = x - x_hat, detached
+    here. Returns the scalar sum ||e - e_hat||^2 / sum ||e - mean_batch(e)||^2 with e_hat =
+    sparse_decode(aux_values, aux_indices, W_dec) (no bias), NaN replaced by 0 (also its gradient); 0
+    when k_aux = 0. The decode and the squared error are fused (the Triton kernel never writes e_hat).
+    The loss is float32 for a half-precision W_dec, else W_dec's dtype.
     """
     _check_sparse(aux_values, aux_indices, W_dec, "auxk_loss")
     if residual.shape != (aux_values.shape[0], W_dec.shape[1]):

@@ -1,4 +1,4 @@
-"""The encoder forward: one dense matmul, then the top k per row (and the AuxK top k_aux among dead latents).
+"""The encoder forward: one dense matmul, then the top k per row.
 
 Shared by both backends: the dense part is the library matmul (Gao et al. appendix D also keep it
 dense), then torch.topk, in row chunks of bounded size on every device (`chunk_rows`). On CPU the
@@ -86,29 +86,17 @@ def topk_rows(pre: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor
 
 
 def encode_select(
-    xc: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor | None,
-    k: int,
-    dead_latents: Tensor | None = None,
-    k_aux: int = 0,
-    sorted: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    xc: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, sorted: bool = False
+) -> tuple[Tensor, Tensor]:
     """pre = xc W_enc^T + b_enc; top k per row; ReLU after the selection (as sae.model does).
 
-    xc (N, d) is the centred input x - b_dec; W_enc (n, d); b_enc (n,) or None. With dead_latents
-    (n_dead,) int64 and k_aux <= n_dead, also the top k_aux of each row among the dead latents, from
-    the same pre-activations. Returns values (N, k), indices (N, k), aux_values (N, k_aux),
-    aux_indices (N, k_aux), and aux_local (N, k_aux), the positions of aux_indices in dead_latents;
-    values in W_enc's dtype, indices int64.
+    xc (N, d) is the centred input x - b_dec; W_enc (n, d); b_enc (n,) or None. Returns values (N, k)
+    in W_enc's dtype and indices (N, k) int64.
     """
     n_rows = xc.shape[0]
     device, dtype = xc.device, W_enc.dtype
     values = torch.empty(n_rows, k, dtype=dtype, device=device)
     indices = torch.empty(n_rows, k, dtype=torch.int64, device=device)
-    aux_values = torch.empty(n_rows, k_aux, dtype=dtype, device=device)
-    aux_indices = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
-    aux_local = torch.empty(n_rows, k_aux, dtype=torch.int64, device=device)
     n_latents = W_enc.shape[0]
     chunk = chunk_rows(n_rows, n_latents, device, W_enc.element_size())
     weight_t = W_enc.t()
@@ -123,10 +111,4 @@ def encode_select(
         top, where = topk_rows(pre, k, sorted)
         values[start:stop] = top.relu_()
         indices[start:stop] = where
-        if k_aux > 0:
-            dead_pre = pre.index_select(1, dead_latents)
-            top, where = dead_pre.topk(k_aux, dim=1, sorted=False)
-            aux_values[start:stop] = top.relu_()
-            aux_indices[start:stop] = dead_latents[where]
-            aux_local[start:stop] = where
-    return values, indices, aux_values, aux_indices, aux_local
+    return values, indices

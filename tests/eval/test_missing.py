@@ -44,3 +44,18 @@ def test_null_means_read_back_as_dashes():
 
 def test_a_null_fact_is_a_dash_not_the_word_none():
     assert ">–<" in facts_table([("mean", None)]) and "None" not in facts_table([("mean", None)])
+
+
+def test_a_report_with_a_nan_ratio_is_written_as_strict_json(tmp_path):
+    """ce_recovered is NaN in memory when ablating does not change the loss (a zero denominator); the
+    file has null there, and strict JSON readers accept it."""
+    from eval.report import write_report
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    report = {"sae": "a", "ce_recovered": math.nan, "kl": math.inf, "nested": [{"x": -math.inf, "y": 1.5}], "n": 3}
+    path = write_report(tmp_path / "report.json", [report])
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "sae": "a", "ce_recovered": None, "kl": None, "nested": [{"x": None, "y": 1.5}], "n": 3}
+    assert math.isnan(report["ce_recovered"])  # the report in memory is left as it was

@@ -84,7 +84,7 @@ def test_noisy_width_fits_cover_the_truth_about_95_percent_of_the_time():
 
 def test_noisy_joint_fits_hold_the_truth_inside_their_intervals():
     """20 seeded sweeps with 0.2% noise, small enough for the linearised intervals to hold (at 1% they
-    cover about 80%: the module docstring). Too small standard errors would miss often; their exact
+    cover about 80%: docs/metrics.md, "Scaling fits"). Too small standard errors would miss often; their exact
     value is checked against a finite-difference reference below."""
     widths, ks = grid()
     inside = []

@@ -73,3 +73,19 @@ def test_the_check_fails_on_spills_too_many_registers_and_unlaunched_kernels(tmp
     # gather_segment is a helper the launched gather kernel calls, so only the three others are flagged.
     assert sorted(line.split(":")[0] for line in found["unlaunched"]) == [
         "_aux_residual_kernel", "_row_dots_kernel", "_scatter_rows_kernel"]
+
+
+def test_the_recorded_step_runs_auxk_as_the_trainer_does(tmp_path):
+    """AuxK in the recorded step is the trainer's: a second encode on the dead latents' rows alone, whose
+    backward scatters over those n_latents // 10 rows (besides the n_latents of W_enc and W_dec)."""
+    script = textwrap.dedent("""
+        import json
+        from sae_kernels.aot import SHAPES, record_launches
+        shape = SHAPES[0]
+        widths = {args[6] for kernel, args, _ in record_launches(shape) if kernel.__name__ == "_scatter_rows_kernel"}
+        print(json.dumps({"widths": sorted(widths), "n_latents": shape.n_latents}))
+    """)
+    done = run_without_interpreter(["-c", script], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["widths"] == [found["n_latents"] // 10, found["n_latents"]]

@@ -1,4 +1,4 @@
-"""sae_kernels.auxk_loss, and the whole SAE forward on the ops, against sae.model in float64."""
+"""sae_kernels.auxk_loss, and the SAE training forward's AuxK on each backend, against float64 references."""
 
 import math
 
@@ -7,31 +7,10 @@ import torch
 
 import sae_kernels
 from sae import SaeConfig, SparseAutoencoder
-from sae.model import ForwardOutput, normalized_mse
 
 
-def forward_with_ops(sae: SparseAutoencoder, x, dead_mask=None, backend=None) -> ForwardOutput:
-    """SparseAutoencoder.forward written on the kernels ops (the integration proposed for sae/model.py)."""
-    cfg = sae.cfg
-    x = x.to(sae.dtype)
-    use_aux = dead_mask is not None and cfg.auxk_coef > 0
-    # Multi-TopK needs the top 4k; sorted, its first k columns are the top k.
-    k = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
-    encoded = sae_kernels.topk_encode(
-        x, sae.encoder.weight, sae.encoder.bias, k, b_dec=sae.b_dec,
-        dead_mask=dead_mask if use_aux else None, k_aux=cfg.k_aux, sorted=cfg.multi_topk, backend=backend,
-    )
-    values, indices = encoded[0], encoded[1]
-    latent_acts, latent_indices = values[:, : cfg.k], indices[:, : cfg.k]
-    x_hat = sae_kernels.sparse_decode(latent_acts, latent_indices, sae.W_dec, backend=backend) + sae.b_dec
-    fvu = normalized_mse(x, x_hat)
-    zero = fvu.new_zeros(())
-    auxk = sae_kernels.auxk_loss(encoded[2], encoded[3], sae.W_dec, x - x_hat, backend=backend) if use_aux else zero
-    multi_topk_fvu = zero
-    if cfg.multi_topk:
-        multi_topk_fvu = normalized_mse(x, sae_kernels.sparse_decode(values, indices, sae.W_dec, backend=backend) + sae.b_dec)
-    loss = fvu + cfg.auxk_coef * auxk + multi_topk_fvu / 8
-    return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk, multi_topk_fvu, loss)
+def normalized_mse(target, prediction):
+    return (target - prediction).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
 
 
 def random_sae(dtype=torch.float64, **cfg) -> SparseAutoencoder:
@@ -45,33 +24,75 @@ def random_sae(dtype=torch.float64, **cfg) -> SparseAutoencoder:
     return sae
 
 
+def fired_then_dead(dead_before):
+    """A dead-mask function in the trainer's order (OpenAI's): the batch's firing is counted first, so
+    a latent that fires in this batch is not trained as dead on it."""
+    def dead_mask(indices, acts):
+        fired = torch.zeros_like(dead_before)
+        fired[indices[acts > 0]] = True
+        return dead_before & ~fired
+    return dead_mask
+
+
+def dense_codes(pre, k):
+    """ReLU of the top k of each row of pre (N, n), zero elsewhere: (N, n)."""
+    top = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+
+
+def reference_forward64(cfg, params, x, dead_before):
+    """The training forward in float64 with dense (N, n_latents) codes: losses and the dead mask used."""
+    W_enc, b_enc, W_dec, b_dec = params
+    pre = (x - b_dec) @ W_enc.t() + b_enc
+    codes = dense_codes(pre, cfg.k)
+    x_hat = codes @ W_dec + b_dec
+    fvu = normalized_mse(x, x_hat)
+    dead = dead_before & ~(codes > 0).any(0)
+    auxk = fvu.new_zeros(())
+    k_aux = min(cfg.k_aux, int(dead.sum()))
+    if k_aux:
+        aux_codes = dense_codes(pre.masked_fill(~dead, -math.inf), k_aux)
+        auxk = normalized_mse((x - x_hat).detach(), aux_codes @ W_dec)
+    multi_topk_fvu = fvu.new_zeros(())
+    if cfg.multi_topk:
+        multi_topk_fvu = normalized_mse(x, dense_codes(pre, 4 * cfg.k) @ W_dec + b_dec)
+    loss = fvu + cfg.auxk_coef * auxk + multi_topk_fvu / 8
+    return dict(x_hat=x_hat, fvu=fvu, auxk_loss=auxk, multi_topk_fvu=multi_topk_fvu, loss=loss, codes=codes, dead=dead)
+
+
 @pytest.mark.parametrize(
     "cfg,dead_frac",
-    [({"k_aux": 64}, 0.3), ({"k_aux": 7}, 0.3), ({"k_aux": 64, "multi_topk": True}, 0.3), ({"k_aux": 64}, 0.0)],
-    ids=["aux-support", "aux-sparse", "multi-topk", "none-dead"],
+    [({"k_aux": 64}, 0.3), ({"k_aux": 7}, 0.3), ({"k_aux": 500}, 0.3), ({"k_aux": 64, "multi_topk": True}, 0.3),
+     ({"k_aux": 64}, 0.0)],
+    ids=["aux-support", "aux-sparse", "aux-all-dead", "multi-topk", "none-dead"],
 )
-def test_sae_forward_on_the_ops_equals_sae_model(backend, cfg, dead_frac, ref):
+def test_sae_training_forward_with_auxk_equals_float64_reference(backend, cfg, dead_frac, ref, monkeypatch):
+    """SparseAutoencoder.forward as the trainer calls it (a dead-mask function: the batch's firing
+    first, then AuxK on the dead latents' rows alone), on each backend's ops, against dense float64."""
+    monkeypatch.setenv("SAE_KERNELS", backend)
     sae = random_sae(**cfg)
     x = torch.randn(26, 100, dtype=torch.float64) * 2
-    dead = torch.rand(1000) < dead_frac
-    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
-
-    expected = sae(x, dead)
-    expected.loss.backward()
-    expected_grads = ref.grads(*params)
-    ours = forward_with_ops(sae, x, dead, backend=backend)
-    ours.loss.backward()
-
-    tol = ref.tolerance(backend, torch.float64)
-    order, expected_order = ours.latent_indices.argsort(1), expected.latent_indices.argsort(1)
-    assert torch.equal(ours.latent_indices.gather(1, order), expected.latent_indices.gather(1, expected_order))
-    ref.assert_close(ours.latent_acts.gather(1, order), expected.latent_acts.gather(1, expected_order), tol, "acts")
-    for name in ["x_hat", "fvu", "auxk_loss", "multi_topk_fvu", "loss"]:
-        ref.assert_close(getattr(ours, name), getattr(expected, name), tol, name)
+    dead_before = torch.rand(1000) < dead_frac
     if dead_frac:
+        dead_before[sae.encoder.bias.detach().topk(3).indices] = True  # they fire: the order matters
+    params = [sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec]
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+
+    ours = sae(x, fired_then_dead(dead_before))
+    ours.loss.backward()
+    expected = reference_forward64(sae.cfg, leaves, x, dead_before)
+    expected["loss"].backward()
+
+    if dead_frac:
+        assert (dead_before & ~expected["dead"]).any(), "no dead latent fired: the order is not tested"
         assert ours.auxk_loss > 0
-    for name, got, want in zip(["W_enc", "b_enc", "W_dec", "b_dec"], ref.grads(*params), expected_grads):
-        ref.assert_close(got, want, tol, f"grad {name}")
+    tol = ref.tolerance(backend, torch.float64)
+    codes = torch.zeros(26, 1000, dtype=torch.float64).scatter(1, ours.latent_indices, ours.latent_acts.detach())
+    ref.assert_close(codes, expected["codes"], tol, "codes")
+    for name in ["x_hat", "fvu", "auxk_loss", "multi_topk_fvu", "loss"]:
+        ref.assert_close(getattr(ours, name), expected[name], tol, name)
+    for name, param, leaf in zip(["W_enc", "b_enc", "W_dec", "b_dec"], params, leaves):
+        ref.assert_close(param.grad, leaf.grad, tol, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -71,10 +71,11 @@ def test_sae_kernels_routes_every_op(monkeypatch, forced):
 
     x = torch.randn(6, 12, requires_grad=True)
     W_enc, W_dec = torch.randn(40, 12, requires_grad=True), torch.randn(40, 12, requires_grad=True)
-    dead = torch.arange(40) < 10
-    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(x, W_enc, None, 3, dead_mask=dead, k_aux=4)
+    dead = torch.arange(10)
+    values, indices = sae_kernels.topk_encode(x, W_enc, None, 3)
     x_hat = sae_kernels.sparse_decode(values, indices, W_dec)
-    (x_hat.sum() + sae_kernels.auxk_loss(aux_values, aux_indices, W_dec, x - x_hat)).backward()
+    aux_values, local = sae_kernels.topk_encode(x, W_enc[dead], None, 4)  # AuxK: the dead latents' rows
+    (x_hat.sum() + sae_kernels.auxk_loss(aux_values, dead[local], W_dec, x - x_hat)).backward()
 
     assert {tag for tag, _ in calls} == {forced}
     assert {name for _, name in calls} == {"gather_rows", "row_dots", "scatter_rows", "aux_residual"}

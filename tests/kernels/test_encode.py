@@ -73,56 +73,6 @@ def test_selects_what_sae_model_selects(backend, dtype, ref):
         ref.assert_valid_topk(pre_acts, indices, 5, slack=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("k_aux", [7, 64, 500])  # sparse path, dense-over-support path, more than are dead
-def test_aux_selection_and_gradients(backend, dtype, k_aux, ref):
-    n_rows, d_in, n_latents, k = 24, 100, 1000, 5
-    t = ref.inputs(n_rows, d_in, n_latents, dtype)
-    dead = torch.rand(n_latents) < 0.3
-    dead[t.b_enc.detach().topk(3).indices] = True  # hot latents are dead too: main and aux overlap
-    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
-        t.x, t.W_enc, t.b_enc, k, b_dec=t.b_dec, dead_mask=dead, k_aux=k_aux, backend=backend
-    )
-    k_aux_eff = min(k_aux, int(dead.sum()))
-    assert aux_values.shape == aux_indices.shape == (n_rows, k_aux_eff)
-
-    leaves = [p.detach().double().requires_grad_(True) for p in (t.x, t.W_enc, t.b_enc, t.b_dec)]
-    pre = ref.pre_acts64(*leaves)
-    slack = 0.0 if dtype == torch.float64 else 1e-4 * pre.abs().max().item()
-    ref.assert_valid_topk(pre, indices, k, slack=slack)
-    ref.assert_valid_topk(pre, aux_indices, k_aux_eff, allowed=dead, slack=slack)
-    assert (aux_indices[:, :, None] == indices[:, None, :]).any(), "test should overlap main and aux latents"
-    expected, expected_aux = pre.gather(1, indices).relu(), pre.gather(1, aux_indices).relu()
-    tol = ref.tolerance(backend, dtype)
-    ref.assert_close(values, expected, tol, "values")
-    ref.assert_close(aux_values, expected_aux, tol, "aux values")
-
-    g, g_aux = torch.randn(n_rows, k, dtype=torch.float64), torch.randn(n_rows, k_aux_eff, dtype=torch.float64)
-    ((values * g.to(dtype)).sum() + (aux_values * g_aux.to(dtype)).sum()).backward()
-    ((expected * g).sum() + (expected_aux * g_aux).sum()).backward()
-    for name, got, leaf in zip(["x", "W_enc", "b_enc", "b_dec"], ref.grads(t.x, t.W_enc, t.b_enc, t.b_dec), leaves):
-        ref.assert_close(got, leaf.grad, tol, f"grad {name}")
-
-
-def test_aux_gradient_alone_and_no_dead_latents(backend, ref):
-    t = ref.inputs(10, 100, 1000)
-    dead = torch.zeros(1000, dtype=torch.bool)
-    values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
-        t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=512, backend=backend
-    )
-    assert aux_values.shape == aux_indices.shape == (10, 0)
-    dead[:400] = True
-    _, _, aux_values, aux_indices = sae_kernels.topk_encode(
-        t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=9, backend=backend
-    )
-    aux_values.sum().backward()  # only the aux output carries a gradient
-    pre = ref.pre_acts64(*(p.detach().double().requires_grad_(True) for p in (t.x, t.W_enc, t.b_enc, t.b_dec)))
-    dense = torch.zeros_like(pre).scatter(1, aux_indices, (pre.gather(1, aux_indices) > 0).double())
-    tol = ref.tolerance(backend, torch.float64)
-    ref.assert_close(t.b_enc.grad, dense.sum(0), tol, "grad b_enc")
-    ref.assert_close(t.W_enc.grad, dense.t() @ (t.x - t.b_dec).detach(), tol, "grad W_enc")
-
-
 def test_optional_biases_and_partial_gradients(backend, ref):
     t = ref.inputs(15, 100, 1000, torch.float32)
     x = t.x.detach()  # no input gradient wanted
@@ -169,14 +119,14 @@ def test_nothing_of_size_batch_by_latents_is_saved_or_allocated(backend, ref):
     n_rows, n_latents = 40, 1000
     dense_elements = n_rows * n_latents
     t = ref.inputs(n_rows, 20, n_latents, torch.float32)
-    dead = torch.rand(n_latents) < 0.2
+    dead = (torch.rand(n_latents) < 0.2).nonzero().squeeze(1)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor.shape) or tensor, lambda tensor: tensor):
-        values, indices, aux_values, aux_indices = sae_kernels.topk_encode(
-            t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, dead_mask=dead, k_aux=64, backend=backend
-        )
+        values, indices = sae_kernels.topk_encode(t.x, t.W_enc, t.b_enc, 5, b_dec=t.b_dec, backend=backend)
         x_hat = sae_kernels.sparse_decode(values, indices, t.W_dec, backend=backend) + t.b_dec
-        aux = sae_kernels.auxk_loss(aux_values, aux_indices, t.W_dec, t.x - x_hat, backend=backend)
+        # AuxK as the trainer runs it: the encoder on the dead latents' rows alone
+        aux_values, local = sae_kernels.topk_encode(t.x, t.W_enc[dead], t.b_enc[dead], 64, b_dec=t.b_dec, backend=backend)
+        aux = sae_kernels.auxk_loss(aux_values, dead[local], t.W_dec, t.x - x_hat, backend=backend)
         loss = (t.x - x_hat).pow(2).sum() + aux
     assert saved and all(math.prod(shape) < dense_elements for shape in saved), saved
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -213,17 +163,15 @@ def test_cpu_row_chunks_give_the_same_selection(monkeypatch, ref):
     from sae_kernels import select
 
     t = ref.inputs(18, 100, 1000)
-    dead = torch.rand(1000) < 0.3
     args = (t.x, t.W_enc, t.b_enc, 5)
-    kwargs = dict(b_dec=t.b_dec, dead_mask=dead, k_aux=40, sorted=True, backend="torch")
-    whole = sae_kernels.topk_encode(*args, **kwargs)
+    kwargs = dict(b_dec=t.b_dec, sorted=True, backend="torch")
+    values, indices = sae_kernels.topk_encode(*args, **kwargs)
     monkeypatch.setitem(select.PRE_ACTIVATION_BUDGET, "cpu", 4 * 1000 * t.W_enc.element_size())
     select.clear_workspace()
-    chunked = sae_kernels.topk_encode(*args, **kwargs)
-    for (values, indices), (values_chunked, indices_chunked) in [(whole[:2], chunked[:2]), (whole[2:], chunked[2:])]:
-        order, order_chunked = indices.argsort(1), indices_chunked.argsort(1)
-        assert torch.equal(indices.gather(1, order), indices_chunked.gather(1, order_chunked))
-        ref.assert_close(values_chunked.gather(1, order_chunked), values.gather(1, order), 1e-12, "values")
+    values_chunked, indices_chunked = sae_kernels.topk_encode(*args, **kwargs)
+    order, order_chunked = indices.argsort(1), indices_chunked.argsort(1)
+    assert torch.equal(indices.gather(1, order), indices_chunked.gather(1, order_chunked))
+    ref.assert_close(values_chunked.gather(1, order_chunked), values.gather(1, order), 1e-12, "values")
 
 
 def test_encoder_chunks_are_bounded_on_every_device():
