@@ -23,11 +23,13 @@ from sae.config import DataConfig, parse_args
 from sae.model import SparseAutoencoder, read_any_sae_metadata
 from sae.distributed import resolve_device
 from sae.errors import UsageError, run_cli
+from sae.files import check_writable_folder
 
-from .data import held_out_split, held_out_windows, resolve_model_path
+from .data import check_recorded_model, held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
 from .explain.options import ScoringOptions
-from .report import INTERPRETABILITY_KEYS, comparison_table, interpretability_table, log_to_wandb, write_report
+from .report import (INTERPRETABILITY_KEYS, check_report_path, comparison_table, interpretability_table, log_to_wandb,
+                     save_report)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,10 @@ class EvalConfig(ScoringOptions):
     """Also explain MLP neurons (the baseline); --explain_neurons false turns it off."""
 
     neuron_module: str = ""
-    """Module whose output channels are the neurons (default: GPT-2's transformer.h.L.mlp.act)."""
+    """Module whose OUTPUT channels are the neurons (e.g. transformer.h.2.mlp.act). Default: the INPUT of the
+    output projection of the hookpoint's block's MLP (GPT-2 mlp.c_proj, GPT-NeoX mlp.dense_4h_to_h, Llama and
+    other gated MLPs mlp.down_proj, Phi mlp.fc2): the neurons in every family; where none is found, the
+    baseline is skipped with a note."""
 
     explain_out: str = ""
     """JSONL of per-unit explanations, scores and excerpts (default: SAE_DIR/explain.jsonl)."""
@@ -183,6 +188,9 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     check_sae_dirs(cfg, sae_dirs)
     device = resolve_device(cfg.device)
     jobs = [resolve_job(cfg, sae_dir) for sae_dir in map(Path, sae_dirs)]
+    if cfg.explain:  # explain.jsonl is written after the eval pass: a folder it cannot go into fails now
+        for folder in dict.fromkeys(Path(cfg.explain_out).parent if cfg.explain_out else job.dir for job in jobs):
+            check_writable_folder(folder, "the folder of explain.jsonl", "pass --explain_out PATH somewhere writable")
     explain_tools = _explain_tools(cfg, device) if cfg.explain else None  # once, after the folders check out
     reports: dict[Path, dict] = {}
     for model_jobs in _grouped(jobs, lambda job: (job.model, job.model_init)):
@@ -220,6 +228,8 @@ def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
         data_dir=cfg.data_dir,
     )
     model = resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model"))
+    if not cfg.model:
+        check_recorded_model(model, sae_dir / "cfg.json")
     return EvalJob(
         dir=sae_dir, model=model,
         model_init=(metadata.get("model_init") or "pretrained", int(metadata.get("model_init_seed") or 0)),
@@ -238,6 +248,8 @@ def evaluate_on_one_lm(cfg: EvalConfig, jobs: list[EvalJob], device, explain_too
     for note in _model_init_notes(jobs):
         print(note)
     model, tokenizer = load_model_and_tokenizer(model_name, cfg.model_dtype, device, init, init_seed)
+    if cfg.explain and cfg.explain_neurons:
+        check_neuron_sites(cfg, model, [job.hookpoint for job in jobs])
     reports = {}
     for data_jobs in _grouped(jobs, lambda job: (job.data, job.split, job.training_dataset)):
         windows, source = read_held_out_windows(cfg, model, tokenizer, data_jobs)
@@ -245,6 +257,19 @@ def evaluate_on_one_lm(cfg: EvalConfig, jobs: list[EvalJob], device, explain_too
             reports.update(evaluate_at_hookpoint(cfg, hook_jobs, model, tokenizer, windows, source, device,
                                                  explain_tools))
     return reports
+
+
+def check_neuron_sites(cfg: EvalConfig, model, hookpoints: list[str]) -> None:
+    """Before the eval pass: a --neuron_module that is not a module of `model` fails in one line; a
+    hookpoint whose block has no MLP neurons gets a note on stderr (its report's notes say it too)."""
+    from .explain.records import find_mlp_neurons, named_neuron_site, no_neurons_note
+
+    if cfg.neuron_module:
+        named_neuron_site(model, cfg.neuron_module)
+        return
+    for hookpoint in dict.fromkeys(hookpoints):
+        if find_mlp_neurons(model, hookpoint) is None:
+            print(f"note: {no_neurons_note(model, hookpoint)}", file=sys.stderr)
 
 
 def read_held_out_windows(cfg: EvalConfig, model, tokenizer, jobs: list[EvalJob]) -> tuple[Tensor, dict]:
@@ -346,13 +371,15 @@ def _explain_tools(cfg: EvalConfig, device) -> tuple:
 def _explain(cfg: EvalConfig, tools: tuple, sae, model, tokenizer, hookpoint: str, windows, sae_dir: Path) -> dict:
     """The report's `explain` section for one SAE (eval/explain/pipeline.py)."""
     from .explain.pipeline import explain_sae, explain_table
+    from .explain.records import named_neuron_site
 
     simulators, explainer_backend = tools
     latents = [int(part) for part in str(cfg.explain_latents).split(",") if part.strip()] or None
     jsonl = Path(cfg.explain_out) if cfg.explain_out else sae_dir / "explain.jsonl"
     section = explain_sae(sae, model, tokenizer, hookpoint, windows, n_units=cfg.explain, simulators=simulators,
                           explainer_backend=explainer_backend, latents=latents, neurons=cfg.explain_neurons,
-                          neuron_module=cfg.neuron_module or None, seed=cfg.seed, batch_windows=cfg.batch, jsonl_path=jsonl)
+                          neuron_site=named_neuron_site(model, cfg.neuron_module) if cfg.neuron_module else None,
+                          seed=cfg.seed, batch_windows=cfg.batch, jsonl_path=jsonl)
     print(explain_table(section))
     return section
 
@@ -368,6 +395,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_args(options, EvalConfig, usage=__doc__)
     if not sae_dirs:
         raise UsageError("name one or more SAE folders: python -m eval SAE_DIR [SAE_DIR ...] [--options]; --help lists the options")
+    if cfg.out:
+        check_report_path(cfg.out)  # before the work, not after it
     started = time.perf_counter()
     reports = run_eval(cfg, sae_dirs)
     print(comparison_table(reports))
@@ -375,7 +404,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(interpretability_table(reports))
     print(f"evaluated {len(reports)} SAE(s) on {reports[0]['tokens']:,} tokens in {time.perf_counter() - started:.1f} s")
     if cfg.out:
-        print(f"report written to {write_report(cfg.out, reports)}")
+        print(f"report written to {save_report(cfg.out, reports)}")
     if cfg.wandb:
         for report in reports:
             metadata = read_any_sae_metadata(report["sae"])

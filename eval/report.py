@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from sae.files import atomic_write
+from sae.errors import UsageError
+from sae.files import DISK_ERRNOS, UnwritableError, atomic_write, check_writable_folder, disk_error_reason
 
 from .missing import format_or_dash, report_json
 
@@ -78,13 +79,38 @@ def interpretability_table(reports: Sequence[dict]) -> str:
     return "\n".join(_aligned([header, *([row.get(key, "–") for key in header] for row in rows)]))
 
 
+def report_content(reports: Sequence[dict]) -> dict | list[dict]:
+    """What a report file holds: one report as a JSON object, several as a JSON list."""
+    return reports[0] if len(reports) == 1 else list(reports)
+
+
 def write_report(path: str | Path, reports: Sequence[dict]) -> Path:
     """One report: a JSON object; several: a JSON list of them. Written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = reports[0] if len(reports) == 1 else list(reports)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(report_json(content) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(report_json(report_content(reports)) + "\n"))
     return path
+
+
+def check_report_path(path: str | Path) -> None:
+    """Before any work: --out names a file whose folder exists or can be created, and can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; name the report's file, e.g. {path / 'report.json'}")
+    check_writable_folder(path.parent, f"--out {path.name} in the folder", "choose another --out")
+
+
+def save_report(path: str | Path, reports: Sequence[dict]) -> Path:
+    """`write_report`; when the disk refuses it (read-only, full), the report is printed on stdout instead,
+    so the eval is not lost, and an UnwritableError says so in one line."""
+    try:
+        return write_report(path, reports)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        print(report_json(report_content(reports)))
+        raise UnwritableError(f"cannot write the report to {path}: {disk_error_reason(error)}; "
+                              "it is printed above on stdout instead") from None
 
 
 def log_to_wandb(report: dict, sae_metadata: dict, wandb_dir: str | Path, project: str = "", mode: str = "") -> str:

@@ -14,6 +14,7 @@ resuming re-runs the LM on that one block and skips ahead, which reproduces the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import TrainConfig
 from .data import TokenWindows
-from .errors import UsageError
+from .errors import MissingFileError, UsageError, UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,20 +34,84 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", device: 
     init "random": the same architecture and tokenizer with freshly initialised weights (transformers'
     own init, drawn in float32 on the CPU from `init_seed`, so the same seed rebuilds the same LM), the
     random-model baseline of Heap et al. 2025 ("Sparse autoencoders can interpret randomly initialized
-    transformers")."""
+    transformers").
+
+    A name that cannot be loaded (no such folder, a folder that is not a model, a hub name neither cached
+    nor reachable) is a one-line UserError naming it."""
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if init == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
-    elif init == "random":
-        config = AutoConfig.from_pretrained(name_or_path)
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
-            torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(_DTYPES[dtype])
-    else:
+    if init not in ("pretrained", "random"):
         raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    check_model_folder(name_or_path)
+    # transformers reports every name it cannot load as an OSError (it wraps huggingface_hub's errors:
+    # LocalEntryNotFoundError, RepositoryNotFoundError, ...); HFValidationError (a ValueError) in case a
+    # version lets a malformed hub name through unwrapped.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if init == "pretrained":
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        else:
+            config = AutoConfig.from_pretrained(name_or_path)
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream as it was
+                torch.manual_seed(init_seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(_DTYPES[dtype])
+    except (OSError, HFValidationError) as error:
+        raise model_load_error(name_or_path, error) from error
     return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """A clear error, before transformers is asked, when `name_or_path` is meant as a local folder but is
+    not a model's: it does not exist while looking like a path (starts with '.', '/' or '~', or has more
+    than one '/', which no hub name has), is a file, or has no config.json. A hub name passes."""
+    if not name_or_path:
+        raise UsageError("no model given: name a model folder (what save_pretrained writes) or a hub model name")
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1:
+            raise MissingFileError(f"model folder not found: {name_or_path} (no such folder)")
+    elif not path.is_dir():
+        raise UsageError(f"model {name_or_path} is a file; a model is a folder (what save_pretrained writes) or a hub name")
+    elif not (path / "config.json").is_file():
+        raise MissingFileError(f"model folder {name_or_path} has no config.json: not a model folder (what "
+                               "save_pretrained writes)")
+
+
+def model_load_error(name_or_path: str, error: Exception) -> UserError:
+    """One line for transformers' failure to load `name_or_path`: what was wrong with the folder, or why
+    the hub name was not found (read from the huggingface_hub error behind transformers' OSError)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name_or_path).expanduser().is_dir():
+        return UsageError(f"model folder {name_or_path} cannot be loaded: {first_line}")
+    causes = _exception_chain(error)
+    model = f"model '{name_or_path}'"
+    if any(isinstance(cause, LocalEntryNotFoundError) for cause in causes):
+        hub = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "unreachable"
+        return UsageError(f"{model} is neither a folder here nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                          f"and the hub is {hub}; download it where the hub can be reached, or pass the model's folder")
+    if any(isinstance(cause, GatedRepoError) for cause in causes):
+        return UsageError(f"{model} is not a folder here, and on the hub it is gated: accept its terms on huggingface.co "
+                          "and log in (hf auth login)")
+    if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+        return UsageError(f"{model} is not a folder here, and the hub has no model repository of that name (or it is "
+                          "private and this machine has no access token for it)")
+    if any(isinstance(cause, HFValidationError) for cause in causes):
+        return UsageError(f"{model} is neither a folder here nor a valid hub name (NAME or OWNER/NAME: letters, digits, "
+                          "'-', '_', '.')")
+    return UsageError(f"{model} is not a folder here and cannot be loaded from the hub: {first_line}")
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or during, innermost last."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def load_run_lm(cfg: TrainConfig, device: str | torch.device = "cpu"):
@@ -68,9 +133,9 @@ def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx
 def get_module(model: nn.Module, hookpoint: str) -> nn.Module:
     """The submodule named `hookpoint`; a clear error listing the real names when it does not exist."""
     modules = dict(model.named_modules())
-    if hookpoint not in modules:
-        raise UsageError(f"hookpoint '{hookpoint}' is not a module of {type(model).__name__}; "
-                         f"modules are: {module_name_summary([name for name in modules if name])}")
+    if not hookpoint or hookpoint not in modules:
+        what = "the hookpoint is empty" if not hookpoint else f"hookpoint '{hookpoint}' is not a module of {type(model).__name__}"
+        raise UsageError(f"{what}; modules are: {module_name_summary([name for name in modules if name])}")
     return modules[hookpoint]
 
 
@@ -79,21 +144,34 @@ def module_name_summary(names: list[str]) -> str:
     by the first layer's children: 'transformer.wte, transformer.h.{0..11} (each with
     transformer.h.0.ln_1, transformer.h.0.attn, ...), lm_head' instead of hundreds of names."""
     shown: dict[str, str] = {}  # the entry of each name or layer stack, in model order
-    layer_numbers: dict[str, list[int]] = {}
     for name in names:
-        parts = name.split(".")
-        numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        if numbered is None:
+        stack = _layer_stack_of(name)
+        if stack is None:
             shown[name] = name
-            continue
-        stack = ".".join(parts[:numbered])
-        layer_numbers.setdefault(stack, []).append(int(parts[numbered]))
-        shown.setdefault(stack + ".#", "")
-    for stack, numbers in layer_numbers.items():
+        else:
+            shown.setdefault(stack + ".#", "")  # filled in below, once its layer numbers are known
+    for stack, numbers in _layer_stacks(names).items():
         first = f"{stack}.{min(numbers)}"
         children = [name for name in names if name.startswith(first + ".") and name.count(".") == first.count(".") + 1]
         shown[stack + ".#"] = f"{stack}.{{{min(numbers)}..{max(numbers)}}}" + (f" (each with {', '.join(children)})" if children else "")
     return ", ".join(shown.values())
+
+
+def _layer_stack_of(name: str) -> str | None:
+    """The stack a module name is in ('model.layers' for 'model.layers.3.mlp'); None outside numbered layers."""
+    parts = name.split(".")
+    numbered = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return None if numbered is None else ".".join(parts[:numbered])
+
+
+def _layer_stacks(names: list[str]) -> dict[str, list[int]]:
+    """{stack: its layer numbers} of the numbered layer stacks among module `names`, in model order."""
+    stacks: dict[str, list[int]] = {}
+    for name in names:
+        stack = _layer_stack_of(name)
+        if stack is not None:
+            stacks.setdefault(stack, []).append(int(name[len(stack) + 1 :].split(".")[0]))
+    return stacks
 
 
 class _StopForward(Exception):
@@ -103,12 +181,16 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture_many(model: nn.Module, modules: list[nn.Module], input_ids: Tensor) -> list[Tensor]:
     """Outputs of several submodules of `model` for `input_ids` (B, T), each (B, T, d), in one forward
-    that stops as soon as the last of them has run."""
-    captured: dict[int, Tensor] = {}
+    that stops as soon as the last of them has run.
+
+    Every entry point reads activations through here, so here a hookpoint is refused (one line naming it)
+    when it does not run, when its output is not (B, T, d) (or a tuple led by one), or when its
+    activations are not finite (a float16 model that overflows)."""
+    captured: dict[int, Any] = {}
 
     def make_hook(position: int):
         def hook(_module, _inputs, output):
-            captured[position] = output[0] if isinstance(output, tuple) else output
+            captured[position] = output
             if len(captured) == len(modules):
                 raise _StopForward
 
@@ -122,10 +204,74 @@ def capture_many(model: nn.Module, modules: list[nn.Module], input_ids: Tensor) 
     finally:
         for handle in handles:
             handle.remove()
-    missing = [type(modules[position]).__name__ for position in range(len(modules)) if position not in captured]
+    missing = [f"'{_module_name(model, modules[position])}'" for position in range(len(modules)) if position not in captured]
     if missing:
-        raise RuntimeError(f"the hooked module(s) {missing} did not run in the forward pass")
-    return [captured[position] for position in range(len(modules))]
+        names = f"hookpoint{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        raise UsageError(f"{names} did not run in the forward pass of {type(model).__name__} (a container such as a "
+                         f"list of layers is never called itself){_residual_hint(model)}")
+    outputs = [_hooked_activations(model, modules[position], captured[position], input_ids) for position in range(len(modules))]
+    _check_finite(model, modules, outputs)
+    return outputs
+
+
+def hookpoint_widths(model: nn.Module, hookpoints: list[str]) -> dict[str, int]:
+    """{hookpoint: d} of the LM's hookpoints, from one forward of a (2, 2) probe: two windows, so that an
+    output that does not follow the batch (position embeddings, rotary tables) is refused here, up front."""
+    probe = torch.zeros(2, 2, dtype=torch.long, device=next(model.parameters()).device)
+    outputs = capture_many(model, [get_module(model, hookpoint) for hookpoint in hookpoints], probe)
+    return {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, outputs)}
+
+
+def _hooked_activations(model: nn.Module, module: nn.Module, output: Any, input_ids: Tensor) -> Tensor:
+    """The (B, T, d) activations in a hooked module's `output` (the tensor, or a tuple's first element)
+    for `input_ids` (B, T); a UsageError naming the hookpoint when the output is anything else."""
+    activations = output[0] if isinstance(output, tuple) and output else output
+    if (isinstance(activations, Tensor) and activations.is_floating_point() and activations.ndim == 3
+            and activations.shape[:2] == input_ids.shape):
+        return activations
+    batch, tokens = input_ids.shape
+    raise UsageError(f"hookpoint '{_module_name(model, module)}' outputs {_describe_output(output)}, not a float tensor (or "
+                     f"a tuple whose first element is one) of shape (batch, tokens, d) = ({batch}, {tokens}, d) for "
+                     f"input ids of shape ({batch}, {tokens}){_residual_hint(model)}")
+
+
+def _describe_output(output: Any) -> str:
+    if isinstance(output, Tensor):
+        return f"a {str(output.dtype).removeprefix('torch.')} tensor of shape {tuple(output.shape)}"
+    if isinstance(output, tuple):
+        return f"a tuple whose first element is {_describe_output(output[0])}" if output else "an empty tuple"
+    return f"a {type(output).__name__}"
+
+
+def _check_finite(model: nn.Module, modules: list[nn.Module], outputs: list[Tensor]) -> None:
+    """A UsageError naming the first hookpoint whose activations hold inf or nan. One reduction per output
+    and one device sync in all; the counts of the message are computed only on failure."""
+    finite = torch.stack([torch.isfinite(output).all() for output in outputs])
+    if bool(finite.all()):
+        return
+    position = int((~finite).nonzero()[0])
+    activations = outputs[position]
+    inf, nan = int(torch.isinf(activations).sum()), int(torch.isnan(activations).sum())
+    finite_values = activations[torch.isfinite(activations)]
+    largest = f"{finite_values.abs().max().item():.3g}" if finite_values.numel() else "none"
+    cause = ("the model in float16 overflows; use --model_dtype bfloat16 or float32" if activations.dtype == torch.float16
+             else f"the model's own forward produces them in {str(activations.dtype).removeprefix('torch.')} (check its weights)")
+    raise UsageError(f"activations at {_module_name(model, modules[position])} are not finite ({inf:,} inf / {nan:,} nan "
+                     f"of {activations.numel():,} values; max |finite x| {largest}): {cause}")
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name `module` has in `model` (for messages: the hookpoint the user gave)."""
+    return next((name for name, candidate in model.named_modules() if candidate is module), type(module).__name__)
+
+
+def _residual_hint(model: nn.Module) -> str:
+    """'; the residual stream is the output of a block of model.layers.{0..3}' for the LM's longest layer stack."""
+    stacks = _layer_stacks([name for name, _ in model.named_modules() if name])
+    if not stacks:
+        return ""
+    stack, numbers = max(stacks.items(), key=lambda item: len(set(item[1])))
+    return f"; the residual stream is the output of a block of {stack}.{{{min(numbers)}..{max(numbers)}}}"
 
 
 def capture_activations(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:

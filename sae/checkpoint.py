@@ -50,15 +50,19 @@ def save_checkpoint(run_dir: Path, step: int, specs: list[TensorSpec], chunks: I
     final = step_dir(run_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_safetensors(tmp / STATE_TENSORS, specs, chunks)
-    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
-    for name in (STATE_TENSORS, STATE_JSON):
-        with open(tmp / name, "rb") as file:
-            os.fsync(file.fileno())
-    if final.exists():  # the same step saved again (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        write_safetensors(tmp / STATE_TENSORS, specs, chunks)
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+        for name in (STATE_TENSORS, STATE_JSON):
+            with open(tmp / name, "rb") as file:
+                os.fsync(file.fileno())
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write cut short by a full disk must not keep filling it
+        raise
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -78,6 +82,11 @@ def remove_unfinished(run_dir: Path) -> list[Path]:
 def whole(tensors: dict[str, Tensor]) -> tuple[list[TensorSpec], list[Tensor]]:
     """`save_checkpoint`'s (specs, chunks) for tensors that are whole in memory: one piece each."""
     return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], list(tensors.values())
+
+
+def step_of(path: Path) -> int:
+    """The step of checkpoint folder `path` (`step_dir`'s inverse)."""
+    return int(Path(path).name.removeprefix(_PREFIX))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

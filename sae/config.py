@@ -167,7 +167,7 @@ class TrainConfig:
     """Activations (tokens) per optimiser step."""
 
     max_tokens: int = 4_000_000
-    """Training tokens in total."""
+    """Training tokens in total, rounded down to whole batches (`total_steps`; the trainer says so)."""
 
     optimizer: Literal["adam", "schedule_free_adam"] = "schedule_free_adam"
     """"adam": Adam (Gao et al.). "schedule_free_adam": schedule-free AdamW without weight decay
@@ -314,6 +314,13 @@ class TrainConfig:
         """The hookpoints the run reads, in order, each once: its variants' (a variant without one takes
         `hookpoint`), or `[hookpoint]` without variants."""
         return list(dict.fromkeys([variant.hookpoint or self.hookpoint for variant in self.variants] or [self.hookpoint]))
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: `max_tokens` rounded down to whole batches (at least one, as
+        validated). Down, not up or to the nearest: a run never reads more text than it was given, and
+        an activation cache built for `max_tokens` (sae/cache) holds every batch the run trains on."""
+        return self.max_tokens // self.batch_size
 
     @property
     def run_dir(self) -> Path:

@@ -9,6 +9,10 @@ documented call and computing what the SAE computes here:
     --to sparsify  sparsify.SparseCoder.load_from_disk(DST)       (our folder layout is sparsify's)
     --to ours      SparseAutoencoder.load(DST), python -m eval DST, python -m eval.browse
 
+SAELens's hook_name is the TransformerLens hook that holds the activations of the recorded hookpoint where
+one is known (`transformer.h.3` -> `blocks.3.hook_resid_post`; sae/formats/hook_names.py), else the
+hookpoint itself with model_class_name AutoModelForCausalLM (SAELens's Hugging Face path), with a note.
+
 sparsify has no input transform, so an SAE with one (OpenAI's LayerNorm preprocessing) is refused for it:
 sparsify would load the folder and silently compute without it. Conversions from our folders to SAELens
 and back copy every tensor bit for bit and restore cfg.json; --model and --hookpoint record where the
@@ -26,9 +30,9 @@ from typing import Any
 
 from .errors import UsageError, run_cli
 from .files import TensorSpec
-from .formats import read_foreign_sae
+from .formats.hook_names import saelens_hook
 from .formats.saelens import write_saelens_folder
-from .model import SparseAutoencoder, is_sae_folder, read_sae_provenance, write_sae_folder
+from .model import SparseAutoencoder, read_sae_files, write_sae_folder
 
 TARGETS = ("saelens", "sparsify", "ours")
 LOAD_CALLS = {"saelens": "sae_lens.SAE.load_from_disk({dst!r})", "sparsify": "sparsify.SparseCoder.load_from_disk({dst!r})",
@@ -36,18 +40,20 @@ LOAD_CALLS = {"saelens": "sae_lens.SAE.load_from_disk({dst!r})", "sparsify": "sp
 
 
 def read_sae(src: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """(the SAE at `src`, its provenance: the cfg.json keys beyond the config, or where a foreign SAE came from)."""
-    if is_sae_folder(src):
-        return SparseAutoencoder.load(src), read_sae_provenance(src)
-    foreign = read_foreign_sae(src)
-    return SparseAutoencoder.from_state_dict(foreign.cfg, foreign.tensors, input_norm=foreign.input_norm), foreign.metadata
+    """(the SAE at `src`, its provenance: the cfg.json keys beyond the config, or where a foreign SAE came from),
+    read as `SparseAutoencoder.load` reads it (`read_sae_files`: weights with NaN or inf are refused)."""
+    files = read_sae_files(src)
+    return SparseAutoencoder.from_state_dict(files.cfg, files.tensors, input_norm=files.input_norm), files.metadata
 
 
 def write_sae(sae: SparseAutoencoder, provenance: dict[str, Any], dst: Path, to: str) -> None:
     """Write `sae` to the new folder `dst` in the layout `to` (one of TARGETS), with `provenance`."""
     tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
     if to == "saelens":
-        write_saelens_folder(dst, sae.cfg, tensors, sae.input_norm, provenance)
+        hook, note = saelens_hook(provenance)
+        if note:
+            print(f"note: {note}")
+        write_saelens_folder(dst, sae.cfg, tensors, sae.input_norm, provenance, hook)
         return
     if to == "sparsify" and sae.input_norm != "none":
         raise UsageError(f"sparsify has no input transform, and this SAE normalises its input (input_norm "

@@ -7,12 +7,16 @@ dataset's own `state_dict()` plus the tokens read but not yet emitted), so a run
 
 from __future__ import annotations
 
+import codecs
 import copy
 import glob
+import sys
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
@@ -25,6 +29,10 @@ from .splits import SPLITS, document_split
 # Builders of `datasets` for local files, by extension.
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
+# The files behind each dataset load_text_dataset made of local files, for TokenWindows' message when one
+# of them is not UTF-8 (the decode error itself does not say which file it came from).
+_LOCAL_FILES_OF: "weakref.WeakKeyDictionary[IterableDataset, list[str]]" = weakref.WeakKeyDictionary()
+
 
 def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, world_size: int = 1) -> IterableDataset:
     """A streaming dataset of documents for `cfg`, sharded to this rank (disjoint across ranks).
@@ -34,6 +42,7 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
     (`sae.splits`): `train` streams the 95% of documents that are neither `validation` nor `test`.
     """
     split = split or cfg.split
+    local_files = None
     if cfg.dataset == CORPUS_NAME:
         files = build_corpus(Path(cfg.data_dir) / CORPUS_NAME)
         if split not in files:
@@ -43,22 +52,32 @@ def load_text_dataset(cfg: DataConfig, split: str | None = None, rank: int = 0, 
         if split not in SPLITS:
             raise UsageError(f"a local dataset has the splits {list(SPLITS)} (chosen per document by a hash of its "
                              f"text), not '{split}'")
-        files = _local_files(cfg.dataset)
-        builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
-        dataset = load_dataset(builder, data_files={"all": files}, split="all", streaming=True)
-        dataset = dataset.filter(_in_split, fn_kwargs={"split": split, "text_column": cfg.text_column})
+        local_files = _local_files(cfg.dataset)
+        builder = _LOCAL_BUILDERS[Path(local_files[0]).suffix.lower()]
+        try:
+            dataset = load_dataset(builder, data_files={"all": local_files}, split="all", streaming=True)
+        except StopIteration:  # the json builder reads the columns off the first record, and found none
+            raise UsageError(f"{cfg.dataset} has no documents: its data file(s) are empty") from None
+        dataset = dataset.filter(_in_split, fn_kwargs={"split": split, "text_column": cfg.text_column, "source": cfg.dataset})
     else:
         dataset = load_dataset(cfg.dataset, cfg.dataset_config, split=split, streaming=True)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if local_files is not None:
+        _LOCAL_FILES_OF[dataset] = local_files
     return dataset
 
 
-def _in_split(document: dict, split: str, text_column: str) -> bool:
-    """Whether a local document belongs to `split`. One without a text keeps its place, so that
-    TokenWindows names the missing column."""
-    text = document.get(text_column)
-    return not isinstance(text, str) or document_split(text) == split
+def _in_split(document: dict, split: str, text_column: str, source: str) -> bool:
+    """Whether a local document belongs to `split`; a UsageError naming `source` (the data files) when
+    it has no `text_column`, or something other than text there. A null text keeps its place (an empty document)."""
+    if text_column not in document:
+        raise UsageError(f"{source} has no column '{text_column}' (its columns: {', '.join(sorted(document))}); name "
+                         "the text column with --data.text_column (python -m eval: --text_column)")
+    text = document[text_column]
+    if text is not None and not isinstance(text, str):
+        raise UsageError(f"column '{text_column}' of {source} holds {type(text).__name__} values, not text")
+    return text is None or document_split(text) == split
 
 
 def is_local_dataset(name: str) -> bool:
@@ -112,7 +131,8 @@ def read_position(windows_state: dict[str, Any]) -> dict[str, Any]:
 class TokenWindows:
     """Endless (or single-pass) iterator of (ctx_len,) int64 token windows from a text dataset.
 
-    After the last document it starts the dataset again (a new epoch) unless `loop=False`.
+    After the last document it starts the dataset again (a new epoch; the first time, a note on stderr says
+    so) unless `loop=False`. A document that is empty or only whitespace is skipped.
     """
 
     def __init__(
@@ -134,6 +154,7 @@ class TokenWindows:
         self._initial_dataset_state = copy.deepcopy(dataset.state_dict())
         self.epoch = 0
         self._documents_this_epoch = 0
+        self._tokens_this_epoch: int | None = 0  # for the note of a second pass; None when resumed (unknown)
         self._pending: list[int] = []
         self._documents: Iterator[dict] = iter(dataset)
 
@@ -148,21 +169,17 @@ class TokenWindows:
         return torch.tensor(window, dtype=torch.long)
 
     def _read_documents(self) -> None:
-        texts = []
-        for document in self._documents:
-            if self.text_column not in document:
-                raise KeyError(f"text column '{self.text_column}' not in the dataset; columns: {sorted(document)}")
-            if document[self.text_column]:
-                texts.append(document[self.text_column])
-            if len(texts) == self.docs_per_batch:
-                break
+        texts = self._next_texts()
         if not texts:  # the dataset is exhausted
             if not self.loop:
                 raise StopIteration
             if self._documents_this_epoch == 0:
-                raise UsageError("the dataset has no non-empty documents")
+                raise UsageError("the dataset has no non-empty documents (a document of only whitespace is empty)")
+            if self.epoch == 0:
+                _note_second_pass(self._tokens_this_epoch, self._documents_this_epoch)
             self.epoch += 1
             self._documents_this_epoch = 0
+            self._tokens_this_epoch = 0
             self.dataset.load_state_dict(copy.deepcopy(self._initial_dataset_state))
             self._documents = iter(self.dataset)
             return
@@ -170,6 +187,26 @@ class TokenWindows:
         for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
             self._pending.extend(ids)
             self._pending.extend(self.separator)
+            if self._tokens_this_epoch is not None:
+                self._tokens_this_epoch += len(ids) + len(self.separator)
+
+    def _next_texts(self) -> list[str]:
+        """The texts of the next documents, up to docs_per_batch; empty ones (or only whitespace) are skipped."""
+        texts = []
+        try:
+            for document in self._documents:
+                if self.text_column not in document:
+                    columns = ", ".join(sorted(document))
+                    raise UsageError(f"the dataset has no column '{self.text_column}' (its columns: {columns}); name the "
+                                     "text column with --data.text_column (python -m eval: --text_column)")
+                text = document[self.text_column]
+                if text and not text.isspace():
+                    texts.append(text)
+                if len(texts) == self.docs_per_batch:
+                    break
+        except UnicodeDecodeError as error:  # raised by `datasets` as it reads a file
+            raise _not_utf8_error(self.dataset, error) from error
+        return texts
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: epoch, the dataset's own state and the tokens read but not emitted."""
@@ -190,6 +227,54 @@ class TokenWindows:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = state["epoch"]
         self._documents_this_epoch = state["documents_this_epoch"]
+        self._tokens_this_epoch = None
         self._pending = list(state["pending"])
         self.dataset.load_state_dict(copy.deepcopy(state["dataset"]))
         self._documents = iter(self.dataset)
+
+
+_second_pass_noted = False  # the note is printed once per process
+
+
+def _note_second_pass(tokens: int | None, documents: int) -> None:
+    """Say on stderr (once per process, on rank 0 of a torchrun job) that the training text ran out and is
+    read again, and where held-out text for an eval comes from."""
+    global _second_pass_noted
+    if _second_pass_noted or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _second_pass_noted = True
+    read = f"{tokens:,} tokens ({documents:,} documents)" if tokens is not None else f"{documents:,} documents"
+    print(f"note: the training text ran out after {read} and is read again from the start (epoch 2): the SAE sees "
+          "its windows more than once. Held-out text for python -m eval: the dataset's validation or test split (of "
+          "local files: the documents held out by hash, 2.5% each), or --dataset with other text", file=sys.stderr)
+
+
+def _not_utf8_error(dataset: IterableDataset, error: UnicodeDecodeError) -> UsageError:
+    """One line for text that is not UTF-8, naming the file and the offset of its first bad byte when
+    the dataset is local files."""
+    located = _first_invalid_utf8(_LOCAL_FILES_OF.get(dataset, []))
+    if located is None:
+        return UsageError(f"the dataset's text is not UTF-8: {error}")
+    path, offset, byte = located
+    return UsageError(f"data file {path} is not UTF-8 text: byte 0x{byte:02x} at offset {offset:,} does not decode; "
+                      "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _first_invalid_utf8(paths: list[str], chunk_bytes: int = 1 << 20) -> tuple[str, int, int] | None:
+    """(path, byte offset, byte) of the first byte of `paths` that does not decode as UTF-8; None if all do."""
+    for path in paths:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # of the chunk's first byte in the file
+        with open(path, "rb") as file:
+            while True:
+                chunk = file.read(chunk_bytes)
+                held = decoder.getstate()[0]  # the bytes of a character the last chunk cut short
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    bad = offset - len(held) + error.start
+                    return path, bad, (held + chunk)[error.start]
+                if not chunk:
+                    break
+                offset += len(chunk)
+    return None

@@ -4,18 +4,29 @@ the cache and eval use it)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from .errors import MissingFileError, UsageError
+from .errors import MissingFileError, UsageError, UserError
+
+# What the disk, not the program, makes a write fail with: full, over quota, read-only, not allowed.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_ERRNOS = DISK_FULL | {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class UnwritableError(UserError, OSError):
+    """A file or folder could not be written because of the disk (`DISK_ERRNOS`): one line naming it."""
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
@@ -26,7 +37,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise MissingFileError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # JSON text is UTF-8
         raise UsageError(f"{path}: not valid JSON ({error})") from None
 
 
@@ -49,6 +60,62 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_folder(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call write(tmp_folder), then move the folder into place as `path`: a failed or interrupted write
+    leaves the old folder (or none) and never a mix of old and new files. An old folder is removed only
+    once the new one is complete (two renames: a crash between them leaves both, under hidden names)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left: it may be filling the disk
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_error_reason(error: OSError) -> str:
+    """An OSError of `DISK_ERRNOS` in words: "No space left on device [ENOSPC]"."""
+    return f"{error.strerror or error} [{errno.errorcode.get(error.errno, error.errno)}]"
+
+
+def disk_remedy(error: OSError, path: Path) -> str:
+    """What the user can do about a write to `path` failing with `error` (of `DISK_ERRNOS`)."""
+    return f"free space on the disk of {path}" if error.errno in DISK_FULL else f"make {path} writable"
+
+
+@contextmanager
+def disk_errors(failed: str, consequence: Callable[[OSError], str]) -> Iterator[None]:
+    """Turn an OSError of `DISK_ERRNOS` raised inside into an `UnwritableError`, one line:
+    "{failed}: {reason}; {consequence(error)}" (what was kept and what to do, as known when it failed).
+    Any other OSError is a bug or a race and keeps its traceback."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        raise UnwritableError(f"{failed}: {disk_error_reason(error)}; {consequence(error)}") from None
+
+
+def check_writable_folder(path: Path, what: str, hint: str) -> None:
+    """Create folder `path` (with its parents) and write and remove a small file in it, so that a folder
+    that cannot be written is refused before any work: an `UnwritableError` naming `what` and `path`,
+    ending with `hint` (e.g. "choose another --out_dir"). A path through a file is refused too."""
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS | {errno.EEXIST, errno.ENOTDIR, errno.ENOENT}:
+            raise
+        raise UnwritableError(f"cannot write to {what} {path}: {disk_error_reason(error)}; {hint}") from None
 
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, the format's README)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import checkpoint
 from .config import SaeConfig, TrainConfig
-from .files import TensorSpec
+from .files import TensorSpec, atomic_folder
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
 from .model import SparseAutoencoder, fold_input_scale, normalize_rows_, write_sae_folder
@@ -119,9 +119,10 @@ def evaluation_sae(member: Member) -> SparseAutoencoder | None:
 
 
 def save_member(member: Member, metadata: dict[str, Any]) -> None:
-    """Write the member's SAE folder (rank 0; collective: call it on every rank) piece by piece, so
-    that no rank holds the whole SAE: its optimiser's evaluated weights (`evaluated_weights`), the
-    decoder rows renormalised to unit norm, folded to take raw activations (`model.fold_input_scale`).
+    """Write the member's SAE folder (rank 0, as a whole: `files.atomic_folder`; collective: call it on
+    every rank) piece by piece, so that no rank holds the whole SAE: its optimiser's evaluated weights
+    (`evaluated_weights`), the decoder rows renormalised to unit norm, folded to take raw activations
+    (`model.fold_input_scale`).
 
     Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
     1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
@@ -134,7 +135,8 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
         return fold_input_scale(name, rows, member.input_scale)
 
     chunks = (folded(name, rows) for name, rows in full_state_chunks(sae, parameter_rows=evaluated_weights(member)))
-    if sae.layout.is_main:
-        write_sae_folder(member.out_dir, sae.cfg, full_state_specs(sae), chunks, member.input_scale, metadata)
+    if sae.layout.is_main:  # the folder as a whole: never new weights beside an old cfg.json (a resumed run's)
+        atomic_folder(member.out_dir, lambda tmp: write_sae_folder(tmp, sae.cfg, full_state_specs(sae), chunks,
+                                                                   member.input_scale, metadata))
     else:
         drain(chunks)

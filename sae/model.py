@@ -34,8 +34,10 @@ from sae_kernels import sparse_decode
 from .config import ConfigError, SaeConfig, from_dict
 from .files import TensorSpec, atomic_write, read_json_object, write_safetensors
 from .errors import UsageError
-from .formats import read_foreign_sae
-from .formats.common import INPUT_NORMS  # cfg.json names a non-default one under "input_norm"
+from .formats import ForeignSae, read_foreign_sae
+from .formats.common import (  # INPUT_NORMS: cfg.json names a non-default one under "input_norm"
+    INPUT_NORMS, PROVENANCE_TYPES, SAE_CONFIG_TYPES, check_finite, check_json_types, our_shapes)
+from .formats.sparsify import check_sparsify_keys, resolve_num_latents
 from .parallel import ShardLayout, ShardTop
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -472,35 +474,14 @@ class SparseAutoencoder(nn.Module):
         are read with weights_only=True.
 
         An SAE whose math this SAE does not implement is refused with a UsageError naming the key that
-        says so (sparsify's: `SPARSIFY_KEY_RULES`, checked before any weights are read; the other tools':
-        their sae/formats/ modules); an unknown layout is refused naming what is there and the known ones.
+        says so (sparsify's: sae/formats/sparsify.py `SPARSIFY_KEY_RULES`, checked before any weights are
+        read; the other tools': their sae/formats/ modules); an unknown layout is refused naming what is
+        there and the known ones; weights with NaN or inf values are refused naming the file and the
+        tensors (`read_sae_files`).
         dtype: default the stored one (SAELens: its cfg.json's, which SAELens computes in).
         """
-        path = Path(path)
-        if not is_sae_folder(path):
-            foreign = read_foreign_sae(path)
-            return cls.from_state_dict(foreign.cfg, foreign.tensors, device, dtype, foreign.input_norm)
-        cfg = read_sae_config(path)
-        input_norm = read_input_norm(path)
-        weights_path = path / WEIGHTS_FILE
-        expected_shapes = {
-            "encoder.weight": (cfg.n_latents, cfg.d_in),
-            "encoder.bias": (cfg.n_latents,),
-            "W_dec": (cfg.n_latents, cfg.d_in),
-            "b_dec": (cfg.d_in,),
-        }
-        try:
-            with safe_open(str(weights_path), framework="pt", device="cpu") as file:
-                keys = set(file.keys())
-                if keys != set(PARAMETER_NAMES):
-                    raise UsageError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
-                tensors = {name: file.get_tensor(name) for name in PARAMETER_NAMES}
-        except SafetensorError as error:
-            raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
-        for name, shape in expected_shapes.items():
-            if tuple(tensors[name].shape) != shape:
-                raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
-        return cls.from_state_dict(cfg, tensors, device, dtype, input_norm)
+        files = read_sae_files(Path(path))
+        return cls.from_state_dict(files.cfg, files.tensors, device, dtype, files.input_norm)
 
     @classmethod
     def from_state_dict(cls, cfg: SaeConfig, tensors: dict[str, Tensor], device: str | torch.device = "cpu",
@@ -510,6 +491,35 @@ class SparseAutoencoder(nn.Module):
         sae = cls(cfg, device=device, dtype=dtype or tensors["W_dec"].dtype, input_norm=input_norm)
         sae.load_state_dict(tensors)
         return sae
+
+
+def read_sae_files(path: Path) -> ForeignSae:
+    """The SAE at `path` in any layout `SparseAutoencoder.load` reads (`read_sae_folder`, or another tool's:
+    `read_foreign_sae`), its weights checked to be finite. Every load and conversion reads SAEs through here,
+    so a corrupt file (NaN or inf where floats were) fails here in one line, not as a NaN eval or export."""
+    files = read_sae_folder(path) if is_sae_folder(path) else read_foreign_sae(path)
+    check_finite(files.weights_file, files.tensors, mapped=files.format != "ours")
+    return files
+
+
+def read_sae_folder(path: Path) -> ForeignSae:
+    """The SAE in our (or sparsify's) folder `path`, with its provenance (`read_sae_provenance`), tensors as
+    stored: cfg.json is checked first (`read_sae_config`), then sae.safetensors against it."""
+    cfg = read_sae_config(path)
+    input_norm = read_input_norm(path)
+    weights_path = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as file:
+            keys = set(file.keys())
+            if keys != set(PARAMETER_NAMES):
+                raise UsageError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
+            tensors = {name: file.get_tensor(name) for name in PARAMETER_NAMES}
+    except SafetensorError as error:
+        raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
+    for name, shape in our_shapes(cfg.d_in, cfg.n_latents).items():
+        if tuple(tensors[name].shape) != shape:
+            raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+    return ForeignSae("ours", cfg, tensors, input_norm, read_sae_provenance(path), weights_path)
 
 
 def fold_input_scale(name: str, tensor: Tensor, input_scale: float) -> Tensor:
@@ -543,9 +553,18 @@ def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], 
     return path
 
 
+CFG_JSON_TYPES = {_FILE_KEYS.get(name, name): types for name, types in SAE_CONFIG_TYPES.items()} | PROVENANCE_TYPES
+"""The JSON type of each cfg.json key our code reads (sparsify's other keys: `check_sparsify_keys`)."""
+
+
 def read_sae_metadata(path: str | Path) -> dict[str, Any]:
-    """Everything in path/cfg.json: the SaeConfig fields plus model, hookpoint and training provenance."""
-    return read_json_object(Path(path) / CONFIG_FILE, "SAE config")
+    """Everything in path/cfg.json: the SaeConfig fields plus model, hookpoint and training provenance, each
+    key our code reads checked to have its JSON type (`CFG_JSON_TYPES`: "ctx_len": "64" is refused here, in
+    one line, not as a TypeError deep in an eval)."""
+    cfg_path = Path(path) / CONFIG_FILE
+    raw = read_json_object(cfg_path, "SAE config")
+    check_json_types(str(cfg_path), raw, CFG_JSON_TYPES)
+    return raw
 
 
 def read_any_sae_metadata(path: str | Path) -> dict[str, Any]:
@@ -576,86 +595,11 @@ def read_sae_provenance(path: str | Path) -> dict[str, Any]:
     return {key: value for key, value in read_sae_metadata(path).items() if key not in derived}
 
 
-ANY_VALUE = None
-"""In `SPARSIFY_KEY_RULES`: every value of the key loads exactly."""
-
-SPARSIFY_KEY_RULES: dict[str, tuple[tuple[Any, ...] | None, str]] = {
-    # key:              (values this SAE computes exactly, what the key means in sparsify)
-    "d_in":              (ANY_VALUE, "read: the input width"),
-    "num_latents":       (ANY_VALUE, "read: the number of latents; 0 means d_in * expansion_factor"),
-    "expansion_factor":  (ANY_VALUE, "read when num_latents is 0 (or absent)"),
-    "k":                 (ANY_VALUE, "read: latents kept per token"),
-    "multi_topk":        (ANY_VALUE, "a training loss; encode and decode do not depend on it"),
-    "normalize_decoder": (ANY_VALUE, "a training constraint; encode and decode use W_dec as stored"),
-    "activation":        (("topk",), "'groupmax' keeps the largest latent of each of k equal groups, "
-                                     "not the k largest overall"),
-    "transcode":         ((False,), "a transcoder encodes x without subtracting b_dec and predicts another "
-                                    "module's output, where this SAE subtracts b_dec and reconstructs x"),
-    "skip_connection":   ((False,), "it adds x @ W_skip.T (a W_skip tensor) to the reconstruction"),
-    "embed_skip":        ((False,), "it adds an affine map of the model's embeddings (W_embed_skip, "
-                                    "b_embed_skip) to the reconstruction"),
-    "gram_lookup":       ((False,), "it subtracts a frozen n-gram mean table, which is not in the folder, "
-                                    "from the input and the target"),
-    "lookup_max_order":  (ANY_VALUE, "used only with gram_lookup"),
-    "gram_table_hash":   (ANY_VALUE, "provenance of gram_lookup's table"),
-    "d_embed":           (ANY_VALUE, "used only with embed_skip"),
-}
-"""Every cfg.json key sparsify writes (`SparseCoderConfig` in sparsify/config.py, plus `d_in` and
-`d_embed` from `SparseCoder.save_to_disk`), and the values whose math this SAE implements. A key absent
-from the file takes sparsify's default, which is always one of the allowed values. Loading any other
-value would silently compute something else than sparsify does, so `read_sae_config` refuses it.
-
-One difference that needs no rule: sparsify applies ReLU before its top-k (sparsify/fused_encoder.py),
-this SAE after. The codes (values scattered into n_latents) and the reconstruction are the same; only
-the indices of zero-valued picks, in rows with fewer than k positive pre-activations, may differ."""
-
-
-def check_sparsify_keys(raw: dict[str, Any], cfg_path: Path) -> None:
-    """Raise ValueError naming the first key of `raw` whose value `SPARSIFY_KEY_RULES` does not allow."""
-    for key, (allowed, meaning) in SPARSIFY_KEY_RULES.items():
-        if key not in raw or allowed is ANY_VALUE:
-            continue
-        value = raw[key]
-        # Compare types too: JSON 1 or 0 must not pass for true or false.
-        if not any(type(value) is type(option) and value == option for option in allowed):
-            allowed_text = " or ".join(json.dumps(option) for option in allowed)
-            raise UsageError(
-                f"{cfg_path}: cannot load '{key}': {json.dumps(value)} (only {allowed_text} is supported): "
-                f"in sparsify {meaning}, so this SAE would not compute what sparsify computes"
-            )
-
-
-def _is_json_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def resolve_num_latents(raw: dict[str, Any], cfg_path: Path) -> Any:
-    """The number of latents a cfg.json means, by sparsify's rule (sparsify/sparse_coder.py,
-    `SparseCoder.__init__`: `num_latents = cfg.num_latents or d_in * cfg.expansion_factor`).
-
-    A `num_latents` other than 0 is returned as is (its type is checked with the other SaeConfig fields).
-    0 or absent needs `expansion_factor` in the file: sparsify would fall back to its default (32),
-    but a file that names neither is more likely broken than meant that way, and we do not guess.
-    """
-    num_latents = raw.get("num_latents", 0)
-    if not (_is_json_int(num_latents) and num_latents == 0):
-        return num_latents
-    if "expansion_factor" not in raw:
-        raise UsageError(f"{cfg_path}: missing key 'num_latents' (or 'num_latents': 0 with 'expansion_factor')")
-    d_in, expansion_factor = raw["d_in"], raw["expansion_factor"]
-    if not (_is_json_int(expansion_factor) and expansion_factor > 0):
-        raise UsageError(f"{cfg_path}: 'expansion_factor' must be a positive integer when 'num_latents' is 0, "
-                         f"got {json.dumps(expansion_factor)}")
-    if not (_is_json_int(d_in) and d_in > 0):
-        raise UsageError(f"{cfg_path}: 'd_in' must be a positive integer, got {json.dumps(d_in)}")
-    return d_in * expansion_factor
-
-
 def read_sae_config(path: str | Path) -> SaeConfig:
     """SaeConfig from path/cfg.json, written by `SparseAutoencoder.save` or by sparsify.
 
     Refuses (ValueError naming the file and the key) a sparsify coder whose math differs from this
-    SAE's (`SPARSIFY_KEY_RULES`); takes `num_latents: 0` as d_in * expansion_factor, as sparsify does.
+    SAE's (sae/formats/sparsify.py `SPARSIFY_KEY_RULES`); takes `num_latents: 0` as d_in * expansion_factor, as sparsify does.
     Keys that are neither SaeConfig fields nor sparsify's (model, hookpoint, provenance) are ignored.
     """
     cfg_path = Path(path) / CONFIG_FILE

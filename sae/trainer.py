@@ -28,14 +28,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, capture_many,
-                          check_context_length, get_module, load_run_lm)
+from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, check_context_length,
+                          hookpoint_widths, load_run_lm)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import (DistInfo, gather_objects, init_distributed, resolve_device, resolve_precision, shutdown,
                           wait_for_main_rank)
 from .errors import RunExistsError, UsageError
-from .files import atomic_write
+from .files import atomic_write, check_writable_folder, disk_errors, disk_remedy
 from .initialization import initialize_from_batch
 from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     layout = ShardLayout(info.rank, info.world_size, cfg.shard_latents)
     device, compute_dtype = set_up_process(cfg, info, layout)
     latest = checkpoint.list_checkpoints(cfg.run_dir)
-    prepare_run_folder(cfg, latest, info)
+    prepare_run_folder(cfg, latest, info)  # before the model loads: a folder it cannot write is refused now
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
                               rank=layout.replica)
@@ -206,7 +206,9 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     log, score_held_out = open_log_and_evaluator(cfg, info, wandb_id, start_step, evaluator, model, tokenizer)
     run = Run(cfg, info, layout, device, members, stream, log, score_held_out)
     tokens_seen = run_steps(run, batches, start_step, tokens_seen, stop)
-    save_members(run, source, tokens_seen)
+    save_members(run, source, tokens_seen)  # before the last checkpoint: the SAEs are small and what the run is for
+    if start_step < cfg.total_steps:
+        save_checkpoint(run, cfg.total_steps, tokens_seen)
     if log is not None:
         log.finish(members, tokens_seen)
     wait_for_main_rank(info)
@@ -214,10 +216,14 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
 
 
 def set_up_process(cfg: TrainConfig, info: DistInfo, layout: ShardLayout) -> tuple[torch.device, torch.dtype]:
-    """Check the batch splits over the replicas, seed torch, and pick this rank's device and the
-    compute dtype of the matmuls (`cfg.precision`): (device, compute dtype)."""
+    """Check the batch splits over the replicas, say (rank 0) when max_tokens is rounded to whole
+    batches, seed torch, and pick this rank's device and the compute dtype of the matmuls
+    (`cfg.precision`): (device, compute dtype)."""
     if cfg.batch_size % layout.replicas:
         raise UsageError(f"batch_size {cfg.batch_size} is not divisible by the {layout.replicas} replicas")
+    if cfg.max_tokens % cfg.batch_size and info.is_main:
+        print(f"note: max_tokens {cfg.max_tokens:,} is not a whole number of batches of {cfg.batch_size:,}; "
+              f"training {cfg.total_steps:,} steps = {cfg.total_steps * cfg.batch_size:,} tokens (rounded down)")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, info)
     compute_dtype = resolve_precision(cfg.precision, device)
@@ -257,34 +263,36 @@ def open_log_and_evaluator(cfg: TrainConfig, info: DistInfo, wandb_id: str | Non
 def run_steps(run: Run, batches: Iterator[dict[str, Tensor]], start_step: int, tokens_seen: int,
               stop: StopOnSignal) -> int:
     """The steps from `start_step` to the last, each with the logging, held-out evals and checkpoint
-    that `cfg` asks for after it; returns the tokens seen. On a signal (any rank's), the step's
-    checkpoint is written and every rank raises `RunStopped`."""
+    that `cfg` asks for after it (the last step's checkpoint is left to the caller, to write after the
+    SAEs); returns the tokens seen. On a signal (any rank's), the step's checkpoint is written and
+    every rank raises `RunStopped`."""
     cfg, info = run.cfg, run.info
-    total_steps = cfg.max_tokens // cfg.batch_size
+    total_steps = cfg.total_steps
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not info.is_main)
-    started, tokens_at_start = time.perf_counter(), tokens_seen
-    for step in range(start_step, total_steps):
-        last_step = step + 1 == total_steps
-        log_now = (step + 1) % cfg.log_every == 0 or last_step
-        line = step_members(run, next(batches), step, total_steps, log_now)
-        tokens_seen += cfg.batch_size
-        progress.update(1)
-        if log_now:
-            line.update(tokens=tokens_seen, tokens_per_s=(tokens_seen - tokens_at_start) / (time.perf_counter() - started))
-            write_log_line(run, line, progress)
-        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
-            eval_started = time.perf_counter()
-            evaluate_members(run, step + 1)
-            started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
-        signal_number = 0 if last_step else stop.requested(info, run.device)  # Ctrl-C, preemption
-        if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or last_step or signal_number:
-            save_checkpoint(run, step + 1, tokens_seen)
-        if signal_number:
-            progress.close()
-            if run.log is not None:
-                run.log.close()
-            raise RunStopped(signal_number, step + 1, checkpoint.step_dir(cfg.run_dir, step + 1), info)
-    progress.close()
+    with progress:  # closed (its line ended) before any message a stop or an error prints
+        started, tokens_at_start = time.perf_counter(), tokens_seen
+        for step in range(start_step, total_steps):
+            last_step = step + 1 == total_steps
+            log_now = (step + 1) % cfg.log_every == 0 or last_step
+            line = step_members(run, next(batches), step, total_steps, log_now)
+            tokens_seen += cfg.batch_size
+            progress.update(1)
+            if log_now:
+                elapsed = time.perf_counter() - started
+                line.update(tokens=tokens_seen, tokens_per_s=(tokens_seen - tokens_at_start) / elapsed)
+                write_log_line(run, line, progress)
+            if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last_step):
+                eval_started = time.perf_counter()
+                evaluate_members(run, step + 1)
+                started += time.perf_counter() - eval_started  # tokens_per_s counts training time only
+            signal_number = 0 if last_step else stop.requested(info, run.device)  # Ctrl-C, preemption
+            if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and not last_step) or signal_number:
+                save_checkpoint(run, step + 1, tokens_seen)
+            if signal_number:
+                progress.close()
+                if run.log is not None:
+                    run.log.close()
+                raise RunStopped(signal_number, step + 1, checkpoint.step_dir(cfg.run_dir, step + 1), info)
     return tokens_seen
 
 
@@ -318,7 +326,8 @@ def prepare_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> 
     """Refuse to train into a folder that already holds anything unless --resume (nothing is overwritten
     silently); say so when --resume finds no checkpoint to continue from (a fresh start, as a cluster's
     requeue of a run that never reached its first checkpoint wants, but a mistyped --run_name shows).
-    Then remove the unfinished checkpoint writes a crash left behind."""
+    Then (rank 0) create the folder and check it can be written, before the model loads, and remove
+    the unfinished checkpoint writes a crash left behind."""
     if not cfg.resume:
         held = sorted(path.name for path in cfg.run_dir.iterdir()) if cfg.run_dir.is_dir() else []
         if held:
@@ -328,7 +337,9 @@ def prepare_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> 
     elif not latest and info.is_main:
         print(f"note: --resume found no checkpoint in {checkpoint.checkpoint_dir(cfg.run_dir)}; "
               f"starting run '{cfg.run_name}' from step 0")
+    wait_for_main_rank(info)  # every rank has looked into the folder before rank 0 writes in it
     if info.is_main:
+        check_writable_folder(cfg.run_dir, "the run folder", "choose a writable --out_dir")
         checkpoint.remove_unfinished(cfg.run_dir)
 
 
@@ -350,8 +361,7 @@ def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
     else:
         model, tokenizer = load_run_lm(cfg, device)
         check_context_length(model, cfg.data.ctx_len)
-        probe = capture_many(model, [get_module(model, h) for h in hookpoints], torch.zeros(1, 2, dtype=torch.long, device=device))
-        d_in_of = {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, probe)}
+        d_in_of = hookpoint_widths(model, hookpoints)
     if not layout.reads_data:
         source = PlaceholderWindowSource(hookpoints, cfg.data.ctx_len, d_in_of, device)
     elif not cfg.data.activation_cache:
@@ -394,8 +404,8 @@ def step_members(run: Run, batch: dict[str, Tensor], step: int, total_steps: int
         except NonFiniteLossError as error:
             last = checkpoint.list_checkpoints(cfg.run_dir)
             raise NonFiniteLossError(
-                f"{error} at step {step}{' (' + member.name + ')' if member.name else ''}; stopped. "
-                f"Last good checkpoint: {last[-1] if last else 'none'}"
+                f"{error} at step {step} (the SAE {member.name + ' ' if member.name else ''}at {member.hookpoint}); "
+                f"stopped. Last good checkpoint: {last[-1] if last else 'none'}"
             ) from None
         if log_now:
             member.metrics = {**step_metrics(member.sae, out, member.tokens_since_fired), "lr": lr}
@@ -416,7 +426,9 @@ def evaluate_members(run: Run, step: int) -> None:
 
 def save_checkpoint(run: Run, step: int, tokens_seen: int) -> None:
     """A checkpoint of the whole run after `step` (every member, every rank's stream, the RNG), written
-    by rank 0 piece by piece while the other ranks send their rows (collective: every rank calls it)."""
+    by rank 0 piece by piece while the other ranks send their rows (collective: every rank calls it).
+    A full or read-only disk stops the run with one line (`disk_errors`): the earlier checkpoints are
+    intact (`checkpoint.save_checkpoint` writes a hidden folder, renamed into place when complete)."""
     cfg, info, members = run.cfg, run.info, run.members
     streams = gather_objects(run.stream.state_dict(), info)
     entries = [member_state(member) for member in members]
@@ -429,14 +441,20 @@ def save_checkpoint(run: Run, step: int, tokens_seen: int) -> None:
             "wandb_id": run.log.run.id, "config": to_dict(cfg),
         }
         specs = [spec for member_specs, _, _ in entries for spec in member_specs] + rng_specs
-        checkpoint.save_checkpoint(cfg.run_dir, step, specs, itertools.chain(chunks, rng_chunks), state, cfg.keep_checkpoints)
+        done = (f"{saved_in(members)} (only this checkpoint, needed to train on past step {step}, is missing)"
+                if step == cfg.total_steps else f"the run stopped at step {step}")  # the last comes after the SAEs
+        with disk_errors(f"could not write checkpoint {checkpoint.step_dir(cfg.run_dir, step)}",
+                         lambda error: f"{done}; {how_to_resume(cfg, error)}"):
+            checkpoint.save_checkpoint(cfg.run_dir, step, specs, itertools.chain(chunks, rng_chunks), state,
+                                       cfg.keep_checkpoints)
     else:
         drain(chunks)
     wait_for_main_rank(info)
 
 
 def save_members(run: Run, source, tokens_seen: int) -> None:
-    """The final SAEs, folded to take raw activations, each in its folder with its provenance."""
+    """The final SAEs, folded to take raw activations, each in its folder (atomically) with its provenance.
+    A full or read-only disk stops the run with one line naming the SAE, those saved and the last checkpoint."""
     cfg = run.cfg
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
@@ -449,7 +467,26 @@ def save_members(run: Run, source, tokens_seen: int) -> None:
         }
         if run.log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run
             metadata.update(wandb_run_id=run.log.run.id, wandb_project=cfg.wandb_project)
-        save_member(member, metadata)  # collective: rank 0 writes one ordinary SAE folder
+        saved = run.members[: run.members.index(member)]
+        kept = f"{saved_in(saved)}; " if saved else ""
+        with disk_errors(f"could not write the SAE {member.out_dir}", lambda error: kept + how_to_resume(cfg, error)):
+            save_member(member, metadata)  # collective: rank 0 writes one ordinary SAE folder
+
+
+def saved_in(members: list[Member]) -> str:
+    """"the trained SAE is saved in RUN/HOOK" (or "SAEs are ... in A, B"), for the messages of a failed write."""
+    folders = ", ".join(str(member.out_dir) for member in members)
+    return f"the trained SAEs are saved in {folders}" if len(members) > 1 else f"the trained SAE is saved in {folders}"
+
+
+def how_to_resume(cfg: TrainConfig, error: OSError) -> str:
+    """After a write failed with `error` (of `files.DISK_ERRNOS`): the last checkpoint kept, and how to
+    continue from it once the disk is fixed."""
+    kept = checkpoint.list_checkpoints(cfg.run_dir)
+    if not kept:
+        return f"no checkpoint is kept: {disk_remedy(error, cfg.run_dir)} and rerun with --resume to start again from step 0"
+    return (f"the last checkpoint kept is {kept[-1]}: {disk_remedy(error, cfg.run_dir)} and rerun with --resume "
+            f"to continue from step {checkpoint.step_of(kept[-1])}")
 
 
 def final_metrics(member: Member) -> dict[str, dict]:
@@ -472,16 +509,17 @@ class RunLog:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, mode=cfg.wandb_mode, config=to_dict(cfg),
                               dir=str(cfg.run_dir), id=wandb_id, resume="allow")
-        path = cfg.run_dir / "log.jsonl"
-        if path.exists():  # a resumed run: drop what was logged after its checkpoint, it is about to be redone
-            kept = _log_lines_up_to(path, start_step)
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
-        self.file = open(path, "a")
+        self.cfg, self.path = cfg, cfg.run_dir / "log.jsonl"
+        if self.path.exists():  # a resumed run: drop what was logged after its checkpoint, it is about to be redone
+            kept = _log_lines_up_to(self.path, start_step)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+        self.file = open(self.path, "ab", buffering=0)  # unbuffered: a line that did not fit is not retried at exit
 
     def write(self, line: dict[str, Any]) -> None:
         self.run.log(line, step=line["step"])
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
+        with disk_errors(f"could not write {self.path}",
+                         lambda error: f"the run stopped at step {line['step']}; {how_to_resume(self.cfg, error)}"):
+            self.file.write((json.dumps(line) + "\n").encode())
         tqdm.write(" ".join(f"{key}={_fmt(value)}" for key, value in line.items()))
 
     def close(self) -> None:

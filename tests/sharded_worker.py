@@ -36,6 +36,10 @@ CASES = {
     # a latent count that is not a power of two
     "odd": dict(cfg=SaeConfig(d_in=10, n_latents=90, k=5, k_aux=16, dead_tokens=32, multi_topk=True), batch=32, steps=5),
     "k1": dict(cfg=SaeConfig(d_in=8, n_latents=48, k=1, k_aux=6, dead_tokens=16, multi_topk=True), batch=16, steps=5),
+    # a non-GPT-2 family's activations (a random-init Llama's residual stream), for many steps: in float64 the
+    # trajectories stay together; in float32 a run's rounding is amplified over long runs (docs/distributed.md)
+    "llama": dict(cfg=SaeConfig(d_in=32, n_latents=64, k=4, k_aux=32, dead_tokens=64), batch=64, steps=60,
+                  batches="llama"),
 }
 LR, CLIP, TOL = 1e-2, 0.05, dict(rtol=1e-9, atol=1e-9)
 
@@ -52,6 +56,25 @@ def state_bytes(sae, optimizer, only=None) -> dict[str, int]:
             "optimizer": sum(t.nbytes for p in params for t in optimizer.state[p].values() if torch.is_tensor(t) and t.dim())}
 
 
+def llama_residual_rows(n_batches: int, batch: int, d_in: int):
+    """(n_batches, batch, d_in) float64: the output of layer 1 of a seeded random-init 2-layer Llama (hidden
+    d_in) on seeded random tokens, rows shuffled; the same on every rank."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=d_in, intermediate_size=2 * d_in, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = LlamaForCausalLM(config).to(F64).eval()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, config.vocab_size, (-(-n_batches * batch // 31), 32), generator=generator)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states[2][:, 1:]  # output of model.layers.1
+    rows = hidden.reshape(-1, d_in)
+    rows = rows[torch.randperm(len(rows), generator=generator)][: n_batches * batch]
+    return rows.reshape(n_batches, batch, d_in)
+
+
 def run_case(name, spec, layout, info, out_dir):
     cfg, batch, steps = spec["cfg"], spec["batch"], spec["steps"]
     tag = f"{name}-{layout.replicas}x{layout.shards}"
@@ -64,7 +87,10 @@ def run_case(name, spec, layout, info, out_dir):
         full = ref.get_parameter(pname)
         assert torch.equal(param, full[lo:hi] if pname != "b_dec" else full), f"{tag}: init of {pname} is not the slice"
 
-    batches = torch.randn(steps + 1, batch, cfg.d_in, dtype=F64, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    if spec.get("batches") == "llama":
+        batches = llama_residual_rows(steps + 1, batch, cfg.d_in)
+    else:
+        batches = torch.randn(steps + 1, batch, cfg.d_in, dtype=F64, generator=torch.Generator().manual_seed(1)) * 3 + 1
     rows = slice(layout.replica * batch // layout.replicas, (layout.replica + 1) * batch // layout.replicas)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, eps=6.25e-10)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=6.25e-10)

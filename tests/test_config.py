@@ -85,6 +85,12 @@ def test_fewer_tokens_than_one_batch_is_refused():
     assert parse_args(["--max_tokens", "4096"]).max_tokens == 4096
 
 
+def test_max_tokens_is_rounded_down_to_whole_batches_and_left_as_given():
+    cfg = parse_args(["--max_tokens", "10000", "--batch_size", "4096"])
+    assert cfg.total_steps == 2 and cfg.max_tokens == 10_000  # the trainer says so (tests/test_disk.py)
+    assert TrainConfig(max_tokens=4096, batch_size=4096).total_steps == 1
+
+
 def test_a_random_init_lm_is_recorded_and_named_apart_from_its_pretrained_twin():
     pretrained, random_lm = TrainConfig(), TrainConfig(model_init="random", model_init_seed=5)
     assert "model_init" not in pretrained.provenance("transformer.h.2")

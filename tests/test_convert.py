@@ -17,8 +17,11 @@ import torch
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 from sae import SaeConfig, SparseAutoencoder  # noqa: E402
-from sae.convert import convert, main  # noqa: E402
-from sae.errors import UsageError  # noqa: E402
+from sae.convert import TARGETS, convert, main  # noqa: E402
+from sae.errors import UsageError, UserError  # noqa: E402
+from sae.formats.hook_names import saelens_hook  # noqa: E402
+from sae.model import read_any_sae_metadata  # noqa: E402
+from test_model import corrupt_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(16, 64, 4), (13, 40, 7)]  # (d_in, n_latents, k); the second odd-sized
@@ -386,6 +389,93 @@ def test_dictionary_learning_other_dictionaries_are_refused(tmp_path):
         SparseAutoencoder.load(backup)
 
 
+# ---- hook_name of a SAELens export -------------------------------------------------------------------
+
+
+def lm_folder(path: Path, model_type: str) -> Path:
+    """An LM folder as far as the export reads it: its config.json's model_type (the LM's family)."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return path
+
+
+@pytest.mark.parametrize("model_type,hookpoint,hook_name", [
+    ("gpt2", "transformer.h.3", "blocks.3.hook_resid_post"),
+    ("gpt2", "transformer.h.3.mlp", "blocks.3.hook_mlp_out"),
+    ("gpt2", "transformer.h.3.attn", "blocks.3.hook_attn_out"),
+    ("gpt_neox", "gpt_neox.layers.1", "blocks.1.hook_resid_post"),
+    ("gpt_neox", "gpt_neox.layers.1.attention", "blocks.1.hook_attn_out"),
+    ("llama", "model.layers.10", "blocks.10.hook_resid_post"),
+    ("qwen2", "model.layers.2.mlp", "blocks.2.hook_mlp_out"),
+    ("phi3", "model.layers.2.self_attn", "blocks.2.hook_attn_out"),
+    ("gemma2", "model.layers.2", "blocks.2.hook_resid_post"),
+    # no TransformerLens hook holds these: Gemma 2 norms the MLP's output before adding it; an activation inside
+    ("gemma2", "model.layers.2.mlp", None),
+    ("llama", "model.layers.2.mlp.act_fn", None),
+    ("bloom", "transformer.h.3.mlp", None),
+])
+def test_saelens_hook_name_is_the_transformer_lens_hook_where_known(tmp_path, model_type, hookpoint, hook_name):
+    # (the known ones checked against TransformerLens itself: HookedTransformer with converted GPT-2, Pythia
+    # and Llama weights and center_writing_weights=False gives the same activations to 1e-7)
+    hook, note = saelens_hook({"model": str(lm_folder(tmp_path / "lm", model_type)), "hookpoint": hookpoint})
+    if hook_name:
+        assert note is None and hook == {"hook_name": hook_name, "model_class_name": "HookedTransformer",
+                                         "model_from_pretrained_kwargs": {"center_writing_weights": False}}
+    else:
+        assert hook == {"hook_name": hookpoint, "model_class_name": "AutoModelForCausalLM"}
+        assert f"'{hookpoint}' is our hookpoint, a Hugging Face module name" in note and model_type in note
+
+
+def test_saelens_export_records_the_hook_name_and_loads_there(tmp_path, capsys):
+    sae_lens = pytest.importorskip("sae_lens")
+    lm = lm_folder(tmp_path / "lm", "llama")
+    random_sae(16, 64, 4).save(tmp_path / "ours", metadata={"model": str(lm), "hookpoint": "model.layers.2"})
+    main([str(tmp_path / "ours"), str(tmp_path / "resid"), "--to", "saelens"])
+    assert "note:" not in capsys.readouterr().out
+    metadata = sae_lens.SAE.load_from_disk(tmp_path / "resid").cfg.metadata  # (it warns: load the LM unprocessed)
+    assert (metadata.hook_name, metadata.model_class_name) == ("blocks.2.hook_resid_post", "HookedTransformer")
+    assert metadata.model_from_pretrained_kwargs == {"center_writing_weights": False}
+    convert(tmp_path / "resid", tmp_path / "back", "ours")
+    assert cfg_json(tmp_path / "back") == cfg_json(tmp_path / "ours")
+
+    # the hub name of an LM not in the local cache: its family is unknown, and so is a sublayer's hook
+    main([str(tmp_path / "ours"), str(tmp_path / "mlp"), "--to", "saelens", "--model", "org/not-here",
+          "--hookpoint", "model.layers.2.mlp"])
+    note, wrote = capsys.readouterr().out.strip().splitlines()
+    assert note == ("note: SAELens hook_name 'model.layers.2.mlp' is our hookpoint, a Hugging Face module name: no "
+                    "TransformerLens hook is known to hold its activations (the LM's config.json is not here to tell "
+                    "its family); SAELens reads it with model_class_name AutoModelForCausalLM")
+    metadata = sae_lens.SAE.load_from_disk(tmp_path / "mlp").cfg.metadata
+    assert (metadata.hook_name, metadata.model_class_name) == ("model.layers.2.mlp", "AutoModelForCausalLM")
+
+
+def test_our_record_in_a_saelens_export_is_type_checked_too(tmp_path):
+    random_sae(16, 64, 4).save(tmp_path / "ours", metadata={"model": "gpt2", "hookpoint": "transformer.h.1", "ctx_len": 64})
+    convert(tmp_path / "ours", tmp_path / "saelens", "saelens")
+    cfg_path = tmp_path / "saelens" / "cfg.json"
+    config = json.loads(cfg_path.read_text())
+    config["metadata"]["topk_sae"]["ctx_len"] = "64"
+    cfg_path.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=rf"^{cfg_path}: metadata.topk_sae: 'ctx_len' must be an integer or null, "
+                                         r'found "64" \(a string\)$'):
+        read_any_sae_metadata(tmp_path / "saelens")
+
+
+def test_convert_refuses_nan_weights_in_one_line_and_writes_nothing(tmp_path):
+    random_sae(16, 64, 4).save(tmp_path / "ours")
+    corrupt_weights(tmp_path / "ours" / "sae.safetensors", "encoder.bias", 3)
+    for to in TARGETS:
+        with pytest.raises(UserError, match=r"sae.safetensors: non-finite values \(NaN or inf\) in the SAE's weights: "
+                                            r"'encoder.bias' 3 of 64;"):
+            main([str(tmp_path / "ours"), str(tmp_path / f"as-{to}"), "--to", to])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]
+
+    # another tool's file: the same check, in this SAE's parameter names
+    torch.save({**openai_state_dict(8, 32, 4), "latent_bias": torch.full((32,), float("inf"))}, tmp_path / "openai.pt")
+    with pytest.raises(UserError, match=r"openai.pt: non-finite .* 'encoder.bias' 32 of 32 \(named as this SAE's"):
+        SparseAutoencoder.load(tmp_path / "openai.pt")
+
+
 # ---- unknown layouts and the command line -------------------------------------------------------------
 
 
@@ -418,8 +508,10 @@ def test_command_line_converts_and_refuses_in_one_line_without_overwriting(tmp_p
     random_sae(16, 64, 4).save(tmp_path / "ours")
     done = run_convert(tmp_path / "ours", tmp_path / "saelens", "--to", "saelens")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == (f"wrote {tmp_path / 'saelens'} from {tmp_path / 'ours'}; load it with "
-                                   f"sae_lens.SAE.load_from_disk('{tmp_path / 'saelens'}')")
+    assert done.stdout.strip().splitlines() == [
+        "note: no hookpoint recorded, so SAELens's hook_name is left unset (pass --hookpoint to record one)",
+        f"wrote {tmp_path / 'saelens'} from {tmp_path / 'ours'}; load it with "
+        f"sae_lens.SAE.load_from_disk('{tmp_path / 'saelens'}')"]
     assert sorted(p.name for p in (tmp_path / "saelens").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
     before = {p.name: p.read_bytes() for p in (tmp_path / "saelens").iterdir()}

@@ -115,6 +115,7 @@ def test_user_mistakes_are_one_line_and_exit_status_2(tiny_lm_dir, text_file, tm
     (tmp_path / "taken" / "log.jsonl").write_text('{"step": 5}\n')
     cases = [
         (["--hookpoint=transformer.h.9"], ["hookpoint 'transformer.h.9'", "transformer.h.{0..2}"]),
+        (["--model=./gpt2-typo"], ["model folder not found: ./gpt2-typo"]),  # was a traceback of 88 lines
         ([f"--data.dataset={tmp_path / 'missing.txt'}"], ["data file not found", "missing.txt"]),
         (["--run_name=taken"], ["already holds a run", "log.jsonl", "--resume"]),
         (["--config", str(bad_yaml)], ["bad.yaml: not valid YAML"]),
@@ -131,7 +132,7 @@ def test_user_mistakes_are_one_line_and_exit_status_2(tiny_lm_dir, text_file, tm
 
 def test_empty_data_is_one_line_too(tiny_lm_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"text": ""}\n')
+    empty.write_text('{"text": ""}\n{"text": " \\n\\t "}\n')  # whitespace alone trained an SAE with exit 0
     result = run_train(f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1", f"--data.dataset={empty}",
                        "--data.ctx_len=16", "--batch_size=64", "--max_tokens=128", f"--out_dir={tmp_path}")
     assert_one_line_error(result, "no non-empty documents")

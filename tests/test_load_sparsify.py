@@ -15,7 +15,7 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 sparsify = pytest.importorskip("sparsify")
 
 from sae import SparseAutoencoder  # noqa: E402
-from sae.model import SPARSIFY_KEY_RULES  # noqa: E402
+from sae.formats.sparsify import SPARSIFY_KEY_RULES  # noqa: E402
 
 D_IN = 16
 

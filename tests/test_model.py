@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sae import SaeConfig, SparseAutoencoder
-from sae.model import fire_counts, geometric_median
+from sae.errors import UserError
+from sae.model import fire_counts, geometric_median, read_any_sae_metadata
 
 
 def random_sae(d_in, n_latents, k, **kwargs) -> SparseAutoencoder:
@@ -297,3 +298,56 @@ def test_init_draws_from_the_cpu_generator_and_a_meta_sae_draws_nothing():
     assert torch.equal(SparseAutoencoder(cfg).W_dec, first.W_dec)
     torch.testing.assert_close(first.W_dec.norm(dim=1), torch.ones(40))
     assert torch.equal(first.encoder.weight, first.W_dec) and not first.encoder.bias.any()
+
+
+def corrupt_weights(weights_file, tensor: str, n_values: int) -> None:
+    """Overwrite the first `n_values` float32 values of `tensor` in a safetensors file with 0xFF bytes (each
+    becomes a NaN), leaving the header intact: what a bad disk sector or a broken copy leaves."""
+    data = bytearray(weights_file.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    start = 8 + header_length + json.loads(data[8 : 8 + header_length])[tensor]["data_offsets"][0]
+    data[start : start + 4 * n_values] = b"\xff" * (4 * n_values)
+    weights_file.write_bytes(bytes(data))
+
+
+def test_weights_with_nan_or_inf_are_refused_in_one_line_naming_the_file_and_tensor(tmp_path):
+    random_sae(8, 16, 2).save(tmp_path / "sae")
+    corrupt_weights(tmp_path / "sae" / "sae.safetensors", "W_dec", 10)
+    with pytest.raises(UserError) as refused:
+        SparseAutoencoder.load(tmp_path / "sae")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'sae' / 'sae.safetensors'}: non-finite values")
+    assert "'W_dec' 10 of 128" in message and "encoder" not in message
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("ctx_len", "64", "'ctx_len' must be an integer or null, found \"64\" (a string)"),
+    ("ctx_len", 64.5, "'ctx_len' must be an integer or null, found 64.5 (a number)"),
+    ("hookpoint", 3, "'hookpoint' must be a string or null, found 3 (an integer)"),
+    ("text_read", [], "'text_read' must be a JSON object or null, found [] (a JSON list)"),
+    ("k", True, "'k' must be an integer, found true (true or false)"),
+    ("k", "2", "'k' must be an integer, found \"2\" (a string)"),
+    ("num_latents", 16.0, "'num_latents' must be an integer, found 16.0 (a number)"),
+    ("auxk_coef", "0.1", "'auxk_coef' must be a number, found \"0.1\" (a string)"),
+    ("multi_topk", 0, "'multi_topk' must be true or false, found 0 (an integer)"),
+])
+def test_cfg_json_values_of_the_wrong_type_are_one_line_naming_the_key(tmp_path, key, value, expected):
+    random_sae(8, 16, 2).save(tmp_path / "sae", metadata={"model": "m", "hookpoint": "h", "ctx_len": 64})
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), key: value}))
+    for read in (SparseAutoencoder.load, read_any_sae_metadata):
+        with pytest.raises(UserError) as refused:
+            read(tmp_path / "sae")
+        assert str(refused.value) == f"{cfg_path}: {expected}"
+
+
+def test_cfg_json_null_provenance_loads_and_not_json_is_one_line(tmp_path):
+    random_sae(8, 16, 2).save(tmp_path / "sae", metadata={"model": None, "ctx_len": None, "dataset_config": None})
+    assert read_any_sae_metadata(tmp_path / "sae")["ctx_len"] is None  # null: not recorded (eval asks for --ctx_len)
+    SparseAutoencoder.load(tmp_path / "sae")
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    for text in (b'{"d_in": 8, "k": 2,', b"\xff\xfe not text"):
+        cfg_path.write_bytes(text)
+        with pytest.raises(UserError, match=rf"^{cfg_path}: not valid JSON \(") as refused:
+            SparseAutoencoder.load(tmp_path / "sae")
+        assert "\n" not in str(refused.value)

@@ -269,7 +269,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tiny_lm_dir, 
 
     monkeypatch.setattr(trainer, "training_step", poisoned_step)
     cfg = tiny_config(tiny_lm_dir, text_file, tmp_path)
-    with pytest.raises(NonFiniteLossError, match="at step 13.*step-00000010"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 13 \(the SAE at transformer.h.1\); stopped.*step-00000010"):
         train(cfg)
     saved = checkpoint.list_checkpoints(cfg.run_dir)
     assert [path.name for path in saved] == ["step-00000010"]
@@ -288,6 +288,7 @@ def test_crash_while_writing_a_checkpoint_leaves_nothing_loadable(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(run_dir, 10, *checkpoint.whole({"w": torch.zeros(3)}), {"step": 10})
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-00000005"]
+    assert [p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir()] == ["step-00000005"]  # the partial write removed
     tensors, state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
     assert state["step"] == 5 and torch.equal(tensors["w"], torch.ones(3))
 

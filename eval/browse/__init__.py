@@ -6,7 +6,8 @@
 
 The index shows the run (cfg.json), headline numbers (the training's final metrics and, with --report,
 the eval report's), training curves from the log SAE_DIR/../log.jsonl when there is one, and a table
-of the explained latents and neurons. Each unit gets a page (latent-N.html, neuron-N.html) with its
+of the explained latents and neurons (SAE_DIR/explain.jsonl; without it, as after an eval that did not
+explain, the index is the whole site). Each unit gets a page (latent-N.html, neuron-N.html) with its
 explanation, scores, activation histogram and excerpts, every token shaded by its activation.
 Plots are inline SVG drawn here; the only script is a few lines that sort the index's tables.
 

@@ -217,13 +217,23 @@ def units_table_html(units: list[Unit], kind: str) -> str:
             "correlation per simulator. Click a header to sort.</p>")
 
 
-def index_html(cfg: dict, units: list[Unit], report: dict | None, report_path: Path | None, log_path: Path,
-               scaling_svg: str | None = None) -> str:
-    """The index page: run, headline numbers, plots, the report's other metrics and the tables of units."""
-    title = run_title(cfg) or "SAE"
+def units_subtitle_html(units: list[Unit], explain_path: Path) -> str:
+    """How many units are explained, with links to their tables; or, with none, how to explain some."""
+    if not units:
+        return (f'<p class="subtitle" id="no-explanations">No explained units ({esc(explain_path)} is missing or '
+                f"empty): run <code>python -m eval {esc(explain_path.parent)} --explain N</code> to explain N latents "
+                "and as many MLP neurons.</p>")
     contents = " · ".join(f'<a href="#{esc(kind)}s">{esc(plural(kind))}</a>' for kind in kinds_of(units))
+    return f'<p class="subtitle">{len(units)} explained units; jump to {contents}</p>'
+
+
+def index_html(cfg: dict, units: list[Unit], explain_path: Path, report: dict | None, report_path: Path | None,
+               log_path: Path, scaling_svg: str | None = None) -> str:
+    """The index page: run, headline numbers, plots, the report's other metrics and the tables of units
+    (read from `explain_path`; without units, a note says how to make them)."""
+    title = run_title(cfg) or "SAE"
     body = [f"<h1>{esc(title)}</h1>",
-            f'<p class="subtitle">{len(units)} explained units; jump to {contents}</p>',
+            units_subtitle_html(units, explain_path),
             headline_html(cfg, report, report_path),
             density_histogram_html(report) if report is not None else "",
             *((ablation_html(report), probe_html(report), n2g_html(report)) if report is not None else ()),

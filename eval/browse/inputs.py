@@ -123,11 +123,11 @@ def unit_from_record(record: dict, where: str) -> Unit:
     )
 
 
-def read_units(sae_dir: Path) -> list[Unit]:
-    """Every unit of SAE_DIR/explain.jsonl, latents first, each kind by unit id."""
-    path = sae_dir / "explain.jsonl"
+def read_units(path: Path) -> list[Unit]:
+    """Every unit of explain.jsonl at `path`, latents first, each kind by unit id; none when there is no
+    such file (an eval without --explain)."""
     if not path.is_file():
-        raise BrowseError(f"{path} not found; run `python -m eval {sae_dir} --explain N` first to explain N latents")
+        return []
     units, seen = [], {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -142,8 +142,6 @@ def read_units(sae_dir: Path) -> list[Unit]:
             raise BrowseError(f"{where}: {unit.label} is already on line {seen[unit.kind, unit.unit]}")
         seen[unit.kind, unit.unit] = number
         units.append(unit)
-    if not units:
-        raise BrowseError(f"{path} holds no units; run `python -m eval {sae_dir} --explain N` to explain N latents")
     return sorted(units, key=lambda unit: (unit.kind != "latent", unit.kind, unit.unit))
 
 

@@ -72,18 +72,20 @@ def build_site(sae_dir: str | Path, out_dir: str | Path, report_path: str | Path
                force: bool = False) -> Path:
     """Write the browsing site of the SAE in `sae_dir` into `out_dir`; returns the index's path.
 
-    Reads SAE_DIR/cfg.json, SAE_DIR/explain.jsonl, SAE_DIR/../log.jsonl (if any) and the eval report
-    at `report_path` (if given). Raises BrowseError naming whatever is missing.
+    Reads SAE_DIR/cfg.json, SAE_DIR/explain.jsonl and SAE_DIR/../log.jsonl (if any) and the eval report
+    at `report_path` (if given). Without explanations, the site is the index without the units' parts.
+    Raises BrowseError naming whatever is missing or unreadable.
     """
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
     if not sae_dir.is_dir():
         raise BrowseError(f"SAE folder not found: {sae_dir}")
     cfg = read_cfg(sae_dir)
-    units = read_units(sae_dir)
+    explain_path = sae_dir / "explain.jsonl"
+    units = read_units(explain_path)
     report = read_report(Path(report_path), sae_dir) if report_path else None
     previous_site_files(out_dir, force)  # refuse before the work of rendering
     files = unit_pages(units, cfg)
-    files["index.html"] = index_html(cfg, units, report, Path(report_path) if report_path else None,
+    files["index.html"] = index_html(cfg, units, explain_path, report, Path(report_path) if report_path else None,
                                      sae_dir.resolve().parent / "log.jsonl", read_scaling_svg(sae_dir))
     write_site(out_dir, files, force)
     return out_dir / "index.html"

@@ -19,8 +19,8 @@ from sae.model import SparseAutoencoder
 
 from ..missing import format_or_dash, mean_or_none
 from .n2g import N2GExplainer, N2GSimulator, context_and_pad_ids
-from .records import (TokenStrings, UnitActivations, UnitRecords, mlp_neuron_module, module_unit_activations,
-                      sae_latent_activations)
+from .records import (NeuronSite, TokenStrings, UnitActivations, UnitRecords, find_mlp_neurons, neuron_activations,
+                      no_neurons_note, sae_latent_activations)
 from .scoring import score_unit
 from .units import derangement, latent_records, neuron_records
 
@@ -99,18 +99,24 @@ def add_n2g_scores(results: list[dict], records: list[UnitRecords], activations:
 
 def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: str, windows: Tensor, *, n_units: int,
                 simulators, explainer_backend=None, latents: list[int] | None = None, neurons: bool = True,
-                neuron_module: str | None = None, seed: int = 0, batch_windows: int = 32,
+                neuron_site: NeuronSite | None = None, seed: int = 0, batch_windows: int = 32,
                 jsonl_path: str | Path | None = None) -> dict:
     """The `explain` section of an eval report: latents, neurons and shuffled controls, every simulator.
 
     `simulators` is a choose.SimulatorSet; `explainer_backend` None uses the token-lookup explainer. With
-    "n2g" among the simulators, each unit also gets N2G patterns, scored by the N2G simulator.
+    "n2g" among the simulators, each unit also gets N2G patterns, scored by the N2G simulator. With
+    `neurons`, as many neurons of `neuron_site` (default: the MLP neurons of the hookpoint's block,
+    `find_mlp_neurons`) as latents are the baseline; without such neurons, a note says it is skipped.
     """
     from .choose import make_explainer
 
+    notes = list(simulators.notes)
     groups = [("latent", latent_records(model, tokenizer, sae, hookpoint, windows, n_units, latents, seed, batch_windows))]
-    if neurons:
-        groups.append(("neuron", neuron_records(model, tokenizer, hookpoint, windows, n_units, seed, neuron_module, batch_windows)))
+    site = (neuron_site or find_mlp_neurons(model, hookpoint)) if neurons else None
+    if site is not None:
+        groups.append(("neuron", neuron_records(model, tokenizer, site, windows, n_units, seed, batch_windows)))
+    elif neurons:
+        notes.append(no_neurons_note(model, hookpoint))
     results, summary = [], {}
     for unit_name, records in groups:
         explainer = make_explainer(explainer_backend, unit_name)
@@ -119,7 +125,7 @@ def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: 
         if simulators.n2g:
             units = [record.unit for record in records]
             activations = (sae_latent_activations(model, hookpoint, sae, units) if unit_name == "latent" else
-                           module_unit_activations(model, neuron_module or mlp_neuron_module(hookpoint), units))
+                           neuron_activations(model, site, units))
             add_n2g_scores(group_results, records, activations, windows, tokenizer, seed, batch_windows)
             group_summary = summarize(group_results, [*group_simulators, "n2g"])
         results += group_results
@@ -133,7 +139,8 @@ def explain_sae(sae: SparseAutoencoder, model: nn.Module, tokenizer, hookpoint: 
         "mean_score_top_and_random": latents["mean_score_top_and_random"],
         "mean_score_random_only": latents["mean_score_random_only"],
         "simulators": summary,
-        "notes": list(simulators.notes),
+        "neuron_site": None if site is None else str(site),
+        "notes": notes,
     }
     if jsonl_path:
         section["records_file"] = str(write_jsonl(jsonl_path, results))

@@ -1,6 +1,9 @@
 """Activation records: for each unit (an SAE latent or an MLP neuron), the held-out excerpts where it
 is strongest and a set of random excerpts, as token strings with raw activations.
 
+A neuron is read where every family has its MLP's neurons: the input of the MLP's output projection
+(`find_mlp_neurons`; gated MLPs included), or the output of a module the user names (`NeuronSite`).
+
 An excerpt is one eval window minus its first position (the position the SAE never sees), so
 ctx_len - 1 tokens: 63 with the default 64-token windows (Bills et al. use 64-token excerpts).
 
@@ -15,12 +18,12 @@ the draw take their place): a unit that rarely fires shows mostly zeros there, a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from sae.activations import capture_activations, get_module
+from sae.activations import capture_activations, get_module, module_name_summary
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder, fire_counts
 
@@ -197,14 +200,14 @@ def sae_latent_activations(model: nn.Module, hookpoint: str, sae: SparseAutoenco
     return activations
 
 
-def module_unit_activations(model: nn.Module, module_name: str, units: list[int]) -> UnitActivations:
-    """Chosen channels of a module's output, e.g. GPT-2's MLP neurons `transformer.h.2.mlp.act`."""
-    module = get_module(model, module_name)
+def neuron_activations(model: nn.Module, site: NeuronSite, units: list[int]) -> UnitActivations:
+    """Chosen neurons of `site`, e.g. Llama's MLP neurons: the input of `model.layers.2.mlp.down_proj`."""
+    get_module(model, site.module)  # a wrong name fails here, not at the first call
     device = next(model.parameters()).device
     index = torch.tensor(units, device=device)
 
     def activations(input_ids: Tensor) -> Tensor:
-        return capture_activations(model, module, input_ids.to(device))[:, 1:].index_select(-1, index)
+        return capture_neurons(model, site, input_ids.to(device))[:, 1:].index_select(-1, index)
 
     return activations
 
@@ -228,10 +231,87 @@ def latent_fire_counts(model: nn.Module, hookpoint: str, sae: SparseAutoencoder,
     return counts
 
 
-def mlp_neuron_module(hookpoint: str) -> str:
-    """The MLP activation module of the block a GPT-2 hookpoint belongs to: transformer.h.L -> transformer.h.L.mlp.act."""
+@dataclass(frozen=True)
+class NeuronSite:
+    """Where an LM's neurons are read: the output channels of a module, or the input of one (an MLP's
+    output projection, whose input is the MLP's neurons in every family, gated ones included)."""
+
+    module: str
+    """The module's name in `model.named_modules()`."""
+    reads: Literal["input", "output"]
+
+    def __str__(self) -> str:
+        return f"the {self.reads} of {self.module}"
+
+
+MLP_NAMES = ("mlp", "ffn", "feed_forward")
+"""Names of a block's MLP child (GPT-2, GPT-NeoX, Llama and kin, Phi: mlp; MPT: ffn; Llama 4: feed_forward)."""
+
+OUTPUT_PROJECTIONS = ("c_proj", "dense_4h_to_h", "down_proj", "fc2", "fc_out")
+"""Names of an MLP's output projection: GPT-2 (and GPT-BigCode), GPT-NeoX (and Bloom, Falcon), gated
+MLPs (Llama, Mistral, Qwen2, Gemma, Gemma2, Phi3, OLMo), Phi, GPT-J. Its input is act(W_in x) or, gated,
+act(W_gate x) * (W_up x): the neurons."""
+
+
+def named_neuron_site(model: nn.Module, module_name: str) -> NeuronSite:
+    """The output channels of the module the user named (--neuron_module); one line when it is not a module."""
+    modules = dict(model.named_modules())
+    if module_name not in modules:
+        raise UsageError(f"--neuron_module '{module_name}' is not a module of {type(model).__name__}; modules are: "
+                         f"{module_name_summary([name for name in modules if name])}")
+    return NeuronSite(module_name, "output")
+
+
+def find_mlp_neurons(model: nn.Module, hookpoint: str) -> NeuronSite | None:
+    """The MLP neurons of the block `hookpoint` belongs to (the module path up to its layer number, e.g.
+    transformer.h.2, gpt_neox.layers.2, model.layers.2): the input of the output projection of the
+    block's MLP child. The projection is the child of a known name, else the MLP's last nn.Linear child
+    that maps back to the width the MLP reads. None when there is no such block, MLP or projection."""
     parts = hookpoint.split(".")
-    for end in range(len(parts), 0, -1):
-        if parts[end - 1].isdigit():
-            return ".".join(parts[:end]) + ".mlp.act"
-    raise UsageError(f"cannot tell the block of hookpoint '{hookpoint}'; name the neuron module explicitly")
+    blocks = [".".join(parts[:end]) for end in range(len(parts), 0, -1) if parts[end - 1].isdigit()]  # innermost first
+    modules = dict(model.named_modules())
+    mlp = next((f"{block}.{name}" for block in blocks for name in MLP_NAMES if f"{block}.{name}" in modules), None)
+    if mlp is None:
+        return None
+    children = dict(modules[mlp].named_children())
+    projection = next((name for name in OUTPUT_PROJECTIONS if name in children), None)
+    if projection is None:
+        linears = [(name, child) for name, child in children.items() if isinstance(child, nn.Linear)]
+        back = [name for name, child in linears if child.out_features == linears[0][1].in_features]
+        projection = back[-1] if back else None
+    return None if projection is None else NeuronSite(f"{mlp}.{projection}", "input")
+
+
+def no_neurons_note(model: nn.Module, hookpoint: str) -> str:
+    """Why the neuron baseline is missing, and how to get it."""
+    return (f"no MLP neurons found for hookpoint {hookpoint} in {type(model).__name__} (looked for the output "
+            f"projection of the MLP child ({'/'.join(MLP_NAMES)}) of its numbered block): the neuron baseline is "
+            "skipped; --neuron_module NAME names a module whose output channels are the neurons")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook once it has the neurons: the rest of the LM is not needed."""
+
+
+@torch.no_grad()
+def capture_neurons(model: nn.Module, site: NeuronSite, input_ids: Tensor) -> Tensor:
+    """The neurons at `site` for `input_ids` (B, T): (B, T, n_neurons)."""
+    module = get_module(model, site.module)
+    if site.reads == "output":
+        return capture_activations(model, module, input_ids)
+    captured = []
+
+    def hook(_module, inputs):
+        captured.append(inputs[0])
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        model(input_ids=input_ids)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{site.module} did not run in the forward pass")
+    return captured[0]

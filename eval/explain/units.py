@@ -1,5 +1,5 @@
 """Which units the explain pipeline and N2G look at, and their records: random live SAE latents (or
-chosen ones), random MLP neurons of the hookpoint's block, and the derangement that pairs each unit
+chosen ones), random neurons (the MLP's of the hookpoint's block), and the derangement that pairs each unit
 with another one for the shuffled controls."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sae.errors import UsageError
 from sae.model import SparseAutoencoder
 
 from .records import (
-    TokenStrings, UnitRecords, collect_records, latent_fire_counts, mlp_neuron_module, module_unit_activations,
+    NeuronSite, TokenStrings, UnitRecords, capture_neurons, collect_records, latent_fire_counts, neuron_activations,
     sae_latent_activations,
 )
 
@@ -37,15 +37,12 @@ def latent_records(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoin
     return collect_records(windows, activations, latents, TokenStrings(tokenizer), "latent", batch_windows=batch_windows, seed=seed)
 
 
-def neuron_records(model: nn.Module, tokenizer, hookpoint: str, windows: Tensor, n_units: int = 50, seed: int = 0,
-                   module_name: str | None = None, batch_windows: int = 32) -> list[UnitRecords]:
-    """Records of `n_units` random MLP neurons of the hookpoint's block (GPT-2: transformer.h.L.mlp.act)."""
-    from sae.activations import capture_activations, get_module
-
-    module_name = module_name or mlp_neuron_module(hookpoint)
-    width = capture_activations(model, get_module(model, module_name), windows[:1, :2].to(next(model.parameters()).device)).shape[-1]
+def neuron_records(model: nn.Module, tokenizer, site: NeuronSite, windows: Tensor, n_units: int = 50, seed: int = 0,
+                   batch_windows: int = 32) -> list[UnitRecords]:
+    """Records of `n_units` random neurons of `site` (e.g. `find_mlp_neurons`: the MLP of the hookpoint's block)."""
+    width = capture_neurons(model, site, windows[:1, :2].to(next(model.parameters()).device)).shape[-1]
     neurons = pick(list(range(width)), n_units, seed)
-    activations = module_unit_activations(model, module_name, neurons)
+    activations = neuron_activations(model, site, neurons)
     return collect_records(windows, activations, neurons, TokenStrings(tokenizer), "neuron", batch_windows=batch_windows, seed=seed)
 
 

@@ -37,6 +37,11 @@ Version 1 caches (one hookpoint: manifest "hookpoint" and an int "d_in", shards 
 are still read, as a one-hookpoint cache; adding to or repairing one is refused (rebuild it). Builds write
 version 2.
 
+Ctrl-C stops a build with one line (exit status 130, `cli.INTERRUPTED_STATUS`): the windows its listed shards
+hold, and the command to resume it, which is the same command. Activations that do not fit the storage dtype
+(float16 overflows past 65504) stop a build before the shard is written, naming the hookpoint; `--verify` also
+checks that every stored activation is finite.
+
 Crash safety: a shard is written to a hidden temporary name, fsynced and renamed (`atomic_write`), and only
 then is the manifest rewritten, atomically too, to list it. The manifest is the only truth: a shard file it
 does not list (a crash between the rename and the manifest), a leftover temporary file, or a listed shard

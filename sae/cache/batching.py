@@ -47,5 +47,5 @@ def windows_for_training(cfg: TrainConfig) -> int:
     """Windows a one-process training run of `cfg` reads: whole shuffle blocks until max_tokens is reached."""
     per_block = windows_per_block(cfg)
     batches_per_block = per_block * (cfg.data.ctx_len - 1) // cfg.batch_size
-    total_steps = cfg.max_tokens // cfg.batch_size
+    total_steps = cfg.total_steps
     return -(-total_steps // batches_per_block) * per_block

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from ..config import CONFIG_OPTION_HELP, TrainConfig, options_help, parse_args
-from .format import DEFAULT_SHARD_TOKENS, STORAGE_DTYPES
+from .format import DEFAULT_SHARD_TOKENS, MANIFEST, STORAGE_DTYPES, read_manifest
 from .reader import ActivationCache
 from .writer import BuildReport, build_cache
 
@@ -58,20 +60,43 @@ def _cache_arguments() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sae.cache ...`: build (and/or verify) a cache; prints a summary. Returns the exit status (a
-    user's mistake is raised as sae.errors.UserError, which `run_cli` prints as one line)."""
+    """`python -m sae.cache ...`: build (and/or verify) a cache; prints a summary. Returns the exit status: 0, or
+    INTERRUPTED_STATUS after Ctrl-C with one line saying what was kept and how to resume (a user's mistake is
+    raised as sae.errors.UserError, which `run_cli` prints as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options, rest = _cache_arguments().parse_known_args(argv)
     verify_only = options.verify and options.tokens is None
     if not verify_only:
         cfg = parse_args(rest, TrainConfig)
-        report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
-                             options.resume, progress=not options.no_progress, hookpoints=options.hookpoints)
+        try:
+            report = build_cache(cfg, options.out, options.tokens, options.shard_tokens, options.storage_dtype,
+                                 options.resume, progress=not options.no_progress, hookpoints=options.hookpoints)
+        except KeyboardInterrupt:  # Ctrl-C: the shards listed so far are whole and valid; say how to go on
+            print(_interrupted(Path(options.out), argv), file=sys.stderr)
+            return INTERRUPTED_STATUS
         print(_summary(report))
     if options.verify:
         cache = ActivationCache(options.out, verify=True)
-        print(f"verified {len(cache.manifest['shards'])} shard(s) of {cache.directory}: sha256 match the manifest")
+        incomplete = "" if cache.complete else (" (an incomplete cache: the build that wrote it stopped early; "
+                                                "rerun it to resume)")
+        print(f"verified {len(cache.manifest['shards'])} shard(s) of {cache.directory}: sha256 match the manifest, "
+              f"every activation is finite{incomplete}")
     return 0
+
+
+INTERRUPTED_STATUS = 130
+"""Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a command that SIGINT stopped."""
+
+
+def _interrupted(out: Path, argv: list[str]) -> str:
+    """One line for a build stopped by Ctrl-C: what the cache holds (the shards its manifest lists, each whole
+    and valid; a shard being written when it stopped is not listed) and the command that resumes it (the same
+    one: `build_cache` resumes a cache of the same config by itself)."""
+    manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
+    held = (f"{manifest['n_windows']:,} windows in {len(manifest['shards'])} complete shard(s), kept" if manifest
+            else "nothing yet")
+    return (f"interrupted: the cache in {out} holds {held}; to resume, rerun the same command: "
+            f"python -m sae.cache {shlex.join(argv)}")
 
 
 def _summary(report: BuildReport) -> str:

@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..activations import capture_many, check_context_length, get_module, load_run_lm
+from ..activations import capture_many, check_context_length, get_module, hookpoint_widths, load_run_lm
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
 from ..distributed import resolve_device
 from .batching import LmBatches
-from .format import STORAGE_DTYPES
+from .format import STORAGE_DTYPES, CacheError
 
 # ---------------------------------------------------------------- computing the activations
 
@@ -24,15 +24,34 @@ class _Lm:
     in the storage dtype, on CPU."""
 
     model: nn.Module
+    hookpoints: list[str]
     modules: list[nn.Module]
+    """The modules of `hookpoints`, in that order."""
     device: torch.device
     storage_dtype: torch.dtype
 
     def activations(self, input_ids: Tensor) -> list[Tensor]:
         """Per hookpoint, (windows, ctx_len - 1, d_in) for `input_ids` (windows, ctx_len): one LM forward for
-        all of them (`capture_many`), as the stream does it."""
+        all of them (`capture_many`, which refuses activations that are not finite), as the stream does it.
+        A CacheError if one does not fit the storage dtype (`_check_fits`), before anything is written."""
         captured = capture_many(self.model, self.modules, input_ids.to(self.device))
-        return [rows[:, 1:].float().to(self.storage_dtype).cpu() for rows in captured]
+        stored = []
+        for hookpoint, rows in zip(self.hookpoints, captured):
+            rows = rows[:, 1:].float()
+            stored.append(_check_fits(hookpoint, rows, rows.to(self.storage_dtype)).cpu())
+        return stored
+
+
+def _check_fits(hookpoint: str, rows: Tensor, stored: Tensor) -> Tensor:
+    """`stored`, the float32 `rows` cast to the storage dtype, if every value of it is finite; else a CacheError
+    naming the hookpoint, the largest |x| and the dtype's largest value: float16 (max 65504) overflows to inf
+    where a model's residual stream grows large, and a cache of inf trains nothing."""
+    if bool(stored.isfinite().all()):
+        return stored
+    name = str(stored.dtype).removeprefix("torch.")
+    raise CacheError(f"activations at {hookpoint} overflow {name} storage: max |x| {rows.abs().max().item():.3g}, "
+                     f"{name} holds at most {torch.finfo(stored.dtype).max:.6g}; use --storage_dtype bfloat16 or "
+                     "float32 (in a new --out: a cache keeps the storage dtype it was started with)")
 
 
 @dataclass
@@ -109,6 +128,5 @@ def _load_lm(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str]) -> tup
     model, tokenizer = load_run_lm(cfg, device)
     check_context_length(model, cfg.data.ctx_len)
     modules = [get_module(model, hookpoint) for hookpoint in hookpoints]
-    probe = capture_many(model, modules, torch.zeros(1, 2, dtype=torch.long, device=device))
-    d_in = {hookpoint: rows.shape[-1] for hookpoint, rows in zip(hookpoints, probe)}
-    return _Lm(model, modules, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in
+    d_in = hookpoint_widths(model, hookpoints)
+    return _Lm(model, hookpoints, modules, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in

@@ -32,8 +32,9 @@ class ActivationCache:
     windows, in stream order. Reads format versions 1 and 2 (`manifest` is in version 2's shape for both).
 
     Opening checks the manifest and that every listed shard file exists with the listed size (a
-    truncated shard is refused before anything is read); `verify=True` also checks every sha256. At
-    most two shard files are open at a time (memory-mapped by safetensors; nothing is unpickled).
+    truncated shard is refused before anything is read); `verify=True` also checks every sha256 and that every
+    stored activation is finite. At most two shard files are open at a time (memory-mapped by safetensors;
+    nothing is unpickled).
     """
 
     _OPEN_SHARDS = 2
@@ -94,15 +95,32 @@ class ActivationCache:
         return self._manifest["complete"]
 
     def verify(self) -> None:
-        """Check the sha256 of every shard; CorruptShardError naming every bad one."""
+        """Check the sha256 of every shard, then that every stored activation is finite; CorruptShardError naming
+        every bad one, or a CacheError naming the first shard with NaN or inf values."""
         self._check_shards(check_hash=True)
 
     def _check_shards(self, check_hash: bool) -> None:
-        """Every listed shard file must exist with its listed size (and sha256): else CorruptShardError naming each bad one."""
+        """Every listed shard file must exist with its listed size (and sha256, and finite activations: `verify`):
+        else CorruptShardError naming each bad one."""
         problems = [_corrupt_shard_message(self.directory, entry, problem) for entry in self._shards
                     if (problem := shard_problem(self.directory, entry, check_hash)) is not None]
         if problems:
             raise CorruptShardError("\n".join(problems))
+        if check_hash:
+            for number in range(len(self._shards)):
+                self._check_finite(number)
+
+    def _check_finite(self, number: int) -> None:
+        """A CacheError naming shard `number` and a hookpoint where it holds NaN or inf: its hash matches, so the
+        values were written so (float16 storage that overflowed, before sae.cache checked for that)."""
+        for index, hookpoint in enumerate(self._manifest["hookpoints"]):
+            rows = self._shard(number).get_tensor(activations_tensor(self._manifest, index))
+            bad = int((~rows.isfinite()).sum())
+            if bad:
+                raise CacheError(f"shard {self.directory / self._shards[number]['file']} holds {bad:,} NaN or inf "
+                                 f"activation value(s) at {hookpoint} (of {rows.numel():,}; storage dtype "
+                                 f"{self._manifest['storage_dtype']}): training on it would give nan; build the cache "
+                                 "again in a new --out (with --storage_dtype bfloat16 or float32 if it was float16)")
 
     def index_of(self, hookpoint: str) -> int:
         """Position of `hookpoint` among the cached ones; CacheError listing them if it is not cached."""

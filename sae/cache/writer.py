@@ -104,9 +104,11 @@ def build_cache(cfg: TrainConfig, out_dir: str | Path, tokens: int | None = None
 
         started = time.perf_counter()
         bar = _progress_bar(target_windows, manifest["n_windows"], tokens_per_window, progress)
-        rewritten = _rewrite_corrupt_shards(out, manifest, lm, lm_batches, _token_windows(cfg, tokenizer))
-        written = _append_shards(out, manifest, lm, lm_batches, _token_windows(cfg, tokenizer), target_windows, bar)
-        bar.close()
+        try:
+            rewritten = _rewrite_corrupt_shards(out, manifest, lm, lm_batches, _token_windows(cfg, tokenizer))
+            written = _append_shards(out, manifest, lm, lm_batches, _token_windows(cfg, tokenizer), target_windows, bar)
+        finally:  # an error or Ctrl-C is then printed on a line of its own
+            bar.close()
         seconds = time.perf_counter() - started
     return BuildReport(
         out=out, hookpoints=list(manifest["hookpoints"]), n_windows=manifest["n_windows"], n_tokens=manifest["n_tokens"],

@@ -2,7 +2,7 @@
 with the reason; and SAELens's folder layout written, so our SAEs load there.
 
     format               layout                                               module
-    ours / sparsify      folder: cfg.json + sae.safetensors                   sae/model.py (not here)
+    ours / sparsify      folder: cfg.json + sae.safetensors                   sae/model.py (sparsify's keys: sparsify.py)
     SAELens >= 6, TopK   folder: cfg.json + sae_weights.safetensors           saelens.py
     OpenAI               file: a torch state dict with pre_bias, latent_bias  openai.py
     dictionary_learning  folder with ae.pt + config.json, or that ae.pt       dictionary_learning.py

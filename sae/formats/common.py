@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,10 +23,11 @@ both it and the foreign readers name them from one place."""
 
 
 class ForeignSae(NamedTuple):
-    """An SAE read from another tool's files, mapped onto this SAE's parameters (sae/model.py)."""
+    """An SAE read from files, mapped onto this SAE's parameters (sae/model.py): another tool's (the readers
+    here), or our own folder (sae/model.py `read_sae_files`, format "ours")."""
 
     format: str
-    """The source format: "saelens", "openai" or "dictionary_learning"."""
+    """The source format: "ours" (ours or sparsify's), "saelens", "openai" or "dictionary_learning"."""
 
     cfg: SaeConfig
     """d_in, n_latents and k from the source; the training-loss fields are our defaults unless the
@@ -38,7 +41,63 @@ class ForeignSae(NamedTuple):
     """The input transform the source applies before encoding: one of INPUT_NORMS."""
 
     metadata: dict[str, Any]
-    """cfg.json keys to record when the SAE is saved in our format: where it came from (`converted_from`)."""
+    """cfg.json keys to record when the SAE is saved in our format: where it came from (`converted_from`);
+    for our own folder, its provenance (model, hookpoint, training record)."""
+
+    weights_file: Path
+    """The file the tensors were read from (for messages about them)."""
+
+
+_JSON_TYPES_OF_HINTS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+"""The JSON values (exact Python types from json.loads) a field of each type takes: an int is no bool
+and no string ("64"), a float any number."""
+
+SAE_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    name: _JSON_TYPES_OF_HINTS[hint] for name, hint in typing.get_type_hints(SaeConfig).items()
+    if hint in _JSON_TYPES_OF_HINTS
+}
+"""The JSON types of SaeConfig's fields, by field name (cfg.json names n_latents `num_latents`). A field of
+another type (a Literal ...) is left to `config.from_dict`."""
+
+_STRING_OR_NULL, _INT_OR_NULL, _OBJECT_OR_NULL = (str, type(None)), (int, type(None)), (dict, type(None))
+PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
+    "model": _STRING_OR_NULL, "hookpoint": _STRING_OR_NULL, "ctx_len": _INT_OR_NULL, "dataset": _STRING_OR_NULL,
+    "dataset_config": _STRING_OR_NULL, "split": _STRING_OR_NULL, "text_column": _STRING_OR_NULL,
+    "model_init": _STRING_OR_NULL, "model_init_seed": _INT_OR_NULL, "model_init_versions": _OBJECT_OR_NULL,
+    "tokens_trained": _INT_OR_NULL, "text_read": _OBJECT_OR_NULL, "run_name": _STRING_OR_NULL,
+    "variant": _STRING_OR_NULL, "final_metrics": _OBJECT_OR_NULL, "wandb_run_id": _STRING_OR_NULL,
+    "wandb_project": _STRING_OR_NULL, "converted_from": _OBJECT_OR_NULL, "input_scale_folded": (int, float),
+}
+"""The JSON types of the provenance keys our code reads from cfg.json (sae/config.py `provenance`, the
+trainer's record, `python -m eval`'s lookups); null means "not recorded", and the eval asks for an option."""
+
+_JSON_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                    dict: "a JSON object", list: "a JSON list", type(None): "null"}
+
+
+def check_json_types(source: str, raw: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
+    """UsageError naming `source`, the key, its value and the expected type for the first key of `raw` whose
+    value is not of one of its `types` (keys not in `types` are not checked)."""
+    for key, allowed in types.items():
+        if key in raw and type(raw[key]) not in allowed:
+            # (int, float) is "a number", not "an integer or a number"
+            expected = " or ".join(_JSON_TYPE_NAMES[option] for option in allowed if not (option is int and float in allowed))
+            found = _JSON_TYPE_NAMES.get(type(raw[key]), type(raw[key]).__name__)
+            shown = json.dumps(raw[key])
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise UsageError(f"{source}: '{key}' must be {expected}, found {shown} ({found})")
+
+
+def check_finite(source: Path, tensors: dict[str, Tensor], mapped: bool = False) -> None:
+    """UsageError naming `source`, each tensor with NaN or infinite values and how many, if there are any: an
+    SAE with them computes NaN everywhere (a corrupt file, or a training run that diverged). `mapped`: the
+    tensors are another tool's mapped onto our parameters (a ForeignSae's), so the names are ours."""
+    bad = {name: int((~tensor.isfinite()).sum()) for name, tensor in tensors.items() if not tensor.isfinite().all()}
+    if bad:
+        counts = ", ".join(f"'{name}' {count:,} of {tensors[name].numel():,}" for name, count in bad.items())
+        names = " (named as this SAE's parameters)" if mapped else ""
+        raise UsageError(f"{source}: non-finite values (NaN or inf) in the SAE's weights: {counts}{names}; the file "
+                         "is corrupt or the SAE diverged in training, so it is not loaded")
 
 
 def our_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:

@@ -67,7 +67,7 @@ def read_dictionary_learning_state_dict(path: Path, state: dict[str, Any]) -> Fo
     check_one_dtype(path, tensors)
     source = {key: trainer[key] for key in ("lm_name", "layer", "submodule_name") if trainer.get(key) is not None}
     return ForeignSae("dictionary_learning", cfg, tensors, "none",
-                      {"converted_from": {"format": "dictionary_learning", "path": str(path), **source}})
+                      {"converted_from": {"format": "dictionary_learning", "path": str(path), **source}}, path)
 
 
 def _trainer_config(config_path: Path) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def read_openai_state_dict(path: Path, state: dict[str, Any]) -> ForeignSae:
     tensors = {"encoder.weight": state["encoder.weight"], "encoder.bias": state["latent_bias"], "W_dec": W_dec,
                "b_dec": state["pre_bias"]}
     check_one_dtype(path, tensors)
-    return ForeignSae("openai", cfg, tensors, "layer_norm", {"converted_from": {"format": "openai", "path": str(path)}})
+    return ForeignSae("openai", cfg, tensors, "layer_norm", {"converted_from": {"format": "openai", "path": str(path)}},
+                      path)
 
 
 def _topk_k(path: Path, state: dict[str, Any]) -> int:

@@ -33,7 +33,8 @@ from torch import Tensor
 from ..config import ConfigError, SaeConfig, from_dict
 from ..errors import UsageError
 from ..files import TensorSpec, atomic_write, read_json_object, write_safetensors
-from .common import INPUT_NORMS, ForeignSae, check_keys, check_shapes, our_shapes, sae_config
+from .common import (INPUT_NORMS, PROVENANCE_TYPES, SAE_CONFIG_TYPES, ForeignSae, check_json_types, check_keys,
+                     check_shapes, our_shapes, sae_config)
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -70,7 +71,7 @@ def read_saelens_folder(path: Path) -> ForeignSae:
     tensors = our_tensors(stored, dtype, settings["rescale_acts_by_decoder_norm"], settings["apply_b_dec_to_input"])
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     cfg, provenance = _restore_ours(path / CONFIG_FILE, cfg, metadata)
-    return ForeignSae("saelens", cfg, tensors, settings["normalize_activations"], provenance)
+    return ForeignSae("saelens", cfg, tensors, settings["normalize_activations"], provenance, path / WEIGHTS_FILE)
 
 
 def _check_math(cfg_path: Path, raw: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -133,6 +134,7 @@ def _restore_ours(cfg_path: Path, cfg: SaeConfig, metadata: dict[str, Any]) -> t
     if not isinstance(ours, dict):
         source = {key: metadata[key] for key in ("model_name", "hook_name") if metadata.get(key) is not None}
         return cfg, {"converted_from": {"format": "saelens", "path": str(cfg_path.parent), **source}}
+    check_json_types(f"{cfg_path}: metadata.{OURS_KEY}", ours, SAE_CONFIG_TYPES | PROVENANCE_TYPES)
     training = {name: ours[name] for name in TRAINING_FIELDS if name in ours}
     try:
         cfg = from_dict(SaeConfig, {"d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k, **training})
@@ -142,13 +144,13 @@ def _restore_ours(cfg_path: Path, cfg: SaeConfig, metadata: dict[str, Any]) -> t
 
 
 def write_saelens_folder(path: Path, cfg: SaeConfig, tensors: dict[str, Tensor], input_norm: str,
-                         provenance: dict[str, Any]) -> Path:
+                         provenance: dict[str, Any], hook: dict[str, Any]) -> Path:
     """Write our SAE (`tensors` in our names, sae/formats/common.py `our_shapes`) as a SAELens TopK folder
     that `sae_lens.SAE.load_from_disk(path)` loads as is, computing what this SAE computes.
 
     `provenance`: our cfg.json keys beyond the config (model, hookpoint ...), kept with our training
-    fields in SAELens's metadata under OURS_KEY; `model` is SAELens's `model_name` too. SAELens's
-    `hook_name` (a TransformerLens hook) is left unset: our hookpoint names a Hugging Face module.
+    fields in SAELens's metadata under OURS_KEY; `model` is SAELens's `model_name` too. `hook`: SAELens's
+    metadata keys saying where it reads (hook_name ...: sae/formats/hook_names.py `saelens_hook`).
     """
     check_shapes(path, tensors, our_shapes(cfg.d_in, cfg.n_latents))
     dtype = tensors["W_dec"].dtype
@@ -161,6 +163,7 @@ def write_saelens_folder(path: Path, cfg: SaeConfig, tensors: dict[str, Tensor],
                 OURS_KEY: {**{name: getattr(cfg, name) for name in TRAINING_FIELDS}, **provenance}}
     if "model" in provenance:
         metadata["model_name"] = provenance["model"]
+    metadata.update(hook)
     config = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": dtype_name, "device": "cpu",
               "apply_b_dec_to_input": True, "normalize_activations": input_norm, "reshape_activations": "none",
               "metadata": metadata, "k": cfg.k, "rescale_acts_by_decoder_norm": False, "architecture": "topk"}

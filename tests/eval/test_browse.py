@@ -290,13 +290,18 @@ def test_without_log_or_report_there_are_no_plots_but_a_note(tmp_path):
     assert "Latent density" not in index
 
 
-def test_missing_explain_jsonl_says_how_to_make_it(tmp_path, capsys):
+@pytest.mark.parametrize("explain_jsonl", ["missing", "empty"])
+def test_without_explanations_the_site_is_the_index_with_the_report(tmp_path, explain_jsonl):
+    """An eval without --explain (no explain.jsonl), or one that explained nothing (an empty file)."""
     sae_dir = make_sae_dir(tmp_path, with_explain=False)
-    with pytest.raises(BrowseError, match=r"explain\.jsonl not found; run `python -m eval .* --explain N` first"):
-        build_site(sae_dir, tmp_path / "site")
-    with pytest.raises(BrowseError, match="explain.jsonl not found"):
-        main([str(sae_dir), "--out", str(tmp_path / "site")])
-    assert not (tmp_path / "site").exists()
+    if explain_jsonl == "empty":
+        (sae_dir / "explain.jsonl").write_text("")
+    index_path = main([str(sae_dir), "--out", str(tmp_path / "site"), "--report", str(write_report(tmp_path / "r.json"))])
+    index = read(index_path)
+    assert 'id="no-explanations"' in index and f"python -m eval {sae_dir} --explain N" in index
+    assert "Evaluation" in index and "Latent density" in index and "Training curves" in index
+    assert "Explanation scores" not in index and "latent-table" not in index
+    assert sorted(path.name for path in index_path.parent.iterdir()) == [".eval-browse.json", "index.html"]
     with pytest.raises(BrowseError, match="cfg.json"):
         build_site(tmp_path / "run", tmp_path / "site")  # the run folder, not the SAE folder
 

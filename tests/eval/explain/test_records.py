@@ -1,10 +1,9 @@
 """Records: the running top-k equals a full sort; latent and neuron activations equal dense references."""
 
-import pytest
 import torch
 
 from eval.explain.records import (
-    TokenStrings, collect_records, latent_fire_counts, mlp_neuron_module, module_unit_activations, sae_latent_activations,
+    NeuronSite, TokenStrings, collect_records, find_mlp_neurons, latent_fire_counts, neuron_activations, sae_latent_activations,
 )
 from sae import SaeConfig, SparseAutoencoder
 
@@ -79,13 +78,10 @@ def test_latent_and_neuron_activations_equal_dense_references(tiny_lm):
     with torch.no_grad():
         model(input_ids=windows)
     handle.remove()
-    neurons = module_unit_activations(model, mlp_neuron_module("transformer.h.1"), [0, 17, 127])(windows)
-    torch.testing.assert_close(neurons, captured[0][:, 1:, [0, 17, 127]])
+    site = find_mlp_neurons(model, "transformer.h.1")
+    assert site == NeuronSite("transformer.h.1.mlp.c_proj", "input")
+    neurons = neuron_activations(model, site, [0, 17, 127])(windows)
+    # GPT-2's neurons are what they were when read as the output of mlp.act: bit for bit
+    assert torch.equal(neurons, captured[0][:, 1:, [0, 17, 127]])
+    assert torch.equal(neurons, neuron_activations(model, NeuronSite("transformer.h.1.mlp.act", "output"), [0, 17, 127])(windows))
     assert TokenStrings(tokenizer)([windows[0, 0].item()]) == [tokenizer.decode([windows[0, 0].item()])]
-
-
-def test_mlp_neuron_module_names():
-    assert mlp_neuron_module("transformer.h.8") == "transformer.h.8.mlp.act"
-    assert mlp_neuron_module("transformer.h.11.ln_2") == "transformer.h.11.mlp.act"
-    with pytest.raises(ValueError, match="cannot tell the block"):
-        mlp_neuron_module("transformer.ln_f")
