@@ -209,6 +209,12 @@ def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
     """What to evaluate the SAE in `sae_dir` with: each option given, else what its cfg.json says; one
     line (UsageError) naming the option to pass when neither says a thing the eval needs."""
     metadata = read_any_sae_metadata(sae_dir)
+    latent_sections = [option for option, wanted in (("--explain", cfg.explain), ("--n2g", cfg.n2g),
+                                                     ("--probe", cfg.probe), ("--ablation", cfg.ablation)) if wanted]
+    if metadata.get("transcode") and latent_sections:
+        raise UsageError(f"{sae_dir} is a transcoder: {', '.join(latent_sections)} read its latents from the "
+                         "hookpoint's output, and a transcoder's come from its module's input; not built yet, so "
+                         "evaluate it without them")
     dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
     if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
         # What training read is unknown (e.g. a folder written by sparsify): only a split the user

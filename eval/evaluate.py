@@ -49,16 +49,20 @@ def activation_mean(model: nn.Module, hookpoint: str, tokens: Tensor, batch_wind
 
 
 class _SaeSplice:
-    """Replacement for one SAE: encode + decode the activations, keeping the last batch's codes."""
+    """Replacement for one SAE: encode + decode the activations, keeping the last batch's codes. A
+    transcoder's replaces the module's output by its prediction from the module's input (`runner`'s
+    clean input of the same batch), and its reconstruction statistics compare that with the output."""
 
-    def __init__(self, sae: SparseAutoencoder):
+    def __init__(self, sae: SparseAutoencoder, runner: SpliceRunner):
         self.sae = sae
+        self.runner = runner
         self.last: tuple[Tensor, ...] | None = None
 
     def __call__(self, acts: Tensor) -> Tensor:
-        x = acts.flatten(0, 1).to(self.sae.dtype)
+        target = acts.flatten(0, 1).to(self.sae.dtype)
+        x = self.runner.clean_inputs.flatten(0, 1).to(self.sae.dtype) if self.sae.cfg.transcode else target
         x_hat, values, indices = self.sae.reconstruct(x)  # in raw units, whatever the SAE's input transform
-        self.last = (x, x_hat, values, indices)  # overwritten, never accumulated: see splice.Replacement
+        self.last = (target, x_hat, values, indices)  # overwritten, never accumulated: see splice.Replacement
         return x_hat.to(acts.dtype).view_as(acts)
 
 
@@ -74,7 +78,8 @@ def evaluate_many(
 ) -> dict[str, dict]:
     """Evaluate several SAEs on the same hookpoint and tokens (n_windows, ctx_len); one report each.
 
-    SAEs take raw activations (as saved). Each report has nmse, fvu, mse, l0, never_fired_frac,
+    SAEs take raw activations (as saved); a transcoder at `hookpoint` (a module) reads its input and
+    replaces its output, and its fvu is of that output. Each report has nmse, fvu, mse, l0, never_fired_frac,
     never_fired_tokens, density_histogram (eval/reconstruction.py), ce_clean, ce_sae, ce_zero,
     ce_mean, ce_recovered, ce_recovered_mean, delta_ce, kl (eval/downstream.py), and the counts
     `tokens` (activations reconstructed) and `ce_positions` (predictions scored). `splice_mode` is for tests; see splice.py.
@@ -92,9 +97,9 @@ def evaluate_many(
             raise UsageError(f"SAE '{name}' takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {d_model} features")
     model_dtype = next(model.parameters()).dtype
     mean_activation = mean.to(device=device, dtype=model_dtype)
-    splices = {name: _SaeSplice(sae.to(device).eval()) for name, sae in saes.items()}
-    replacements = [None, torch.zeros_like, lambda acts: mean_activation.expand_as(acts), *splices.values()]
     runner = SpliceRunner(model, module, start=1, mode=splice_mode)
+    splices = {name: _SaeSplice(sae.to(device).eval(), runner) for name, sae in saes.items()}
+    replacements = [None, torch.zeros_like, lambda acts: mean_activation.expand_as(acts), *splices.values()]
     losses = LossStats(len(replacements), start=1)
     reconstruction = {name: ReconstructionStats(sae.cfg.n_latents, mean) for name, sae in saes.items()}
 

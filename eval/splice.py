@@ -62,6 +62,9 @@ class SpliceRunner:
         self.mode = mode
         self.clean_activations: Tensor | None = None
         """The hooked module's clean output at positions >= start in the last call, (B, T - start, d)."""
+        self.clean_inputs: Tensor | None = None
+        """The hooked module's clean (first) input at positions >= start in the last call, (B, T - start,
+        d), set before the replacements run: what a transcoder's replacement predicts the output from."""
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, replacements: Sequence[Replacement]) -> Tensor:
@@ -80,14 +83,17 @@ class SpliceRunner:
         if self.start >= input_ids.shape[1]:
             raise ValueError(f"windows of {input_ids.shape[1]} tokens have no positions at or after start={self.start}")
 
-        def hook(_module, _inputs, output):
+        def hook(_module, args, kwargs, output):
             hidden = _hidden(output)
             clean = hidden[:batch]  # under repeat_inputs all V copies are the same clean activations
             self.clean_activations = clean[:, self.start :]
+            module_input = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(module_input, Tensor) and module_input.dim() == 3:
+                self.clean_inputs = module_input[:batch, self.start :]
             return _with_hidden(output, stack_variants(clean, replacements, self.start))
 
         model_input = input_ids.repeat(n_variants, 1) if mode == "repeat_inputs" else input_ids
-        handle = self.module.register_forward_hook(hook)
+        handle = self.module.register_forward_hook(hook, with_kwargs=True)
         try:
             logits = self.model(input_ids=model_input).logits
         finally:

@@ -15,12 +15,12 @@ resuming re-runs the LM on that one block and skips ahead, which reproduces the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import INPUT_SITE_SUFFIX, TrainConfig
 from .data import TokenWindows
 from .errors import MissingFileError, UsageError, UserError
 
@@ -130,6 +130,20 @@ def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx
         raise UsageError(f"{option} is {ctx_len}, but {name} has only {positions} positions; use {option} <= {positions}")
 
 
+class Site(NamedTuple):
+    """Where activations are read: a module's output, or (`reads_input`) its first input."""
+
+    module: nn.Module
+    reads_input: bool = False
+
+
+def get_site(model: nn.Module, site: str) -> Site:
+    """The `Site` named `site` (a hookpoint, or HOOKPOINT:input); a clear error when the module does not exist."""
+    if site.endswith(INPUT_SITE_SUFFIX):
+        return Site(get_module(model, site[: -len(INPUT_SITE_SUFFIX)]), True)
+    return Site(get_module(model, site))
+
+
 def get_module(model: nn.Module, hookpoint: str) -> nn.Module:
     """The submodule named `hookpoint`; a clear error listing the real names when it does not exist."""
     modules = dict(model.named_modules())
@@ -179,24 +193,28 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_many(model: nn.Module, modules: list[nn.Module], input_ids: Tensor) -> list[Tensor]:
+def capture_many(model: nn.Module, modules: list[nn.Module | Site], input_ids: Tensor) -> list[Tensor]:
     """Outputs of several submodules of `model` for `input_ids` (B, T), each (B, T, d), in one forward
-    that stops as soon as the last of them has run.
+    that stops as soon as the last of them has run; for a `Site` that reads its module's input, the
+    module's first input (positional or keyword argument) instead.
 
     Every entry point reads activations through here, so here a hookpoint is refused (one line naming it)
     when it does not run, when its output is not (B, T, d) (or a tuple led by one), or when its
     activations are not finite (a float16 model that overflows)."""
+    sites = [module if isinstance(module, Site) else Site(module) for module in modules]
+    modules = [site.module for site in sites]
     captured: dict[int, Any] = {}
 
-    def make_hook(position: int):
-        def hook(_module, _inputs, output):
-            captured[position] = output
-            if len(captured) == len(modules):
+    def make_hook(position: int, reads_input: bool):
+        def hook(_module, args, kwargs, output):
+            captured[position] = (args[0] if args else next(iter(kwargs.values()), None)) if reads_input else output
+            if len(captured) == len(sites):
                 raise _StopForward
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(position)) for position, module in enumerate(modules)]
+    handles = [site.module.register_forward_hook(make_hook(position, site.reads_input), with_kwargs=True)
+               for position, site in enumerate(sites)]
     try:
         model(input_ids=input_ids)
     except _StopForward:
@@ -218,7 +236,7 @@ def hookpoint_widths(model: nn.Module, hookpoints: list[str]) -> dict[str, int]:
     """{hookpoint: d} of the LM's hookpoints, from one forward of a (2, 2) probe: two windows, so that an
     output that does not follow the batch (position embeddings, rotary tables) is refused here, up front."""
     probe = torch.zeros(2, 2, dtype=torch.long, device=next(model.parameters()).device)
-    outputs = capture_many(model, [get_module(model, hookpoint) for hookpoint in hookpoints], probe)
+    outputs = capture_many(model, [get_site(model, hookpoint) for hookpoint in hookpoints], probe)
     return {hookpoint: output.shape[-1] for hookpoint, output in zip(hookpoints, outputs)}
 
 
@@ -290,7 +308,7 @@ class LMWindowSource:
     def __init__(self, model: nn.Module, hookpoints: list[str], windows: TokenWindows, lm_batch_windows: int = 64):
         self.model = model
         self.hookpoints = list(hookpoints)
-        self.modules = [get_module(model, hookpoint) for hookpoint in self.hookpoints]
+        self.modules = [get_site(model, hookpoint) for hookpoint in self.hookpoints]
         self.windows = windows
         self.lm_batch_windows = lm_batch_windows
         self.ctx_len = windows.ctx_len

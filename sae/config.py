@@ -29,6 +29,16 @@ from .embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
 from .errors import UserError
 
 
+INPUT_SITE_SUFFIX = ":input"
+"""An activation site named HOOKPOINT:input is the input of module HOOKPOINT (what a transcoder reads);
+HOOKPOINT alone is its output. No module name has a colon."""
+
+
+def input_site(hookpoint: str) -> str:
+    """The site name of the input of module `hookpoint`."""
+    return hookpoint + INPUT_SITE_SUFFIX
+
+
 @dataclass(frozen=True)
 class SaeConfig:
     """Shape and losses of a TopK sparse autoencoder (Gao et al. 2024)."""
@@ -55,7 +65,23 @@ class SaeConfig:
     """Add the Multi-TopK loss: fvu (normalized MSE) with the top 4k latents, weighted 1/8."""
 
     normalize_decoder: bool = True
-    """Keep decoder rows at unit norm (gradient projected, renormalised after each step)."""
+    """Keep decoder rows at unit norm (gradient projected, renormalised after each step). Not for a
+    transcoder, whose decoder starts at zero and is unconstrained (as in sparsify)."""
+
+    transcode: bool = False
+    """A transcoder (Dunefsky et al. 2024): reads the INPUT of the hookpoint's module (e.g. an MLP,
+    transformer.h.8.mlp) and predicts its OUTPUT. The encoder does not subtract b_dec, b_dec is the
+    output's bias, and the decoder starts at zero (sparsify's `transcode`)."""
+
+    skip_connection: bool = False
+    """Add a dense linear path from input to output, x @ W_skip.T (d_in x d_in, starts at zero): with
+    transcode, a skip transcoder (Paulo, Shabalin & Belrose 2025); sparsify's `skip_connection`, which
+    it allows on an SAE too."""
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether training keeps the decoder rows at unit norm: `normalize_decoder`, for an SAE only."""
+        return self.normalize_decoder and not self.transcode
 
     def __post_init__(self):
         if self.n_latents <= 0 or self.k <= 0:
@@ -122,6 +148,8 @@ class SaeVariant:
     auxk_coef: float | None = None
     dead_tokens: int | None = None
     multi_topk: bool | None = None
+    transcode: bool | None = None
+    skip_connection: bool | None = None
     lr: float | None = None
 
     def __post_init__(self):
@@ -130,7 +158,7 @@ class SaeVariant:
 
     def sae_config(self, base: SaeConfig) -> SaeConfig:
         """`base` with this variant's SAE fields applied."""
-        names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk")
+        names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk", "transcode", "skip_connection")
         return replace(base, **{name: getattr(self, name) for name in names if getattr(self, name) is not None})
 
 
@@ -311,9 +339,18 @@ class TrainConfig:
 
     @property
     def hookpoints(self) -> list[str]:
-        """The hookpoints the run reads, in order, each once: its variants' (a variant without one takes
-        `hookpoint`), or `[hookpoint]` without variants."""
-        return list(dict.fromkeys([variant.hookpoint or self.hookpoint for variant in self.variants] or [self.hookpoint]))
+        """The activation sites the run reads, in order, each once: each SAE's hookpoint (its variants', a
+        variant without one taking `hookpoint`; or `hookpoint` without variants), a transcoder's preceded
+        by the input of its module (`input_site`)."""
+        sites = []
+        for hookpoint, sae in self.member_configs():
+            sites += [input_site(hookpoint), hookpoint] if sae.transcode else [hookpoint]
+        return list(dict.fromkeys(sites))
+
+    def member_configs(self) -> list[tuple[str, SaeConfig]]:
+        """(hookpoint, SAE config) of each SAE of the run: its variants', or the single `sae` at `hookpoint`."""
+        return ([(variant.hookpoint or self.hookpoint, variant.sae_config(self.sae)) for variant in self.variants]
+                or [(self.hookpoint, self.sae)])
 
     @property
     def total_steps(self) -> int:

@@ -1,4 +1,4 @@
-"""Convert an SAE between tools: `python -m sae.convert SRC DST --to saelens|sparsify|ours`.
+"""Convert an SAE between tools: `python -m sae.convert SRC DST --to saelens|sparsify|ours|circuit-tracer`.
 
 SRC is anything `SparseAutoencoder.load` reads (our or sparsify's folder, a SAELens TopK folder, an OpenAI
 TopK state dict, dictionary_learning's AutoEncoderTopK ae.pt: sae/formats/). DST, a new folder (an
@@ -8,6 +8,12 @@ documented call and computing what the SAE computes here:
     --to saelens   sae_lens.SAE.load_from_disk(DST)              (a TopK SAE; sae/formats/saelens.py)
     --to sparsify  sparsify.SparseCoder.load_from_disk(DST)       (our folder layout is sparsify's)
     --to ours      SparseAutoencoder.load(DST), python -m eval DST, python -m eval.browse
+    --to circuit-tracer  a transcoder set: SRC is a run folder whose SAE folders are MLP transcoders, one per
+                   layer of the LM (or one transcoder folder, for a one-layer LM); config.yaml +
+                   layer_{i}.safetensors as circuit-tracer's loader reads them (sae/formats/circuit_tracer.py)
+
+Transcoders (our and sparsify's `transcode` folders) convert to sparsify and ours as they are, and to
+circuit-tracer; SAELens has no TopK transcoder, so --to saelens refuses them with the reason.
 
 SAELens's hook_name is the TransformerLens hook that holds the activations of the recorded hookpoint where
 one is known (`transformer.h.3` -> `blocks.3.hook_resid_post`; sae/formats/hook_names.py), else the
@@ -30,13 +36,16 @@ from typing import Any
 
 from .errors import UsageError, run_cli
 from .files import TensorSpec
-from .formats.hook_names import saelens_hook
-from .formats.saelens import write_saelens_folder
-from .model import SparseAutoencoder, read_sae_files, write_sae_folder
+from .files import read_json
+from .formats.circuit_tracer import LOAD_CALL as CIRCUIT_TRACER_LOAD_CALL
+from .formats.circuit_tracer import LayerTranscoder, feature_hooks, write_circuit_tracer_set
+from .formats.hook_names import lm_family, saelens_hook
+from .formats.saelens import saelens_transcoder_refusal, write_saelens_folder
+from .model import SparseAutoencoder, is_sae_folder, read_sae_files, write_sae_folder
 
-TARGETS = ("saelens", "sparsify", "ours")
+TARGETS = ("saelens", "sparsify", "ours", "circuit-tracer")
 LOAD_CALLS = {"saelens": "sae_lens.SAE.load_from_disk({dst!r})", "sparsify": "sparsify.SparseCoder.load_from_disk({dst!r})",
-              "ours": "sae.SparseAutoencoder.load({dst!r})"}
+              "ours": "sae.SparseAutoencoder.load({dst!r})", "circuit-tracer": CIRCUIT_TRACER_LOAD_CALL}
 
 
 def read_sae(src: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -50,6 +59,8 @@ def write_sae(sae: SparseAutoencoder, provenance: dict[str, Any], dst: Path, to:
     """Write `sae` to the new folder `dst` in the layout `to` (one of TARGETS), with `provenance`."""
     tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
     if to == "saelens":
+        if sae.cfg.transcode:
+            raise UsageError(saelens_transcoder_refusal(sae.cfg))
         hook, note = saelens_hook(provenance)
         if note:
             print(f"note: {note}")
@@ -74,16 +85,54 @@ def convert(src: str | Path, dst: str | Path, to: str, model: str | None = None,
         raise UsageError(f"--to must be one of {list(TARGETS)}, got {to!r}")
     if dst.exists():
         raise UsageError(f"{dst} already exists; converting never overwrites: remove it or choose another DST")
-    sae, provenance = read_sae(src)
-    provenance.update({key: value for key, value in (("model", model), ("hookpoint", hookpoint)) if value})
+    recorded = {key: value for key, value in (("model", model), ("hookpoint", hookpoint)) if value}
+    if to == "circuit-tracer":
+        members = transcoder_set(src, recorded)
+    else:
+        sae, provenance = read_sae(src)
+        provenance.update(recorded)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        write_sae(sae, provenance, tmp, to)
+        if to == "circuit-tracer":
+            model_name = members[0].provenance.get("model")
+            write_circuit_tracer_set(tmp, members, lm_family(model_name), lm_layer_count(model_name))
+        else:
+            write_sae(sae, provenance, tmp, to)
         os.rename(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def transcoder_set(src: Path, recorded: dict[str, Any]) -> list[LayerTranscoder]:
+    """The transcoders of a circuit-tracer set: the SAE folders in the run folder `src` (or `src` itself),
+    each with the layer of the MLP it replaces (`feature_hooks`); `recorded` (--model, --hookpoint)
+    overrides their provenance. What is not one transcoder per layer is refused by the writer."""
+    folders = [src] if is_sae_folder(src) else sorted(path for path in src.iterdir() if is_sae_folder(path)) \
+        if src.is_dir() else []
+    if not folders:
+        raise UsageError(f"{src}: no SAE folder (cfg.json) there; --to circuit-tracer reads a run folder of "
+                         "transcoders, one per layer")
+    if len(folders) > 1 and "hookpoint" in recorded:
+        raise UsageError("--hookpoint names one transcoder's MLP; a run folder of several records its own")
+    members = []
+    for folder in folders:
+        sae, provenance = read_sae(folder)
+        provenance.update(recorded)
+        layer, _, _ = feature_hooks(str(folder), provenance.get("hookpoint"), lm_family(provenance.get("model")))
+        tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
+        members.append(LayerTranscoder(layer, sae.cfg, tensors, provenance, str(folder)))
+    return members
+
+
+def lm_layer_count(model: str | None) -> int | None:
+    """The number of layers of the LM `model` from its config.json where it is a local folder, else None."""
+    config_path = Path(model) / "config.json" if model else None
+    if config_path is None or not config_path.is_file():
+        return None
+    config = read_json(config_path)
+    return next((config[key] for key in ("num_hidden_layers", "n_layer") if isinstance(config.get(key), int)), None)
 
 
 def main(argv: list[str] | None = None) -> Path:

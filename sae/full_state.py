@@ -22,7 +22,7 @@ from torch import Tensor
 from . import checkpoint
 from .config import SaeConfig
 from .files import TensorSpec
-from .model import LATENT_MAJOR_PARAMETERS, PARAMETER_NAMES, SparseAutoencoder
+from .model import LATENT_MAJOR_PARAMETERS, SparseAutoencoder, parameter_names
 
 
 def _latent_major_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None,
@@ -169,5 +169,5 @@ def load_from_full_state(sae: SparseAutoencoder, full: Mapping[str, Tensor],
 def sae_from_full_state(full: dict[str, Tensor], cfg: SaeConfig) -> SparseAutoencoder:
     """The whole `SparseAutoencoder` holding the full state's parameters (its tensors, no copy, no RNG drawn)."""
     sae = SparseAutoencoder(cfg, device="meta")
-    sae.load_state_dict({name: full[name] for name in PARAMETER_NAMES}, assign=True)
+    sae.load_state_dict({name: full[name] for name in parameter_names(cfg)}, assign=True)
     return sae

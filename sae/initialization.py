@@ -58,6 +58,19 @@ def encoder_scale(target: Tensor, decoded: Tensor) -> float:
 
 
 @torch.no_grad()
+def initialize_transcoder_from_batch(sae, inputs: Tensor, targets: Tensor, b_dec_init: str = "geometric_median",
+                                     scale_inputs: bool = True) -> tuple[float, float]:
+    """A fresh transcoder's start from raw module inputs and outputs (N, d_in) each: (input scale, output
+    scale), each s with E||s x||^2 = d_in over its side (1.0 without scale_inputs), and b_dec, the output's
+    bias, from the scaled outputs as an SAE's from its inputs. Its decoder starts at zero, so there is no
+    encoder scale to fit (`encoder_scale` would find nothing decoded)."""
+    input_scale = estimate_input_scale(inputs) if scale_inputs else 1.0
+    output_scale = estimate_input_scale(targets) if scale_inputs else 1.0
+    sae.b_dec.copy_(initial_b_dec((targets * output_scale).to(sae.b_dec.dtype), b_dec_init))
+    return input_scale, output_scale
+
+
+@torch.no_grad()
 def initialize_from_batch(sae, batch: Tensor, b_dec_init: str = "geometric_median", scale_inputs: bool = True,
                           fit_encoder_scale: bool = True) -> float:
     """Set b_dec, and scale the encoder, of a freshly initialised `sae` from the raw activations `batch`

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .config import SaeConfig, TrainConfig
+from .config import SaeConfig, TrainConfig, input_site
+from .errors import UsageError
 from .files import TensorSpec, atomic_folder
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
-from .model import SparseAutoencoder, fold_input_scale, normalize_rows_, write_sae_folder
+from .model import SparseAutoencoder, fold_scales, normalize_rows_, write_sae_folder
 from .optim import evaluated_rows, make_optimizer, run_lr
 from .parallel import ShardLayout
 
@@ -50,8 +51,15 @@ class Member:
     """The final SAE folder."""
 
     input_scale: float = 1.0
+    output_scale: float = 1.0
+    """A transcoder's target (the module's output) is multiplied by its own scale; an SAE's is input_scale."""
     metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
+
+    @property
+    def input_site(self) -> str:
+        """The activations the SAE reads: its hookpoint's output, a transcoder's module's input."""
+        return input_site(self.hookpoint) if self.sae.cfg.transcode else self.hookpoint
 
     def key(self, name: str) -> str:
         """Metric and checkpoint-tensor names: prefixed with the variant's name when there are several."""
@@ -59,11 +67,18 @@ class Member:
 
 
 def member_specs(cfg: TrainConfig, d_in_of: dict[str, int]) -> list[tuple[str, str, SaeConfig, float | None]]:
-    """(name, hookpoint, SAE config with its d_in, lr or None) of each of the run's SAEs."""
-    specs = [(variant.name, variant.hookpoint or cfg.hookpoint, variant.sae_config(cfg.sae),
-              variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
-    specs = specs or [("", cfg.hookpoint, cfg.sae, cfg.lr)]
-    return [(name, hookpoint, replace(sae_cfg, d_in=d_in_of[hookpoint]), lr) for name, hookpoint, sae_cfg, lr in specs]
+    """(name, hookpoint, SAE config with its d_in, lr or None) of each of the run's SAEs. A transcoder's
+    module must take and give activations of one width (an MLP: d_model in and out)."""
+    names_and_lrs = [(variant.name, variant.lr if variant.lr is not None else cfg.lr) for variant in cfg.variants]
+    specs = []
+    for (name, lr), (hookpoint, sae_cfg) in zip(names_and_lrs or [("", cfg.lr)], cfg.member_configs()):
+        width = d_in_of[hookpoint]
+        if sae_cfg.transcode and d_in_of[input_site(hookpoint)] != width:
+            raise UsageError(f"a transcoder at '{hookpoint}' reads its input of width {d_in_of[input_site(hookpoint)]} "
+                             f"and predicts its output of width {width}: transcoders here need one width (an MLP's "
+                             "d_model in and out)")
+        specs.append((name, hookpoint, replace(sae_cfg, d_in=width), lr))
+    return specs
 
 
 def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device,
@@ -90,7 +105,8 @@ def member_state(member: Member) -> tuple[list[TensorSpec], Iterator[Tensor], di
     specs = [replace(spec, name=member.key(spec.name)) for spec in full_state_specs(member.sae, member.optimizer, extra)]
     chunks = (piece for _, piece in full_state_chunks(member.sae, member.optimizer, extra))
     _, optimizer_meta = checkpoint.optimizer_to_flat(member.optimizer)
-    return specs, chunks, {"input_scale": member.input_scale, "optimizer": optimizer_meta}
+    return specs, chunks, {"input_scale": member.input_scale, "output_scale": member.output_scale,
+                           "optimizer": optimizer_meta}
 
 
 def load_member(member: Member, tensors: Mapping[str, Tensor], state: dict[str, Any]) -> None:
@@ -98,6 +114,7 @@ def load_member(member: Member, tensors: Mapping[str, Tensor], state: dict[str, 
     load_from_full_state(member.sae, tensors, member.optimizer, state["optimizer"],
                          extra={"tokens_since_fired": member.tokens_since_fired}, prefix=member.key(""))
     member.input_scale = state["input_scale"]
+    member.output_scale = state.get("output_scale", state["input_scale"])  # checkpoints of SAEs before transcoders
 
 
 def evaluated_weights(member: Member) -> Callable[[Tensor, slice], Tensor]:
@@ -113,7 +130,7 @@ def evaluation_sae(member: Member) -> SparseAutoencoder | None:
     full = gather_full_state(member.sae, parameter_rows=evaluated_weights(member))  # new memory
     if full is None:
         return None
-    if member.sae.cfg.normalize_decoder:
+    if member.sae.cfg.unit_norm_decoder:
         normalize_rows_(full["W_dec"])
     return sae_from_full_state(full, member.sae.cfg)
 
@@ -122,7 +139,7 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
     """Write the member's SAE folder (rank 0, as a whole: `files.atomic_folder`; collective: call it on
     every rank) piece by piece, so that no rank holds the whole SAE: its optimiser's evaluated weights
     (`evaluated_weights`), the decoder rows renormalised to unit norm, folded to take raw activations
-    (`model.fold_input_scale`).
+    (`model.fold_scales`).
 
     Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
     1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
@@ -130,13 +147,14 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
     sae = member.sae
 
     def folded(name: str, rows: Tensor) -> Tensor:
-        if name == "W_dec" and sae.cfg.normalize_decoder:
+        if name == "W_dec" and sae.cfg.unit_norm_decoder:
             rows = normalize_rows_(rows.clone())  # a copy: the piece may be the training weights
-        return fold_input_scale(name, rows, member.input_scale)
+        return fold_scales(name, rows, member.input_scale, member.output_scale)
 
     chunks = (folded(name, rows) for name, rows in full_state_chunks(sae, parameter_rows=evaluated_weights(member)))
     if sae.layout.is_main:  # the folder as a whole: never new weights beside an old cfg.json (a resumed run's)
         atomic_folder(member.out_dir, lambda tmp: write_sae_folder(tmp, sae.cfg, full_state_specs(sae), chunks,
-                                                                   member.input_scale, metadata))
+                                                                   member.input_scale, metadata,
+                                                                   output_scale=member.output_scale))
     else:
         drain(chunks)

@@ -9,6 +9,13 @@ there (`SparseCoder.load_from_disk`) and gives the same outputs:
     encode:  pre = W_enc (x - b_dec) + b_enc;  keep the top k per row;  values = ReLU(top values)
     decode:  x_hat = sum_j values_j * W_dec[indices_j] + b_dec
 
+A transcoder (`SaeConfig.transcode`; Dunefsky et al. 2024, "Transcoders find interpretable LLM feature
+circuits"; sparsify's `transcode`) reads a module's input x and predicts its output y, in the same
+parameters: pre = W_enc x + b_enc (no b_dec subtracted: b_dec is the output's bias), and
+y_hat = sum_j values_j W_dec[indices_j] + b_dec. A skip transcoder (`skip_connection`; Paulo, Shabalin
+& Belrose 2025, arXiv 2501.18823) adds a dense path, y_hat += x @ W_skip.T with W_skip (d_in, d_in), kept
+whole on every rank like b_dec.
+
 `encode`, `decode` and `forward` run on the sparse `sae_kernels` ops (Triton on CUDA, eager torch on CPU).
 
 An SAE imported from OpenAI's TopK SAEs (sae/formats/) also has an input transform, `input_norm`
@@ -43,6 +50,7 @@ from .parallel import ShardLayout, ShardTop
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
 PARAMETER_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+"""An SAE's (and a transcoder's) parameters; a skip transcoder has W_skip too (`parameter_names`)."""
 LATENT_MAJOR_PARAMETERS = ("encoder.weight", "encoder.bias", "W_dec")
 """Split by rows under latent sharding; `b_dec` is replicated."""
 # cfg.json keys that name SaeConfig fields differently (sparsify's names).
@@ -69,9 +77,10 @@ class ComputeWeights(NamedTuple):
     """(n_local,)."""
     W_dec: Tensor
     """(n_local, d_in)."""
-    b_dec: Tensor
+    b_dec: Tensor | None
     """(d_in,): b_dec as the encoders subtract it (`ShardLayout.b_dec_for_encoder`). One autograd node for
-    the TopK and the AuxK encode, so under latent sharding its gradient is summed over the shards once."""
+    the TopK and the AuxK encode, so under latent sharding its gradient is summed over the shards once.
+    None for a transcoder, whose encoder subtracts nothing."""
 
 
 class TopLatents(NamedTuple):
@@ -210,6 +219,9 @@ class SparseAutoencoder(nn.Module):
         self.encoder = nn.utils.skip_init(nn.Linear, cfg.d_in, self.n_local, device=device, dtype=dtype)
         self.W_dec = nn.Parameter(torch.empty(self.n_local, cfg.d_in, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.W_skip = (nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, device=device, dtype=dtype))
+                       if cfg.skip_connection else None)
+        """(d_out, d_in) = (d_in, d_in), a skip transcoder's dense path; None otherwise."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -235,6 +247,10 @@ class SparseAutoencoder(nn.Module):
         self.encoder.weight.copy_(self.W_dec)
         self.encoder.bias.zero_()
         self.b_dec.zero_()
+        if self.cfg.transcode:  # the decoder starts at zero (sparsify), the encoder at the random directions
+            self.W_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     @property
     def device(self) -> torch.device:
@@ -266,11 +282,12 @@ class SparseAutoencoder(nn.Module):
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x_hat (N, d_in) in the units of `x`, values (N, k), indices (N, k)) for raw activations x (N, d_in):
         `encode`, decode, and with input_norm "layer_norm" x_hat_n * std + mean with each token's own
-        statistics (`layer_norm_input`). A whole SAE's."""
+        statistics (`layer_norm_input`). For a transcoder, x is the module's input and x_hat the predicted
+        output (with the skip path, if any). A whole SAE's."""
         self._check_whole("reconstruct")
         if self.input_norm == "none":
             values, indices = self._encode_normalized(x)
-            return self._decode_normalized(values, indices), values, indices
+            return self._decode_normalized(values, indices) + self.skip(x), values, indices
         normalized, mean, std = layer_norm_input(x.to(self.dtype))
         values, indices = self._encode_normalized(normalized)
         return self._decode_normalized(values, indices) * std + mean, values, indices
@@ -283,16 +300,24 @@ class SparseAutoencoder(nn.Module):
             return layer_norm_input(x.to(self.dtype))[2]
         return torch.ones(x.shape[0], 1, dtype=self.dtype, device=x.device)
 
+    def skip(self, x: Tensor) -> Tensor | float:
+        """A skip transcoder's dense path x @ W_skip.T (N, d_in) for inputs x (N, d_in); 0 without one."""
+        return 0.0 if self.W_skip is None else x.to(self.W_skip.dtype) @ self.W_skip.T
+
     def _encode_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """`encode` of an input already transformed by `input_norm`."""
-        return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=self.b_dec)
+        return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k,
+                                       b_dec=None if self.cfg.transcode else self.b_dec)
 
     def _decode_normalized(self, values: Tensor, indices: Tensor) -> Tensor:
         """The reconstruction in the units `encode` works in (normalised ones under an input transform)."""
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
-    def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None) -> ForwardOutput:
-        """The training forward of a batch `x` (N, d_in), on the `sae_kernels` ops:
+    def forward(self, x: Tensor, dead_mask: Tensor | DeadMaskFn | None = None, variance: VarianceFn | None = None,
+                target: Tensor | None = None) -> ForwardOutput:
+        """The training forward of a batch `x` (N, d_in), on the `sae_kernels` ops (below for an SAE; a
+        transcoder's differ as the module docstring says: its encoder reads x without b_dec, and x_hat,
+        the fvu and AuxK's residual are of `target` (N, d_in), the module's output, which it must be given):
 
             encode, top-k  pre = W_enc (x - b_dec) + b_enc; the top k per row (Multi-TopK: the top 4k,
                            sorted, whose first k are the TopK selection); ReLU
@@ -320,7 +345,11 @@ class SparseAutoencoder(nn.Module):
         """
         self._check_trainable()
         cfg = self.cfg
+        if (target is None) == cfg.transcode:
+            raise ValueError("a transcoder's forward needs the module's output as target" if cfg.transcode
+                             else "an SAE reconstructs its input: no target")
         x = x.to(self.dtype)  # the losses are in the parameters' dtype
+        y = x if target is None else target.to(self.dtype)
         if variance is None:
             variance = self._global_batch_variance()
         n_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
@@ -334,17 +363,18 @@ class SparseAutoencoder(nn.Module):
         if callable(dead_mask):
             dead_mask = dead_mask(latent_indices, latent_acts.detach())
 
-        x_hat = self._decode_over_shards(weights, top, cfg.k) + self.b_dec
-        fvu = normalized_mse(x, x_hat, variance)
+        dense = self.b_dec + self.skip(x)  # the same on every shard
+        x_hat = self._decode_over_shards(weights, top, cfg.k) + dense
+        fvu = normalized_mse(y, x_hat, variance)
         zero = fvu.new_zeros(())
 
         auxk_loss = zero
         if dead_mask is not None and cfg.auxk_coef > 0:
-            auxk_loss = self._auxk_loss(weights, x_in, (x - x_hat).detach(), dead_mask, variance)
+            auxk_loss = self._auxk_loss(weights, x_in, (y - x_hat).detach(), dead_mask, variance)
 
         multi_topk_fvu = zero
         if cfg.multi_topk:
-            multi_topk_fvu = normalized_mse(x, self._decode_over_shards(weights, top, n_top) + self.b_dec, variance)
+            multi_topk_fvu = normalized_mse(y, self._decode_over_shards(weights, top, n_top) + dense, variance)
 
         loss = fvu + cfg.auxk_coef * auxk_loss + multi_topk_fvu / 8
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
@@ -393,6 +423,8 @@ class SparseAutoencoder(nn.Module):
     def _compute_weights(self) -> ComputeWeights:
         dtype = self.compute_dtype or self.dtype
         W_enc, b_enc, W_dec = self.encoder.weight.to(dtype), self.encoder.bias.to(dtype), self.W_dec.to(dtype)
+        if self.cfg.transcode:  # its encoder reads x as it is
+            return ComputeWeights(W_enc, b_enc, W_dec, None)
         return ComputeWeights(W_enc, b_enc, W_dec, self.layout.b_dec_for_encoder(self.b_dec).to(dtype))
 
     def _check_trainable(self) -> None:
@@ -409,7 +441,8 @@ class SparseAutoencoder(nn.Module):
         if latents.numel() == 0 or k == 0:
             return x.new_zeros(len(x), 0), latents.new_zeros(len(x), 0)
         if weights is None:
-            weights = ComputeWeights(self.encoder.weight, self.encoder.bias, self.W_dec, self.b_dec)
+            weights = ComputeWeights(self.encoder.weight, self.encoder.bias, self.W_dec,
+                                     None if self.cfg.transcode else self.b_dec)
         values, local = sae_kernels.topk_encode(
             x, weights.W_enc.index_select(0, latents), weights.b_enc.index_select(0, latents), min(k, latents.numel()),
             b_dec=weights.b_dec,
@@ -438,33 +471,39 @@ class SparseAutoencoder(nn.Module):
     # ---- saving and loading -------------------------------------------------------------------
 
     @torch.no_grad()
-    def folded_state_dict(self, input_scale: float = 1.0) -> dict[str, Tensor]:
-        """Parameters for raw inputs, when this SAE was trained on inputs multiplied by `input_scale`
-        (`fold_input_scale`); new tensors, never the parameters themselves."""
-        return {name: fold_input_scale(name, tensor.detach().clone(), input_scale) for name, tensor in self.state_dict().items()}
+    def folded_state_dict(self, input_scale: float = 1.0, output_scale: float | None = None) -> dict[str, Tensor]:
+        """Parameters for raw inputs, when this SAE was trained on inputs multiplied by `input_scale` (and
+        a transcoder on targets multiplied by `output_scale`, default the same: `fold_scales`); new
+        tensors, never the parameters themselves."""
+        return {name: fold_scales(name, tensor.detach().clone(), input_scale, output_scale)
+                for name, tensor in self.state_dict().items()}
 
     @torch.no_grad()
-    def folded(self, input_scale: float) -> "SparseAutoencoder":
-        """A copy that takes raw activations, when this SAE was trained on inputs times `input_scale`."""
+    def folded(self, input_scale: float, output_scale: float | None = None) -> "SparseAutoencoder":
+        """A copy that takes raw activations, when this SAE was trained on inputs times `input_scale`
+        (a transcoder: and targets times `output_scale`)."""
         self._check_foldable(input_scale)
         copy = type(self)(self.cfg, device=self.device, dtype=self.dtype, input_norm=self.input_norm)
-        copy.load_state_dict(self.folded_state_dict(input_scale))
+        copy.load_state_dict(self.folded_state_dict(input_scale, output_scale))
         return copy
 
     def _check_foldable(self, input_scale: float) -> None:
         if self.input_norm != "none" and input_scale != 1:  # the eps of layer_norm_input does not scale with x
             raise ValueError(f"cannot fold an input scale into an SAE with input_norm {self.input_norm!r}")
 
-    def save(self, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None) -> Path:
+    def save(self, path: str | Path, input_scale: float = 1.0, metadata: dict[str, Any] | None = None,
+             output_scale: float | None = None) -> Path:
         """Write path/cfg.json and path/sae.safetensors (each written to a temp file, then renamed).
 
-        input_scale: the factor the training inputs were multiplied by; folded into the weights so the
-        saved SAE takes raw activations. metadata: extra cfg.json keys (model, hookpoint, provenance).
+        input_scale: the factor the training inputs were multiplied by (a transcoder's targets: by
+        output_scale, default the same); folded into the weights so the saved SAE takes raw activations.
+        metadata: extra cfg.json keys (model, hookpoint, provenance).
         """
         self._check_foldable(input_scale)
-        tensors = self.folded_state_dict(input_scale)
+        tensors = self.folded_state_dict(input_scale, output_scale)
         specs = [TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
-        return write_sae_folder(path, self.cfg, specs, tensors.values(), input_scale, metadata, self.input_norm)
+        return write_sae_folder(path, self.cfg, specs, tensors.values(), input_scale, metadata, self.input_norm,
+                                output_scale)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SparseAutoencoder":
@@ -510,44 +549,62 @@ def read_sae_folder(path: Path) -> ForeignSae:
     weights_path = path / WEIGHTS_FILE
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as file:
-            keys = set(file.keys())
-            if keys != set(PARAMETER_NAMES):
-                raise UsageError(f"{weights_path}: expected tensors {sorted(PARAMETER_NAMES)}, found {sorted(keys)}")
-            tensors = {name: file.get_tensor(name) for name in PARAMETER_NAMES}
+            keys, expected = set(file.keys()), parameter_names(cfg)
+            if keys != set(expected):
+                raise UsageError(f"{weights_path}: expected tensors {sorted(expected)}, found {sorted(keys)}")
+            tensors = {name: file.get_tensor(name) for name in expected}
     except SafetensorError as error:
         raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
-    for name, shape in our_shapes(cfg.d_in, cfg.n_latents).items():
+    for name, shape in our_shapes(cfg.d_in, cfg.n_latents, cfg.skip_connection).items():
         if tuple(tensors[name].shape) != shape:
             raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
     return ForeignSae("ours", cfg, tensors, input_norm, read_sae_provenance(path), weights_path)
 
 
-def fold_input_scale(name: str, tensor: Tensor, input_scale: float) -> Tensor:
-    """Parameter `name` (whole, or some of its rows) for raw inputs, when the SAE was trained on inputs
-    multiplied by `input_scale`: the biases divided by it, the weights unchanged (`tensor` itself).
+def parameter_names(cfg: SaeConfig) -> tuple[str, ...]:
+    """The tensors of an SAE folder of `cfg`: `PARAMETER_NAMES`, and W_skip for a skip transcoder."""
+    return PARAMETER_NAMES + (("W_skip",) if cfg.skip_connection else ())
 
-    With s = input_scale: pre(s x) = W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec/s) + b_enc/s),
-    and TopK and ReLU commute with a positive factor, so b_enc/s and b_dec/s give latents 1/s as
-    large; decoding them with the same unit-norm W_dec plus b_dec/s gives x_hat(s x) / s. Exact.
+
+def fold_scales(name: str, tensor: Tensor, input_scale: float, output_scale: float | None = None) -> Tensor:
+    """Parameter `name` (whole, or some of its rows) for raw activations, when the SAE was trained on
+    inputs multiplied by s = `input_scale` and targets by t = `output_scale` (an SAE's target is its
+    input: t = s, the default). The encoder's weight is unchanged (`tensor` itself).
+
+    pre(s x) = W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec/s) + b_enc/s) for an SAE, and
+    s (W_enc x + b_enc/s) for a transcoder; TopK and ReLU commute with a positive factor, so b_enc/s
+    gives latents 1/s as large. The prediction of t y is then s (sum values W_dec) + b_dec + s x W_skip^T,
+    so W_dec s/t, b_dec/t and W_skip s/t predict y itself. For an SAE (t = s): b_enc/s, b_dec/s, W_dec
+    unchanged (unit norm). Exact up to rounding.
     """
-    if not input_scale > 0:
-        raise ValueError(f"input_scale must be positive, got {input_scale}")
-    return tensor / input_scale if name in ("encoder.bias", "b_dec") else tensor
+    output_scale = input_scale if output_scale is None else output_scale
+    if not (input_scale > 0 and output_scale > 0):
+        raise ValueError(f"input_scale and output_scale must be positive, got {input_scale}, {output_scale}")
+    if name == "encoder.bias":
+        return tensor / input_scale
+    if name == "b_dec":
+        return tensor / output_scale
+    if name in ("W_dec", "W_skip") and input_scale != output_scale:
+        return tensor * (input_scale / output_scale)
+    return tensor
 
 
 def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], chunks: Iterable[Tensor],
-                     input_scale: float = 1.0, metadata: dict[str, Any] | None = None, input_norm: str = "none") -> Path:
+                     input_scale: float = 1.0, metadata: dict[str, Any] | None = None, input_norm: str = "none",
+                     output_scale: float | None = None) -> Path:
     """The SAE folder format: path/sae.safetensors from its tensors' pieces (`files.write_safetensors`:
     the four parameters, already folded) and path/cfg.json, each written atomically. cfg.json names
     `input_norm` only when it is not "none": a folder without an input transform is sparsify's layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if sorted(spec.name for spec in specs) != sorted(PARAMETER_NAMES):
-        raise ValueError(f"an SAE folder holds exactly {sorted(PARAMETER_NAMES)}, got {[spec.name for spec in specs]}")
+    if sorted(spec.name for spec in specs) != sorted(parameter_names(cfg)):
+        raise ValueError(f"an SAE folder holds exactly {sorted(parameter_names(cfg))}, got {[spec.name for spec in specs]}")
     config = {_FILE_KEYS.get(key, key): value for key, value in asdict(cfg).items()}
     # sparsify reads these two; "activation" tells it this is a TopK SAE.
     input_norm_key = {"input_norm": input_norm} if input_norm != "none" else {}
-    config.update(activation="topk", input_scale_folded=float(input_scale), **input_norm_key, **(metadata or {}))
+    output_scale_key = {"output_scale_folded": float(output_scale)} if cfg.transcode and output_scale is not None else {}
+    config.update(activation="topk", input_scale_folded=float(input_scale), **output_scale_key, **input_norm_key,
+                  **(metadata or {}))
     atomic_write(path / WEIGHTS_FILE, lambda tmp: write_safetensors(tmp, specs, chunks))
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return path

@@ -36,7 +36,7 @@ from .distributed import (DistInfo, gather_objects, init_distributed, resolve_de
                           wait_for_main_rank)
 from .errors import RunExistsError, UsageError
 from .files import atomic_write, check_writable_folder, disk_errors, disk_remedy
-from .initialization import initialize_from_batch
+from .initialization import initialize_from_batch, initialize_transcoder_from_batch
 from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
 from .members import Member, build_members, evaluation_sae, load_member, member_specs, member_state, save_member
@@ -67,8 +67,10 @@ def training_step(
     tokens_since_fired: Tensor,
     lr: float,
     grad_clip: float,
+    target: Tensor | None = None,
 ) -> ForwardOutput:
-    """One optimiser step on this rank's rows of the batch, `x` (N, d_in), already scaled.
+    """One optimiser step on this rank's rows of the batch, `x` (N, d_in), already scaled (a transcoder:
+    and its `target`, the module's output, (N, d_in), scaled).
 
     `tokens_since_fired` (n_local,) are the dead-latent counters of this rank's latents: the forward
     counts the batch into them right after its top-k, so AuxK trains the latents dead after this
@@ -80,18 +82,18 @@ def training_step(
         update_dead_counters(sae, tokens_since_fired, latent_indices, latent_acts)
         return tokens_since_fired >= sae.cfg.dead_tokens  # the dead mask AuxK uses
 
-    out = sae(x, mark_fired_latents)
+    out = sae(x, mark_fired_latents, target=target)
     check_loss_is_finite(out.loss)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.layout.sum_gradients_over_replicas(sae.parameters())
-    if sae.cfg.normalize_decoder:
+    if sae.cfg.unit_norm_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     if grad_clip > 0:  # after the projection: the clip bounds the gradient the step uses
         clip_grad_norm_(sae, grad_clip)
     set_lr(optimizer, lr)
     optimizer.step()
-    if sae.cfg.normalize_decoder:
+    if sae.cfg.unit_norm_decoder:
         set_decoder_rows_to_unit_norm(sae, optimizer)
     return out
 
@@ -117,6 +119,16 @@ def initialize_from_first_batch(sae: SparseAutoencoder, first_batch: Tensor, cfg
     Collective under torchrun: call it on every rank with its replica's rows."""
     rows = sae.layout.gather_rows_over_replicas(sae.layout.broadcast_rows(first_batch))
     return initialize_from_batch(sae, rows, cfg.b_dec_init, cfg.scale_inputs, cfg.fit_encoder_scale)
+
+
+@torch.no_grad()
+def initialize_transcoder_from_first_batch(sae: SparseAutoencoder, inputs: Tensor, targets: Tensor,
+                                           cfg: TrainConfig) -> tuple[float, float]:
+    """(input scale, output scale) of a transcoder from the global first batch of its module's inputs and
+    outputs (`initialization.initialize_transcoder_from_batch`), the same on every rank. Collective."""
+    layout = sae.layout
+    inputs, targets = (layout.gather_rows_over_replicas(layout.broadcast_rows(rows)) for rows in (inputs, targets))
+    return initialize_transcoder_from_batch(sae, inputs, targets, cfg.b_dec_init, cfg.scale_inputs)
 
 
 @torch.no_grad()
@@ -242,7 +254,11 @@ def start_or_resume(cfg: TrainConfig, info: DistInfo, members: list[Member], str
         return start_step, tokens_seen, wandb_id, iter(stream)
     first_batch = next(stream)
     for member in members:
-        member.input_scale = initialize_from_first_batch(member.sae, first_batch[member.hookpoint], cfg)
+        if member.sae.cfg.transcode:
+            member.input_scale, member.output_scale = initialize_transcoder_from_first_batch(
+                member.sae, first_batch[member.input_site], first_batch[member.hookpoint], cfg)
+        else:
+            member.input_scale = member.output_scale = initialize_from_first_batch(member.sae, first_batch[member.hookpoint], cfg)
     return 0, 0, None, itertools.chain([first_batch], stream)
 
 
@@ -396,11 +412,12 @@ def step_members(run: Run, batch: dict[str, Tensor], step: int, total_steps: int
     cfg = run.cfg
     line: dict[str, Any] = {"step": step + 1}
     for member in run.members:
-        x = run.layout.broadcast_rows(batch[member.hookpoint])  # bitwise-equal rows within a shard group
+        x = run.layout.broadcast_rows(batch[member.input_site])  # bitwise-equal rows within a shard group
+        target = run.layout.broadcast_rows(batch[member.hookpoint]) * member.output_scale if member.sae.cfg.transcode else None
         lr = lr_at(step, member.base_lr, cfg.lr_warmup_steps, total_steps, cfg.lr_decay_frac)
         try:
             out = training_step(member.sae, member.optimizer, x * member.input_scale, member.tokens_since_fired,
-                                lr, cfg.grad_clip)
+                                lr, cfg.grad_clip, target)
         except NonFiniteLossError as error:
             last = checkpoint.list_checkpoints(cfg.run_dir)
             raise NonFiniteLossError(
@@ -418,7 +435,9 @@ def evaluate_members(run: Run, step: int) -> None:
     for member in run.members:
         sae = evaluation_sae(member)  # collective under sharding
         if run.info.is_main:
-            member.eval_metrics = run.score_held_out(sae, member.input_scale, member.hookpoint)
+            # folded here with both scales (a transcoder's output has its own), so the scorer gets raw units
+            member.eval_metrics = run.score_held_out(sae.folded(member.input_scale, member.output_scale), 1.0,
+                                                     member.hookpoint)
     if run.log is not None:
         run.log.write({"step": step, **{m.key(k): v for m in run.members for k, v in m.eval_metrics.items()}})
     wait_for_main_rank(run.info)

@@ -81,8 +81,6 @@ def test_sparsify_folder_loads_with_sparsify_outputs(tmp_path, cfg_kwargs, n_lat
 @pytest.mark.parametrize(
     "key,cfg_kwargs",
     [
-        ("transcode", dict(num_latents=0, expansion_factor=4, k=5, transcode=True)),
-        ("skip_connection", dict(num_latents=0, expansion_factor=4, k=5, skip_connection=True)),
         ("activation", dict(num_latents=64, k=4, activation="groupmax")),
     ],
 )

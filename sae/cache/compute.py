@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..activations import capture_many, check_context_length, get_module, hookpoint_widths, load_run_lm
+from ..activations import capture_many, check_context_length, get_site, hookpoint_widths, load_run_lm
 from ..config import TrainConfig
 from ..data import TokenWindows, load_text_dataset
 from ..distributed import resolve_device
@@ -127,6 +127,6 @@ def _load_lm(cfg: TrainConfig, storage_dtype: str, hookpoints: list[str]) -> tup
     device = resolve_device(cfg.device)
     model, tokenizer = load_run_lm(cfg, device)
     check_context_length(model, cfg.data.ctx_len)
-    modules = [get_module(model, hookpoint) for hookpoint in hookpoints]
+    modules = [get_site(model, hookpoint) for hookpoint in hookpoints]
     d_in = hookpoint_widths(model, hookpoints)
     return _Lm(model, hookpoints, modules, device, STORAGE_DTYPES[storage_dtype]), tokenizer, d_in

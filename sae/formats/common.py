@@ -66,7 +66,7 @@ PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
     "model_init": _STRING_OR_NULL, "model_init_seed": _INT_OR_NULL, "model_init_versions": _OBJECT_OR_NULL,
     "tokens_trained": _INT_OR_NULL, "text_read": _OBJECT_OR_NULL, "run_name": _STRING_OR_NULL,
     "variant": _STRING_OR_NULL, "final_metrics": _OBJECT_OR_NULL, "wandb_run_id": _STRING_OR_NULL,
-    "wandb_project": _STRING_OR_NULL, "converted_from": _OBJECT_OR_NULL, "input_scale_folded": (int, float),
+    "wandb_project": _STRING_OR_NULL, "converted_from": _OBJECT_OR_NULL, "input_scale_folded": (int, float), "output_scale_folded": (int, float),
 }
 """The JSON types of the provenance keys our code reads from cfg.json (sae/config.py `provenance`, the
 trainer's record, `python -m eval`'s lookups); null means "not recorded", and the eval asks for an option."""
@@ -100,10 +100,11 @@ def check_finite(source: Path, tensors: dict[str, Tensor], mapped: bool = False)
                          "is corrupt or the SAE diverged in training, so it is not loaded")
 
 
-def our_shapes(d_in: int, n_latents: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each of our parameters."""
-    return {"encoder.weight": (n_latents, d_in), "encoder.bias": (n_latents,), "W_dec": (n_latents, d_in),
-            "b_dec": (d_in,)}
+def our_shapes(d_in: int, n_latents: int, skip_connection: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of each of our parameters (a skip transcoder's W_skip too)."""
+    shapes = {"encoder.weight": (n_latents, d_in), "encoder.bias": (n_latents,), "W_dec": (n_latents, d_in),
+              "b_dec": (d_in,)}
+    return shapes | ({"W_skip": (d_in, d_in)} if skip_connection else {})
 
 
 def sae_config(source: Path, d_in: Any, n_latents: Any, k: Any) -> SaeConfig:

@@ -17,6 +17,9 @@ Ours (sae/model.py) computes pre = W (N(x) - b_dec) + b_enc' and x_hat = N^-1(f 
 Without rescaling and with b_dec applied to the input (what `write_saelens_folder` writes) the mapping is
 a transpose: tensors cross bit for bit both ways. N is "none" or "layer_norm", which SAELens defines as
 our input_norm "layer_norm" (OpenAI's LN, sae/model.py `layer_norm_input`); its other values are refused.
+
+Transcoders are not written: SAELens's transcoders activate by ReLU or JumpReLU, none by TopK
+(`saelens_transcoder_refusal`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ OURS_KEY = "topk_sae"
 (our training-loss fields and provenance), so that converting back restores our cfg.json."""
 
 TRAINING_FIELDS = tuple(f.name for f in fields(SaeConfig) if f.name not in ("d_in", "n_latents", "k"))
+
+TRANSCODER_ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+"""SAELens's transcoders (sae_lens 6.54, saes/transcoder.py): Transcoder and SkipTranscoder activate by
+ReLU (SAE.get_activation_fn), the JumpReLU ones by ReLU masked at a per-latent threshold; none has a k."""
 
 
 def read_saelens_folder(path: Path) -> ForeignSae:
@@ -143,6 +150,18 @@ def _restore_ours(cfg_path: Path, cfg: SaeConfig, metadata: dict[str, Any]) -> t
     return cfg, {key: value for key, value in ours.items() if key not in TRAINING_FIELDS}
 
 
+def saelens_transcoder_refusal(cfg: SaeConfig) -> str:
+    """Why a TopK transcoder (cfg.transcode) cannot be written as a SAELens folder, in one line: none of
+    SAELens's transcoder architectures keeps the top k latents. (Its "topk" SAE without b_dec on the input
+    computes a TopK transcoder's function, but SAELens splices an SAE's output back where it read, which a
+    transcoder's prediction of another module's output is not.)"""
+    kind = "skip transcoder" if cfg.skip_connection else "transcoder"
+    return (f"SAELens {FORMAT_VERSION} has no TopK transcoder: its transcoder architectures "
+            f"{list(TRANSCODER_ARCHITECTURES)} (sae_lens/saes/transcoder.py) activate by ReLU or JumpReLU, so none "
+            f"computes this TopK {kind} (k={cfg.k}); write it --to sparsify or --to ours, or a set of one per layer "
+            "--to circuit-tracer")
+
+
 def write_saelens_folder(path: Path, cfg: SaeConfig, tensors: dict[str, Tensor], input_norm: str,
                          provenance: dict[str, Any], hook: dict[str, Any]) -> Path:
     """Write our SAE (`tensors` in our names, sae/formats/common.py `our_shapes`) as a SAELens TopK folder
@@ -152,6 +171,11 @@ def write_saelens_folder(path: Path, cfg: SaeConfig, tensors: dict[str, Tensor],
     fields in SAELens's metadata under OURS_KEY; `model` is SAELens's `model_name` too. `hook`: SAELens's
     metadata keys saying where it reads (hook_name ...: sae/formats/hook_names.py `saelens_hook`).
     """
+    if cfg.transcode:  # SAELens would load it as an SAE subtracting b_dec from its input: another function
+        raise UsageError(saelens_transcoder_refusal(cfg))
+    if cfg.skip_connection:  # its TopK SAE would load the folder and compute without the skip path
+        raise UsageError("SAELens's TopK SAE has no skip connection, and this SAE adds x @ W_skip.T to its "
+                         "reconstruction (sparsify's skip_connection); write it --to sparsify or --to ours")
     check_shapes(path, tensors, our_shapes(cfg.d_in, cfg.n_latents))
     dtype = tensors["W_dec"].dtype
     dtype_name = next((name for name, value in DTYPES.items() if value == dtype), None)

@@ -23,9 +23,9 @@ SPARSIFY_KEY_RULES: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "normalize_decoder": (ANY_VALUE, "a training constraint; encode and decode use W_dec as stored"),
     "activation":        (("topk",), "'groupmax' keeps the largest latent of each of k equal groups, "
                                      "not the k largest overall"),
-    "transcode":         ((False,), "a transcoder encodes x without subtracting b_dec and predicts another "
-                                    "module's output, where this SAE subtracts b_dec and reconstructs x"),
-    "skip_connection":   ((False,), "it adds x @ W_skip.T (a W_skip tensor) to the reconstruction"),
+    "transcode":         (ANY_VALUE, "read: a transcoder (encodes x without subtracting b_dec, predicts the "
+                                    "module's output)"),
+    "skip_connection":   (ANY_VALUE, "read: a skip transcoder (adds x @ W_skip.T, a W_skip tensor)"),
     "embed_skip":        ((False,), "it adds an affine map of the model's embeddings (W_embed_skip, "
                                     "b_embed_skip) to the reconstruction"),
     "gram_lookup":       ((False,), "it subtracts a frozen n-gram mean table, which is not in the folder, "
