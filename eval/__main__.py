@@ -2,10 +2,13 @@
 
     python -m eval runs/default/transformer.h.2 --out report.json
     python -m eval runs/k16/transformer.h.2 runs/k32/transformer.h.2 --tokens 262144
+    python -m eval runs/transcoders --replace_all      # every transcoder of the run spliced in at once
 
 Model, hookpoint, dataset and ctx_len come from each SAE's cfg.json unless given. SAEs on the same
 model and data share the eval tokens (and one LM forward per batch per hookpoint), so their numbers
-compare directly.
+compare directly. A transcoder (cfg.json "transcode": true; kind "transcoder" or "skip transcoder" in the
+tables) at module M is spliced as its prediction of M's output from M's input, and its latent sections
+(--explain, --n2g, --probe, --ablation) read its codes of M's input.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import DataConfig, parse_args
-from sae.model import SparseAutoencoder, read_any_sae_metadata
+from sae.model import SparseAutoencoder, is_sae_folder, read_any_sae_metadata
 from sae.distributed import resolve_device
 from sae.errors import UsageError, run_cli
 from sae.files import check_writable_folder
@@ -28,8 +31,8 @@ from sae.files import check_writable_folder
 from .data import check_recorded_model, held_out_split, held_out_windows, resolve_model_path
 from .evaluate import evaluate_many
 from .explain.options import ScoringOptions
-from .report import (INTERPRETABILITY_KEYS, check_report_path, comparison_table, interpretability_table, log_to_wandb,
-                     save_report)
+from .report import (INTERPRETABILITY_KEYS, check_report_path, comparison_table, interpretability_table, kind_keys,
+                     log_to_wandb, replacement_table, save_report)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class EvalConfig(ScoringOptions):
     """LM (hub name or local folder)."""
 
     hookpoint: str = ""
-    """Module whose output the SAE reconstructs."""
+    """Module whose output the SAE reconstructs (a transcoder: predicts from the module's input)."""
 
     dataset: str = ""
     """Text to evaluate on: the embedded corpus name, a local file/folder/glob or a hub dataset."""
@@ -138,7 +141,19 @@ class EvalConfig(ScoringOptions):
     seed: int = 0
     """Seeds the choice of latents and neurons and the random excerpts."""
 
+    replace_all: bool = False
+    """Evaluate the folders as one replacement model (eval/replacement.py): transcoders on one LM, one per module
+    (a run folder stands for the SAE folders in it: `python -m eval runs/transcoders --replace_all`), each
+    replacing its module's output by its prediction from that module's input, all in the same forward (a later
+    layer's transcoder reads what the earlier replacements made). Reports the set's delta_ce and kl against the
+    clean LM and each transcoder's fvu inside it and alone. The latent sections and --wandb are per folder:
+    run them without --replace_all."""
+
     def __post_init__(self):
+        per_folder = [f"--{name}" for name in ("explain", "n2g", "probe", "ablation", "wandb") if getattr(self, name)]
+        if self.replace_all and per_folder:
+            raise ValueError(f"--replace_all evaluates the folders as one replacement model; the per-folder options "
+                             f"{', '.join(per_folder)} run without it")
         for name in ("explain", "ablation", "n2g", "probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -198,6 +213,50 @@ def run_eval(cfg: EvalConfig, sae_dirs: list[str]) -> list[dict]:
     return [reports[job.dir] for job in jobs]
 
 
+def run_replacement(cfg: EvalConfig, sae_dirs: list[str]) -> dict:
+    """The report of the replacement model (`--replace_all`) of the transcoders in `sae_dirs`."""
+    from .replacement import check_replacement_set, replacement_model
+
+    folders = [str(folder) for folder in expand_run_folders(sae_dirs)]
+    check_sae_dirs(cfg, folders)
+    device = resolve_device(cfg.device)
+    jobs = [resolve_job(cfg, Path(folder)) for folder in folders]
+    members = {str(job.dir): (SparseAutoencoder.load(job.dir, device=device), job.hookpoint) for job in jobs}
+    check_replacement_set(members)
+    check_one_lm_and_text(jobs)  # all before the LM is loaded
+    for note in _model_init_notes(jobs):
+        print(note)
+    model, tokenizer = load_model_and_tokenizer(jobs[0].model, cfg.model_dtype, device, *jobs[0].model_init)
+    windows, source = read_held_out_windows(cfg, model, tokenizer, jobs)
+    report = replacement_model(members, model, windows, batch_windows=cfg.batch, progress=True)
+    return {"replacement_model": folders, "model": jobs[0].model, "model_init": _model_init_text(*jobs[0].model_init),
+            "data": source, **report}
+
+
+def expand_run_folders(sae_dirs: list[str]) -> list[Path]:
+    """The folders, each run folder (not an SAE folder itself, SAE folders in it) as its SAE folders by name."""
+    folders = []
+    for folder in map(Path, sae_dirs):
+        inside = sorted(child for child in folder.iterdir() if is_sae_folder(child)) \
+            if folder.is_dir() and not is_sae_folder(folder) else []
+        folders += inside or [folder]
+    return folders
+
+
+def check_one_lm_and_text(jobs: list[EvalJob]) -> None:
+    """One line when the replacement model's folders are not on one LM, or not evaluated on one text."""
+    first = jobs[0]
+    for job in jobs[1:]:
+        if (job.model, job.model_init) != (first.model, first.model_init):
+            raise UsageError(f"--replace_all splices every transcoder into one LM, but {first.dir} is on {first.model} "
+                             f"({_model_init_text(*first.model_init)}) and {job.dir} on {job.model} "
+                             f"({_model_init_text(*job.model_init)})")
+        if (job.data, job.split, job.training_dataset) != (first.data, first.split, first.training_dataset):
+            raise UsageError(f"--replace_all evaluates on one text, but {first.dir} and {job.dir} name different text "
+                             f"({first.data.dataset}, ctx_len {first.data.ctx_len} vs {job.data.dataset}, ctx_len "
+                             f"{job.data.ctx_len}); pass --dataset and --ctx_len to name one")
+
+
 def check_sae_dirs(cfg: EvalConfig, sae_dirs: list[str]) -> None:
     if cfg.explain_out and len(sae_dirs) > 1:
         raise UsageError("--explain_out names one file; with several SAEs each writes SAE_DIR/explain.jsonl")
@@ -209,12 +268,6 @@ def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
     """What to evaluate the SAE in `sae_dir` with: each option given, else what its cfg.json says; one
     line (UsageError) naming the option to pass when neither says a thing the eval needs."""
     metadata = read_any_sae_metadata(sae_dir)
-    latent_sections = [option for option, wanted in (("--explain", cfg.explain), ("--n2g", cfg.n2g),
-                                                     ("--probe", cfg.probe), ("--ablation", cfg.ablation)) if wanted]
-    if metadata.get("transcode") and latent_sections:
-        raise UsageError(f"{sae_dir} is a transcoder: {', '.join(latent_sections)} read its latents from the "
-                         "hookpoint's output, and a transcoder's come from its module's input; not built yet, so "
-                         "evaluate it without them")
     dataset = _require(cfg.dataset, metadata, "dataset", sae_dir, "--dataset")
     if cfg.dataset and not cfg.split and metadata.get("dataset") is None:
         # What training read is unknown (e.g. a folder written by sparsify): only a split the user
@@ -298,8 +351,9 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
     reports = {}
     for job in jobs:
         reports[job.dir] = {
-            "sae": str(job.dir), "model": job.model, "model_init": _model_init_text(*job.model_init),
-            "hookpoint": hookpoint, "data": source, **results[str(job.dir)],
+            "sae": str(job.dir), **kind_keys(saes[str(job.dir)].cfg), "model": job.model,
+            "model_init": _model_init_text(*job.model_init), "hookpoint": hookpoint, "data": source,
+            **results[str(job.dir)],
             **optional_sections(cfg, explain_tools, saes[str(job.dir)], model, tokenizer, hookpoint, windows, job.dir),
         }
     return reports
@@ -404,11 +458,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.out:
         check_report_path(cfg.out)  # before the work, not after it
     started = time.perf_counter()
-    reports = run_eval(cfg, sae_dirs)
-    print(comparison_table(reports))
-    if any(key in report for report in reports for key in INTERPRETABILITY_KEYS):
-        print(interpretability_table(reports))
-    print(f"evaluated {len(reports)} SAE(s) on {reports[0]['tokens']:,} tokens in {time.perf_counter() - started:.1f} s")
+    if cfg.replace_all:
+        reports = [run_replacement(cfg, sae_dirs)]
+        print(replacement_table(reports[0]))
+        evaluated = f"the replacement model of {len(reports[0]['layers'])} transcoders"
+    else:
+        reports = run_eval(cfg, sae_dirs)
+        print(comparison_table(reports))
+        if any(key in report for report in reports for key in INTERPRETABILITY_KEYS):
+            print(interpretability_table(reports))
+        evaluated = f"{len(reports)} SAE(s)"
+    print(f"evaluated {evaluated} on {reports[0]['tokens']:,} tokens in {time.perf_counter() - started:.1f} s")
     if cfg.out:
         print(f"report written to {save_report(cfg.out, reports)}")
     if cfg.wandb:

@@ -11,6 +11,10 @@ The metric of that ablation is
 the "effective number of vocabulary tokens affected" as a fraction of all V · T: 1/(V·T) when a single
 logit moves, 1 when every logit moves by the same amount. Smaller is sparser. Gao et al. use T = 16.
 
+A transcoder at module M is measured the same way on its own splice: its prediction of M's output from M's
+input (skip path included) replaces M's output, and latent j's ablation removes z_j · W_dec[j] from that
+prediction; the latents it fires on are its codes of M's input (records.encode_windows).
+
 A latent's value is the mean over its ablations (up to `ablations_per_latent` positions where it fires,
 drawn at random); the report gives the mean over the sampled live latents and their distribution. An
 ablation that changes no logit beyond a constant (Δ = 0 after the median) has no ratio: it is counted
@@ -100,8 +104,9 @@ class _AblationVariants:
     """Replacements for one batch: variant 0 the SAE's reconstruction, variant i >= 1 the same with each
     window's i-th occurrence removed (windows with fewer occurrences get the plain reconstruction)."""
 
-    def __init__(self, sae: SparseAutoencoder, per_window: list[list[Occurrence]], start: int):
+    def __init__(self, sae: SparseAutoencoder, runner: SpliceRunner, per_window: list[list[Occurrence]], start: int):
         self.sae = sae
+        self.runner = runner
         self.per_window = per_window
         self.start = start
         self.x_hat: Tensor | None = None
@@ -110,7 +115,7 @@ class _AblationVariants:
         self.indices: Tensor | None = None
 
     def reconstruction(self, acts: Tensor) -> Tensor:
-        x = acts.flatten(0, 1).to(self.sae.dtype)
+        x = self.runner.sae_input(acts, self.sae.cfg.transcode).flatten(0, 1).to(self.sae.dtype)
         x_hat, values, indices = self.sae.reconstruct(x)  # overwritten each call (splice.Replacement)
         self.values, self.indices = values.view(*acts.shape[:2], -1), indices.view(*acts.shape[:2], -1)
         self.scale = self.sae.output_scale(x).view(*acts.shape[:2], 1)
@@ -161,7 +166,7 @@ def ablation_effects(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, w
     for batch in _batches(by_window):
         per_window = [[occurrences[number] for number in by_window[window]] for window in batch]
         depth = max(map(len, per_window))
-        variants = _AblationVariants(sae, per_window, start=1)
+        variants = _AblationVariants(sae, runner, per_window, start=1)
         replacements = [variants.reconstruction, *(variants.ablation(i) for i in range(depth))]
         logits = runner.logits(windows[batch].to(device), replacements)  # (1 + depth, B, T, V)
         vocab = logits.shape[-1]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae.activations import capture_activations, get_module
+from sae.activations import capture_many, get_module, get_site
 from sae.config import TrainConfig
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder
@@ -33,19 +33,27 @@ _CLEAN, _ZERO, _MEAN = 0, 1, 2
 
 
 @torch.no_grad()
+def activation_means(model: nn.Module, sites: list[str], tokens: Tensor, batch_windows: int = 16,
+                     start: int = 1) -> list[Tensor]:
+    """Mean of each site's activations (a hookpoint's output; HOOKPOINT:input, its module's input) over all
+    windows and positions >= start, (d,) float64 each, from one LM forward per batch."""
+    hooked = [get_site(model, site) for site in sites]
+    device = next(model.parameters()).device
+    totals, count = None, 0
+    for first in range(0, len(tokens), batch_windows):
+        input_ids = tokens[first : first + batch_windows].to(device)
+        batch = [acts[:, start:] for acts in capture_many(model, hooked, input_ids)]
+        sums = [acts.double().sum((0, 1)) for acts in batch]
+        totals = sums if totals is None else [total + part for total, part in zip(totals, sums)]
+        count += batch[0].shape[0] * batch[0].shape[1]
+    if totals is None:
+        raise ValueError("no token windows to evaluate")
+    return [total / count for total in totals]
+
+
 def activation_mean(model: nn.Module, hookpoint: str, tokens: Tensor, batch_windows: int = 16, start: int = 1) -> Tensor:
     """Mean of the hookpoint's output over all windows and positions >= start, (d,) float64."""
-    module = get_module(model, hookpoint)
-    device = next(model.parameters()).device
-    total, count = None, 0
-    for first in range(0, len(tokens), batch_windows):
-        acts = capture_activations(model, module, tokens[first : first + batch_windows].to(device))[:, start:]
-        batch_sum = acts.double().sum((0, 1))
-        total = batch_sum if total is None else total + batch_sum
-        count += acts.shape[0] * acts.shape[1]
-    if total is None:
-        raise ValueError("no token windows to evaluate")
-    return total / count
+    return activation_means(model, [hookpoint], tokens, batch_windows, start)[0]
 
 
 class _SaeSplice:
@@ -60,7 +68,7 @@ class _SaeSplice:
 
     def __call__(self, acts: Tensor) -> Tensor:
         target = acts.flatten(0, 1).to(self.sae.dtype)
-        x = self.runner.clean_inputs.flatten(0, 1).to(self.sae.dtype) if self.sae.cfg.transcode else target
+        x = self.runner.sae_input(acts, self.sae.cfg.transcode).flatten(0, 1).to(self.sae.dtype)
         x_hat, values, indices = self.sae.reconstruct(x)  # in raw units, whatever the SAE's input transform
         self.last = (target, x_hat, values, indices)  # overwritten, never accumulated: see splice.Replacement
         return x_hat.to(acts.dtype).view_as(acts)

@@ -9,7 +9,8 @@ for fitting noise (on pure-noise labels it lands below the prior), and more so t
 neurons. The report gives the score per task and the mean over tasks, next to two references, held
 out the same way: the label prior (the constant predictor fitted on the fit half, what a latent that
 never fires reaches) and the same probe on the hookpoint's own d_in coordinates ("neurons": the raw
-activation directions), which an SAE's latents should beat.
+activation directions), which an SAE's latents should beat. A transcoder's latents and neurons are those of
+what it encodes, its module's input (records.encode_windows).
 
 The fit: Newton's method on (w, b), vectorised over units (latents or neurons). With s = w z + b,
     loss = sum_t softplus(s_t) - y_t s_t           gradient  (sum r z, sum r),       r = sigmoid(s) - y
@@ -435,11 +436,13 @@ class Features(NamedTuple):
     indices: Tensor
     """(N, k) int64 SAE latent ids."""
     neurons: Tensor
-    """(d_in, N) float32 hookpoint activations (transposed, so units are rows)."""
+    """(d_in, N) float32 activations the SAE encodes (the hookpoint's output; a transcoder's: its module's
+    input), transposed, so units are rows."""
 
 
 def _features(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, batches: list[Tensor]) -> Features:
-    """Run the LM to `hookpoint` and the SAE on each batch of token ids (B, T); positions 0 dropped."""
+    """Run the LM to `hookpoint` and the SAE on what it encodes, for each batch of token ids (B, T);
+    positions 0 dropped."""
     values, indices, neurons = [], [], []
     for input_ids in batches:
         codes = encode_windows(model, hookpoint, sae, input_ids)

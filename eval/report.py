@@ -25,6 +25,24 @@ _COLUMNS = [
 ]
 
 
+def sae_kind(transcode: bool, skip_connection: bool) -> str:
+    """What a report's row is (`SaeConfig.transcode`, `skip_connection`): "sae", "transcoder" or "skip
+    transcoder" (Paulo et al. 2025), or "skip sae" (an SAE with a skip connection, which sparsify allows)."""
+    return f"{'skip ' if skip_connection else ''}{'transcoder' if transcode else 'sae'}"
+
+
+def kind_keys(cfg) -> dict:
+    """A report's `kind` of an SAE of SaeConfig `cfg` (`sae_kind`) and the two settings it comes from:
+    `transcode` (it reads its hookpoint's input and predicts its output) and `skip_connection`."""
+    return {"kind": sae_kind(cfg.transcode, cfg.skip_connection), "transcode": cfg.transcode,
+            "skip_connection": cfg.skip_connection}
+
+
+def kind_of(report: dict) -> str:
+    """A report's `kind`; reports written before transcoders have none, and are SAEs."""
+    return report.get("kind", "sae")
+
+
 def _aligned(rows: list[list]) -> list[str]:
     """Each row's cells padded to their column's widest, two spaces apart."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -32,10 +50,11 @@ def _aligned(rows: list[list]) -> list[str]:
 
 
 def comparison_table(reports: Sequence[dict]) -> str:
-    """A plain-text table, one row per SAE, then per model/hookpoint/text the SAE-independent losses and
-    the number of tokens the never_fired column counts over."""
-    header = ["sae", "hookpoint", *(title for _, title, _ in _COLUMNS)]
-    rows = [[r["sae"], r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
+    """A plain-text table, one row per SAE (its `kind`: a transcoder's row is its prediction of the
+    hookpoint's output), then per model/hookpoint/text the SAE-independent losses and the number of tokens
+    the never_fired column counts over."""
+    header = ["sae", "kind", "hookpoint", *(title for _, title, _ in _COLUMNS)]
+    rows = [[r["sae"], kind_of(r), r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
     lines = _aligned([header, *rows])
     baselines = {}
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
@@ -49,15 +68,39 @@ def comparison_table(reports: Sequence[dict]) -> str:
     return "\n".join([*lines, "", *baselines.values()])
 
 
+_REPLACEMENT_COLUMNS = [
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "fvu", "{:.4f}"),
+    ("fvu_alone", "fvu_alone", "{:.4f}"),
+    ("nmse", "nmse", "{:.4f}"),
+    ("never_fired_frac", "never_fired", "{:.4f}"),
+]
+
+
+def replacement_table(report: dict) -> str:
+    """The replacement model (`--replace_all`, eval/replacement.py): one row per transcoder, its fvu inside
+    the replacement model and alone on the clean LM, then the set's losses against the clean LM."""
+    header = ["sae", "kind", "hookpoint", *(title for _, title, _ in _REPLACEMENT_COLUMNS)]
+    rows = [[layer["sae"], layer["kind"], layer["hookpoint"],
+             *(fmt.format(layer[key]) for key, _, fmt in _REPLACEMENT_COLUMNS)] for layer in report["layers"]]
+    init = report.get("model_init", "pretrained")
+    model = report["model"] if init == "pretrained" else f"{report['model']} with {init} weights"
+    footer = (f"replacement model ({len(rows)} transcoders, all spliced in one forward) on {model}: "
+              f"ce_clean={report['ce_clean']:.4f} ce_replaced={report['ce_replaced']:.4f} "
+              f"delta_ce={report['delta_ce']:+.4f} kl={report['kl']:.4f} over {report['ce_positions']:,} predictions "
+              f"({report['data']['dataset']}, {report['data']['held_out']}); fvu_alone: each on the clean LM")
+    return "\n".join([*_aligned([header, *rows]), "", footer])
+
+
 INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "n2g")
 """Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--n2g`)."""
 
 
-_INTERPRETABILITY_COLUMNS = ("sae", "lm", "explain", "ablation", "probe (prior / neurons)", "n2g P / R (shuffled)")
+_INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "ablation", "probe (prior / neurons)", "n2g P / R (shuffled)")
 
 
 def _interpretability_cells(report: dict) -> dict[str, str]:
-    cells = {"sae": report["sae"], "lm": report.get("model_init", "pretrained")}
+    cells = {"sae": report["sae"], "kind": kind_of(report), "lm": report.get("model_init", "pretrained")}
     if explain := report.get("explain"):
         cells["explain"] = format_or_dash(explain["mean_score_top_and_random"], ".3f")
     if ablation := report.get("ablation_sparsity"):
@@ -72,7 +115,7 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
 
 
 def interpretability_table(reports: Sequence[dict]) -> str:
-    """One row per SAE: the LM it reads (pretrained or random init), the explain score (top-and-random,
+    """One row per SAE: its kind, the LM it reads (pretrained or random init), the explain score (top-and-random,
     primary simulator), mean ablation sparsity, probe loss and N2G precision / recall; "–" where not run."""
     rows = [_interpretability_cells(report) for report in reports]
     header = [column for column in _INTERPRETABILITY_COLUMNS if any(column in row for row in rows)]

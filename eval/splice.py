@@ -1,4 +1,5 @@
-"""Run the LM with the hookpoint's output replaced: SAE reconstruction, zero or mean ablation.
+"""Run the LM with the hookpoint's output replaced: SAE reconstruction (a transcoder's prediction from the
+module's input, `SpliceRunner.sae_input`), zero or mean ablation.
 
 All variants of one batch run in one forward call. A forward hook on the hooked module receives its
 output h (B, T, d) and returns the variants stacked along the batch, (V * B, T, d); the layers after
@@ -20,6 +21,8 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from sae.errors import UsageError
+
 Replacement = Callable[[Tensor], Tensor] | None
 """Maps the activations at positions >= start, (B, T - start, d), to their replacement (same shape);
 None keeps them (the clean run). It may run twice for the first batch (see `SpliceRunner.logits`), so
@@ -28,12 +31,20 @@ it must not accumulate anything: whatever it records, it overwrites."""
 SpliceMode = Literal["auto", "expand_in_hook", "repeat_inputs"]
 
 
-def _hidden(output) -> Tensor:
+def output_hidden(output) -> Tensor:
+    """The (B, T, d) activations in a hooked module's output: the tensor, or a tuple's first element."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _with_hidden(output, hidden: Tensor):
+def with_hidden(output, hidden: Tensor):
+    """The module's `output` with its activations replaced by `hidden`."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def module_input(args: tuple, kwargs: dict):
+    """A module's first input, positional or keyword, from a forward hook's (args, kwargs): what a
+    transcoder reads (sae.activations.capture_many reads the "HOOKPOINT:input" site the same way)."""
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 def stack_variants(hidden: Tensor, replacements: Sequence[Replacement], start: int) -> Tensor:
@@ -66,6 +77,18 @@ class SpliceRunner:
         """The hooked module's clean (first) input at positions >= start in the last call, (B, T - start,
         d), set before the replacements run: what a transcoder's replacement predicts the output from."""
 
+    def sae_input(self, acts: Tensor, transcode: bool) -> Tensor:
+        """What an SAE spliced here encodes when its replacement is handed `acts` (B, T - start, d), the
+        module's clean output of this batch: `acts` themselves, or for a transcoder (`transcode`), which
+        predicts the output from the module's input, that clean input (`clean_inputs`)."""
+        if not transcode:
+            return acts
+        if self.clean_inputs is None or self.clean_inputs.shape[:2] != acts.shape[:2]:
+            # a UsageError, not a RuntimeError, which `logits` takes for a batch that does not broadcast
+            raise UsageError("a transcoder predicts its module's output from its input, but the hooked module's "
+                             "input is not a (batch, tokens, d) tensor")
+        return self.clean_inputs
+
     @torch.no_grad()
     def logits(self, input_ids: Tensor, replacements: Sequence[Replacement]) -> Tensor:
         """(V, B, T, vocab) logits for input_ids (B, T), one slice per replacement, in their order."""
@@ -84,13 +107,12 @@ class SpliceRunner:
             raise ValueError(f"windows of {input_ids.shape[1]} tokens have no positions at or after start={self.start}")
 
         def hook(_module, args, kwargs, output):
-            hidden = _hidden(output)
+            hidden = output_hidden(output)
             clean = hidden[:batch]  # under repeat_inputs all V copies are the same clean activations
             self.clean_activations = clean[:, self.start :]
-            module_input = args[0] if args else next(iter(kwargs.values()), None)
-            if isinstance(module_input, Tensor) and module_input.dim() == 3:
-                self.clean_inputs = module_input[:batch, self.start :]
-            return _with_hidden(output, stack_variants(clean, replacements, self.start))
+            inputs = module_input(args, kwargs)
+            self.clean_inputs = inputs[:batch, self.start :] if isinstance(inputs, Tensor) and inputs.dim() == 3 else None
+            return with_hidden(output, stack_variants(clean, replacements, self.start))
 
         model_input = input_ids.repeat(n_variants, 1) if mode == "repeat_inputs" else input_ids
         handle = self.module.register_forward_hook(hook, with_kwargs=True)

@@ -67,7 +67,9 @@ def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, hookpoin
     rows per step and computing in `compute_dtype`, with `shuffle_rows` rows in the shuffle block of each
     hookpoint (their d_in: `hookpoint_widths`, one per hookpoint; SAEs of one hookpoint share its block).
     SAEs of a run step one after the other, so the step term is the largest SAE's, not their sum."""
-    parameters = sum(n_local * (2 * cfg.d_in + 1) + cfg.d_in for cfg, n_local in saes) * FLOAT_BYTES
+    # W_enc, b_enc, W_dec rows; b_dec; a skip transcoder's W_skip (d_in x d_in, whole on every rank)
+    parameters = sum(n_local * (2 * cfg.d_in + 1) + cfg.d_in + cfg.skip_connection * cfg.d_in**2
+                     for cfg, n_local in saes) * FLOAT_BYTES
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     step = 0
     for cfg, n_local in saes:
@@ -76,7 +78,7 @@ def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, hookpoin
         weight_copies = n_local * (2 * cfg.d_in + 1) * compute_bytes if compute_bytes != FLOAT_BYTES else 0
         selected = 1 + 4 * cfg.multi_topk
         codes = batch_rows * (selected * cfg.k + cfg.k_aux) * (FLOAT_BYTES + 8) * 3  # values, int64 ids, grads
-        rows = STEP_ROW_TENSORS * batch_rows * cfg.d_in * FLOAT_BYTES
+        rows = (STEP_ROW_TENSORS + cfg.transcode) * batch_rows * cfg.d_in * FLOAT_BYTES  # + a transcoder's target
         step = max(step, pre_activations + weight_copies + codes + rows)
     shuffle = 2 * shuffle_rows * sum(hookpoint_widths) * FLOAT_BYTES
     return MemoryEstimate(parameters, parameters, 2 * parameters, step, shuffle, lm_bytes)

@@ -88,9 +88,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 @torch.no_grad()
 def clip_grad_norm_(sae, max_norm: float) -> Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole SAE, whatever its layout (under latent
-    sharding the norm covers every shard's rows, b_dec once). Returns the norm before clipping."""
+    sharding the norm covers every shard's rows, the replicated b_dec and W_skip once). Returns the
+    norm before clipping."""
     with_grad = [p for p in sae.parameters() if p.grad is not None]
-    total = sae.layout.gradient_norm([p.grad for p in with_grad], [p is sae.b_dec for p in with_grad])
+    replicated = [p is sae.b_dec or p is sae.W_skip for p in with_grad]
+    total = sae.layout.gradient_norm([p.grad for p in with_grad], replicated)
     torch.nn.utils.clip_grads_with_norm_(sae.parameters(), max_norm, total)
     return total
 

@@ -12,6 +12,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["WANDB_DIR"] = os.path.join(_SANDBOX, "wandb")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# sparsify picks its decoder when imported: its Triton one would run in the interpreter here, several times slower
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import json  # noqa: E402
 import random  # noqa: E402

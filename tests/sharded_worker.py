@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from sae import SaeConfig, SparseAutoencoder, checkpoint, trainer
 from sae.config import TrainConfig
 from sae.distributed import barrier, init_distributed, shutdown
+from sae.model import LATENT_MAJOR_PARAMETERS
 from sae.full_state import gather_full_state, load_from_full_state, sae_from_full_state
 from sae.parallel import ShardLayout
 from sae.trainer import initialize_from_first_batch, training_step
@@ -40,6 +41,9 @@ CASES = {
     # trajectories stay together; in float32 a run's rounding is amplified over long runs (docs/distributed.md)
     "llama": dict(cfg=SaeConfig(d_in=32, n_latents=64, k=4, k_aux=32, dead_tokens=64), batch=64, steps=60,
                   batches="llama"),
+    # a skip transcoder: the target is another function of the input; W_skip replicated like b_dec
+    "skiptc": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, multi_topk=True, transcode=True,
+                                 skip_connection=True), batch=32, steps=6),
 }
 LR, CLIP, TOL = 1e-2, 0.05, dict(rtol=1e-9, atol=1e-9)
 
@@ -49,9 +53,9 @@ def close(actual, expected, what):
 
 
 def state_bytes(sae, optimizer, only=None) -> dict[str, int]:
-    """Bytes of the SAE's parameters and of its optimiser's state tensors (of parameter `only`, if given;
-    Adam's 0-d step counters, one per parameter on every rank, left out)."""
-    params = [p for p in sae.parameters() if only is None or p is only]
+    """Bytes of the SAE's parameters and of its optimiser's state tensors (of the parameters `only`, if
+    given; Adam's 0-d step counters, one per parameter on every rank, left out)."""
+    params = [p for p in sae.parameters() if only is None or any(p is q for q in only)]
     return {"parameters": sum(p.nbytes for p in params),
             "optimizer": sum(t.nbytes for p in params for t in optimizer.state[p].values() if torch.is_tensor(t) and t.dim())}
 
@@ -85,18 +89,31 @@ def run_case(name, spec, layout, info, out_dir):
     lo, hi = sae.latent_start, sae.latent_stop
     for pname, param in sae.named_parameters():
         full = ref.get_parameter(pname)
-        assert torch.equal(param, full[lo:hi] if pname != "b_dec" else full), f"{tag}: init of {pname} is not the slice"
+        assert torch.equal(param, full[lo:hi] if pname in LATENT_MAJOR_PARAMETERS else full), f"{tag}: init of {pname} is not the slice"
 
     if spec.get("batches") == "llama":
         batches = llama_residual_rows(steps + 1, batch, cfg.d_in)
     else:
         batches = torch.randn(steps + 1, batch, cfg.d_in, dtype=F64, generator=torch.Generator().manual_seed(1)) * 3 + 1
     rows = slice(layout.replica * batch // layout.replicas, (layout.replica + 1) * batch // layout.replicas)
+    # a transcoder's targets: a nonlinear function of its inputs (None for an SAE, which reconstructs them)
+    mixing = torch.randn(cfg.d_in, cfg.d_in, dtype=F64, generator=torch.Generator().manual_seed(4))
+    targets = torch.tanh(batches @ mixing) * 2 + 0.5 if cfg.transcode else None
     ref_opt = torch.optim.Adam(ref.parameters(), lr=LR, eps=6.25e-10)
     opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=6.25e-10)
-    ref_scale = trainer.initialize_from_first_batch(ref, batches[0], TrainConfig())
-    scale = initialize_from_first_batch(sae, batches[0, rows], TrainConfig())
+    if cfg.transcode:
+        ref_scale, ref_out_scale = trainer.initialize_transcoder_from_first_batch(ref, batches[0], targets[0], TrainConfig())
+        scale, out_scale = trainer.initialize_transcoder_from_first_batch(sae, batches[0, rows], targets[0, rows],
+                                                                          TrainConfig())
+        assert abs(out_scale - ref_out_scale) <= 1e-12 * ref_out_scale, (out_scale, ref_out_scale)
+    else:
+        ref_scale = trainer.initialize_from_first_batch(ref, batches[0], TrainConfig())
+        scale = initialize_from_first_batch(sae, batches[0, rows], TrainConfig())
+        out_scale = ref_out_scale = None
     assert abs(scale - ref_scale) <= 1e-12 * ref_scale, (scale, ref_scale)
+
+    def target(step, replica_rows, output_scale):
+        return None if targets is None else layout.broadcast_rows(targets[step, replica_rows]) * output_scale
     close(sae.b_dec, ref.b_dec, f"{tag}: b_dec init")
     close(sae.encoder.weight, ref.encoder.weight[lo:hi], f"{tag}: fitted encoder scale")
     ref_counters = torch.zeros(cfg.n_latents, dtype=torch.long)
@@ -106,10 +123,11 @@ def run_case(name, spec, layout, info, out_dir):
 
     def step_both(step, model, optimizer, model_counters):
         x = layout.broadcast_rows(batches[step, rows]) * scale
-        return training_step(model, optimizer, x, model_counters, LR, CLIP)
+        return training_step(model, optimizer, x, model_counters, LR, CLIP, target(step, rows, out_scale))
 
     for step in range(steps):
-        ref_out = trainer.training_step(ref, ref_opt, batches[step] * ref_scale, ref_counters, LR, CLIP)
+        ref_out = trainer.training_step(ref, ref_opt, batches[step] * ref_scale, ref_counters, LR, CLIP,
+                                        target(step, slice(None), ref_out_scale))
         dead = ref_counters >= cfg.dead_tokens  # the dead set AuxK used: after this batch was counted
         out = step_both(step, sae, opt, counters)
         ref_indices, order = ref_out.latent_indices[rows].sort(1)
@@ -128,16 +146,17 @@ def run_case(name, spec, layout, info, out_dir):
 
     for pname, param in sae.named_parameters():
         full = ref.get_parameter(pname)
-        close(param, full[lo:hi] if pname != "b_dec" else full, f"{tag}: {pname} after {steps} steps")
+        close(param, full[lo:hi] if pname in LATENT_MAJOR_PARAMETERS else full, f"{tag}: {pname} after {steps} steps")
     # what the rank holds: its rows of every latent-major parameter and of their Adam state, b_dec whole
     record["bytes"] = {"rank": state_bytes(sae, opt), "one_process": state_bytes(ref, ref_opt),
-                       "replicated": state_bytes(ref, ref_opt, only=ref.b_dec)}
+                       "replicated": state_bytes(ref, ref_opt, only=[ref.b_dec, ref.W_skip])}
     assert torch.equal(counters, ref_counters[lo:hi]), f"{tag}: dead counters"
 
     # one full state (params + Adam + counters) on rank 0, named as a single-process run's
     full = gather_full_state(sae, opt, extra={"tokens_since_fired": counters})
     path = out_dir / tag
-    folder = sae_from_full_state(full, sae.cfg).save(path / "sharded", input_scale=scale, metadata={"layout": tag}) \
+    folder = sae_from_full_state(full, sae.cfg).save(path / "sharded", input_scale=scale, metadata={"layout": tag},
+                                                     output_scale=out_scale) \
         if layout.is_main else None
     if layout.is_main:
         ref_flat, _ = checkpoint.optimizer_to_flat(ref_opt)
@@ -146,7 +165,7 @@ def run_case(name, spec, layout, info, out_dir):
         for key, value in expected.items():
             close(full[key], value, f"{tag}: full state '{key}'")
         assert folder == path / "sharded"
-        ref.save(path / "ref", input_scale=ref_scale)
+        ref.save(path / "ref", input_scale=ref_scale, output_scale=ref_out_scale)
         save_file(full, str(path / "full.safetensors"))
     else:
         assert full is None and folder is None
@@ -159,13 +178,14 @@ def run_case(name, spec, layout, info, out_dir):
     resumed_counters = torch.zeros_like(counters)
     saved = load_file(str(path / "full.safetensors"))
     load_from_full_state(resumed, saved, resumed_opt, extra={"tokens_since_fired": resumed_counters})
-    trainer.training_step(ref, ref_opt, batches[steps] * ref_scale, ref_counters, LR, CLIP)
+    trainer.training_step(ref, ref_opt, batches[steps] * ref_scale, ref_counters, LR, CLIP,
+                          target(steps, slice(None), ref_out_scale))
     step_both(steps, sae, opt, counters)
     step_both(steps, resumed, resumed_opt, resumed_counters)
     for (pname, param), resumed_param in zip(sae.named_parameters(), resumed.parameters()):
         assert torch.equal(param, resumed_param), f"{tag}: resumed {pname} differs from the uninterrupted run"
         full_param = ref.get_parameter(pname)
-        close(param, full_param[lo:hi] if pname != "b_dec" else full_param, f"{tag}: {pname} after resume")
+        close(param, full_param[lo:hi] if pname in LATENT_MAJOR_PARAMETERS else full_param, f"{tag}: {pname} after resume")
     assert torch.equal(counters, resumed_counters) and torch.equal(counters, ref_counters[lo:hi])
     return record
 

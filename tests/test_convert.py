@@ -4,7 +4,6 @@ with the source tool's outputs (the tool itself where installed, else a float64 
 published forward) or refused with the reason."""
 
 import json
-import os
 import subprocess
 import sys
 from collections import OrderedDict
@@ -13,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-# sparsify's Triton decoder needs CUDA tensors; these tests run on CPU. Set before sparsify is imported.
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 from sae import SaeConfig, SparseAutoencoder  # noqa: E402
 from sae.convert import TARGETS, convert, main  # noqa: E402

@@ -63,9 +63,11 @@ def test_torchrun_latent_sharded_train_py_equals_one_process(tiny_lm_dir, text_f
 
 
 def test_torchrun_latent_sharded_variants_equal_one_process(tiny_lm_dir, text_file, tmp_path):
-    """Variants under --shard_latents: every member's SAE is split the same way, through the same code."""
+    """Variants under --shard_latents: every member's SAE is split the same way, through the same code; a
+    skip transcoder among them (its W_skip whole on every rank)."""
     config = tmp_path / "variants.yaml"
-    config.write_text("variants:\n  - {name: k4, k: 4}\n  - {name: wide, n_latents: 128, k: 2, hookpoint: transformer.h.0}\n")
+    config.write_text("variants:\n  - {name: k4, k: 4}\n  - {name: wide, n_latents: 128, k: 2, hookpoint: transformer.h.0}\n"
+                      "  - {name: tc, hookpoint: transformer.h.0.mlp, transcode: true, skip_connection: true}\n")
     args = [
         "train.py", f"--config={config}", f"--model={tiny_lm_dir}", "--hookpoint=transformer.h.1",
         f"--data.dataset={text_file}", "--data.ctx_len=16", "--data.shuffle_buffer_tokens=256", "--sae.n_latents=64",
@@ -74,9 +76,9 @@ def test_torchrun_latent_sharded_variants_equal_one_process(tiny_lm_dir, text_fi
     ]
     run_script([*args, "--run_name=sharded", "--shard_latents=2"], nproc=2)
     run_script([*args, "--run_name=single"])
-    for variant, n_latents in (("k4", 64), ("wide", 128)):
+    for variant, n_latents in (("k4", 64), ("wide", 128), ("tc", 64)):
         sharded = SparseAutoencoder.load(tmp_path / "sharded" / variant)
         one = SparseAutoencoder.load(tmp_path / "single" / variant)
-        assert sharded.cfg == one.cfg and one.cfg.n_latents == n_latents
+        assert sharded.cfg == one.cfg and one.cfg.n_latents == n_latents and one.cfg.skip_connection == (variant == "tc")
         for name, tensor in one.state_dict().items():
             torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")

@@ -5,13 +5,10 @@ inputs, or is refused with a ValueError naming the cfg.json key whose math this 
 """
 
 import json
-import os
 
 import pytest
 import torch
 
-# sparsify's Triton decoder needs CUDA tensors; these tests run on CPU. Set before sparsify is imported.
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 sparsify = pytest.importorskip("sparsify")
 
 from sae import SparseAutoencoder  # noqa: E402

@@ -18,12 +18,14 @@ def tensor_bytes(tensors) -> int:
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
-def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer):
-    sae_cfg = SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8)
+@pytest.mark.parametrize("transcode", [False, True])
+def test_sae_gradient_and_optimizer_terms_are_the_bytes_a_step_holds(optimizer, transcode):
+    sae_cfg = SaeConfig(d_in=24, n_latents=96, k=4, k_aux=8, transcode=transcode, skip_connection=transcode)
     sae = SparseAutoencoder(sae_cfg, device="cpu")
     opt = make_optimizer(TrainConfig(optimizer=optimizer), sae.parameters(), 1e-3)
     tokens_since_fired = torch.full((96,), sae_cfg.dead_tokens)  # every latent dead: the step runs AuxK too
-    trainer.training_step(sae, opt, torch.randn(32, 24), tokens_since_fired, 1e-3, 1.0)
+    target = torch.randn(32, 24) if transcode else None  # a skip transcoder's W_skip counts too
+    trainer.training_step(sae, opt, torch.randn(32, 24), tokens_since_fired, 1e-3, 1.0, target)
     estimate = estimate_memory([(sae_cfg, 96)], 32, [24], 64, 0, torch.device("cpu"))
     assert estimate.parameters == tensor_bytes(sae.parameters())
     assert estimate.gradients == tensor_bytes(p.grad for p in sae.parameters())

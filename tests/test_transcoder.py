@@ -5,7 +5,6 @@ output from one LM forward, resuming bit for bit."""
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from sae import SparseAutoencoder
 from sae.config import DataConfig, SaeConfig, TrainConfig
 from sae.trainer import train
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs CUDA tensors
 
 F64 = torch.float64
 
@@ -121,11 +119,12 @@ def test_sparsify_loads_ours_and_we_load_sparsifys_with_equal_outputs(transcode,
 
 
 def transcoder_run(tiny_lm_dir, text_file, tmp_path, run_name, max_tokens, **overrides) -> TrainConfig:
-    return TrainConfig(
+    values = dict(
         model=str(tiny_lm_dir), hookpoint="transformer.h.1.mlp",
         sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, transcode=True, skip_connection=True),
         data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
-        batch_size=64, max_tokens=max_tokens, save_every=5, out_dir=str(tmp_path), run_name=run_name, **overrides)
+        batch_size=64, max_tokens=max_tokens, save_every=5, out_dir=str(tmp_path), run_name=run_name)
+    return TrainConfig(**(values | overrides))
 
 
 def test_train_reads_the_module_input_and_output_and_resumes_bit_for_bit(tiny_lm_dir, text_file, tmp_path):
@@ -195,20 +194,16 @@ def test_a_run_folder_of_transcoders_converts_to_a_circuit_tracer_set(tiny_lm_di
     assert not (tmp_path / "saelens").exists()
 
 
-def test_training_evals_fold_both_scales_and_latent_sections_are_refused_for_transcoders(tiny_lm_dir, text_file, tmp_path):
-    """The held-out eval during training scores the transcoder in raw units (both scales folded); the eval's
-    latent sections, which read the hookpoint's output, are refused for a transcoder in one line."""
+def test_training_evals_fold_both_scales(tiny_lm_dir, text_file, tmp_path):
+    """The held-out eval during training scores the transcoder in raw units (both scales folded). (The eval's
+    latent sections on a transcoder: tests/eval/test_transcoders.py.)"""
     from eval import training_evaluator
-    from eval.__main__ import main as eval_main
-    from sae.errors import UsageError
 
     cfg = transcoder_run(tiny_lm_dir, text_file, tmp_path, "evals", 64 * 6, eval_every=6, eval_tokens=512)
     folder = train(cfg, evaluator=training_evaluator)
     logged = [json.loads(line) for line in (folder.parent / "log.jsonl").read_text().splitlines()]
     fvu_during = [line["eval/fvu"] for line in logged if "eval/fvu" in line][-1]
     assert fvu_during < 1.5  # about 0.8; with the output scale left unfolded it is in the thousands
-    with pytest.raises(UsageError, match="is a transcoder"):
-        eval_main([str(folder), "--explain", "2", "--tokens", "512"])
 
 
 def test_an_sae_with_a_skip_connection_is_not_exported_to_saelens_without_it(tmp_path):
@@ -219,3 +214,29 @@ def test_an_sae_with_a_skip_connection_is_not_exported_to_saelens_without_it(tmp
     with pytest.raises(UsageError, match="no skip connection"):
         convert(tmp_path / "skip", tmp_path / "saelens", "saelens")
     assert not (tmp_path / "saelens").exists()
+
+
+def test_a_run_mixing_an_sae_and_a_transcoder_trains_the_same_from_an_activation_cache(tiny_lm_dir, text_file, tmp_path):
+    """The cache stores both ends of the transcoder's module (transformer.h.1.mlp:input and its output) next to
+    the SAE's hookpoint; training from it equals streaming, bit for bit, for both members."""
+    from sae.cache import build_cache
+    from sae.cache.reader import ActivationCache
+    from sae.config import SaeVariant
+
+    variants = (SaeVariant(name="sae", hookpoint="transformer.h.1", transcode=False, skip_connection=False),
+                SaeVariant(name="tc", hookpoint="transformer.h.1.mlp"))
+    cfg = transcoder_run(tiny_lm_dir, text_file, tmp_path, "streamed", 64 * 6, save_every=0, variants=variants)
+    assert cfg.hookpoints == ["transformer.h.1", "transformer.h.1.mlp:input", "transformer.h.1.mlp"]
+    build_cache(cfg, tmp_path / "cache", progress=False)
+    assert ActivationCache(tmp_path / "cache").hookpoints == cfg.hookpoints
+    train(cfg)
+    cached = dataclasses.replace(cfg, run_name="cached", data=dataclasses.replace(cfg.data, activation_cache=str(tmp_path / "cache")))
+    train(cached)
+    for name in ("sae", "tc"):
+        streamed_weights = load_file(cfg.run_dir / name / "sae.safetensors")
+        cached_weights = load_file(cached.run_dir / name / "sae.safetensors")
+        assert streamed_weights.keys() == cached_weights.keys()
+        for key, tensor in streamed_weights.items():
+            assert torch.equal(cached_weights[key], tensor), (name, key)
+    assert "W_skip" in load_file(cfg.run_dir / "tc" / "sae.safetensors")
+    assert "W_skip" not in load_file(cfg.run_dir / "sae" / "sae.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..missing import mean_or_none
+from ..report import sae_kind
 from .inputs import Unit, log_series, read_training_log
 from .metrics import ablation_html, n2g_html, probe_html, scaling_html
 from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
@@ -79,10 +80,12 @@ for (const table of document.querySelectorAll("table.sortable")) {
 
 
 def sae_facts(cfg: dict) -> str:
-    """The SAE's shape and training length from cfg.json."""
+    """The SAE's kind (a transcoder reads its hookpoint's input and predicts its output), shape and training
+    length from cfg.json."""
     keys = [("model", "model"), ("hookpoint", "hookpoint"), ("d_in", "d_in"), ("num_latents", "latents"),
             ("k", "k (active latents per token)"), ("tokens_trained", "tokens trained")]
-    return facts_table([(label, cfg[key]) for key, label in keys if key in cfg])
+    kind = sae_kind(bool(cfg.get("transcode")), bool(cfg.get("skip_connection")))
+    return facts_table([("kind", kind), *((label, cfg[key]) for key, label in keys if key in cfg)])
 
 
 def held_out_metrics(metrics: dict) -> dict:

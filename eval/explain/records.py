@@ -4,6 +4,9 @@ is strongest and a set of random excerpts, as token strings with raw activations
 A neuron is read where every family has its MLP's neurons: the input of the MLP's output projection
 (`find_mlp_neurons`; gated MLPs included), or the output of a module the user names (`NeuronSite`).
 
+A latent's activations are the SAE's codes of what it encodes (`encode_windows`): its hookpoint's output,
+or a transcoder's module's input.
+
 An excerpt is one eval window minus its first position (the position the SAE never sees), so
 ctx_len - 1 tokens: 63 with the default 64-token windows (Bills et al. use 64-token excerpts).
 
@@ -23,7 +26,8 @@ from typing import Callable, Iterator, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae.activations import capture_activations, get_module, module_name_summary
+from sae.activations import capture_activations, capture_many, get_module, get_site, module_name_summary
+from sae.config import input_site
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder, fire_counts
 
@@ -160,7 +164,7 @@ def held_out_rows(pool_ids: Tensor, seen: set[int], count: int) -> list[int]:
 
 
 class WindowCodes(NamedTuple):
-    """The hookpoint's activations at positions 1 .. of a batch of windows, and the SAE's codes of them."""
+    """What an SAE encodes (`encoded_site`) at positions 1 .. of a batch of windows, and its codes of it."""
 
     hidden: Tensor
     """(B, P, d_in) on the SAE's device, in the LM's dtype."""
@@ -170,16 +174,26 @@ class WindowCodes(NamedTuple):
     """(B * P, k) int64."""
 
 
+def encoded_site(sae: SparseAutoencoder, hookpoint: str) -> str:
+    """The activation site (sae.activations.get_site) whose activations `sae` at `hookpoint` encodes: the
+    hookpoint's output for an SAE; for a transcoder, which predicts module `hookpoint`'s output, that
+    module's input (HOOKPOINT:input)."""
+    return input_site(hookpoint) if sae.cfg.transcode else hookpoint
+
+
 @torch.no_grad()
 def encode_windows(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, input_ids: Tensor,
                    last: int | None = None) -> WindowCodes:
     """Run the LM on `input_ids` (B, T) up to `hookpoint` and the SAE on positions 1 .. last (default
-    T - 1): position 0 is never encoded, as in training."""
+    T - 1) of what it encodes (`encoded_site`): position 0 is never encoded, as in training. Every latent
+    section of the eval (explain, N2G, probe, ablation) reads an SAE's codes through here."""
     stop = None if last is None else last + 1
     device = next(model.parameters()).device
-    hidden = capture_activations(model, get_module(model, hookpoint), input_ids.to(device))[:, 1:stop].to(sae.device)
+    site = encoded_site(sae, hookpoint)
+    hidden = capture_many(model, [get_site(model, site)], input_ids.to(device))[0][:, 1:stop].to(sae.device)
     if hidden.shape[-1] != sae.cfg.d_in:
-        raise UsageError(f"the SAE takes d_in={sae.cfg.d_in}, but {hookpoint} outputs {hidden.shape[-1]} features")
+        what = f"the input of {hookpoint} has" if sae.cfg.transcode else f"{hookpoint} outputs"
+        raise UsageError(f"the SAE takes d_in={sae.cfg.d_in}, but {what} {hidden.shape[-1]} features")
     values, indices = sae.encode(hidden.flatten(0, 1).to(sae.dtype))
     return WindowCodes(hidden, values, indices)
 
@@ -266,7 +280,8 @@ def find_mlp_neurons(model: nn.Module, hookpoint: str) -> NeuronSite | None:
     """The MLP neurons of the block `hookpoint` belongs to (the module path up to its layer number, e.g.
     transformer.h.2, gpt_neox.layers.2, model.layers.2): the input of the output projection of the
     block's MLP child. The projection is the child of a known name, else the MLP's last nn.Linear child
-    that maps back to the width the MLP reads. None when there is no such block, MLP or projection."""
+    that maps back to the width the MLP reads. None when there is no such block, MLP or projection. A
+    transcoder's hookpoint, the MLP itself (transformer.h.2.mlp), gives that MLP's neurons."""
     parts = hookpoint.split(".")
     blocks = [".".join(parts[:end]) for end in range(len(parts), 0, -1) if parts[end - 1].isdigit()]  # innermost first
     modules = dict(model.named_modules())

@@ -4,14 +4,18 @@
     python -m eval.peers --ks "[8, 16, 32, 64]" --hookpoints "[transformer.h.1, transformer.h.2]"
     python -m eval.peers --systems "[ours, ours --grad_clip=0, sparsify]"      # an ablation of ours
     python -m eval.peers --peer_lr_factors "[0.25, 4, 16]"       # each peer also at these multiples of its lr
+    python -m eval.peers --hookpoints "[transformer.h.2.mlp]" --systems "[ours --sae.transcode, sparsify --sae.transcode]"
 
 One activation cache of `--train_config`'s model and text (all hookpoints, one LM forward per batch),
 then for every hookpoint, k and system: train on the same rows in the same order (our trainer's order
 of that cache, eval/peers/rows.py) for the same tokens, writing an SAE folder every
 `--checkpoint_tokens`. Each peer uses its own trainer with its own defaults: sparsify's `Trainer`
 (eval/peers/sparsify_trainer.py) and SAELens's `SAETrainer` with its TopK SAE (eval/peers/saelens.py).
-A system of the form "ours --key=value ..." is ours with those config overrides (for ablations); a peer
-takes one override, "--lr_factor=F" (its default learning rate times F). With `--peer_lr_factors`, each
+A system of the form "ours --key=value ..." is ours with those config overrides (for ablations, or
+"--sae.transcode": a transcoder of the hookpoint's module, an MLP, from its input to its output;
+docs/transcoders.md). A peer takes "--lr_factor=F" (its default learning rate times F) and the overrides
+of the kind of sparse coder (KIND_KEYS: "--sae.transcode", "--sae.skip_connection") where its trainer
+trains that kind (PEERS: sparsify's does, SAELens's not). With `--peer_lr_factors`, each
 peer is also trained at those multiples of its default learning rate, and the factor whose final SAE has
 the lowest fvu on the validation split is marked "(tuned)": peers get the same tuning on validation that
 chose our defaults. Then one `python -m eval` pass scores every folder on the same held-out tokens of
@@ -30,11 +34,13 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from sae.cache import MANIFEST, ActivationCache, CachedWindows, build_cache, read_manifest
 from sae.data import text_read_record
-from sae.config import ConfigError, TrainConfig, parse_args, to_dict
+from sae.config import ConfigError, SaeConfig, TrainConfig, parse_args, to_dict
 from sae.errors import run_cli
 from sae.optim import run_lr
 
@@ -44,7 +50,12 @@ from .dead import window_dead_fraction
 from .ours import train_ours
 from .rows import shared_batches
 
-PEERS = ("sparsify", "saelens")
+PEERS = {"sparsify": ("transcode", "skip_connection"), "saelens": ()}
+"""Each peer, and the KIND_KEYS its trainer can train with (SAELens's TopK trainer: none, plain SAEs)."""
+
+KIND_KEYS = ("transcode", "skip_connection")
+"""The SaeConfig flags that say what kind of sparse coder a run trains: part of the task, which a peer's
+system spec may override as ours does ("--sae.transcode"), and which the peer's trainer is given."""
 
 REPORT_KEYS = ("fvu", "delta_ce", "kl", "never_fired_frac", "never_fired_tokens", "l0", "ce_clean")
 """The keys of each checkpoint's eval report that its row of the benchmark carries."""
@@ -65,7 +76,8 @@ class PeersConfig:
 
     systems: tuple[str, ...] = ("ours", "sparsify", "saelens")
     """"ours", "ours --key=value ..." (ours with config overrides), "sparsify", "saelens" (with an optional
-    "--lr_factor=F": the peer's default learning rate times F)."""
+    "--lr_factor=F": the peer's default learning rate times F, and the kind's overrides "--sae.transcode",
+    "--sae.skip_connection" where the peer trains that kind)."""
 
     tokens: int = 2_000_000
     """Training tokens per run (rounded down to whole batches)."""
@@ -101,25 +113,43 @@ def is_ours(system: str) -> bool:
     return system.split()[0] == "ours"
 
 
-def peer_lr_factor(system: str) -> float:
-    """The learning-rate factor of a peer's system spec: "sparsify --lr_factor=4" -> 4.0, "sparsify" -> 1.0."""
-    _, *overrides = system.split()
-    if not overrides:
-        return 1.0
-    match = re.fullmatch(r"--lr_factor=(\S+)", overrides[0]) if len(overrides) == 1 else None
+def system_overrides(system: str) -> tuple[list[str], float]:
+    """(config overrides, learning-rate factor) of a system spec: "ours --lr=0.01" -> (["--lr=0.01"], 1.0);
+    "sparsify --sae.transcode --lr_factor=4" -> (["--sae.transcode"], 4.0): a peer takes only the KIND_KEYS
+    and one --lr_factor=F."""
+    name, *overrides = system.split()
+    if name == "ours":
+        return overrides, 1.0
+    if name not in PEERS:
+        raise ConfigError(f"unknown system '{name}'; systems are 'ours' (with optional --key=value overrides), "
+                          f"{', '.join(PEERS)} (with optional --lr_factor=F)")
+    kind_options = [f"--sae.{key}" for key in KIND_KEYS]
+    kinds = [override for override in overrides if override.partition("=")[0] in kind_options]
+    factors = [override.removeprefix("--lr_factor=") for override in overrides if override.startswith("--lr_factor=")]
     try:
-        factor = float(match[1]) if match else float("nan")
+        factor = float(factors[0]) if factors else 1.0
     except ValueError:
         factor = float("nan")
-    if not factor > 0:
-        raise ConfigError(f"system '{system}': a peer takes one override, --lr_factor=F with F > 0; only 'ours' "
-                          "takes config overrides")
-    return factor
+    if len(factors) > 1 or not factor > 0 or len(kinds) + len(factors) != len(overrides):
+        raise ConfigError(f"system '{system}': a peer takes one --lr_factor=F with F > 0 and the kind's "
+                          f"{', '.join(kind_options)}; only 'ours' takes other config overrides")
+    return kinds, factor
+
+
+def peer_lr_factor(system: str) -> float:
+    """The learning-rate factor of a peer's system spec: "sparsify --lr_factor=4" -> 4.0, "sparsify" -> 1.0."""
+    return system_overrides(system)[1]
+
+
+def lr_family(system: str) -> str:
+    """A peer's system spec without its learning-rate factor: what the factors tuned on validation vary."""
+    return " ".join(part for part in system.split() if not part.startswith("--lr_factor="))
 
 
 def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
-    """Our config for one run of the benchmark: the file's, the system's overrides, this hookpoint and k."""
-    _, *overrides = system.split()
+    """Our config for one run of the benchmark: the file's, the system's config overrides (a peer's: the kind
+    of sparse coder), this hookpoint and k."""
+    overrides, _ = system_overrides(system)
     cfg = parse_args(["--config", train_config, *overrides], TrainConfig)
     return replace(cfg, hookpoint=hookpoint, sae=replace(cfg.sae, k=k), max_tokens=tokens, eval_every=0,
                    wandb_mode="disabled", resume=False, data=replace(cfg.data, activation_cache=str(cache)))
@@ -137,9 +167,8 @@ def checkpoint_steps(tokens: int, checkpoint_tokens: int, batch_size: int) -> li
 def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: Path, out_dir: Path) -> dict:
     """Train one system once (or reuse OUT's earlier run of it):
     {"folders": {tokens trained: folder}, "wall_s", "cpu_s"} (the time of the whole run)."""
-    # a peer takes from our config only what defines the task: data order, width, batch size, seed
-    train_cfg = run_config(cfg.train_config, system if is_ours(system) else "ours", hookpoint, k,
-                           cfg.tokens, cache)
+    # a peer takes from our config only what defines the task: data order, width, kind, batch size, seed
+    train_cfg = run_config(cfg.train_config, system, hookpoint, k, cfg.tokens, cache)
     steps = checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, train_cfg.batch_size)
     # The run is reused only if it was trained with this very config, its learning rate resolved (a changed
     # default retrains it). Changes to the code itself are not seen: benchmark those into a new --out.
@@ -162,10 +191,12 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     if is_ours(system):
         folders = train_ours(train_cfg, steps, out_dir, metadata)
     else:
-        batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens, train_cfg.seed)
-        folders = _peer_trainer(system)(batches, steps[-1], train_cfg.batch_size, activations.d_in_of[hookpoint],
-                                        train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed,
-                                        lr_factor=peer_lr_factor(system))
+        batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens,
+                                 train_cfg.seed, transcode=train_cfg.sae.transcode)
+        trainer = _peer_trainer(system, train_cfg.sae)
+        folders = trainer(batches, steps[-1], train_cfg.batch_size, activations.d_in_of[hookpoint],
+                          train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed,
+                          lr_factor=peer_lr_factor(system))
     result = {"folders": {str(step * train_cfg.batch_size): str(folder) for step, folder in sorted(folders.items())},
               "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "identity": identity}
     record.write_text(json.dumps(result, indent=1) + "\n")
@@ -173,24 +204,30 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
 
 
 def peer_task(train_cfg: TrainConfig) -> dict:
-    """What a peer's run depends on in our config: the rows (cache, hookpoint, order) and the SAE's shape."""
+    """What a peer's run depends on in our config: the rows (cache, hookpoint, order) and the SAE's shape
+    and kind (the KIND_KEYS set, so that a plain SAE's record is what it was before there were kinds)."""
     return {"hookpoint": train_cfg.hookpoint, "k": train_cfg.sae.k, "n_latents": train_cfg.sae.n_latents,
             "batch_size": train_cfg.batch_size, "seed": train_cfg.seed, "cache": train_cfg.data.activation_cache,
-            "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens}
+            "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens, **sae_kind(train_cfg.sae)}
 
 
-def _peer_trainer(system: str):
+def sae_kind(sae: SaeConfig) -> dict[str, bool]:
+    """The KIND_KEYS set in `sae`: {} for a plain SAE, {"transcode": True, ...} otherwise."""
+    return {key: True for key in KIND_KEYS if getattr(sae, key)}
+
+
+def _peer_trainer(system: str, sae: SaeConfig) -> Callable[..., dict[int, Path]]:
+    """The peer's trainer, given the kind of sparse coder to train (`sae_kind`); one line when the peer
+    does not train that kind."""
     name = system.split()[0]
+    if unsupported := [key for key in sae_kind(sae) if key not in PEERS[name]]:
+        raise ConfigError(f"system '{system}': {name}'s trainer has no {', '.join(unsupported)} (the run config's "
+                          f"sae or the system's overrides ask for it); benchmark {name} on plain SAEs")
     if name == "sparsify":
-        from .sparsify_trainer import train_sparsify
-
-        return train_sparsify
-    if name == "saelens":
-        from .saelens import train_saelens
-
-        return train_saelens
-    raise ConfigError(f"unknown system '{name}'; systems are 'ours' (with optional --key=value overrides), "
-                      f"{', '.join(PEERS)} (with optional --lr_factor=F)")
+        from .sparsify_trainer import train_sparsify as trainer
+    else:
+        from .saelens import train_saelens as trainer
+    return partial(trainer, **sae_kind(sae))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -224,17 +261,19 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     if any(not factor > 0 for factor in cfg.peer_lr_factors):
         raise ConfigError(f"--peer_lr_factors must all be > 0, got {list(cfg.peer_lr_factors)}")
     systems = with_lr_variants(cfg.systems, cfg.peer_lr_factors)
+    sites = []  # the activation sites the runs read: a transcoder's input and output, an SAE's hookpoint
     for system in systems:  # a bad system spec fails before any work
-        if is_ours(system):
-            run_config(cfg.train_config, system, hookpoints[0], ks[0], cfg.tokens, Path(cfg.out))
-        else:
-            _peer_trainer(system)
-            peer_lr_factor(system)
+        for hookpoint in hookpoints:
+            run_cfg = run_config(cfg.train_config, system, hookpoint, ks[0], cfg.tokens, Path(cfg.out))
+            sites += run_cfg.hookpoints
+            if not is_ours(system):
+                _peer_trainer(system, run_cfg.sae)
+    sites = list(dict.fromkeys(sites))
     out = Path(cfg.out)
     cache = out / "cache"
     cached = read_manifest(cache)["hookpoints"] if (cache / MANIFEST).exists() else []
-    # an earlier call's cache that holds these hookpoints (and maybe more) serves as it is
-    cache_hookpoints = cached if set(hookpoints) <= set(cached) else hookpoints
+    # an earlier call's cache that holds these sites (and maybe more) serves as it is
+    cache_hookpoints = cached if set(sites) <= set(cached) else sites
     build_cache(replace(base, max_tokens=cfg.tokens, hookpoint=hookpoints[0]), cache, hookpoints=cache_hookpoints)
 
     runs = []
@@ -271,23 +310,24 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
 
 
 def with_lr_variants(systems: tuple[str, ...], factors: tuple[float, ...]) -> list[str]:
-    """The systems, each plain peer followed by its variants at `factors` times its default learning rate."""
+    """The systems, each peer without a --lr_factor followed by its variants at `factors` times its default
+    learning rate."""
     expanded = []
     for system in systems:
         expanded.append(system)
-        if system in PEERS:
+        if not is_ours(system) and "--lr_factor=" not in system:
             expanded += [f"{system} --lr_factor={factor:g}" for factor in factors if factor != 1]
     return list(dict.fromkeys(expanded))
 
 
 def tuned_peers(runs: list[dict], validation: EvalConfig) -> set[tuple[str, int, str]]:
     """(hookpoint, k, system) of each peer's learning-rate variant whose final SAE has the lowest fvu on the
-    validation split, among that peer's variants at that hookpoint and k."""
+    validation split, among that peer's variants (its `lr_family`) at that hookpoint and k."""
     finals = {run["folders"][max(run["folders"], key=int)]: run for run in runs if not is_ours(run["system"])}
     fvu = {report["sae"]: report["fvu"] for report in run_eval(validation, list(finals))}
     best: dict[tuple, tuple[float, str]] = {}
     for folder, run in finals.items():
-        key = (run["hookpoint"], run["k"], run["system"].split()[0])
+        key = (run["hookpoint"], run["k"], lr_family(run["system"]))
         best[key] = min(best.get(key, (float("inf"), "")), (fvu[folder], run["system"]))
     return {(hookpoint, k, system) for (hookpoint, k, _), (_, system) in best.items()}
 

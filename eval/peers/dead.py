@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sae.cache import ActivationCache
+from sae.config import input_site
 from sae.model import SparseAutoencoder, fire_counts
 
 ROWS_PER_READ = 16384
@@ -39,7 +40,9 @@ def window_fire_counts(sae: SparseAutoencoder, cache: ActivationCache, hookpoint
 
 
 def window_dead_fraction(folder: str | Path, cache: ActivationCache, hookpoint: str, window_tokens: int) -> tuple[float, int]:
-    """(fraction of the SAE folder's latents that fire on none of the window, rows in the window)."""
+    """(fraction of the SAE folder's latents that fire on none of the window, rows in the window). A
+    transcoder at `hookpoint` (a module) encodes that module's input."""
     sae = SparseAutoencoder.load(folder)
-    counts, rows = window_fire_counts(sae, cache, hookpoint, window_tokens)
+    site = input_site(hookpoint) if sae.cfg.transcode else hookpoint
+    counts, rows = window_fire_counts(sae, cache, site, window_tokens)
     return float((counts == 0).double().mean().item()), rows

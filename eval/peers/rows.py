@@ -13,14 +13,17 @@ from torch import Tensor
 
 from sae.activations import ActivationStream
 from sae.cache import ActivationCache, CachedWindows
+from sae.config import input_site
 
 
 def shared_batches(cache_dir: str | Path, hookpoint: str, batch_size: int, shuffle_buffer_tokens: int,
-                   seed: int) -> Iterator[Tensor]:
-    """Endless (batch_size, d_in) float32 batches of raw activations at `hookpoint`, in our trainer's
+                   seed: int, transcode: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (inputs, targets) batches of raw activations, each (batch_size, d_in) float32, in our trainer's
     order for a one-process run of that batch size, shuffle buffer and seed (going over the cache again
-    past its end, as training does)."""
-    stream = ActivationStream(CachedWindows(ActivationCache(cache_dir), [hookpoint]), batch_size,
-                              shuffle_buffer_tokens, seed)
+    past its end, as training does). An SAE's targets are its inputs (one tensor), the activations at
+    `hookpoint`; a transcoder's (`transcode`) inputs are the input of module `hookpoint`, its targets
+    the module's output: the sites our trainer reads for it, in its order (`TrainConfig.hookpoints`)."""
+    sites = [input_site(hookpoint), hookpoint] if transcode else [hookpoint]
+    stream = ActivationStream(CachedWindows(ActivationCache(cache_dir), sites), batch_size, shuffle_buffer_tokens, seed)
     for batch in stream:
-        yield batch[hookpoint]
+        yield batch[sites[0]], batch[hookpoint]

@@ -70,18 +70,20 @@ def to_our_sae(saelens_sae: TopKTrainingSAE | TopKSAE) -> SparseAutoencoder:
     return ours
 
 
-def _checked_batches(batches: Iterator[Tensor], steps: int, batch_size: int, d_in: int,
+def _checked_batches(batches: Iterator[tuple[Tensor, Tensor]], steps: int, batch_size: int, d_in: int,
                      on_steps_done: Callable[[int], None]) -> Iterator[Tensor]:
-    """Yields the first `steps` batches of `batches`, each checked to be (batch_size, d_in).
+    """Yields the targets of the first `steps` (inputs, targets) batches of `batches`, each checked to be
+    (batch_size, d_in) (an SAE's inputs are its targets).
 
     Before handing out batch s+1 it calls on_steps_done(s): SAETrainer.fit asks for the next batch only
     after its previous step's optimizer step, so at that moment the SAE has taken exactly s steps.
     """
     for steps_done in range(steps):
         on_steps_done(steps_done)
-        batch = next(batches, None)
-        if batch is None:
+        pair = next(batches, None)
+        if pair is None:
             raise ValueError(f"train_saelens: the batches ran out after {steps_done} of {steps} steps")
+        _, batch = pair
         # SAETrainer counts samples, not steps: a batch of another size would change the step count.
         if tuple(batch.shape) != (batch_size, d_in):
             raise ValueError(f"train_saelens: batch {steps_done + 1} has shape {tuple(batch.shape)}, "
@@ -89,13 +91,13 @@ def _checked_batches(batches: Iterator[Tensor], steps: int, batch_size: int, d_i
         yield batch
 
 
-def train_saelens(batches: Iterator[Tensor], steps: int, batch_size: int, d_in: int, n_latents: int, k: int,
-                  checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0,
+def train_saelens(batches: Iterator[tuple[Tensor, Tensor]], steps: int, batch_size: int, d_in: int, n_latents: int,
+                  k: int, checkpoint_steps: list[int], out_dir: Path, metadata: dict, seed: int = 0,
                   lr_factor: float = 1.0) -> dict[int, Path]:
     """Train SAELens's TopK SAE (its trainer's defaults, its default learning rate times `lr_factor`) for
-    `steps` steps on `batches`, each (batch_size, d_in) float32 — the benchmark's shared order of activation
-    rows. After each step in `checkpoint_steps` (1-based
-    step counts, increasing; the last one is `steps`), write the SAE converted to our format
+    `steps` steps on `batches` of (inputs, targets), each (batch_size, d_in) float32 — the benchmark's shared
+    order of activation rows; it reconstructs the targets (an SAE's are its inputs). After each step in
+    `checkpoint_steps` (1-based step counts, increasing; the last one is `steps`), write the SAE converted to our format
     (sae.model.SparseAutoencoder, unit-norm decoder) to out_dir / f"step-{step:08d}" with `metadata` (plus
     {"system": "saelens", "tokens_trained": step*batch_size}); return {step: folder}.
 

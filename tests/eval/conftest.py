@@ -1,7 +1,10 @@
 """Fixtures for the eval tests: the tiny LM, loaded once per module, and random token windows."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from sae.activations import load_model_and_tokenizer
 
@@ -37,3 +40,17 @@ def embedded_windows(embedded_lm):
     text = "\n\n".join(module.__doc__ for module in (argparse, collections, json, logging, textwrap, typing))
     ids = tokenizer(text, verbose=False)["input_ids"]
     return torch.tensor(ids[: 10 * 16]).view(10, 16)
+
+
+@pytest.fixture
+def train_config(tmp_path, tiny_lm_dir, text_file) -> Path:
+    """A YAML run config of the tiny LM on the local text file (its hash-chosen validation and test splits),
+    for the peer benchmark's tests; its sae is a plain SAE (a transcoder system asks for one itself)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_lm_dir), "hookpoint": "transformer.h.1",
+        "sae": {"n_latents": 64, "k": 4, "k_aux": 8, "dead_tokens": 2000},
+        "data": {"dataset": str(text_file), "ctx_len": 16, "shuffle_buffer_tokens": 512},
+        "batch_size": 128, "lr_warmup_steps": 2, "log_every": 3,
+    }))
+    return path

@@ -2,7 +2,6 @@
 checkpoint as the state after exactly that many steps, and is scored on one held-out text."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +18,6 @@ from sae.config import ConfigError, parse_args
 
 pytest.importorskip("sparsify")
 pytest.importorskip("sae_lens")
-
-
-@pytest.fixture
-def train_config(tmp_path, tiny_lm_dir, text_file) -> Path:
-    """A YAML run config of the tiny LM on the local text file (its hash-chosen validation and test splits)."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny_lm_dir), "hookpoint": "transformer.h.1",
-        "sae": {"n_latents": 64, "k": 4, "k_aux": 8, "dead_tokens": 2000},
-        "data": {"dataset": str(text_file), "ctx_len": 16, "shuffle_buffer_tokens": 512},
-        "batch_size": 128, "lr_warmup_steps": 2, "log_every": 3,
-    }))
-    return path
 
 
 def test_every_system_is_scored_at_every_checkpoint_on_one_held_out_text(train_config, tmp_path):
@@ -106,9 +92,9 @@ def test_peers_tuned_on_validation_are_marked_and_scored_on_test(train_config, t
 def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
     with pytest.raises(ConfigError, match="unknown system 'sparsfy'"):
         main(["--train_config", str(train_config), "--systems", "[ours, sparsfy]", "--out", str(tmp_path / "peers")])
-    with pytest.raises(ConfigError, match="only 'ours' takes config overrides"):
+    with pytest.raises(ConfigError, match="only 'ours' takes other config overrides"):
         main(["--train_config", str(train_config), "--systems", "[sparsify --lr=1]", "--out", str(tmp_path / "peers")])
-    with pytest.raises(ConfigError, match="a peer takes one override, --lr_factor=F with F > 0"):
+    with pytest.raises(ConfigError, match="a peer takes one --lr_factor=F with F > 0"):
         main(["--train_config", str(train_config), "--systems", "[sparsify --lr_factor=0]", "--out", str(tmp_path / "peers")])
     with pytest.raises(ConfigError, match="--peer_lr_factors must all be > 0"):
         main(["--train_config", str(train_config), "--peer_lr_factors", "[-1]", "--out", str(tmp_path / "peers")])
@@ -117,27 +103,32 @@ def test_a_bad_system_is_refused_before_any_work(train_config, tmp_path):
     assert not (tmp_path / "peers").exists()
 
 
-def test_peers_read_exactly_the_batches_our_trainer_trains_on(train_config, tmp_path, monkeypatch):
-    cfg = parse_args(["--config", str(train_config), "--max_tokens", str(128 * 6)])
+@pytest.mark.parametrize("kind", [[], ["--sae.transcode", "--sae.skip_connection"]], ids=["sae", "skip_transcoder"])
+def test_peers_read_exactly_the_batches_our_trainer_trains_on(train_config, tmp_path, monkeypatch, kind):
+    """An SAE's peers get (rows, the same rows); a transcoder's (its MLP's inputs, its outputs), as ours reads them."""
+    hookpoint = "transformer.h.1.mlp" if kind else "transformer.h.1"
+    argv = ["--config", str(train_config), "--max_tokens", str(128 * 6), "--hookpoint", hookpoint, *kind]
+    cfg = parse_args(argv)
     build_cache(cfg, tmp_path / "cache", progress=False)
-    cfg = parse_args(["--config", str(train_config), "--max_tokens", str(128 * 6), "--data.activation_cache",
-                      str(tmp_path / "cache")])
+    cfg = parse_args([*argv, "--data.activation_cache", str(tmp_path / "cache")])
     trained_on, next_batch = [], ActivationStream.__next__
 
     def recording_next(self):
         batch = next_batch(self)
-        trained_on.append(batch["transformer.h.1"])
+        trained_on.append((batch[cfg.hookpoints[0]], batch[hookpoint]))
         return batch
 
     monkeypatch.setattr(ActivationStream, "__next__", recording_next)
     folders = train_ours(cfg, [3, 6], tmp_path / "ours", {"model": "m"})
     monkeypatch.undo()
     assert sorted(folders) == [3, 6] and len(trained_on) == 6
-    peers = shared_batches(tmp_path / "cache", "transformer.h.1", 128, 512, cfg.seed)
-    for ours in trained_on:
-        assert torch.equal(next(peers), ours)
-    # the exported last checkpoint is the trainer's own final SAE folder
-    final = load_file(tmp_path / "ours" / "run" / "transformer.h.1" / "sae.safetensors")
+    peers = shared_batches(tmp_path / "cache", hookpoint, 128, 512, cfg.seed, transcode=bool(kind))
+    for inputs, targets in trained_on:
+        peer_inputs, peer_targets = next(peers)
+        assert torch.equal(peer_inputs, inputs) and torch.equal(peer_targets, targets)
+        assert torch.equal(inputs, targets) != bool(kind)  # a transcoder reads its MLP's input, not its output
+    # the exported last checkpoint is the trainer's own final SAE folder (a transcoder's: both scales folded)
+    final = load_file(tmp_path / "ours" / "run" / hookpoint / "sae.safetensors")
     exported = load_file(folders[6] / "sae.safetensors")
     assert final.keys() == exported.keys() and all(torch.equal(final[name], exported[name]) for name in final)
 
@@ -149,7 +140,7 @@ def test_a_sparsify_checkpoint_is_the_state_after_that_many_steps(tmp_path):
     batches = torch.randn(4, 64, 16, generator=generator) * torch.linspace(0.1, 3, 16)
 
     def run(steps, checkpoints, out):
-        return train_sparsify(iter(batches), steps, 64, 16, 48, 4, checkpoints, tmp_path / out, {"model": "m"})
+        return train_sparsify(iter(zip(batches, batches)), steps, 64, 16, 48, 4, checkpoints, tmp_path / out, {"model": "m"})
 
     long_run, short_run = run(4, [2, 4], "long"), run(2, [2], "short")
     assert sorted(long_run) == [2, 4] and sorted(short_run) == [2]
@@ -175,6 +166,6 @@ def test_a_sparsify_learning_rate_factor_scales_the_rate_its_trainer_chose(tmp_p
     monkeypatch.setattr(sparsify.Trainer, "fit", recording_fit)
     batches = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
     for factor in (1.0, 4.0):
-        sparsify_trainer.train_sparsify(iter(batches), 2, 64, 16, 48, 4, [2], tmp_path / f"x{factor}", {"model": "m"},
+        sparsify_trainer.train_sparsify(iter(zip(batches, batches)), 2, 64, 16, 48, 4, [2], tmp_path / f"x{factor}", {"model": "m"},
                                         lr_factor=factor)
     assert len(rates[0]) == 1 and rates[1] == [4.0 * rates[0][0]]

@@ -65,3 +65,23 @@ def test_a_latent_that_fires_once_is_dead_only_in_a_window_that_ends_before_it(t
     assert dead.window_dead_fraction(folder, cache, "h", 23) == (1.0, 23)
     assert dead.window_dead_fraction(folder, cache, "h", 24) == (0.75, 24)
     assert dead.window_dead_fraction(folder, cache, "h", 1000) == (0.75, 50)
+
+
+def test_a_transcoder_is_counted_on_its_modules_input(tmp_path):
+    """The transcoder's latent 0 fires on row 3 of the module's input (site "h:input") and on no row of
+    its output (site "h"): counted on the input, it is alive."""
+    rows = {"h:input": -torch.rand(20, 6), "h": -torch.rand(20, 6)}
+    rows["h:input"][3, 0] = 1.0
+
+    class TwoSiteCache(PlantedCache):
+        def read_windows(self, first_window: int, count: int, hookpoint: str) -> torch.Tensor:
+            self.rows = rows[hookpoint]
+            return super().read_windows(first_window, count, hookpoint)
+
+    sae = SparseAutoencoder(SaeConfig(d_in=6, n_latents=4, k=1, transcode=True))
+    with torch.no_grad():
+        sae.encoder.weight.zero_()
+        sae.encoder.bias.zero_()
+        sae.encoder.weight[0, 0] = 1.0
+    folder = sae.save(tmp_path / "transcoder")
+    assert dead.window_dead_fraction(folder, TwoSiteCache(rows["h"], per_window=5), "h", 20) == (0.75, 20)

@@ -22,25 +22,27 @@ def dense_latents(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -
 
 class CountingBatches:
     """Iterator over rows x = sum of 3 of 8 fixed random directions (the same for every seed) with
-    random positive weights, (BATCH, D_IN) float32 per batch; counts the batches taken."""
+    random positive weights, (BATCH, D_IN) float32 per batch, as the (inputs, targets) pair of an SAE (one
+    tensor twice); counts the batches taken."""
 
     def __init__(self, seed: int = 0):
         self.directions = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(100))
         self.generator = torch.Generator().manual_seed(seed)
         self.taken = 0
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> "CountingBatches":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.taken += 1
         scores = torch.rand(BATCH, 8, generator=self.generator)
         chosen = scores >= scores.topk(3, dim=1).values[:, -1:]
         weights = torch.rand(BATCH, 8, generator=self.generator) * 2 + 0.5
-        return (weights * chosen) @ self.directions
+        rows = (weights * chosen) @ self.directions
+        return rows, rows
 
 
-def train(tmp_path: Path, steps: int, checkpoint_steps: list[int], batches: Iterator[torch.Tensor]) -> dict[int, Path]:
+def train(tmp_path: Path, steps: int, checkpoint_steps: list[int], batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, Path]:
     return train_saelens(batches, steps=steps, batch_size=BATCH, d_in=D_IN, n_latents=N_LATENTS, k=K,
                          checkpoint_steps=checkpoint_steps, out_dir=tmp_path, metadata={"model": "synthetic"})
 
@@ -103,7 +105,7 @@ def test_train_saelens_refuses_too_few_batches(tmp_path):
 def test_trained_saelens_sae_reconstructs_better_than_its_init(tmp_path):
     folders = train(tmp_path, STEPS, [STEPS], CountingBatches())
     held_out = CountingBatches(seed=1)  # the same directions, other rows
-    x = torch.cat([next(held_out) for _ in range(4)])
+    x = torch.cat([next(held_out)[1] for _ in range(4)])
     init_fvu = to_our_sae(new_topk_training_sae(D_IN, N_LATENTS, K)).forward(x).fvu
     trained_fvu = SparseAutoencoder.load(folders[STEPS]).forward(x).fvu
     assert trained_fvu < init_fvu
