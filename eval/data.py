@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sae.activations import is_folder_path
 from sae.config import DataConfig
 from sae.data import TokenWindows, is_local_dataset, load_text_dataset, local_file_sizes
 from sae.embedded import CORPUS_NAME, EMBEDDED_MODEL_DIR
@@ -45,15 +46,9 @@ def check_recorded_model(name: str, cfg_json: Path) -> None:
     """Before anything loads: a model folder that `cfg_json` records but that is no longer there (moved,
     or recorded relative to another working folder) fails in one line naming both and --model. A name
     that may be a hub id ("gpt2", "org/name") is left to the loader."""
-    if _is_folder_path(name) and not Path(name).expanduser().exists():
+    if is_folder_path(name) and not Path(name).expanduser().exists():
         raise MissingFileError(f"the model folder {name} that {cfg_json} records does not exist (moved?); "
                                "pass --model with where it is now (a folder or a hub name)")
-
-
-def _is_folder_path(name: str) -> bool:
-    """Whether `name` can only be a path: a hub id is "name" or "org/name", never absolute, never
-    starting with "." or "~", never with two slashes or a backslash."""
-    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def held_out_windows(

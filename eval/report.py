@@ -60,12 +60,18 @@ def comparison_table(reports: Sequence[dict]) -> str:
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
         init = r.get("model_init", "pretrained")
         key = (r["model"], init, r["hookpoint"], json.dumps(r["data"], sort_keys=True))
-        model = r["model"] if init == "pretrained" else f"{r['model']} with {init} weights"
+        model = _model_text(r)
         baselines[key] = f"{model} @ {r['hookpoint']}: ce_clean={r['ce_clean']:.4f} ce_zero={r['ce_zero']:.4f} " \
                          f"ce_mean={r['ce_mean']:.4f} over {r['ce_positions']:,} predictions " \
                          f"({r['data']['dataset']}, {r['data']['held_out']}); " \
                          f"never_fired: no firing on any of {r['never_fired_tokens']:,} tokens"
     return "\n".join([*lines, "", *baselines.values()])
+
+
+def _model_text(report: dict) -> str:
+    """The LM a report was measured on, saying when its weights were re-initialised."""
+    init = report.get("model_init", "pretrained")
+    return report["model"] if init == "pretrained" else f"{report['model']} with {init} weights"
 
 
 _REPLACEMENT_COLUMNS = [
@@ -83,8 +89,7 @@ def replacement_table(report: dict) -> str:
     header = ["sae", "kind", "hookpoint", *(title for _, title, _ in _REPLACEMENT_COLUMNS)]
     rows = [[layer["sae"], layer["kind"], layer["hookpoint"],
              *(fmt.format(layer[key]) for key, _, fmt in _REPLACEMENT_COLUMNS)] for layer in report["layers"]]
-    init = report.get("model_init", "pretrained")
-    model = report["model"] if init == "pretrained" else f"{report['model']} with {init} weights"
+    model = _model_text(report)
     footer = (f"replacement model ({len(rows)} transcoders, all spliced in one forward) on {model}: "
               f"ce_clean={report['ce_clean']:.4f} ce_replaced={report['ce_replaced']:.4f} "
               f"delta_ce={report['delta_ce']:+.4f} kl={report['kl']:.4f} over {report['ce_positions']:,} predictions "

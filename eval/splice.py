@@ -21,6 +21,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from sae.activations import module_input
 from sae.errors import UsageError
 
 Replacement = Callable[[Tensor], Tensor] | None
@@ -39,12 +40,6 @@ def output_hidden(output) -> Tensor:
 def with_hidden(output, hidden: Tensor):
     """The module's `output` with its activations replaced by `hidden`."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def module_input(args: tuple, kwargs: dict):
-    """A module's first input, positional or keyword, from a forward hook's (args, kwargs): what a
-    transcoder reads (sae.activations.capture_many reads the "HOOKPOINT:input" site the same way)."""
-    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 def stack_variants(hidden: Tensor, replacements: Sequence[Replacement], start: int) -> Tensor:

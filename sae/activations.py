@@ -69,13 +69,19 @@ def check_model_folder(name_or_path: str) -> None:
         raise UsageError("no model given: name a model folder (what save_pretrained writes) or a hub model name")
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1:
+        if is_folder_path(name_or_path):
             raise MissingFileError(f"model folder not found: {name_or_path} (no such folder)")
     elif not path.is_dir():
         raise UsageError(f"model {name_or_path} is a file; a model is a folder (what save_pretrained writes) or a hub name")
     elif not (path / "config.json").is_file():
         raise MissingFileError(f"model folder {name_or_path} has no config.json: not a model folder (what "
                                "save_pretrained writes)")
+
+
+def is_folder_path(name: str) -> bool:
+    """Whether a model name can only be a path: a hub id is "name" or "org/name", never absolute, never
+    starting with "." or "~", never with two slashes or a backslash."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def model_load_error(name_or_path: str, error: Exception) -> UserError:
@@ -128,6 +134,12 @@ def check_context_length(model: nn.Module, ctx_len: int, option: str = "data.ctx
     if positions is not None and ctx_len > positions:
         name = getattr(config, "_name_or_path", "") or "the model"
         raise UsageError(f"{option} is {ctx_len}, but {name} has only {positions} positions; use {option} <= {positions}")
+
+
+def module_input(args: tuple, kwargs: dict):
+    """A module's first input, positional or keyword, from a forward hook's (args, kwargs): what a
+    transcoder reads (the "HOOKPOINT:input" site)."""
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 class Site(NamedTuple):
@@ -207,7 +219,7 @@ def capture_many(model: nn.Module, modules: list[nn.Module | Site], input_ids: T
 
     def make_hook(position: int, reads_input: bool):
         def hook(_module, args, kwargs, output):
-            captured[position] = (args[0] if args else next(iter(kwargs.values()), None)) if reads_input else output
+            captured[position] = module_input(args, kwargs) if reads_input else output
             if len(captured) == len(sites):
                 raise _StopForward
 
