@@ -23,7 +23,8 @@ from torch import Tensor
 
 from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import DataConfig, parse_args
-from sae.model import SparseAutoencoder, is_sae_folder, read_any_sae_metadata
+from sae.folder import is_sae_folder, read_any_sae_metadata
+from sae.model import SparseAutoencoder
 from sae.distributed import resolve_device
 from sae.errors import UsageError, run_cli
 from sae.files import check_writable_folder

@@ -54,7 +54,7 @@ from scipy.stats import t as student_t
 from sae.config import parse_args
 from sae.errors import MissingFileError, UsageError, run_cli
 from sae.files import atomic_write, read_json
-from sae.model import CONFIG_FILE, WEIGHTS_FILE, read_sae_config, read_sae_metadata
+from sae.folder import CONFIG_FILE, WEIGHTS_FILE, read_sae_config, read_sae_metadata
 
 from .__main__ import EvalConfig, run_eval, split_positionals
 from .browse.svg import scaling_chart

@@ -39,6 +39,12 @@ def input_site(hookpoint: str) -> str:
     return hookpoint + INPUT_SITE_SUFFIX
 
 
+SAE_AUXK_COEF = 1 / 32
+"""Gao et al.'s AuxK weight, our SAEs' default."""
+TRANSCODER_AUXK_COEF = 1 / 8
+"""Transcoders' default AuxK weight, measured on the embedded model (docs/transcoders.md)."""
+
+
 @dataclass(frozen=True)
 class SaeConfig:
     """Shape and losses of a TopK sparse autoencoder (Gao et al. 2024)."""
@@ -55,8 +61,10 @@ class SaeConfig:
     k_aux: int = 512
     """Dead latents used by the AuxK loss per token (capped at the number of dead latents)."""
 
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss; 0 turns AuxK off."""
+    auxk_coef: float | None = None
+    """Weight of the AuxK loss; 0 turns AuxK off; None: 1/32 for an SAE (Gao et al.), 1/8 for a
+    transcoder, whose dead latents 1/32 does not keep alive (docs/transcoders.md). `auxk_weight` is the
+    value in use."""
 
     dead_tokens: int = 10_000_000
     """A latent is dead once it has not fired for this many training tokens."""
@@ -65,31 +73,36 @@ class SaeConfig:
     """Add the Multi-TopK loss: fvu (normalized MSE) with the top 4k latents, weighted 1/8."""
 
     normalize_decoder: bool = True
-    """Keep decoder rows at unit norm (gradient projected, renormalised after each step). Not for a
-    transcoder, whose decoder starts at zero and is unconstrained (as in sparsify)."""
+    """Keep decoder rows at unit norm (gradient projected, renormalised after each step). A transcoder
+    with it off starts its decoder at zero, unconstrained: sparsify's transcoder, which leaves far more
+    latents dead (docs/transcoders.md)."""
 
     transcode: bool = False
     """A transcoder (Dunefsky et al. 2024): reads the INPUT of the hookpoint's module (e.g. an MLP,
     transformer.h.8.mlp) and predicts its OUTPUT. The encoder does not subtract b_dec, b_dec is the
-    output's bias, and the decoder starts at zero (sparsify's `transcode`)."""
+    output's bias, and b_enc starts at -W_enc mean(x), centring each latent's pre-activation on the
+    first batch (sparsify's `transcode`). The decoder starts tied to the encoder at unit norm, as an
+    SAE's (see normalize_decoder)."""
 
     skip_connection: bool = False
     """Add a dense linear path from input to output, x @ W_skip.T (d_in x d_in, starts at zero): with
     transcode, a skip transcoder (Paulo, Shabalin & Belrose 2025); sparsify's `skip_connection`, which
     it allows on an SAE too."""
 
-    @property
-    def unit_norm_decoder(self) -> bool:
-        """Whether training keeps the decoder rows at unit norm: `normalize_decoder`, for an SAE only."""
-        return self.normalize_decoder and not self.transcode
-
     def __post_init__(self):
         if self.n_latents <= 0 or self.k <= 0:
             raise ValueError(f"SaeConfig: n_latents and k must be positive, got {self.n_latents}, {self.k}")
         if self.k > self.n_latents:
             raise ValueError(f"SaeConfig: k={self.k} exceeds n_latents={self.n_latents}")
-        if self.d_in < 0 or self.k_aux < 0 or self.auxk_coef < 0 or self.dead_tokens < 0:
+        if self.d_in < 0 or self.k_aux < 0 or self.auxk_weight < 0 or self.dead_tokens < 0:
             raise ValueError("SaeConfig: d_in, k_aux, auxk_coef and dead_tokens must be non-negative")
+
+    @property
+    def auxk_weight(self) -> float:
+        """The AuxK loss's weight: `auxk_coef`, or when unset the default of this kind of coder."""
+        if self.auxk_coef is not None:
+            return self.auxk_coef
+        return TRANSCODER_AUXK_COEF if self.transcode else SAE_AUXK_COEF
 
 
 @dataclass(frozen=True)
@@ -231,7 +244,7 @@ class TrainConfig:
     largest factor <= 1 at which the first batch is reconstructed no worse than by b_dec alone (at
     large k; sae/initialization.py). OpenAI's reference code (`init_from_data_`) rescales the tied
     encoder too, by another rule (1 / the mean norm of what random unit directions reconstruct to).
-    False leaves the tied encoder unscaled at every k."""
+    A transcoder's is fitted the same way, to its outputs. False leaves the tied encoder unscaled."""
 
     adam_beta1: float = 0.9
     """Adam's first-moment decay; for schedule_free_adam the interpolation weight of y between the

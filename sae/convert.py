@@ -41,7 +41,8 @@ from .formats.circuit_tracer import LOAD_CALL as CIRCUIT_TRACER_LOAD_CALL
 from .formats.circuit_tracer import LayerTranscoder, feature_hooks, write_circuit_tracer_set
 from .formats.hook_names import lm_family, saelens_hook
 from .formats.saelens import saelens_transcoder_refusal, write_saelens_folder
-from .model import SparseAutoencoder, is_sae_folder, read_sae_files, write_sae_folder
+from .folder import is_sae_folder, read_sae_files, write_sae_folder
+from .model import SparseAutoencoder
 
 TARGETS = ("saelens", "sparsify", "ours", "circuit-tracer")
 LOAD_CALLS = {"saelens": "sae_lens.SAE.load_from_disk({dst!r})", "sparsify": "sparsify.SparseCoder.load_from_disk({dst!r})",

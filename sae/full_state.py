@@ -22,7 +22,8 @@ from torch import Tensor
 from . import checkpoint
 from .config import SaeConfig
 from .files import TensorSpec
-from .model import LATENT_MAJOR_PARAMETERS, SparseAutoencoder, parameter_names
+from .folder import parameter_names
+from .model import LATENT_MAJOR_PARAMETERS, SparseAutoencoder
 
 
 def _latent_major_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None,

@@ -46,27 +46,56 @@ def initial_b_dec(x: Tensor, method: str) -> Tensor:
     raise ValueError(f"unknown b_dec_init '{method}'; expected geometric_median, mean or zeros")
 
 
+ENCODER_SCALE_FLOOR = 1 / 64
+"""The smallest factor `encoder_scale` gives: small latents, not vanishing ones (the decoder's gradient
+is proportional to them)."""
+
+
 def encoder_scale(target: Tensor, decoded: Tensor) -> float:
     """The factor for the tied encoder: the largest c <= 1 with ||target - c decoded||^2 <= ||target||^2,
     i.e. min(1, 2 c*) for the least-squares c* = <target, decoded> / ||decoded||^2 (both (N, d_in),
-    b_dec taken off). 1 when nothing decodes, or when the decoded part points away from the target."""
+    b_dec taken off), and at least `ENCODER_SCALE_FLOOR`: where c* <= 0 (the decoded part points away
+    from the target, as a transcoder's tied decoding can in a random-init LM) every c > 0 starts worse
+    than b_dec alone, the less the smaller c. 1 when nothing decodes (a zero decoder)."""
     squared_norm = decoded.pow(2).sum()
     if squared_norm == 0:
         return 1.0
     best = ((target * decoded).sum() / squared_norm).item()
-    return min(1.0, 2 * best) if best > 0 else 1.0
+    return min(1.0, max(2 * best, ENCODER_SCALE_FLOOR))
 
 
 @torch.no_grad()
 def initialize_transcoder_from_batch(sae, inputs: Tensor, targets: Tensor, b_dec_init: str = "geometric_median",
-                                     scale_inputs: bool = True) -> tuple[float, float]:
-    """A fresh transcoder's start from raw module inputs and outputs (N, d_in) each: (input scale, output
-    scale), each s with E||s x||^2 = d_in over its side (1.0 without scale_inputs), and b_dec, the output's
-    bias, from the scaled outputs as an SAE's from its inputs. Its decoder starts at zero, so there is no
-    encoder scale to fit (`encoder_scale` would find nothing decoded)."""
+                                     scale_inputs: bool = True, fit_encoder_scale: bool = True) -> tuple[float, float]:
+    """A fresh transcoder's start from raw module inputs and outputs (N, d_in) each; returns (input scale,
+    output scale), each s with E||s x||^2 = d_in over its side (1.0 without scale_inputs). Sets:
+    - b_dec, the output's bias: from the scaled outputs, as an SAE's from its inputs;
+    - b_enc = -W_enc mean(s x): each latent's pre-activation has mean 0 over the batch (sparsify's
+      transcoder init);
+    - with fit_encoder_scale, W_enc and b_enc times the factor `encoder_scale` fits between the outputs
+      and the tied decoder's first prediction (an SAE's rule, with the outputs as the target). A zero
+      decoder (normalize_decoder off) predicts nothing, and the factor is 1.
+
+    Why b_enc: a transcoder's encoder subtracts no b_dec, and a module's input is far from centred (an
+    MLP's input is a LayerNorm's output, whose mean is a large share of its norm). Uncentred, each latent
+    starts with its own offset W_enc . mean(x): those far below zero seldom win the top-k, and once
+    their pre-activations are negative on every token AuxK cannot revive them (its ReLU passes no
+    gradient). Why the scale: the tied decoder maps a latent back along its input direction, which
+    predicts the output poorly, so unscaled the first predictions are worse than b_dec alone.
+    docs/transcoders.md has the measurements.
+
+    Like `initialize_from_batch`, every rank passes the same global batch; the forward is collective."""
     input_scale = estimate_input_scale(inputs) if scale_inputs else 1.0
     output_scale = estimate_input_scale(targets) if scale_inputs else 1.0
-    sae.b_dec.copy_(initial_b_dec((targets * output_scale).to(sae.b_dec.dtype), b_dec_init))
+    x = (inputs * input_scale).to(sae.b_dec.dtype)
+    y = (targets * output_scale).to(sae.b_dec.dtype)
+    sae.b_dec.copy_(initial_b_dec(y, b_dec_init))
+    sae.encoder.bias.copy_(-(sae.encoder.weight.double() @ x.double().mean(0)))
+    if fit_encoder_scale:
+        decoded = (sae(x, None, batch_variance, target=y).x_hat - sae.b_dec - sae.skip(x)).double()
+        scale = encoder_scale((y - sae.b_dec).double(), decoded)
+        sae.encoder.weight.mul_(scale)
+        sae.encoder.bias.mul_(scale)
     return input_scale, output_scale
 
 

@@ -25,7 +25,8 @@ from .errors import UsageError
 from .files import TensorSpec, atomic_folder
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
-from .model import SparseAutoencoder, fold_scales, normalize_rows_, write_sae_folder
+from .folder import fold_scales, write_sae_folder
+from .model import SparseAutoencoder, normalize_rows_
 from .optim import evaluated_rows, make_optimizer, run_lr
 from .parallel import ShardLayout
 
@@ -130,7 +131,7 @@ def evaluation_sae(member: Member) -> SparseAutoencoder | None:
     full = gather_full_state(member.sae, parameter_rows=evaluated_weights(member))  # new memory
     if full is None:
         return None
-    if member.sae.cfg.unit_norm_decoder:
+    if member.sae.cfg.normalize_decoder:
         normalize_rows_(full["W_dec"])
     return sae_from_full_state(full, member.sae.cfg)
 
@@ -139,7 +140,7 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
     """Write the member's SAE folder (rank 0, as a whole: `files.atomic_folder`; collective: call it on
     every rank) piece by piece, so that no rank holds the whole SAE: its optimiser's evaluated weights
     (`evaluated_weights`), the decoder rows renormalised to unit norm, folded to take raw activations
-    (`model.fold_scales`).
+    (`folder.fold_scales`).
 
     Schedule-free Adam's average x is not on the unit sphere: with its y and z there, x's rows are
     1 to (2 - beta1) / beta1 long (`optim.set_decoder_rows_to_unit_norm`). Renormalising keeps the
@@ -147,7 +148,7 @@ def save_member(member: Member, metadata: dict[str, Any]) -> None:
     sae = member.sae
 
     def folded(name: str, rows: Tensor) -> Tensor:
-        if name == "W_dec" and sae.cfg.unit_norm_decoder:
+        if name == "W_dec" and sae.cfg.normalize_decoder:
             rows = normalize_rows_(rows.clone())  # a copy: the piece may be the training weights
         return fold_scales(name, rows, member.input_scale, member.output_scale)
 

@@ -87,13 +87,13 @@ def training_step(
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.layout.sum_gradients_over_replicas(sae.parameters())
-    if sae.cfg.unit_norm_decoder:
+    if sae.cfg.normalize_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     if grad_clip > 0:  # after the projection: the clip bounds the gradient the step uses
         clip_grad_norm_(sae, grad_clip)
     set_lr(optimizer, lr)
     optimizer.step()
-    if sae.cfg.unit_norm_decoder:
+    if sae.cfg.normalize_decoder:
         set_decoder_rows_to_unit_norm(sae, optimizer)
     return out
 
@@ -128,7 +128,8 @@ def initialize_transcoder_from_first_batch(sae: SparseAutoencoder, inputs: Tenso
     outputs (`initialization.initialize_transcoder_from_batch`), the same on every rank. Collective."""
     layout = sae.layout
     inputs, targets = (layout.gather_rows_over_replicas(layout.broadcast_rows(rows)) for rows in (inputs, targets))
-    return initialize_transcoder_from_batch(sae, inputs, targets, cfg.b_dec_init, cfg.scale_inputs)
+    return initialize_transcoder_from_batch(sae, inputs, targets, cfg.b_dec_init, cfg.scale_inputs,
+                                            cfg.fit_encoder_scale)
 
 
 @torch.no_grad()

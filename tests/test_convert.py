@@ -17,7 +17,7 @@ from sae import SaeConfig, SparseAutoencoder  # noqa: E402
 from sae.convert import TARGETS, convert, main  # noqa: E402
 from sae.errors import UsageError, UserError  # noqa: E402
 from sae.formats.hook_names import saelens_hook  # noqa: E402
-from sae.model import read_any_sae_metadata  # noqa: E402
+from sae.folder import read_any_sae_metadata  # noqa: E402
 from test_model import corrupt_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

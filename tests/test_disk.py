@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae import SparseAutoencoder, checkpoint, files, model, trainer
+from sae import SparseAutoencoder, checkpoint, files, folder, trainer
 from sae.errors import UserError
 from sae.trainer import train
 from test_trainer import read_log, tiny_config
@@ -81,8 +81,8 @@ def test_a_full_disk_mid_run_stops_in_one_line_and_keeps_the_earlier_checkpoints
 def test_a_failed_sae_write_leaves_no_folder_and_points_at_the_last_checkpoint(tiny_lm_dir, text_file, tmp_path,
                                                                                monkeypatch):
     cfg = tiny_config(tiny_lm_dir, text_file, tmp_path, max_tokens=128 * 20, save_every=0)
-    monkeypatch.setattr(model, "write_safetensors",
-                        fail_writing(model.write_safetensors, errno.EROFS, lambda path: True))
+    monkeypatch.setattr(folder, "write_safetensors",
+                        fail_writing(folder.write_safetensors, errno.EROFS, lambda path: True))
     with pytest.raises(UserError) as error:
         train(cfg)
     assert one_line(error) == (

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.config import SaeConfig
-from sae.initialization import encoder_scale, estimate_input_scale, initialize_from_batch
+from sae.initialization import ENCODER_SCALE_FLOOR, encoder_scale, estimate_input_scale, initialize_from_batch
 from sae.model import SparseAutoencoder, geometric_median
 
 
@@ -61,7 +61,8 @@ def test_the_encoder_is_shrunk_only_as_far_as_starting_no_worse_than_b_dec(k):
 def test_encoder_scale_edge_cases():
     target = torch.randn(5, 3, dtype=torch.float64)
     assert encoder_scale(target, torch.zeros_like(target)) == 1.0  # nothing decoded
-    assert encoder_scale(target, -target) == 1.0  # pointing away: shrinking cannot help
+    assert encoder_scale(target, -target) == ENCODER_SCALE_FLOOR  # pointing away: the smaller the better
+    assert encoder_scale(target, 1000 * target) == ENCODER_SCALE_FLOOR  # c* = 1/1000, floored
     assert encoder_scale(target, 4 * target) == pytest.approx(0.5)  # c* = 1/4
 
 

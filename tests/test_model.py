@@ -8,7 +8,8 @@ import torch
 
 from sae import SaeConfig, SparseAutoencoder
 from sae.errors import UserError
-from sae.model import fire_counts, geometric_median, read_any_sae_metadata
+from sae.folder import read_any_sae_metadata
+from sae.model import fire_counts, geometric_median
 
 
 def random_sae(d_in, n_latents, k, **kwargs) -> SparseAutoencoder:
@@ -328,7 +329,7 @@ def test_weights_with_nan_or_inf_are_refused_in_one_line_naming_the_file_and_ten
     ("k", True, "'k' must be an integer, found true (true or false)"),
     ("k", "2", "'k' must be an integer, found \"2\" (a string)"),
     ("num_latents", 16.0, "'num_latents' must be an integer, found 16.0 (a number)"),
-    ("auxk_coef", "0.1", "'auxk_coef' must be a number, found \"0.1\" (a string)"),
+    ("auxk_coef", "0.1", "'auxk_coef' must be a number or null, found \"0.1\" (a string)"),
     ("multi_topk", 0, "'multi_topk' must be true or false, found 0 (an integer)"),
 ])
 def test_cfg_json_values_of_the_wrong_type_are_one_line_naming_the_key(tmp_path, key, value, expected):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sae import SparseAutoencoder
 from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.initialization import ENCODER_SCALE_FLOOR, initialize_transcoder_from_batch
 from sae.trainer import train
 
 
@@ -74,12 +75,54 @@ def test_an_sae_and_a_transcoder_refuse_the_wrong_forward():
         SparseAutoencoder(SaeConfig(d_in=12, n_latents=40, k=5), dtype=F64)(x, target=x)
 
 
-def test_a_fresh_transcoder_starts_with_a_zero_decoder_and_skip_and_unit_encoder_rows():
+def test_a_fresh_transcoder_starts_tied_with_unit_rows_and_a_zero_skip():
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(d_in=12, n_latents=40, k=5, transcode=True, skip_connection=True), dtype=F64)
-    assert not sae.W_dec.any() and not sae.W_skip.any() and not sae.b_dec.any()
+    assert not sae.W_skip.any() and not sae.b_dec.any()
+    torch.testing.assert_close(sae.W_dec, sae.encoder.weight)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40, dtype=F64))
+
+
+def test_sparsifys_transcoder_recipe_starts_with_a_zero_decoder():
+    """normalize_decoder off: sparsify's transcoder, its decoder at zero and left unconstrained."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=12, n_latents=40, k=5, transcode=True, normalize_decoder=False), dtype=F64)
+    assert not sae.W_dec.any()
     torch.testing.assert_close(sae.encoder.weight.norm(dim=1), torch.ones(40, dtype=F64))
-    assert not sae.cfg.unit_norm_decoder  # the trainer leaves its decoder unconstrained
+
+
+def test_auxk_weight_defaults_by_kind_and_survives_the_folder(tmp_path):
+    assert SaeConfig(d_in=4, n_latents=8, k=2).auxk_weight == 1 / 32
+    assert SaeConfig(d_in=4, n_latents=8, k=2, transcode=True).auxk_weight == 1 / 8
+    assert SaeConfig(d_in=4, n_latents=8, k=2, transcode=True, auxk_coef=0.0).auxk_weight == 0.0
+    sae = SparseAutoencoder(SaeConfig(d_in=4, n_latents=8, k=2, transcode=True))
+    sae.save(tmp_path / "tc")
+    assert json.loads((tmp_path / "tc" / "cfg.json").read_text())["auxk_coef"] is None  # the kind's default
+    assert SparseAutoencoder.load(tmp_path / "tc").cfg.auxk_weight == 1 / 8
+
+
+@pytest.mark.parametrize("related", [True, False])
+def test_the_first_batch_centres_every_latent_and_scales_the_encoder_to_start_no_worse_than_b_dec(related):
+    """b_enc = -W_enc mean(s x): over the first batch each latent's pre-activation has mean 0, whatever the
+    input's offset (an MLP's input is far from centred); b_dec is the scaled outputs' centre; the encoder is
+    then scaled so that the first prediction is no worse than b_dec alone, both when the outputs follow the
+    inputs and when they do not (then by the floor)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=12, n_latents=40, k=5, transcode=True), dtype=F64)
+    inputs = torch.randn(500, 12, dtype=F64) * 3 + torch.linspace(-4, 9, 12, dtype=F64)
+    targets = (inputs @ torch.randn(12, 12, dtype=F64) if related else torch.randn(500, 12, dtype=F64)) + 2
+    input_scale, output_scale = initialize_transcoder_from_batch(sae, inputs, targets, b_dec_init="mean")
+    x, y = inputs * input_scale, targets * output_scale
+    pre = x @ sae.encoder.weight.T + sae.encoder.bias
+    torch.testing.assert_close(pre.mean(0), torch.zeros(40, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sae.b_dec, y.mean(0))
+    scale = sae.encoder.weight.norm(dim=1)  # the rows were unit vectors, and W_dec still is
+    torch.testing.assert_close(scale, torch.full((40,), scale[0].item(), dtype=F64))
+    assert (0.1 < scale[0] < 1) if related else scale[0] == ENCODER_SCALE_FLOOR
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40, dtype=F64))
+    y_hat = sae.reconstruct(x)[0]
+    # unrelated: any factor > 0 is worse than b_dec alone; the floor's latents are small enough to cost little
+    assert (y - y_hat).pow(2).sum() <= (1 if related else 1.01) * (y - sae.b_dec).pow(2).sum()
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -148,6 +191,10 @@ def test_train_reads_the_module_input_and_output_and_resumes_bit_for_bit(tiny_lm
     assert ((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item() < 1
     # the input site is the MLP's input: the block's second layer norm's output
     assert torch.equal(x, capture_many(model, [get_site(model, "transformer.h.1.ln_2")], ids)[0])
+    # trained with unit-norm decoder rows: saved, each row is input_scale / output_scale long (`fold_scales`)
+    scales = json.loads((whole / "cfg.json").read_text())
+    expected = scales["input_scale_folded"] / scales["output_scale_folded"]
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((64,), expected), rtol=1e-5, atol=0)
 
 
 def test_the_splice_of_a_perfect_transcoder_changes_nothing(tiny_lm_dir):

@@ -48,7 +48,7 @@ class ForeignSae(NamedTuple):
     """The file the tensors were read from (for messages about them)."""
 
 
-_JSON_TYPES_OF_HINTS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+_JSON_TYPES_OF_HINTS = {int: (int,), float: (int, float), float | None: (int, float, type(None)), bool: (bool,), str: (str,)}
 """The JSON values (exact Python types from json.loads) a field of each type takes: an int is no bool
 and no string ("64"), a float any number."""
 

@@ -12,7 +12,7 @@ from eval.__main__ import main
 from eval.data import resolve_model_path
 from sae.config import ConfigError
 from sae.embedded import EMBEDDED_MODEL_DIR
-from sae.model import read_sae_metadata
+from sae.folder import read_sae_metadata
 
 from known_saes import random_sae
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 pytest.importorskip("sae_lens")
 
 from eval.peers.saelens import new_topk_training_sae, to_our_sae, train_saelens  # noqa: E402
-from sae.model import SparseAutoencoder, read_sae_metadata  # noqa: E402
+from sae.folder import read_sae_metadata  # noqa: E402
+from sae.model import SparseAutoencoder  # noqa: E402
 
 D_IN, N_LATENTS, K, BATCH, STEPS = 16, 48, 4, 64, 6
 

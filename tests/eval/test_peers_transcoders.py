@@ -12,7 +12,8 @@ from eval.peers.__main__ import main
 from eval.peers.rows import shared_batches
 from sae.cache import ActivationCache
 from sae.config import ConfigError
-from sae.model import SparseAutoencoder, read_sae_config
+from sae.folder import read_sae_config
+from sae.model import SparseAutoencoder
 
 pytest.importorskip("sparsify")
 

@@ -56,7 +56,7 @@ def reference_forward64(cfg, params, x, dead_before):
     multi_topk_fvu = fvu.new_zeros(())
     if cfg.multi_topk:
         multi_topk_fvu = normalized_mse(x, dense_codes(pre, 4 * cfg.k) @ W_dec + b_dec)
-    loss = fvu + cfg.auxk_coef * auxk + multi_topk_fvu / 8
+    loss = fvu + cfg.auxk_weight * auxk + multi_topk_fvu / 8
     return dict(x_hat=x_hat, fvu=fvu, auxk_loss=auxk, multi_topk_fvu=multi_topk_fvu, loss=loss, codes=codes, dead=dead)
 
 
