@@ -89,7 +89,17 @@ class SaeConfig:
     transcode, a skip transcoder (Paulo, Shabalin & Belrose 2025); sparsify's `skip_connection`, which
     it allows on an SAE too."""
 
+    activation: Literal["topk", "batchtopk"] = "topk"
+    """"topk": the k largest latents of each token (Gao et al.). "batchtopk": the k * N largest of a
+    batch of N tokens, so L0 varies by token around k (Bussmann, Leask & Nanda 2024, arXiv 2412.06410);
+    training keeps a running threshold (`SparseAutoencoder.threshold`) that encodes at inference, one
+    token at a time: a latent fires where its pre-activation reaches it (a JumpReLU with one threshold).
+    sparsify's cfg.json key; sparsify itself has no "batchtopk"."""
+
     def __post_init__(self):
+        if self.activation == "batchtopk" and self.multi_topk:
+            raise ValueError("SaeConfig: multi_topk is a TopK loss (the top 4k of each token); "
+                             "activation batchtopk selects over the batch: choose one")
         if self.n_latents <= 0 or self.k <= 0:
             raise ValueError(f"SaeConfig: n_latents and k must be positive, got {self.n_latents}, {self.k}")
         if self.k > self.n_latents:
@@ -163,6 +173,7 @@ class SaeVariant:
     multi_topk: bool | None = None
     transcode: bool | None = None
     skip_connection: bool | None = None
+    activation: Literal["topk", "batchtopk"] | None = None
     lr: float | None = None
 
     def __post_init__(self):
@@ -171,7 +182,8 @@ class SaeVariant:
 
     def sae_config(self, base: SaeConfig) -> SaeConfig:
         """`base` with this variant's SAE fields applied."""
-        names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk", "transcode", "skip_connection")
+        names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk", "transcode", "skip_connection",
+                 "activation")
         return replace(base, **{name: getattr(self, name) for name in names if getattr(self, name) is not None})
 
 

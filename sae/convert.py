@@ -13,7 +13,9 @@ documented call and computing what the SAE computes here:
                    layer_{i}.safetensors as circuit-tracer's loader reads them (sae/formats/circuit_tracer.py)
 
 Transcoders (our and sparsify's `transcode` folders) convert to sparsify and ours as they are, and to
-circuit-tracer; SAELens has no TopK transcoder, so --to saelens refuses them with the reason.
+circuit-tracer; SAELens has no TopK transcoder, so --to saelens refuses them with the reason. A BatchTopK
+SAE (`activation: batchtopk`) converts only to ours for now: sparsify has no such coder, and the others'
+threshold (JumpReLU) layouts are not written yet.
 
 SAELens's hook_name is the TransformerLens hook that holds the activations of the recorded hookpoint where
 one is known (`transformer.h.3` -> `blocks.3.hook_resid_post`; sae/formats/hook_names.py), else the
@@ -59,6 +61,8 @@ def read_sae(src: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
 def write_sae(sae: SparseAutoencoder, provenance: dict[str, Any], dst: Path, to: str) -> None:
     """Write `sae` to the new folder `dst` in the layout `to` (one of TARGETS), with `provenance`."""
     tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
+    if to != "ours" and sae.cfg.activation == "batchtopk":
+        raise UsageError(batchtopk_refusal(to))
     if to == "saelens":
         if sae.cfg.transcode:
             raise UsageError(saelens_transcoder_refusal(sae.cfg))
@@ -120,11 +124,22 @@ def transcoder_set(src: Path, recorded: dict[str, Any]) -> list[LayerTranscoder]
     members = []
     for folder in folders:
         sae, provenance = read_sae(folder)
+        if sae.cfg.activation == "batchtopk":
+            raise UsageError(f"{folder}: {batchtopk_refusal('circuit-tracer')}")
         provenance.update(recorded)
         layer, _, _ = feature_hooks(str(folder), provenance.get("hookpoint"), lm_family(provenance.get("model")))
         tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
         members.append(LayerTranscoder(layer, sae.cfg, tensors, provenance, str(folder)))
     return members
+
+
+def batchtopk_refusal(to: str) -> str:
+    """Why a BatchTopK SAE is not written for the tool `to` (the reason names what it would compute)."""
+    if to == "sparsify":
+        return ("sparsify has no BatchTopK: it would encode each token by its own top k, not by the threshold "
+                "this SAE was trained to; use --to ours")
+    return (f"a BatchTopK SAE encodes by a threshold (a JumpReLU), and --to {to} writes only TopK coders so "
+            "far; use --to ours")
 
 
 def lm_layer_count(model: str | None) -> int | None:

@@ -59,15 +59,17 @@ def read_sae_folder(path: Path) -> ForeignSae:
             tensors = {name: file.get_tensor(name) for name in expected}
     except SafetensorError as error:
         raise UsageError(f"{weights_path}: not a valid safetensors file ({error})") from None
-    for name, shape in our_shapes(cfg.d_in, cfg.n_latents, cfg.skip_connection).items():
+    for name, shape in our_shapes(cfg.d_in, cfg.n_latents, cfg.skip_connection, cfg.activation).items():
         if tuple(tensors[name].shape) != shape:
             raise UsageError(f"{weights_path}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
     return ForeignSae("ours", cfg, tensors, input_norm, read_sae_provenance(path), weights_path)
 
 
 def parameter_names(cfg: SaeConfig) -> tuple[str, ...]:
-    """The tensors of an SAE folder of `cfg`: `PARAMETER_NAMES`, and W_skip for a skip transcoder."""
-    return PARAMETER_NAMES + (("W_skip",) if cfg.skip_connection else ())
+    """The tensors of an SAE folder of `cfg`: `PARAMETER_NAMES`, W_skip for a skip transcoder, and the
+    threshold of a BatchTopK SAE."""
+    return (PARAMETER_NAMES + (("W_skip",) if cfg.skip_connection else ())
+            + (("threshold",) if cfg.activation == "batchtopk" else ()))
 
 
 def fold_scales(name: str, tensor: Tensor, input_scale: float, output_scale: float | None = None) -> Tensor:
@@ -79,12 +81,13 @@ def fold_scales(name: str, tensor: Tensor, input_scale: float, output_scale: flo
     s (W_enc x + b_enc/s) for a transcoder; TopK and ReLU commute with a positive factor, so b_enc/s
     gives latents 1/s as large. The prediction of t y is then s (sum values W_dec) + b_dec + s x W_skip^T,
     so W_dec s/t, b_dec/t and W_skip s/t predict y itself. For an SAE (t = s): b_enc/s, b_dec/s, W_dec
-    unchanged (unit norm). Exact up to rounding.
+    unchanged (unit norm). BatchTopK's threshold compares with pre-activations: threshold/s. Exact up
+    to rounding.
     """
     output_scale = input_scale if output_scale is None else output_scale
     if not (input_scale > 0 and output_scale > 0):
         raise ValueError(f"input_scale and output_scale must be positive, got {input_scale}, {output_scale}")
-    if name == "encoder.bias":
+    if name in ("encoder.bias", "threshold"):  # both compare with pre-activations, which scale by s
         return tensor / input_scale
     if name == "b_dec":
         return tensor / output_scale
@@ -97,17 +100,18 @@ def write_sae_folder(path: str | Path, cfg: SaeConfig, specs: list[TensorSpec], 
                      input_scale: float = 1.0, metadata: dict[str, Any] | None = None, input_norm: str = "none",
                      output_scale: float | None = None) -> Path:
     """The SAE folder format: path/sae.safetensors from its tensors' pieces (`files.write_safetensors`:
-    the four parameters, already folded) and path/cfg.json, each written atomically. cfg.json names
+    the parameters, already folded) and path/cfg.json, each written atomically. cfg.json names
     `input_norm` only when it is not "none": a folder without an input transform is sparsify's layout."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if sorted(spec.name for spec in specs) != sorted(parameter_names(cfg)):
         raise ValueError(f"an SAE folder holds exactly {sorted(parameter_names(cfg))}, got {[spec.name for spec in specs]}")
     config = {_FILE_KEYS.get(key, key): value for key, value in asdict(cfg).items()}
-    # sparsify reads these two; "activation" tells it this is a TopK SAE.
+    # "activation" (a SaeConfig field) tells sparsify this is a TopK SAE; it has no "batchtopk", and our
+    # BatchTopK folder's extra tensor, threshold, makes its strict load fail rather than compute TopK.
     input_norm_key = {"input_norm": input_norm} if input_norm != "none" else {}
     output_scale_key = {"output_scale_folded": float(output_scale)} if cfg.transcode and output_scale is not None else {}
-    config.update(activation="topk", input_scale_folded=float(input_scale), **output_scale_key, **input_norm_key,
+    config.update(input_scale_folded=float(input_scale), **output_scale_key, **input_norm_key,
                   **(metadata or {}))
     atomic_write(path / WEIGHTS_FILE, lambda tmp: write_safetensors(tmp, specs, chunks))
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))

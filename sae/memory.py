@@ -22,6 +22,7 @@ import torch
 
 from sae_kernels.select import chunk_rows
 
+from .batchtopk import FIRST_CANDIDATES_PER_K
 from .config import SaeConfig
 from .errors import UserError
 
@@ -67,16 +68,19 @@ def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, hookpoin
     rows per step and computing in `compute_dtype`, with `shuffle_rows` rows in the shuffle block of each
     hookpoint (their d_in: `hookpoint_widths`, one per hookpoint; SAEs of one hookpoint share its block).
     SAEs of a run step one after the other, so the step term is the largest SAE's, not their sum."""
-    # W_enc, b_enc, W_dec rows; b_dec; a skip transcoder's W_skip (d_in x d_in, whole on every rank)
+    # W_enc, b_enc, W_dec rows; b_dec; a skip transcoder's W_skip (d_in x d_in) and BatchTopK's threshold,
+    # whole on every rank
     parameters = sum(n_local * (2 * cfg.d_in + 1) + cfg.d_in + cfg.skip_connection * cfg.d_in**2
-                     for cfg, n_local in saes) * FLOAT_BYTES
+                     + (cfg.activation == "batchtopk") for cfg, n_local in saes) * FLOAT_BYTES
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     step = 0
     for cfg, n_local in saes:
         pre_activations = chunk_rows(batch_rows, n_local, device, compute_bytes) * n_local * compute_bytes
         # ComputeWeights (sae/model.py): a cast copy of W_enc, b_enc and W_dec unless already that dtype
         weight_copies = n_local * (2 * cfg.d_in + 1) * compute_bytes if compute_bytes != FLOAT_BYTES else 0
-        selected = 1 + 4 * cfg.multi_topk
+        # per row: k codes; the top 4k with Multi-TopK too; BatchTopK's first 4k candidates (more where a
+        # row needs them: sae/batchtopk.py), gathered over the shards
+        selected = 1 + 4 * cfg.multi_topk if cfg.activation == "topk" else FIRST_CANDIDATES_PER_K * (cfg.n_latents // n_local)
         codes = batch_rows * (selected * cfg.k + cfg.k_aux) * (FLOAT_BYTES + 8) * 3  # values, int64 ids, grads
         rows = (STEP_ROW_TENSORS + cfg.transcode) * batch_rows * cfg.d_in * FLOAT_BYTES  # + a transcoder's target
         step = max(step, pre_activations + weight_copies + codes + rows)

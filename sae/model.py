@@ -26,6 +26,7 @@ reads the other tools' layouts too (sae/formats/__init__.py lists them).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 import sae_kernels
 from sae_kernels import sparse_decode
 
+from .batchtopk import FIRST_CANDIDATES_PER_K, batch_threshold, candidates_cover, keep_at_or_above
 from .config import SaeConfig
 from .files import TensorSpec
 from .folder import fold_scales, read_sae_files, write_sae_folder
@@ -100,10 +102,11 @@ class ForwardOutput(NamedTuple):
     """Reconstruction, (N, d_in)."""
 
     latent_acts: Tensor
-    """Values of the top-k latents after ReLU, (N, k)."""
+    """Values of the top-k latents after ReLU, (N, k); under BatchTopK, (N, c) with 0 where a candidate
+    was not kept (c varies by batch)."""
 
     latent_indices: Tensor
-    """Indices of the top-k latents, (N, k) int64 (global latent ids, whatever the layout)."""
+    """Their indices, (N, k) or (N, c) int64 (global latent ids, whatever the layout)."""
 
     fvu: Tensor
     """Main loss: normalized MSE, sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""
@@ -116,6 +119,9 @@ class ForwardOutput(NamedTuple):
 
     loss: Tensor
     """Training objective: fvu + auxk_weight * auxk_loss + multi_topk_fvu / 8 (`SaeConfig.auxk_weight`)."""
+
+    batch_threshold: Tensor | None = None
+    """BatchTopK: the global batch's threshold theta_b (sae/batchtopk.py), 0-dim; None under TopK."""
 
 
 def layer_norm_input(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,6 +216,10 @@ class SparseAutoencoder(nn.Module):
         self.W_skip = (nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, device=device, dtype=dtype))
                        if cfg.skip_connection else None)
         """(d_out, d_in) = (d_in, d_in), a skip transcoder's dense path; None otherwise."""
+        self.threshold = (nn.Parameter(torch.zeros((), device=device, dtype=dtype), requires_grad=False)
+                          if cfg.activation == "batchtopk" else None)
+        """BatchTopK's running threshold theta (0-dim, no gradient: training sets it, sae/batchtopk.py),
+        which `encode` uses; None under TopK. Whole on every rank, like b_dec."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -239,6 +249,8 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.zero_()
         if self.W_skip is not None:
             self.W_skip.zero_()
+        if self.threshold is not None:
+            self.threshold.zero_()
 
     @property
     def device(self) -> torch.device:
@@ -293,9 +305,18 @@ class SparseAutoencoder(nn.Module):
         return 0.0 if self.W_skip is None else x.to(self.W_skip.dtype) @ self.W_skip.T
 
     def _encode_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """`encode` of an input already transformed by `input_norm`."""
-        return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k,
-                                       b_dec=None if self.cfg.transcode else self.b_dec)
+        """`encode` of an input already transformed by `input_norm`. BatchTopK: every latent at or above
+        the running threshold, (N, c) with zeros, c as wide as the row with the most needs."""
+        b_dec = None if self.cfg.transcode else self.b_dec
+        if self.threshold is None:
+            return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=b_dec)
+        width = min(FIRST_CANDIDATES_PER_K * self.cfg.k, self.n_local)
+        while True:
+            values, indices = sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, width, b_dec=b_dec,
+                                                      sorted=True)
+            if candidates_cover(values, self.threshold, self.n_local, self.layout):
+                return keep_at_or_above(values, self.threshold), indices
+            width = min(2 * width, self.n_local)
 
     def _decode_normalized(self, values: Tensor, indices: Tensor) -> Tensor:
         """The reconstruction in the units `encode` works in (normalised ones under an input transform)."""
@@ -340,19 +361,25 @@ class SparseAutoencoder(nn.Module):
         y = x if target is None else target.to(self.dtype)
         if variance is None:
             variance = self._global_batch_variance()
-        n_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
         weights = self._compute_weights()
         x_in = x.to(weights.W_enc.dtype)  # the kernels' inputs, in the compute dtype
 
-        candidates = sae_kernels.topk_encode(x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local),
-                                             b_dec=weights.b_dec, sorted=cfg.multi_topk)  # among this rank's latents
-        top = self._top_over_shards(*candidates, n_top, sorted=cfg.multi_topk)
-        latent_acts, latent_indices = top.codes(cfg.k)
+        n_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
+        batch_threshold = None
+        if self.threshold is None:
+            candidates = sae_kernels.topk_encode(x_in, weights.W_enc, weights.b_enc, min(n_top, self.n_local),
+                                                 b_dec=weights.b_dec, sorted=cfg.multi_topk)  # among this rank's latents
+            top = self._top_over_shards(*candidates, n_top, sorted=cfg.multi_topk)
+            n_codes = cfg.k
+        else:
+            top, batch_threshold = self._batch_top(x_in, weights)
+            n_codes = top.over_shards.values.shape[1]
+        latent_acts, latent_indices = top.codes(n_codes)
         if callable(dead_mask):
             dead_mask = dead_mask(latent_indices, latent_acts.detach())
 
         dense = self.b_dec + self.skip(x)  # the same on every shard
-        x_hat = self._decode_over_shards(weights, top, cfg.k) + dense
+        x_hat = self._decode_over_shards(weights, top, n_codes) + dense
         fvu = normalized_mse(y, x_hat, variance)
         zero = fvu.new_zeros(())
 
@@ -365,7 +392,28 @@ class SparseAutoencoder(nn.Module):
             multi_topk_fvu = normalized_mse(y, self._decode_over_shards(weights, top, n_top) + dense, variance)
 
         loss = fvu + cfg.auxk_weight * auxk_loss + multi_topk_fvu / 8
-        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss)
+        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss, batch_threshold)
+
+    def _batch_top(self, x: Tensor, weights: ComputeWeights) -> tuple[TopLatents, Tensor]:
+        """BatchTopK's selection (sae/batchtopk.py) of the batch `x` (N, d_in) in the compute dtype:
+        every shard's candidates, all of them winners, with those below the global batch's threshold
+        theta_b set to 0; and theta_b. Collective over every rank."""
+        width = min(FIRST_CANDIDATES_PER_K * self.cfg.k, self.n_local)
+        while True:
+            values, local_indices = sae_kernels.topk_encode(x, weights.W_enc, weights.b_enc, width,
+                                                            b_dec=weights.b_dec, sorted=True)
+            everyone = self.layout.top_over_shards(values, local_indices + self.latent_start,
+                                                   width * self.layout.shards, sorted=True)
+            threshold = batch_threshold(everyone.values, self.cfg.k, self.layout)
+            if candidates_cover(values, threshold, self.n_local, self.layout):
+                break
+            width = min(2 * width, self.n_local)
+        kept = keep_at_or_above(values, threshold)
+        if everyone.positions is None:  # one shard: the candidates themselves, with their gradient
+            everyone = replace(everyone, values=kept)
+        else:
+            everyone = replace(everyone, values=keep_at_or_above(everyone.values, threshold))
+        return TopLatents(kept, local_indices, everyone), threshold
 
     def _auxk_loss(self, weights: ComputeWeights, x: Tensor, residual: Tensor, dead_mask: Tensor,
                    variance: VarianceFn) -> Tensor:

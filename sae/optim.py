@@ -110,7 +110,7 @@ def evaluated_rows(optimizer: torch.optim.Optimizer, parameter: Tensor, rows: sl
     parameter itself: its rows are returned (a view, not a copy)."""
     group = next(group for group in optimizer.param_groups if any(p is parameter for p in group["params"]))
     z = optimizer.state.get(parameter, {}).get("z")
-    y = parameter.detach()[rows]
+    y = parameter.detach()[rows] if parameter.dim() else parameter.detach()  # 0-dim: BatchTopK's threshold
     if z is None or not group.get("train_mode", False):
         return y
     return torch.lerp(y, z[rows], 1 - 1 / group["betas"][0])

@@ -36,6 +36,7 @@ from .distributed import (DistInfo, gather_objects, init_distributed, resolve_de
                           wait_for_main_rank)
 from .errors import RunExistsError, UsageError
 from .files import atomic_write, check_writable_folder, disk_errors, disk_remedy
+from .batchtopk import update_running_threshold
 from .initialization import initialize_from_batch, initialize_transcoder_from_batch
 from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
@@ -95,6 +96,8 @@ def training_step(
     optimizer.step()
     if sae.cfg.normalize_decoder:
         set_decoder_rows_to_unit_norm(sae, optimizer)
+    if out.batch_threshold is not None:
+        update_running_threshold(sae.threshold, out.batch_threshold)
     return out
 
 
@@ -144,7 +147,10 @@ def step_metrics(sae: SparseAutoencoder, out: ForwardOutput, tokens_since_fired:
     fvu, auxk_loss, multi_topk_fvu, l0 = layout.sum_over_replicas(values).tolist()
     dead = layout.sum_over_shards((tokens_since_fired >= sae.cfg.dead_tokens).sum().reshape(1))
     dead_frac = dead.item() / sae.cfg.n_latents
-    return {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
+    metrics = {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
+    if out.batch_threshold is not None:  # BatchTopK: this batch's threshold and the running one (in training scale)
+        metrics |= {"batch_threshold": out.batch_threshold.item(), "threshold": sae.threshold.item()}
+    return metrics
 
 
 def open_cache_source(cfg: TrainConfig, hookpoints: list[str], layout: ShardLayout):

@@ -44,8 +44,18 @@ CASES = {
     # a skip transcoder: the target is another function of the input; W_skip replicated like b_dec
     "skiptc": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, multi_topk=True, transcode=True,
                                  skip_connection=True), batch=32, steps=6),
+    # BatchTopK: the threshold over the global batch and every shard; 2 shards' 16 candidates per row may
+    # not cover a row (then they double), 4 shards' 16 are all of a shard's latents
+    "batchtopk": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, activation="batchtopk"),
+                      batch=32, steps=6),
 }
 LR, CLIP, TOL = 1e-2, 0.05, dict(rtol=1e-9, atol=1e-9)
+
+
+def dense_codes(acts, indices, n_latents):
+    """(N, n_latents): the values that fired, each at its latent."""
+    acts = acts.detach()
+    return torch.zeros(len(acts), n_latents, dtype=acts.dtype).scatter_add_(1, indices, acts.where(acts > 0, 0))
 
 
 def close(actual, expected, what):
@@ -130,16 +140,23 @@ def run_case(name, spec, layout, info, out_dir):
                                         target(step, slice(None), ref_out_scale))
         dead = ref_counters >= cfg.dead_tokens  # the dead set AuxK used: after this batch was counted
         out = step_both(step, sae, opt, counters)
-        ref_indices, order = ref_out.latent_indices[rows].sort(1)
-        indices, my_order = out.latent_indices.sort(1)
-        assert torch.equal(indices, ref_indices), f"{tag} step {step}: a different top-k selection"
-        ref_acts = ref_out.latent_acts[rows].gather(1, order).detach()
-        close(out.latent_acts.gather(1, my_order), ref_acts, f"{tag} step {step}: acts")
+        if cfg.activation == "batchtopk":  # (N, c) candidates, c by layout: compare what fired
+            ref_codes = dense_codes(ref_out.latent_acts[rows], ref_out.latent_indices[rows], cfg.n_latents)
+            codes = dense_codes(out.latent_acts, out.latent_indices, cfg.n_latents)
+            assert torch.equal(codes > 0, ref_codes > 0), f"{tag} step {step}: a different batch-top selection"
+            close(codes, ref_codes, f"{tag} step {step}: acts")
+            close(out.batch_threshold, ref_out.batch_threshold, f"{tag} step {step}: batch threshold")
+        else:
+            ref_indices, order = ref_out.latent_indices[rows].sort(1)
+            indices, my_order = out.latent_indices.sort(1)
+            assert torch.equal(indices, ref_indices), f"{tag} step {step}: a different top-k selection"
+            ref_acts = ref_out.latent_acts[rows].gather(1, order).detach()
+            close(out.latent_acts.gather(1, my_order), ref_acts, f"{tag} step {step}: acts")
         # each replica's losses are its share of the global batch's: they sum to the reference's
         losses = [(o.fvu, o.auxk_loss, o.multi_topk_fvu, o.loss) for o in (out, ref_out)]
         shares, expected = (torch.stack(values).detach() for values in losses)
         close(layout.sum_over_replicas(shares), expected, f"{tag} step {step}: losses")
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
         record["dead"].append(int(dead.sum()))
         record["auxk"].append(ref_out.auxk_loss.item())
         record["clipped"].append(abs(grad_norm.item() - CLIP) < 1e-4)
@@ -149,7 +166,7 @@ def run_case(name, spec, layout, info, out_dir):
         close(param, full[lo:hi] if pname in LATENT_MAJOR_PARAMETERS else full, f"{tag}: {pname} after {steps} steps")
     # what the rank holds: its rows of every latent-major parameter and of their Adam state, b_dec whole
     record["bytes"] = {"rank": state_bytes(sae, opt), "one_process": state_bytes(ref, ref_opt),
-                       "replicated": state_bytes(ref, ref_opt, only=[ref.b_dec, ref.W_skip])}
+                       "replicated": state_bytes(ref, ref_opt, only=[ref.b_dec, ref.W_skip, ref.threshold])}
     assert torch.equal(counters, ref_counters[lo:hi]), f"{tag}: dead counters"
 
     # one full state (params + Adam + counters) on rank 0, named as a single-process run's

@@ -75,3 +75,11 @@ def test_train_refuses_before_building_any_sae(monkeypatch, tiny_lm_dir, text_fi
     with pytest.raises(OutOfMemoryPlan, match="1.0 MiB is free"):
         trainer.train(cfg)
     assert built == []
+
+
+def test_batchtopk_counts_its_threshold_and_its_wider_candidates():
+    topk, batchtopk = SaeConfig(d_in=64, n_latents=1024, k=8), SaeConfig(d_in=64, n_latents=1024, k=8, activation="batchtopk")
+    plain = estimate_memory([(topk, 1024)], 4096, [64], 0, 0, torch.device("cpu"))
+    batch = estimate_memory([(batchtopk, 1024)], 4096, [64], 0, 0, torch.device("cpu"))
+    assert batch.parameters == plain.parameters + 4
+    assert batch.step - plain.step == 4096 * 3 * 8 * 3 * (4 + 8)  # 3k more codes per row: values, ids, grads

@@ -51,13 +51,16 @@ def check_records(records: list[dict], out_dir: Path, tags: set[str]) -> None:
         x = torch.randn(20, ref.cfg.d_in, generator=generator, dtype=torch.float64) * 3 + 1
         target = x.flip(1) if ref.cfg.transcode else None
         out, ref_out = sharded(x, target=target), ref(x, target=target)
-        assert torch.equal(out.latent_indices.sort(1).values, ref_out.latent_indices.sort(1).values), tag
+        if ref.cfg.activation == "batchtopk":
+            assert sharded.threshold > 0 and torch.equal(sharded.encode(x)[0] > 0, ref.encode(x)[0] > 0), tag
+        else:
+            assert torch.equal(out.latent_indices.sort(1).values, ref_out.latent_indices.sort(1).values), tag
         torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-9, atol=1e-9)
 
 
 def test_two_ranks_two_shards_equal_one_process(tmp_path):
     records = torchrun_worker(tmp_path, nproc=2, shards="2")
-    check_records(records, tmp_path, {"auxk-1x2", "odd-1x2", "k1-1x2", "llama-1x2", "skiptc-1x2"})
+    check_records(records, tmp_path, {"auxk-1x2", "odd-1x2", "k1-1x2", "llama-1x2", "skiptc-1x2", "batchtopk-1x2"})
 
 
 def test_four_ranks_replicas_times_shards_equal_one_process(tmp_path):
@@ -65,7 +68,7 @@ def test_four_ranks_replicas_times_shards_equal_one_process(tmp_path):
     records = torchrun_worker(tmp_path, nproc=4, shards="2,4,1")
     expected = {"auxk-2x2", "odd-2x2", "k1-2x2", "llama-2x2", "auxk-1x4", "k1-1x4", "llama-1x4", "auxk-4x1", "odd-4x1",
                 "k1-4x1", "llama-4x1",
-                "skiptc-2x2", "skiptc-1x4", "skiptc-4x1"}
+                "skiptc-2x2", "skiptc-1x4", "skiptc-4x1", "batchtopk-2x2", "batchtopk-1x4", "batchtopk-4x1"}
     check_records(records, tmp_path, expected)
 
 
@@ -85,7 +88,7 @@ def test_world_of_one_equals_a_plain_sae_without_any_communication(tmp_path, mon
     assert (layout.shard_group, layout.replica_group) == (None, None)
     records = [sharded_worker.run_case(name, spec, layout, DistInfo(), tmp_path)
                for name, spec in sharded_worker.CASES.items()]
-    check_records(records, tmp_path, {"auxk-1x1", "odd-1x1", "k1-1x1", "llama-1x1", "skiptc-1x1"})
+    check_records(records, tmp_path, {"auxk-1x1", "odd-1x1", "k1-1x1", "llama-1x1", "skiptc-1x1", "batchtopk-1x1"})
 
 
 def test_rank_sets_and_layout_checks():

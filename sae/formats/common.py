@@ -100,11 +100,13 @@ def check_finite(source: Path, tensors: dict[str, Tensor], mapped: bool = False)
                          "is corrupt or the SAE diverged in training, so it is not loaded")
 
 
-def our_shapes(d_in: int, n_latents: int, skip_connection: bool = False) -> dict[str, tuple[int, ...]]:
-    """The shape of each of our parameters (a skip transcoder's W_skip too)."""
+def our_shapes(d_in: int, n_latents: int, skip_connection: bool = False,
+               activation: str = "topk") -> dict[str, tuple[int, ...]]:
+    """The shape of each of our parameters (a skip transcoder's W_skip and a BatchTopK SAE's threshold too)."""
     shapes = {"encoder.weight": (n_latents, d_in), "encoder.bias": (n_latents,), "W_dec": (n_latents, d_in),
               "b_dec": (d_in,)}
-    return shapes | ({"W_skip": (d_in, d_in)} if skip_connection else {})
+    return (shapes | ({"W_skip": (d_in, d_in)} if skip_connection else {})
+            | ({"threshold": ()} if activation == "batchtopk" else {}))
 
 
 def sae_config(source: Path, d_in: Any, n_latents: Any, k: Any) -> SaeConfig:

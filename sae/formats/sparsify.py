@@ -21,8 +21,8 @@ SPARSIFY_KEY_RULES: dict[str, tuple[tuple[Any, ...] | None, str]] = {
     "k":                 (ANY_VALUE, "read: latents kept per token"),
     "multi_topk":        (ANY_VALUE, "a training loss; encode and decode do not depend on it"),
     "normalize_decoder": (ANY_VALUE, "a training constraint; encode and decode use W_dec as stored"),
-    "activation":        (("topk",), "'groupmax' keeps the largest latent of each of k equal groups, "
-                                     "not the k largest overall"),
+    "activation":        (("topk", "batchtopk"), "'groupmax' keeps the largest latent of each of k equal "
+                                     "groups, not the k largest overall ('batchtopk' is ours: sparsify has none)"),
     "transcode":         (ANY_VALUE, "read: a transcoder (encodes x without subtracting b_dec, predicts the "
                                     "module's output)"),
     "skip_connection":   (ANY_VALUE, "read: a skip transcoder (adds x @ W_skip.T, a W_skip tensor)"),

@@ -1,0 +1,159 @@
+"""BatchTopK (`SaeConfig.activation = "batchtopk"`, sae/batchtopk.py): the selection and its gradients against
+a float64 dense reference (also where a row needs more than the first candidates), the running threshold,
+inference by threshold against the training selection, the folder (folding, refusals), and a run that
+resumes bit for bit. Sharded and data-parallel runs equal one process in tests/test_sharded.py."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae import SparseAutoencoder
+from sae.batchtopk import THRESHOLD_DECAY, update_running_threshold
+from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.convert import convert
+from sae.errors import UsageError
+from sae.trainer import train
+
+F64 = torch.float64
+
+
+def random_coder(transcode=False, d_in=12, n_latents=40, k=3, seed=0) -> SparseAutoencoder:
+    """A BatchTopK coder with every parameter random, so every term of the math counts."""
+    torch.manual_seed(seed)
+    cfg = SaeConfig(d_in=d_in, n_latents=n_latents, k=k, activation="batchtopk", transcode=transcode)
+    sae = SparseAutoencoder(cfg, dtype=F64)
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            if name != "threshold":
+                parameter.normal_()
+    return sae
+
+
+def dense_reference(sae: SparseAutoencoder, x, y):
+    """(prediction, fvu, codes (N, n_latents), threshold) in float64 from the parameters, with no kernel:
+    pre = W_enc (x - b_dec) + b_enc (a transcoder: W_enc x + b_enc), ReLU, the k N largest values of the
+    whole batch kept, y_hat = codes W_dec + b_dec."""
+    shift = 0 if sae.cfg.transcode else sae.b_dec
+    values = ((x - shift) @ sae.encoder.weight.T + sae.encoder.bias).relu()
+    threshold = values.flatten().topk(sae.cfg.k * len(x)).values.min()
+    codes = torch.where((values >= threshold) & (values > 0), values, 0)
+    y_hat = codes @ sae.W_dec + sae.b_dec
+    return y_hat, (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum(), codes, threshold
+
+
+def dense_codes(values, indices, n_latents):
+    return torch.zeros(len(values), n_latents, dtype=values.dtype).scatter_add(1, indices, values)
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+@pytest.mark.parametrize("hungry_row", [False, True])
+def test_selection_and_gradients_equal_a_float64_dense_reference(transcode, hungry_row):
+    """hungry_row: one token 30x larger than the rest wins most of the batch's k N values, far more than
+    the first 4k candidates of its row: the candidates must widen for the selection to stay exact."""
+    sae = random_coder(transcode)
+    x = torch.randn(23, 12, dtype=F64)
+    if hungry_row:
+        x[5] *= 30
+    y = torch.randn(23, 12, dtype=F64) if transcode else x
+    out = sae(x, target=y if transcode else None)
+    y_hat, fvu, codes, threshold = dense_reference(sae, x, y)
+    if hungry_row:
+        assert (codes[5] > 0).sum() > 4 * sae.cfg.k
+    torch.testing.assert_close(out.batch_threshold, threshold, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dense_codes(out.latent_acts.detach(), out.latent_indices, 40), codes, rtol=1e-12, atol=1e-12)
+    assert (out.latent_acts > 0).sum() == sae.cfg.k * len(x)  # exactly k N, no ties in random floats
+    torch.testing.assert_close(out.x_hat, y_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.fvu, fvu, rtol=1e-12, atol=1e-12)
+
+    out.fvu.backward()
+    ours = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    dense_reference(sae, x, y)[1].backward()
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, sae.get_parameter(name).grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert sae.threshold.grad is None
+
+
+def test_encode_by_the_threshold_equals_the_training_selection_at_that_threshold():
+    """At inference each token is encoded alone, by the running threshold; set to this batch's theta_b it
+    keeps exactly what training kept on the batch."""
+    sae = random_coder()
+    x = torch.randn(31, 12, dtype=F64)
+    x[2] *= 20  # a row that needs more than the first candidates at inference too
+    out = sae(x)
+    with torch.no_grad():
+        sae.threshold.copy_(out.batch_threshold)
+    values, indices = sae.encode(x)
+    torch.testing.assert_close(dense_codes(values, indices, 40), dense_codes(out.latent_acts.detach(), out.latent_indices, 40),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sae.reconstruct(x)[0], out.x_hat.detach(), rtol=1e-12, atol=1e-12)
+    # and row by row: a token's code does not depend on the others in its batch
+    one_by_one = torch.cat([dense_codes(*sae.encode(x[i : i + 1]), 40) for i in range(len(x))])
+    batched = dense_codes(values, indices, 40)
+    assert torch.equal(one_by_one > 0, batched > 0)
+    torch.testing.assert_close(one_by_one, batched, rtol=1e-12, atol=1e-12)
+
+
+def test_the_running_threshold_starts_at_the_first_batch_and_then_averages():
+    running = torch.zeros((), dtype=F64)
+    update_running_threshold(running, torch.tensor(2.0, dtype=F64))
+    assert running.item() == 2.0
+    update_running_threshold(running, torch.tensor(4.0, dtype=F64))
+    assert running.item() == pytest.approx(THRESHOLD_DECAY * 2 + (1 - THRESHOLD_DECAY) * 4, rel=1e-15)
+
+
+def test_the_folder_folds_the_threshold_with_the_input_scale(tmp_path):
+    """Trained on inputs times s, saved for raw ones: the loaded SAE encodes raw x as the trained one
+    encodes s x, values divided by s; the threshold is folded like b_enc."""
+    sae = random_coder()
+    with torch.no_grad():
+        sae.threshold.fill_(0.7)
+    scale = 0.37
+    sae.save(tmp_path / "btk", input_scale=scale)
+    assert set(load_file(tmp_path / "btk" / "sae.safetensors")) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec",
+                                                                      "threshold"}
+    loaded = SparseAutoencoder.load(tmp_path / "btk")
+    assert loaded.cfg == sae.cfg and loaded.threshold.item() == pytest.approx(0.7 / scale)
+    x = torch.randn(17, 12, dtype=F64)
+    torch.testing.assert_close(dense_codes(*loaded.encode(x), 40), dense_codes(*sae.encode(x * scale), 40) / scale)
+    torch.testing.assert_close(loaded.reconstruct(x)[0] * scale, sae.reconstruct(x * scale)[0])
+
+
+@pytest.mark.parametrize("to", ["sparsify", "saelens"])
+def test_conversions_that_would_compute_topk_are_refused(to, tmp_path):
+    random_coder().save(tmp_path / "btk")
+    with pytest.raises(UsageError, match="BatchTopK") as refused:
+        convert(tmp_path / "btk", tmp_path / "out", to)
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+    assert SparseAutoencoder.load(convert(tmp_path / "btk", tmp_path / "ours", "ours")).threshold is not None
+
+
+def test_multi_topk_with_batchtopk_is_refused():
+    with pytest.raises(ValueError, match="multi_topk"):
+        SaeConfig(d_in=4, n_latents=8, k=2, activation="batchtopk", multi_topk=True)
+
+
+def run_config(tiny_lm_dir, text_file, tmp_path, run_name, max_tokens) -> TrainConfig:
+    return TrainConfig(
+        model=str(tiny_lm_dir), hookpoint="transformer.h.1",
+        sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, activation="batchtopk"),
+        data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
+        batch_size=64, max_tokens=max_tokens, save_every=5, out_dir=str(tmp_path), run_name=run_name)
+
+
+def test_a_run_trains_at_mean_l0_k_and_resumes_bit_for_bit(tiny_lm_dir, text_file, tmp_path):
+    whole = train(run_config(tiny_lm_dir, text_file, tmp_path, "whole", 64 * 12))
+    cfg = run_config(tiny_lm_dir, text_file, tmp_path, "resumed", 64 * 7)
+    train(cfg)
+    resumed = train(dataclasses.replace(cfg, max_tokens=64 * 12, resume=True))
+    for name, tensor in load_file(whole / "sae.safetensors").items():
+        assert torch.equal(tensor, load_file(resumed / "sae.safetensors")[name]), name
+    import json
+
+    metrics = json.loads((whole / "cfg.json").read_text())
+    assert metrics["activation"] == "batchtopk"
+    assert metrics["final_metrics"]["last_train_batch"]["l0"] == pytest.approx(4.0)
+    sae = SparseAutoencoder.load(whole)
+    assert sae.threshold > 0
