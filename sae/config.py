@@ -96,7 +96,20 @@ class SaeConfig:
     token at a time: a latent fires where its pre-activation reaches it (a JumpReLU with one threshold).
     sparsify's cfg.json key; sparsify itself has no "batchtopk"."""
 
+    matryoshka: tuple[int, ...] = ()
+    """Matryoshka prefix sizes (Bussmann et al. 2025, arXiv 2503.17547; Nabeshima 2024), ascending and
+    below n_latents, e.g. [128, 512]: the first m latents alone must reconstruct too. The loss's
+    reconstruction term is the mean fvu over the prefixes and the whole dictionary, each decoding only the
+    selected latents below its size (the selection, TopK or BatchTopK, is over all latents). Empty: off."""
+
     def __post_init__(self):
+        prefixes = self.matryoshka
+        if any(not isinstance(m, int) or isinstance(m, bool) for m in prefixes) or list(prefixes) != sorted(set(prefixes)) \
+                or (prefixes and not 0 < prefixes[0] <= prefixes[-1] < self.n_latents):
+            raise ValueError(f"SaeConfig: matryoshka must be ascending distinct prefix sizes in (0, n_latents="
+                             f"{self.n_latents}), got {prefixes}")
+        if prefixes and self.multi_topk:
+            raise ValueError("SaeConfig: multi_topk and matryoshka are two reconstruction losses: choose one")
         if self.activation == "batchtopk" and self.multi_topk:
             raise ValueError("SaeConfig: multi_topk is a TopK loss (the top 4k of each token); "
                              "activation batchtopk selects over the batch: choose one")
@@ -174,6 +187,7 @@ class SaeVariant:
     transcode: bool | None = None
     skip_connection: bool | None = None
     activation: Literal["topk", "batchtopk"] | None = None
+    matryoshka: tuple[int, ...] | None = None
     lr: float | None = None
 
     def __post_init__(self):
@@ -183,7 +197,7 @@ class SaeVariant:
     def sae_config(self, base: SaeConfig) -> SaeConfig:
         """`base` with this variant's SAE fields applied."""
         names = ("n_latents", "k", "k_aux", "auxk_coef", "dead_tokens", "multi_topk", "transcode", "skip_connection",
-                 "activation")
+                 "activation", "matryoshka")
         return replace(base, **{name: getattr(self, name) for name in names if getattr(self, name) is not None})
 
 

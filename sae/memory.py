@@ -82,7 +82,8 @@ def estimate_memory(saes: list[tuple[SaeConfig, int]], batch_rows: int, hookpoin
         # row needs them: sae/batchtopk.py), gathered over the shards
         selected = 1 + 4 * cfg.multi_topk if cfg.activation == "topk" else FIRST_CANDIDATES_PER_K * (cfg.n_latents // n_local)
         codes = batch_rows * (selected * cfg.k + cfg.k_aux) * (FLOAT_BYTES + 8) * 3  # values, int64 ids, grads
-        rows = (STEP_ROW_TENSORS + cfg.transcode) * batch_rows * cfg.d_in * FLOAT_BYTES  # + a transcoder's target
+        # + a transcoder's target, + a reconstruction per Matryoshka prefix
+        rows = (STEP_ROW_TENSORS + cfg.transcode + len(cfg.matryoshka)) * batch_rows * cfg.d_in * FLOAT_BYTES
         step = max(step, pre_activations + weight_copies + codes + rows)
     shuffle = 2 * shuffle_rows * sum(hookpoint_widths) * FLOAT_BYTES
     return MemoryEstimate(parameters, parameters, 2 * parameters, step, shuffle, lm_bytes)

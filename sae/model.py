@@ -117,8 +117,13 @@ class ForwardOutput(NamedTuple):
     multi_topk_fvu: Tensor
     """Normalized MSE with the top 4k latents; 0 unless `multi_topk`."""
 
+    prefix_fvu: Tensor
+    """Matryoshka: the mean normalized MSE of the prefixes' reconstructions (`SaeConfig.matryoshka`),
+    each from the selected latents below its size; 0 without prefixes."""
+
     loss: Tensor
-    """Training objective: fvu + auxk_weight * auxk_loss + multi_topk_fvu / 8 (`SaeConfig.auxk_weight`)."""
+    """Training objective: fvu + auxk_weight * auxk_loss + multi_topk_fvu / 8 (`SaeConfig.auxk_weight`); with
+    G Matryoshka prefixes, (fvu + G prefix_fvu) / (G + 1) in place of fvu."""
 
     batch_threshold: Tensor | None = None
     """BatchTopK: the global batch's threshold theta_b (sae/batchtopk.py), 0-dim; None under TopK."""
@@ -391,8 +396,16 @@ class SparseAutoencoder(nn.Module):
         if cfg.multi_topk:
             multi_topk_fvu = normalized_mse(y, self._decode_over_shards(weights, top, n_top) + dense, variance)
 
-        loss = fvu + cfg.auxk_weight * auxk_loss + multi_topk_fvu / 8
-        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, loss, batch_threshold)
+        reconstruction, prefix_fvu = fvu, zero
+        if cfg.matryoshka:
+            prefix_fvus = [normalized_mse(y, self._decode_over_shards(weights, top, n_codes, below=size) + dense, variance)
+                           for size in cfg.matryoshka]
+            prefix_fvu = torch.stack(prefix_fvus).mean()
+            reconstruction = (fvu + sum(prefix_fvus)) / (len(prefix_fvus) + 1)
+
+        loss = reconstruction + cfg.auxk_weight * auxk_loss + multi_topk_fvu / 8
+        return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, prefix_fvu, loss,
+                             batch_threshold)
 
     def _batch_top(self, x: Tensor, weights: ComputeWeights) -> tuple[TopLatents, Tensor]:
         """BatchTopK's selection (sae/batchtopk.py) of the batch `x` (N, d_in) in the compute dtype:
@@ -444,11 +457,14 @@ class SparseAutoencoder(nn.Module):
         top = self.layout.top_over_shards(values, local_indices + self.latent_start, k, width=width, sorted=sorted)
         return TopLatents(values, local_indices, top)
 
-    def _decode_over_shards(self, weights: ComputeWeights, top: TopLatents, k: int) -> Tensor:
+    def _decode_over_shards(self, weights: ComputeWeights, top: TopLatents, k: int, below: int | None = None) -> Tensor:
         """sum_j values_j W_dec[index_j] over the first k winners of `top` (N, d_in), without b_dec, in
         the parameters' dtype (the kernels accumulate in float32 whatever their inputs): each rank
-        decodes its own winners with its rows of W_dec and the parts are summed over the shard group."""
+        decodes its own winners with its rows of W_dec and the parts are summed over the shard group.
+        `below`: only the winners whose global latent id is below it (a Matryoshka prefix)."""
         values, local_indices = top.local_winners(k)
+        if below is not None:
+            values = torch.where(local_indices + self.latent_start < below, values, values.new_zeros(()))
         return self.layout.sum_reconstructions(sparse_decode(values, local_indices, weights.W_dec).to(self.dtype))
 
     def _global_batch_variance(self) -> VarianceFn:

@@ -142,12 +142,15 @@ def step_metrics(sae: SparseAutoencoder, out: ForwardOutput, tokens_since_fired:
     layout = sae.layout
     values = torch.stack([
         out.fvu.detach().float(), out.auxk_loss.detach().float(), out.multi_topk_fvu.detach().float(),
+        out.prefix_fvu.detach().float(),
         (out.latent_acts > 0).sum(-1).float().mean() / layout.replicas,
     ])
-    fvu, auxk_loss, multi_topk_fvu, l0 = layout.sum_over_replicas(values).tolist()
+    fvu, auxk_loss, multi_topk_fvu, prefix_fvu, l0 = layout.sum_over_replicas(values).tolist()
     dead = layout.sum_over_shards((tokens_since_fired >= sae.cfg.dead_tokens).sum().reshape(1))
     dead_frac = dead.item() / sae.cfg.n_latents
     metrics = {"fvu": fvu, "auxk_loss": auxk_loss, "multi_topk_fvu": multi_topk_fvu, "l0": l0, "dead_frac": dead_frac}
+    if sae.cfg.matryoshka:
+        metrics["prefix_fvu"] = prefix_fvu
     if out.batch_threshold is not None:  # BatchTopK: this batch's threshold and the running one (in training scale)
         metrics |= {"batch_threshold": out.batch_threshold.item(), "threshold": sae.threshold.item()}
     return metrics

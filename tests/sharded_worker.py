@@ -48,6 +48,9 @@ CASES = {
     # not cover a row (then they double), 4 shards' 16 are all of a shard's latents
     "batchtopk": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, activation="batchtopk"),
                       batch=32, steps=6),
+    # Matryoshka prefixes (one within the first shard, one across shards), on BatchTopK
+    "matryoshka": dict(cfg=SaeConfig(d_in=12, n_latents=64, k=4, k_aux=48, dead_tokens=32, activation="batchtopk",
+                                     matryoshka=(16, 40)), batch=32, steps=6),
 }
 LR, CLIP, TOL = 1e-2, 0.05, dict(rtol=1e-9, atol=1e-9)
 
@@ -153,7 +156,7 @@ def run_case(name, spec, layout, info, out_dir):
             ref_acts = ref_out.latent_acts[rows].gather(1, order).detach()
             close(out.latent_acts.gather(1, my_order), ref_acts, f"{tag} step {step}: acts")
         # each replica's losses are its share of the global batch's: they sum to the reference's
-        losses = [(o.fvu, o.auxk_loss, o.multi_topk_fvu, o.loss) for o in (out, ref_out)]
+        losses = [(o.fvu, o.auxk_loss, o.multi_topk_fvu, o.prefix_fvu, o.loss) for o in (out, ref_out)]
         shares, expected = (torch.stack(values).detach() for values in losses)
         close(layout.sum_over_replicas(shares), expected, f"{tag} step {step}: losses")
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))

@@ -83,3 +83,10 @@ def test_batchtopk_counts_its_threshold_and_its_wider_candidates():
     batch = estimate_memory([(batchtopk, 1024)], 4096, [64], 0, 0, torch.device("cpu"))
     assert batch.parameters == plain.parameters + 4
     assert batch.step - plain.step == 4096 * 3 * 8 * 3 * (4 + 8)  # 3k more codes per row: values, ids, grads
+
+
+def test_each_matryoshka_prefix_adds_a_reconstruction():
+    plain, nested = SaeConfig(d_in=64, n_latents=1024, k=8), SaeConfig(d_in=64, n_latents=1024, k=8, matryoshka=(64, 256))
+    one = estimate_memory([(plain, 1024)], 4096, [64], 0, 0, torch.device("cpu"))
+    two = estimate_memory([(nested, 1024)], 4096, [64], 0, 0, torch.device("cpu"))
+    assert two.step - one.step == 2 * 4096 * 64 * 4

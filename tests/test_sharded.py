@@ -60,7 +60,8 @@ def check_records(records: list[dict], out_dir: Path, tags: set[str]) -> None:
 
 def test_two_ranks_two_shards_equal_one_process(tmp_path):
     records = torchrun_worker(tmp_path, nproc=2, shards="2")
-    check_records(records, tmp_path, {"auxk-1x2", "odd-1x2", "k1-1x2", "llama-1x2", "skiptc-1x2", "batchtopk-1x2"})
+    check_records(records, tmp_path, {"auxk-1x2", "odd-1x2", "k1-1x2", "llama-1x2", "skiptc-1x2", "batchtopk-1x2",
+                                      "matryoshka-1x2"})
 
 
 def test_four_ranks_replicas_times_shards_equal_one_process(tmp_path):
@@ -68,7 +69,8 @@ def test_four_ranks_replicas_times_shards_equal_one_process(tmp_path):
     records = torchrun_worker(tmp_path, nproc=4, shards="2,4,1")
     expected = {"auxk-2x2", "odd-2x2", "k1-2x2", "llama-2x2", "auxk-1x4", "k1-1x4", "llama-1x4", "auxk-4x1", "odd-4x1",
                 "k1-4x1", "llama-4x1",
-                "skiptc-2x2", "skiptc-1x4", "skiptc-4x1", "batchtopk-2x2", "batchtopk-1x4", "batchtopk-4x1"}
+                "skiptc-2x2", "skiptc-1x4", "skiptc-4x1", "batchtopk-2x2", "batchtopk-1x4", "batchtopk-4x1",
+                "matryoshka-2x2", "matryoshka-1x4", "matryoshka-4x1"}
     check_records(records, tmp_path, expected)
 
 
@@ -88,7 +90,8 @@ def test_world_of_one_equals_a_plain_sae_without_any_communication(tmp_path, mon
     assert (layout.shard_group, layout.replica_group) == (None, None)
     records = [sharded_worker.run_case(name, spec, layout, DistInfo(), tmp_path)
                for name, spec in sharded_worker.CASES.items()]
-    check_records(records, tmp_path, {"auxk-1x1", "odd-1x1", "k1-1x1", "llama-1x1", "skiptc-1x1", "batchtopk-1x1"})
+    check_records(records, tmp_path, {"auxk-1x1", "odd-1x1", "k1-1x1", "llama-1x1", "skiptc-1x1", "batchtopk-1x1",
+                                      "matryoshka-1x1"})
 
 
 def test_rank_sets_and_layout_checks():
