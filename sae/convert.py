@@ -1,11 +1,12 @@
 """Convert an SAE between tools: `python -m sae.convert SRC DST --to saelens|sparsify|ours|circuit-tracer`.
 
-SRC is anything `SparseAutoencoder.load` reads (our or sparsify's folder, a SAELens TopK folder, an OpenAI
-TopK state dict, dictionary_learning's AutoEncoderTopK ae.pt: sae/formats/). DST, a new folder (an
-existing path is never overwritten), is written in the target tool's layout, loaded there by its own
-documented call and computing what the SAE computes here:
+SRC is anything `SparseAutoencoder.load` reads (our or sparsify's folder, a SAELens TopK folder or JumpReLU
+folder with one threshold, an OpenAI TopK state dict, dictionary_learning's AutoEncoderTopK ae.pt:
+sae/formats/). DST, a new folder (an existing path is never overwritten), is written in the target tool's
+layout, loaded there by its own documented call and computing what the SAE computes here:
 
-    --to saelens   sae_lens.SAE.load_from_disk(DST)              (a TopK SAE; sae/formats/saelens.py)
+    --to saelens   sae_lens.SAE.load_from_disk(DST)              (a TopK SAE, or for a BatchTopK SAE a JumpReLU
+                   SAE with our threshold for every latent; sae/formats/saelens.py)
     --to sparsify  sparsify.SparseCoder.load_from_disk(DST)       (our folder layout is sparsify's)
     --to ours      SparseAutoencoder.load(DST), python -m eval DST, python -m eval.browse
     --to circuit-tracer  a transcoder set: SRC is a run folder whose SAE folders are MLP transcoders, one per
@@ -14,8 +15,10 @@ documented call and computing what the SAE computes here:
 
 Transcoders (our and sparsify's `transcode` folders) convert to sparsify and ours as they are, and to
 circuit-tracer; SAELens has no TopK transcoder, so --to saelens refuses them with the reason. A BatchTopK
-SAE (`activation: batchtopk`) converts only to ours for now: sparsify has no such coder, and the others'
-threshold (JumpReLU) layouts are not written yet.
+SAE (`activation: batchtopk`) converts to ours and to SAELens, whose JumpReLU SAE encodes by the threshold
+as ours does (it drops a pre-activation exactly equal to it, which ours keeps: sae/formats/saelens.py), and
+back; sparsify has no such coder, and circuit-tracer's and SAELens's JumpReLU transcoder layouts are not
+written yet, so a BatchTopK transcoder converts only to ours.
 
 SAELens's hook_name is the TransformerLens hook that holds the activations of the recorded hookpoint where
 one is known (`transformer.h.3` -> `blocks.3.hook_resid_post`; sae/formats/hook_names.py), else the
@@ -61,7 +64,7 @@ def read_sae(src: Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
 def write_sae(sae: SparseAutoencoder, provenance: dict[str, Any], dst: Path, to: str) -> None:
     """Write `sae` to the new folder `dst` in the layout `to` (one of TARGETS), with `provenance`."""
     tensors = {name: tensor.detach() for name, tensor in sae.state_dict().items()}
-    if to != "ours" and sae.cfg.activation == "batchtopk":
+    if to == "sparsify" and sae.cfg.activation == "batchtopk":
         raise UsageError(batchtopk_refusal(to))
     if to == "saelens":
         if sae.cfg.transcode:
@@ -137,8 +140,8 @@ def batchtopk_refusal(to: str) -> str:
     """Why a BatchTopK SAE is not written for the tool `to` (the reason names what it would compute)."""
     if to == "sparsify":
         return ("sparsify has no BatchTopK: it would encode each token by its own top k, not by the threshold "
-                "this SAE was trained to; use --to ours")
-    return (f"a BatchTopK SAE encodes by a threshold (a JumpReLU), and --to {to} writes only TopK coders so "
+                "this SAE was trained to; use --to ours, or for an SAE --to saelens (a JumpReLU SAE)")
+    return (f"a BatchTopK coder encodes by a threshold (a JumpReLU), and --to {to} writes only TopK coders so "
             "far; use --to ours")
 
 

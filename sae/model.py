@@ -560,7 +560,8 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SparseAutoencoder":
         """Load an SAE from `path`, in whichever layout it is (told apart by its files): a folder written
-        by `save` or by sparsify's `SparseCoder.save_to_disk`, a SAELens TopK folder, an OpenAI TopK state
+        by `save` or by sparsify's `SparseCoder.save_to_disk`, a SAELens TopK folder (or a JumpReLU one with one
+        threshold: BatchTopK), an OpenAI TopK state
         dict, dictionary_learning's AutoEncoderTopK ae.pt (sae/formats/). Never unpickles: torch files
         are read with weights_only=True.
 

@@ -1,13 +1,15 @@
 """BatchTopK (`SaeConfig.activation = "batchtopk"`, sae/batchtopk.py): the selection and its gradients against
 a float64 dense reference (also where a row needs more than the first candidates), the running threshold,
-inference by threshold against the training selection, the folder (folding, refusals), and a run that
-resumes bit for bit. Sharded and data-parallel runs equal one process in tests/test_sharded.py."""
+inference by threshold against the training selection, the folder (folding, refusals), SAELens's JumpReLU
+(the export loads there with our outputs and comes back bit for bit; SAELens's own BatchTopK SAEs load here),
+and a run that resumes bit for bit. Sharded and data-parallel runs equal one process in tests/test_sharded.py."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sae import SparseAutoencoder
 from sae.batchtopk import THRESHOLD_DECAY, update_running_threshold
@@ -19,11 +21,11 @@ from sae.trainer import train
 F64 = torch.float64
 
 
-def random_coder(transcode=False, d_in=12, n_latents=40, k=3, seed=0) -> SparseAutoencoder:
+def random_coder(transcode=False, d_in=12, n_latents=40, k=3, seed=0, dtype=F64) -> SparseAutoencoder:
     """A BatchTopK coder with every parameter random, so every term of the math counts."""
     torch.manual_seed(seed)
     cfg = SaeConfig(d_in=d_in, n_latents=n_latents, k=k, activation="batchtopk", transcode=transcode)
-    sae = SparseAutoencoder(cfg, dtype=F64)
+    sae = SparseAutoencoder(cfg, dtype=dtype)
     with torch.no_grad():
         for name, parameter in sae.named_parameters():
             if name != "threshold":
@@ -121,13 +123,147 @@ def test_the_folder_folds_the_threshold_with_the_input_scale(tmp_path):
     torch.testing.assert_close(loaded.reconstruct(x)[0] * scale, sae.reconstruct(x * scale)[0])
 
 
-@pytest.mark.parametrize("to", ["sparsify", "saelens"])
+@pytest.mark.parametrize("to", ["sparsify"])
 def test_conversions_that_would_compute_topk_are_refused(to, tmp_path):
     random_coder().save(tmp_path / "btk")
     with pytest.raises(UsageError, match="BatchTopK") as refused:
         convert(tmp_path / "btk", tmp_path / "out", to)
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
     assert SparseAutoencoder.load(convert(tmp_path / "btk", tmp_path / "ours", "ours")).threshold is not None
+
+
+def test_a_batchtopk_transcoder_is_not_written_for_saelens(tmp_path):
+    random_coder(transcode=True).save(tmp_path / "btk")
+    with pytest.raises(UsageError, match="BatchTopK transcoder") as refused:
+        convert(tmp_path / "btk", tmp_path / "out", "saelens")
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+# ---- SAELens: its JumpReLU SAE with our one threshold ---------------------------------------------------
+
+
+def saelens_export(tmp_path, dtype=F64):
+    """(our BatchTopK SAE saved with an input scale and provenance, loaded; its SAELens folder). Threshold 2 in
+    the training scale: rows fire from none to half of the 40 latents (`saelens_inputs`)."""
+    sae = random_coder(dtype=dtype)
+    with torch.no_grad():
+        sae.threshold.fill_(6.0)
+    sae.save(tmp_path / "btk", input_scale=0.37, metadata={"model": "gpt2", "hookpoint": "transformer.h.3"})
+    return SparseAutoencoder.load(tmp_path / "btk"), convert(tmp_path / "btk", tmp_path / "saelens", "saelens")
+
+
+def saelens_inputs(dtype):
+    """Raw activations (64, 12) (the SAE above reads x * 0.37), three rows 30x larger: those fire most latents,
+    far more than the first 4k candidates."""
+    x = torch.randn(64, 12, dtype=dtype, generator=torch.Generator().manual_seed(1)) / 0.37
+    x[[3, 17, 40]] *= 30
+    return x
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_saelens_loads_the_export_as_its_jumprelu_with_our_outputs(tmp_path, dtype):
+    """SAELens's JumpReLU keeps h > threshold, ours pre >= threshold: they differ only where a pre-activation
+    equals the threshold exactly, which random inputs never hit (sae/formats/saelens.py)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE
+
+    ours, folder = saelens_export(tmp_path, dtype)
+    theirs = sae_lens.SAE.load_from_disk(folder)  # the plain call, no converter
+    assert type(theirs) is JumpReLUSAE and theirs.cfg.metadata.model_name == "gpt2"
+    assert theirs.threshold.shape == (40,) and torch.equal(theirs.threshold, ours.threshold.expand(40))
+    assert ours.threshold.item() == pytest.approx(6.0 / 0.37)  # folded with the input scale
+    x = saelens_inputs(dtype)
+    tight = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    with torch.no_grad():
+        values, indices = ours.encode(x)
+        codes = dense_codes(values, indices, 40)
+        their_codes = theirs.encode(x)
+        assert torch.equal(codes > 0, their_codes > 0)  # the same latents fire
+        torch.testing.assert_close(codes, their_codes, **tight)
+        torch.testing.assert_close(ours.decode(values, indices), theirs.decode(their_codes), **tight)
+        torch.testing.assert_close(ours.reconstruct(x)[0], theirs(x), **tight)
+    fired = (codes > 0).sum(dim=1)
+    assert fired.min() < ours.cfg.k and fired.max() > 4 * ours.cfg.k  # fewer than k, and more than the first candidates
+
+
+def test_saelens_differs_only_at_a_pre_activation_equal_to_the_threshold(tmp_path):
+    """Integer weights and inputs make every pre-activation exact in both tools: where one equals the
+    threshold, ours keeps it (pre >= threshold) and SAELens's JumpReLU drops it (h > threshold)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = random_coder(d_in=4, n_latents=6, k=1)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.arange(24, dtype=F64).reshape(6, 4) % 5 - 2)
+        sae.encoder.bias.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(2.0)
+    sae.save(tmp_path / "btk")
+    theirs = sae_lens.SAE.load_from_disk(convert(tmp_path / "btk", tmp_path / "saelens", "saelens"))
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 0.0]], dtype=F64)
+    pre = x @ sae.encoder.weight.T
+    at = pre == 2.0
+    assert at.any() and (pre > 2.0).any()
+    with torch.no_grad():
+        codes, their_codes = dense_codes(*sae.encode(x), 6), theirs.encode(x)
+    assert torch.equal(codes[at], pre[at]) and (their_codes[at] == 0).all()
+    assert torch.equal(codes[~at], their_codes[~at])
+
+
+def test_ours_to_saelens_and_back_is_bit_for_bit(tmp_path):
+    pytest.importorskip("sae_lens")
+    ours, folder = saelens_export(tmp_path)
+    for back in (SparseAutoencoder.load(folder), SparseAutoencoder.load(convert(folder, tmp_path / "back", "ours"))):
+        assert back.cfg == ours.cfg and back.cfg.activation == "batchtopk"
+        assert back.state_dict().keys() == ours.state_dict().keys()
+        for name, tensor in ours.state_dict().items():
+            assert tensor.dtype == back.state_dict()[name].dtype and torch.equal(tensor, back.state_dict()[name]), name
+    written = json.loads((tmp_path / "back" / "cfg.json").read_text())
+    assert written == json.loads((tmp_path / "btk" / "cfg.json").read_text()) and written["activation"] == "batchtopk"
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("thresholds", r"'threshold' has 2 different values over its 40 latents .*one threshold for all latents"),
+    ("k", r"cannot load 'architecture': \"jumprelu\" with no k recorded"),
+])
+def test_a_saelens_jumprelu_that_is_not_ours_is_refused_in_one_line(tmp_path, edit, message):
+    """Per-latent thresholds that differ: our SAE has one. One threshold but no k: our config needs one."""
+    pytest.importorskip("sae_lens")
+    _, folder = saelens_export(tmp_path)
+    if edit == "thresholds":
+        weights = load_file(folder / "sae_weights.safetensors")
+        weights["threshold"][7] += 0.5
+        save_file(weights, folder / "sae_weights.safetensors")
+    else:
+        config = json.loads((folder / "cfg.json").read_text())
+        del config["metadata"]["topk_sae"]["k"]
+        (folder / "cfg.json").write_text(json.dumps(config))
+    culprit = folder / ("sae_weights.safetensors" if edit == "thresholds" else "cfg.json")
+    with pytest.raises(UsageError, match=rf"^{culprit}: .*{message}") as refused:
+        convert(folder, tmp_path / "back", "ours")
+    assert "\n" not in str(refused.value) and not (tmp_path / "back").exists()
+
+
+def test_saelens_own_batchtopk_sae_loads_here_with_its_outputs(tmp_path):
+    """SAELens saves a BatchTopK SAE for inference as its JumpReLU with one threshold (decoder norms folded
+    in) and the k it was trained to in its metadata: it loads here as a BatchTopK SAE with that k."""
+    pytest.importorskip("sae_lens")
+    from sae_lens import SAE
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    torch.manual_seed(3)
+    trained = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=12, d_sae=40, k=3, dtype="float64"))
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.normal_()
+    trained.topk_threshold = torch.tensor(1.5, dtype=F64)
+    trained.save_inference_model(tmp_path / "theirs")
+    theirs, ours = SAE.load_from_disk(tmp_path / "theirs"), SparseAutoencoder.load(tmp_path / "theirs")
+    assert ours.cfg.activation == "batchtopk" and ours.cfg.k == 3 and ours.threshold.item() == 1.5
+    x = saelens_inputs(F64)
+    with torch.no_grad():
+        codes = dense_codes(*ours.encode(x), 40)
+        torch.testing.assert_close(codes, theirs.encode(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.reconstruct(x)[0], theirs(x), rtol=1e-12, atol=1e-12)
+    assert (codes > 0).sum(dim=1).max() > 4 * ours.cfg.k
 
 
 def test_multi_topk_with_batchtopk_is_refused():
@@ -150,8 +286,6 @@ def test_a_run_trains_at_mean_l0_k_and_resumes_bit_for_bit(tiny_lm_dir, text_fil
     resumed = train(dataclasses.replace(cfg, max_tokens=64 * 12, resume=True))
     for name, tensor in load_file(whole / "sae.safetensors").items():
         assert torch.equal(tensor, load_file(resumed / "sae.safetensors")[name]), name
-    import json
-
     metrics = json.loads((whole / "cfg.json").read_text())
     assert metrics["activation"] == "batchtopk"
     assert metrics["final_metrics"]["last_train_batch"]["l0"] == pytest.approx(4.0)

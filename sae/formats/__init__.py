@@ -2,8 +2,9 @@
 with the reason; and SAELens's folder layout written, so our SAEs load there.
 
     format               layout                                               module
-    ours / sparsify      folder: cfg.json + sae.safetensors                   sae/model.py (sparsify's keys: sparsify.py)
-    SAELens >= 6, TopK   folder: cfg.json + sae_weights.safetensors           saelens.py
+    ours / sparsify      folder: cfg.json + sae.safetensors                   sae/folder.py (sparsify's keys: sparsify.py)
+    SAELens >= 6         folder: cfg.json + sae_weights.safetensors           saelens.py (TopK; JumpReLU with one
+                                                                                threshold: BatchTopK)
     OpenAI               file: a torch state dict with pre_bias, latent_bias  openai.py
     dictionary_learning  folder with ae.pt + config.json, or that ae.pt       dictionary_learning.py
 
