@@ -106,3 +106,11 @@ def test_the_scaling_sweep_config_is_twelve_widths_and_ks_of_the_default():
     cfg = load_config(CONFIGS / "scaling-sweep.yaml")
     assert {(variant.n_latents, variant.k) for variant in cfg.variants} == {(n, k) for n in (128, 256, 512, 1024) for k in (4, 8, 16)}
     assert cfg.model == TrainConfig().model and cfg.hookpoint == TrainConfig().hookpoint and cfg.max_tokens == 1_000_000
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml") if not path.name.startswith("sweep-")))
+def test_every_shipped_run_config_loads_and_builds_its_members(name):
+    """A config in configs/ that no longer parses (a renamed key, a bad value) fails here, not in a user's run.
+    The wandb sweep files (sweep-*.yaml) are wandb's format, not ours."""
+    cfg = load_config(CONFIGS / name)
+    assert cfg.member_configs()
