@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -323,10 +324,15 @@ def run_steps(run: Run, batches: Iterator[dict[str, Tensor]], start_step: int, t
 
 
 def write_log_line(run: Run, line: dict[str, Any], progress: tqdm) -> None:
-    """Rank 0: log a step's line and show the first member's metrics on the progress bar."""
+    """Rank 0: log a step's line, show the first member's metrics on the progress bar, and warn once per
+    member whose training fvu has risen for a sustained stretch (`divergence.DivergenceWatch`)."""
     if run.log is None:
         return
     run.log.write(line)
+    for member in run.members:
+        if member.divergence.update(member.metrics["fvu"]):
+            what = member.name or member.hookpoint
+            progress.write(member.divergence.message(what, member.metrics["lr"], line["step"]), file=sys.stderr)
     first = run.members[0].metrics
     progress.set_postfix(fvu=f"{first['fvu']:.4f}", l0=f"{first['l0']:.1f}",
                          dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")
