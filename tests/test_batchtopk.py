@@ -4,7 +4,7 @@ inference by threshold against the training selection, the folder (folding, refu
 (the export loads there with our outputs and comes back bit for bit; SAELens's own BatchTopK SAEs load here),
 and a run that resumes bit for bit. Sharded and data-parallel runs equal one process in tests/test_sharded.py."""
 
-import dataclasses
+from functools import partial
 import json
 
 import pytest
@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from sae import SparseAutoencoder
 from sae.batchtopk import THRESHOLD_DECAY, update_running_threshold
-from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.config import SaeConfig
 from sae.convert import convert
 from sae.errors import UsageError
-from sae.trainer import train
+from tiny_runs import tiny_run_config, train_whole_and_resumed
 
 F64 = torch.float64
 
@@ -271,21 +271,9 @@ def test_multi_topk_with_batchtopk_is_refused():
         SaeConfig(d_in=4, n_latents=8, k=2, activation="batchtopk", multi_topk=True)
 
 
-def run_config(tiny_lm_dir, text_file, tmp_path, run_name, max_tokens) -> TrainConfig:
-    return TrainConfig(
-        model=str(tiny_lm_dir), hookpoint="transformer.h.1",
-        sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, activation="batchtopk"),
-        data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
-        batch_size=64, max_tokens=max_tokens, save_every=5, out_dir=str(tmp_path), run_name=run_name)
-
-
 def test_a_run_trains_at_mean_l0_k_and_resumes_bit_for_bit(tiny_lm_dir, text_file, tmp_path):
-    whole = train(run_config(tiny_lm_dir, text_file, tmp_path, "whole", 64 * 12))
-    cfg = run_config(tiny_lm_dir, text_file, tmp_path, "resumed", 64 * 7)
-    train(cfg)
-    resumed = train(dataclasses.replace(cfg, max_tokens=64 * 12, resume=True))
-    for name, tensor in load_file(whole / "sae.safetensors").items():
-        assert torch.equal(tensor, load_file(resumed / "sae.safetensors")[name]), name
+    sae = SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, activation="batchtopk")
+    whole = train_whole_and_resumed(partial(tiny_run_config, tiny_lm_dir, text_file, tmp_path, sae=sae))
     metrics = json.loads((whole / "cfg.json").read_text())
     assert metrics["activation"] == "batchtopk"
     assert metrics["final_metrics"]["last_train_batch"]["l0"] == pytest.approx(4.0)

@@ -2,15 +2,14 @@
 with TopK and BatchTopK selections, the config's checks, and a run from the CLI's config that resumes bit for
 bit. Sharded and data-parallel runs equal one process in tests/test_sharded.py (the `matryoshka` case)."""
 
-import dataclasses
+from functools import partial
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sae import SparseAutoencoder
-from sae.config import DataConfig, SaeConfig, TrainConfig, parse_args
-from sae.trainer import train
+from sae.config import SaeConfig, parse_args
+from tiny_runs import tiny_run_config, train_whole_and_resumed
 
 F64 = torch.float64
 PREFIXES = (5, 17)
@@ -85,18 +84,8 @@ def test_the_cli_and_a_variant_set_the_prefixes():
 
 
 def test_a_run_resumes_bit_for_bit_and_logs_the_prefix_fvu(tiny_lm_dir, text_file, tmp_path):
-    def config(name, tokens):
-        return TrainConfig(
-            model=str(tiny_lm_dir), hookpoint="transformer.h.1",
-            sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, matryoshka=(8, 32)),
-            data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
-            batch_size=64, max_tokens=tokens, save_every=5, out_dir=str(tmp_path), run_name=name)
-
-    whole = train(config("whole", 64 * 12))
-    train(config("resumed", 64 * 7))
-    resumed = train(dataclasses.replace(config("resumed", 64 * 12), resume=True))
-    for name, tensor in load_file(whole / "sae.safetensors").items():
-        assert torch.equal(tensor, load_file(resumed / "sae.safetensors")[name]), name
+    sae = SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, matryoshka=(8, 32))
+    whole = train_whole_and_resumed(partial(tiny_run_config, tiny_lm_dir, text_file, tmp_path, sae=sae))
     import json
 
     saved = json.loads((whole / "cfg.json").read_text())

@@ -3,6 +3,7 @@ against a float64 dense reference, the init, the exact folding of two scales, th
 (sparsify loads ours, we load sparsify's, equal outputs), and train.py's `train` reading a module's input and
 output from one LM forward, resuming bit for bit."""
 
+from functools import partial
 import dataclasses
 import json
 
@@ -11,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from sae import SparseAutoencoder
-from sae.config import DataConfig, SaeConfig, TrainConfig
+from sae.config import SaeConfig, TrainConfig
 from sae.initialization import ENCODER_SCALE_FLOOR, initialize_transcoder_from_batch
 from sae.trainer import train
+from tiny_runs import tiny_run_config, train_whole_and_resumed
 
 
 F64 = torch.float64
@@ -162,21 +164,12 @@ def test_sparsify_loads_ours_and_we_load_sparsifys_with_equal_outputs(transcode,
 
 
 def transcoder_run(tiny_lm_dir, text_file, tmp_path, run_name, max_tokens, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_lm_dir), hookpoint="transformer.h.1.mlp",
-        sae=SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, transcode=True, skip_connection=True),
-        data=DataConfig(dataset=str(text_file), ctx_len=16, shuffle_buffer_tokens=512),
-        batch_size=64, max_tokens=max_tokens, save_every=5, out_dir=str(tmp_path), run_name=run_name)
-    return TrainConfig(**(values | overrides))
+    sae = SaeConfig(n_latents=64, k=4, k_aux=16, dead_tokens=256, transcode=True, skip_connection=True)
+    return tiny_run_config(tiny_lm_dir, text_file, tmp_path, run_name, max_tokens, sae, "transformer.h.1.mlp", **overrides)
 
 
 def test_train_reads_the_module_input_and_output_and_resumes_bit_for_bit(tiny_lm_dir, text_file, tmp_path):
-    whole = train(transcoder_run(tiny_lm_dir, text_file, tmp_path, "whole", 64 * 12))
-    cfg = transcoder_run(tiny_lm_dir, text_file, tmp_path, "resumed", 64 * 7)
-    train(cfg)
-    resumed = train(dataclasses.replace(cfg, max_tokens=64 * 12, resume=True))
-    for name, tensor in load_file(whole / "sae.safetensors").items():
-        assert torch.equal(tensor, load_file(resumed / "sae.safetensors")[name]), name
+    whole = train_whole_and_resumed(partial(transcoder_run, tiny_lm_dir, text_file, tmp_path))
 
     # the saved transcoder predicts the MLP's output from its input, better than its mean does
     from sae.activations import capture_many, get_site, load_model_and_tokenizer
