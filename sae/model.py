@@ -18,6 +18,11 @@ whole on every rank like b_dec.
 
 `encode`, `decode` and `forward` run on the sparse `sae_kernels` ops (Triton on CUDA, eager torch on CPU).
 
+Two other sparsity rules share them: BatchTopK (`activation` "batchtopk", sae/batchtopk.py) keeps the k N
+largest values of a batch of N tokens in training and encodes by a threshold at inference; Matryoshka
+(`matryoshka` prefix sizes) adds the fvu of each prefix of the dictionary to the loss, and changes
+nothing else.
+
 An SAE imported from OpenAI's TopK SAEs (sae/formats/) also has an input transform, `input_norm`
 "layer_norm": encode normalises each token x to (x - mean) / (std + 1e-5) first, and `reconstruct` maps
 the reconstruction back (x_hat * std + mean). Our trainer makes SAEs without one ("none"), and `load`
