@@ -5,17 +5,21 @@
     python -m eval.peers --systems "[ours, ours --grad_clip=0, sparsify]"      # an ablation of ours
     python -m eval.peers --peer_lr_factors "[0.25, 4, 16]"       # each peer also at these multiples of its lr
     python -m eval.peers --hookpoints "[transformer.h.2.mlp]" --systems "[ours --sae.transcode, sparsify --sae.transcode]"
+    python -m eval.peers --systems '["ours --sae.activation=batchtopk", "saelens --sae.activation=batchtopk",
+        "saelens --sae.activation=batchtopk --sae.matryoshka=[128,512]"]'    # BatchTopK and Matryoshka SAEs
 
 One activation cache of `--train_config`'s model and text (all hookpoints, one LM forward per batch),
 then for every hookpoint, k and system: train on the same rows in the same order (our trainer's order
 of that cache, eval/peers/rows.py) for the same tokens, writing an SAE folder every
 `--checkpoint_tokens`. Each peer uses its own trainer with its own defaults: sparsify's `Trainer`
-(eval/peers/sparsify_trainer.py) and SAELens's `SAETrainer` with its TopK SAE (eval/peers/saelens.py).
-A system of the form "ours --key=value ..." is ours with those config overrides (for ablations, or
-"--sae.transcode": a transcoder of the hookpoint's module, an MLP, from its input to its output;
-docs/transcoders.md). A peer takes "--lr_factor=F" (its default learning rate times F) and the overrides
-of the kind of sparse coder (KIND_KEYS: "--sae.transcode", "--sae.skip_connection") where its trainer
-trains that kind (PEERS: sparsify's does, SAELens's not). With `--peer_lr_factors`, each
+(eval/peers/sparsify_trainer.py) and SAELens's `SAETrainer` with its TopK, BatchTopK or Matryoshka
+BatchTopK SAE (eval/peers/saelens.py). A system of the form "ours --key=value ..." is ours with those
+config overrides (for ablations, or "--sae.transcode": a transcoder of the hookpoint's module, an MLP,
+from its input to its output; docs/transcoders.md). A peer takes "--lr_factor=F" (its default learning
+rate times F) and the overrides of the kind of sparse coder (KIND_KEYS: "--sae.transcode",
+"--sae.skip_connection", "--sae.activation=batchtopk", "--sae.matryoshka=[128,512]", no spaces inside
+one) where its trainer trains that kind (PEERS: sparsify's trains transcoders, SAELens's BatchTopK and,
+with BatchTopK only, Matryoshka SAEs). With `--peer_lr_factors`, each
 peer is also trained at those multiples of its default learning rate, and the factor whose final SAE has
 the lowest fvu on the validation split is marked "(tuned)": peers get the same tuning on validation that
 chose our defaults. Then one `python -m eval` pass scores every folder on the same held-out tokens of
@@ -33,7 +37,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -50,12 +54,17 @@ from .dead import window_dead_fraction
 from .ours import train_ours
 from .rows import shared_batches
 
-PEERS = {"sparsify": ("transcode", "skip_connection"), "saelens": ()}
-"""Each peer, and the KIND_KEYS its trainer can train with (SAELens's TopK trainer: none, plain SAEs)."""
+PEERS = {"sparsify": ("transcode", "skip_connection"), "saelens": ("activation", "matryoshka")}
+"""Each peer, and the KIND_KEYS its trainer can train with (sparsify's: transcoders, skip or not; SAELens's:
+BatchTopK and Matryoshka SAEs, its TopK ones when none is set)."""
 
-KIND_KEYS = ("transcode", "skip_connection")
-"""The SaeConfig flags that say what kind of sparse coder a run trains: part of the task, which a peer's
-system spec may override as ours does ("--sae.transcode"), and which the peer's trainer is given."""
+PEER_KIND_NEEDS = {("saelens", "matryoshka"): ("activation", "batchtopk")}
+"""(peer, kind key) -> (key, value) that kind needs too: SAELens's Matryoshka SAE is BatchTopK inside."""
+
+KIND_KEYS = ("transcode", "skip_connection", "activation", "matryoshka")
+"""The SaeConfig fields that say what kind of sparse coder a run trains (a plain TopK SAE at their
+defaults): part of the task, which a peer's system spec may override as ours does ("--sae.transcode",
+"--sae.activation=batchtopk"), and which the peer's trainer is given."""
 
 REPORT_KEYS = ("fvu", "delta_ce", "kl", "never_fired_frac", "never_fired_tokens", "l0", "ce_clean")
 """The keys of each checkpoint's eval report that its row of the benchmark carries."""
@@ -77,7 +86,8 @@ class PeersConfig:
     systems: tuple[str, ...] = ("ours", "sparsify", "saelens")
     """"ours", "ours --key=value ..." (ours with config overrides), "sparsify", "saelens" (with an optional
     "--lr_factor=F": the peer's default learning rate times F, and the kind's overrides "--sae.transcode",
-    "--sae.skip_connection" where the peer trains that kind)."""
+    "--sae.skip_connection" (sparsify), "--sae.activation=batchtopk", "--sae.matryoshka=[128,512]"
+    (saelens, Matryoshka with batchtopk only)); quote a system with brackets: '["saelens ..."]'."""
 
     tokens: int = 2_000_000
     """Training tokens per run (rounded down to whole batches)."""
@@ -205,24 +215,41 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
 
 def peer_task(train_cfg: TrainConfig) -> dict:
     """What a peer's run depends on in our config: the rows (cache, hookpoint, order) and the SAE's shape
-    and kind (the KIND_KEYS set, so that a plain SAE's record is what it was before there were kinds)."""
+    and kind (the KIND_KEYS off their defaults, so that a plain SAE's record is what it was before there
+    were kinds, and a transcoder's what it was before BatchTopK)."""
     return {"hookpoint": train_cfg.hookpoint, "k": train_cfg.sae.k, "n_latents": train_cfg.sae.n_latents,
             "batch_size": train_cfg.batch_size, "seed": train_cfg.seed, "cache": train_cfg.data.activation_cache,
             "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens, **sae_kind(train_cfg.sae)}
 
 
-def sae_kind(sae: SaeConfig) -> dict[str, bool]:
-    """The KIND_KEYS set in `sae`: {} for a plain SAE, {"transcode": True, ...} otherwise."""
-    return {key: True for key in KIND_KEYS if getattr(sae, key)}
+def sae_kind(sae: SaeConfig) -> dict[str, bool | str | list[int]]:
+    """The KIND_KEYS of `sae` off their SaeConfig defaults, as JSON gives them back (tuples as lists, so
+    that a run record read back compares equal): {} for a plain TopK SAE, otherwise e.g.
+    {"transcode": True} or {"activation": "batchtopk", "matryoshka": [128, 512]}."""
+    defaults = {field.name: field.default for field in fields(SaeConfig)}
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key in KIND_KEYS if (value := getattr(sae, key)) != defaults[key]}
+
+
+def kind_text(key: str, value: bool | str | list[int]) -> str:
+    """One kind setting as a message names it: "transcode", "activation=batchtopk", "matryoshka=[128,512]"."""
+    if value is True:
+        return key
+    return f"{key}={value}" if isinstance(value, str) else f"{key}=[{','.join(map(str, value))}]"
 
 
 def _peer_trainer(system: str, sae: SaeConfig) -> Callable[..., dict[int, Path]]:
     """The peer's trainer, given the kind of sparse coder to train (`sae_kind`); one line when the peer
     does not train that kind."""
-    name = system.split()[0]
-    if unsupported := [key for key in sae_kind(sae) if key not in PEERS[name]]:
+    name, kind = system.split()[0], sae_kind(sae)
+    if unsupported := [kind_text(key, value) for key, value in kind.items() if key not in PEERS[name]]:
         raise ConfigError(f"system '{system}': {name}'s trainer has no {', '.join(unsupported)} (the run config's "
-                          f"sae or the system's overrides ask for it); benchmark {name} on plain SAEs")
+                          f"sae or the system's overrides ask for it); benchmark {name} on plain SAEs "
+                          f"or with {', '.join(PEERS[name])}")
+    for key in kind:
+        if (need := PEER_KIND_NEEDS.get((name, key))) and kind.get(need[0]) != need[1]:
+            raise ConfigError(f"system '{system}': {name}'s trainer trains {kind_text(key, kind[key])} only with "
+                              f"{kind_text(*need)}; add --sae.{need[0]}={need[1]}")
     if name == "sparsify":
         from .sparsify_trainer import train_sparsify as trainer
     else:
