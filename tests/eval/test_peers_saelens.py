@@ -74,9 +74,9 @@ def saelens_inference_sae(saelens_sae, folder: Path) -> SAE:
     return SAE.load_from_disk(folder)
 
 
-@torch.no_grad()
-def test_to_our_sae_matches_saelens_forward_with_non_unit_decoder_and_random_biases():
-    saelens_sae = new_training_sae(D_IN, N_LATENTS, K, seed=3)
+def randomize(saelens_sae) -> torch.Generator:
+    """Random weights and biases, decoder rows of norms from 0.1 to 3.1 (far from unit); returns the
+    generator, for the inputs."""
     generator = torch.Generator().manual_seed(4)
     saelens_sae.W_enc.copy_(torch.randn(D_IN, N_LATENTS, generator=generator))
     directions = torch.randn(N_LATENTS, D_IN, generator=generator)
@@ -84,6 +84,13 @@ def test_to_our_sae_matches_saelens_forward_with_non_unit_decoder_and_random_bia
     saelens_sae.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True) * norms)
     saelens_sae.b_enc.copy_(torch.randn(N_LATENTS, generator=generator))
     saelens_sae.b_dec.copy_(torch.randn(D_IN, generator=generator))
+    return generator
+
+
+@torch.no_grad()
+def test_to_our_sae_matches_saelens_forward_with_non_unit_decoder_and_random_biases():
+    saelens_sae = new_training_sae(D_IN, N_LATENTS, K, seed=3)
+    generator = randomize(saelens_sae)
     x = torch.randn(256, D_IN, generator=generator) * 2
 
     ours = to_our_sae(saelens_sae)
@@ -144,13 +151,7 @@ def test_to_our_batchtopk_sae_computes_saelens_inference_jumprelu_with_non_unit_
     """Random weights, decoder norms far from 1 and a threshold that keeps a few latents per row: the
     threshold is in the units of the pre-activations times the decoder norms, as ours after the fold."""
     saelens_sae = new_training_sae(D_IN, N_LATENTS, K, seed=3, activation="batchtopk", matryoshka=matryoshka)
-    generator = torch.Generator().manual_seed(4)
-    saelens_sae.W_enc.copy_(torch.randn(D_IN, N_LATENTS, generator=generator))
-    directions = torch.randn(N_LATENTS, D_IN, generator=generator)
-    norms = torch.rand(N_LATENTS, 1, generator=generator) * 3 + 0.1
-    saelens_sae.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True) * norms)
-    saelens_sae.b_enc.copy_(torch.randn(N_LATENTS, generator=generator))
-    saelens_sae.b_dec.copy_(torch.randn(D_IN, generator=generator))
+    generator = randomize(saelens_sae)
     saelens_sae.topk_threshold.fill_(9.7)
     x = torch.randn(256, D_IN, generator=generator) * 2
 
