@@ -24,6 +24,7 @@ from .config import SaeConfig
 from .files import TensorSpec
 from .folder import parameter_names
 from .model import LATENT_MAJOR_PARAMETERS, SparseAutoencoder
+from .optim import rows_of
 
 
 def _latent_major_state(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer | None,
@@ -76,7 +77,7 @@ def full_state_chunks(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer |
         return
     parameters = {id(p) for p in sae.parameters()}
     for name, tensor, latent_major in _latent_major_state(sae, optimizer, extra):
-        read = parameter_rows if parameter_rows is not None and id(tensor) in parameters else _rows
+        read = parameter_rows if parameter_rows is not None and id(tensor) in parameters else rows_of
         if not latent_major:
             if layout.is_main:
                 yield name, read(tensor, slice(None)).cpu()
@@ -94,11 +95,6 @@ def full_state_chunks(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer |
                     yield name, received.cpu()
                 elif layout.shard == shard:
                     dist.send(rows.contiguous(), dst=layout.shard_ranks[0], group=layout.shard_group)
-
-
-def _rows(tensor: Tensor, rows: slice) -> Tensor:
-    """`tensor[rows]`, or a 0-dim tensor (an optimiser's step count) itself."""
-    return tensor.detach()[rows] if tensor.dim() else tensor.detach()
 
 
 def drain(chunks: Iterable) -> None:

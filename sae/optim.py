@@ -97,6 +97,11 @@ def clip_grad_norm_(sae, max_norm: float) -> Tensor:
     return total
 
 
+def rows_of(tensor: Tensor, rows: slice) -> Tensor:
+    """`tensor[rows]` detached, or a 0-dim tensor (an optimiser's step count, BatchTopK's threshold) itself."""
+    return tensor.detach()[rows] if tensor.dim() else tensor.detach()
+
+
 @torch.no_grad()
 def evaluated_rows(optimizer: torch.optim.Optimizer, parameter: Tensor, rows: slice = slice(None)) -> Tensor:
     """`parameter[rows]` as the optimiser evaluates it, never changing the parameter.
@@ -110,7 +115,7 @@ def evaluated_rows(optimizer: torch.optim.Optimizer, parameter: Tensor, rows: sl
     parameter itself: its rows are returned (a view, not a copy)."""
     group = next(group for group in optimizer.param_groups if any(p is parameter for p in group["params"]))
     z = optimizer.state.get(parameter, {}).get("z")
-    y = parameter.detach()[rows] if parameter.dim() else parameter.detach()  # 0-dim: BatchTopK's threshold
+    y = rows_of(parameter, rows)
     if z is None or not group.get("train_mode", False):
         return y
     return torch.lerp(y, z[rows], 1 - 1 / group["betas"][0])
