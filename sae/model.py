@@ -320,13 +320,9 @@ class SparseAutoencoder(nn.Module):
         b_dec = None if self.cfg.transcode else self.b_dec
         if self.threshold is None:
             return sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, self.cfg.k, b_dec=b_dec)
-        width = min(FIRST_CANDIDATES_PER_K * self.cfg.k, self.n_local)
-        while True:
-            values, indices = sae_kernels.topk_encode(x, self.encoder.weight, self.encoder.bias, width, b_dec=b_dec,
-                                                      sorted=True)
-            if candidates_cover(values, self.threshold, self.n_local, self.layout):
-                return keep_at_or_above(values, self.threshold), indices
-            width = min(2 * width, self.n_local)
+        weights = ComputeWeights(self.encoder.weight, self.encoder.bias, self.W_dec, b_dec)
+        top, _ = self._top_at_threshold(x, weights, self.threshold)
+        return top.codes(top.over_shards.values.shape[1])
 
     def _decode_normalized(self, values: Tensor, indices: Tensor) -> Tensor:
         """The reconstruction in the units `encode` works in (normalised ones under an input transform)."""
@@ -382,7 +378,7 @@ class SparseAutoencoder(nn.Module):
             top = self._top_over_shards(*candidates, n_top, sorted=cfg.multi_topk)
             n_codes = cfg.k
         else:
-            top, batch_threshold = self._batch_top(x_in, weights)
+            top, batch_threshold = self._top_at_threshold(x_in, weights)
             n_codes = top.over_shards.values.shape[1]
         latent_acts, latent_indices = top.codes(n_codes)
         if callable(dead_mask):
@@ -412,26 +408,29 @@ class SparseAutoencoder(nn.Module):
         return ForwardOutput(x_hat, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, prefix_fvu, loss,
                              batch_threshold)
 
-    def _batch_top(self, x: Tensor, weights: ComputeWeights) -> tuple[TopLatents, Tensor]:
-        """BatchTopK's selection (sae/batchtopk.py) of the batch `x` (N, d_in) in the compute dtype:
-        every shard's candidates, all of them winners, with those below the global batch's threshold
-        theta_b set to 0; and theta_b. Collective over every rank."""
+    def _top_at_threshold(self, x: Tensor, weights: ComputeWeights,
+                          threshold: Tensor | None = None) -> tuple[TopLatents, Tensor]:
+        """BatchTopK's selection (sae/batchtopk.py) of `x` (N, d_in), in the dtype of `weights`: every
+        shard's candidates, all of them winners, with those below the threshold set to 0; and the
+        threshold. `threshold` None (training): the global batch's theta_b; else that one (inference,
+        the running theta). The candidates widen until they hold every value that reaches it.
+        Collective over every rank."""
         width = min(FIRST_CANDIDATES_PER_K * self.cfg.k, self.n_local)
         while True:
             values, local_indices = sae_kernels.topk_encode(x, weights.W_enc, weights.b_enc, width,
                                                             b_dec=weights.b_dec, sorted=True)
             everyone = self.layout.top_over_shards(values, local_indices + self.latent_start,
                                                    width * self.layout.shards, sorted=True)
-            threshold = batch_threshold(everyone.values, self.cfg.k, self.layout)
-            if candidates_cover(values, threshold, self.n_local, self.layout):
+            reached = batch_threshold(everyone.values, self.cfg.k, self.layout) if threshold is None else threshold
+            if candidates_cover(values, reached, self.n_local, self.layout):
                 break
             width = min(2 * width, self.n_local)
-        kept = keep_at_or_above(values, threshold)
+        kept = keep_at_or_above(values, reached)
         if everyone.positions is None:  # one shard: the candidates themselves, with their gradient
             everyone = replace(everyone, values=kept)
         else:
-            everyone = replace(everyone, values=keep_at_or_above(everyone.values, threshold))
-        return TopLatents(kept, local_indices, everyone), threshold
+            everyone = replace(everyone, values=keep_at_or_above(everyone.values, reached))
+        return TopLatents(kept, local_indices, everyone), reached
 
     def _auxk_loss(self, weights: ComputeWeights, x: Tensor, residual: Tensor, dead_mask: Tensor,
                    variance: VarianceFn) -> Tensor:
