@@ -22,8 +22,9 @@ from typing import Any, Callable, Literal
 from torch import Tensor
 
 from sae.activations import check_context_length, load_model_and_tokenizer
-from sae.config import DataConfig, parse_args
+from sae.config import DataConfig, check_outlier_norm_ratio, parse_args
 from sae.folder import is_sae_folder, read_any_sae_metadata
+from sae.hygiene import excluded_ids
 from sae.model import SparseAutoencoder
 from sae.distributed import resolve_device
 from sae.errors import UsageError, run_cli
@@ -64,6 +65,14 @@ class EvalConfig(ScoringOptions):
 
     data_dir: str = "data"
     """Where the embedded corpus is written."""
+
+    exclude_special_tokens: bool | None = None
+    """Leave BOS/EOS/pad positions out (sae/hygiene.py). Unset: as the SAE was trained (cfg.json; an SAE
+    whose cfg.json does not say was trained on every token)."""
+
+    outlier_norm_ratio: float | None = None
+    """Leave out positions whose activation norm exceeds this many times the eval text's median (0: none).
+    Unset: as the SAE was trained (cfg.json)."""
 
     tokens: int = 131072
     """Eval tokens (fewer if the held-out text is shorter)."""
@@ -163,6 +172,8 @@ class EvalConfig(ScoringOptions):
         for name in ("ablation_per_latent", "ablation_horizon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.outlier_norm_ratio is not None:
+            check_outlier_norm_ratio(self.outlier_norm_ratio, "EvalConfig.outlier_norm_ratio")
         for name in ("tokens", "batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
@@ -286,6 +297,7 @@ def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
         text_column=cfg.text_column or metadata.get("text_column") or "text",
         ctx_len=_require(cfg.ctx_len, metadata, "ctx_len", sae_dir, "--ctx_len"),
         data_dir=cfg.data_dir,
+        **recorded_hygiene(cfg, metadata),
     )
     model = resolve_model_path(_require(cfg.model, metadata, "model", sae_dir, "--model"))
     if not cfg.model:
@@ -300,6 +312,15 @@ def resolve_job(cfg: EvalConfig, sae_dir: Path) -> EvalJob:
         training_dataset=metadata.get("dataset") is not None and not other_dataset,
         text_read=metadata.get("text_read"),
     )
+
+
+def recorded_hygiene(cfg: EvalConfig, metadata: dict) -> dict[str, Any]:
+    """The token hygiene of an SAE's eval: each option given, else what its cfg.json records, else (a folder
+    from before the record, or another library's) every token kept."""
+    exclude = cfg.exclude_special_tokens
+    ratio = cfg.outlier_norm_ratio
+    return {"exclude_special_tokens": bool(metadata.get("exclude_special_tokens", False)) if exclude is None else exclude,
+            "outlier_norm_ratio": float(metadata.get("outlier_norm_ratio") or 0.0) if ratio is None else ratio}
 
 
 def evaluate_on_one_lm(cfg: EvalConfig, jobs: list[EvalJob], device, explain_tools) -> dict[Path, dict]:
@@ -346,14 +367,18 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
                           explain_tools) -> dict[Path, dict]:
     """The reports of `jobs`, SAEs at one hookpoint, evaluated together on `windows` (one LM forward
     per batch for all of them), each with the optional sections the options ask for."""
-    hookpoint = jobs[0].hookpoint
+    hookpoint, data = jobs[0].hookpoint, jobs[0].data  # one hygiene: jobs are grouped by their data
     saes = {str(job.dir): SparseAutoencoder.load(job.dir, device=device) for job in jobs}
-    results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True)
+    results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True,
+                            excluded_token_ids=excluded_ids(tokenizer, data.exclude_special_tokens),
+                            outlier_norm_ratio=data.outlier_norm_ratio)
+    hygiene = {"exclude_special_tokens": data.exclude_special_tokens, "outlier_norm_ratio": data.outlier_norm_ratio}
     reports = {}
     for job in jobs:
         reports[job.dir] = {
             "sae": str(job.dir), **kind_keys(saes[str(job.dir)].cfg), "model": job.model,
             "model_init": _model_init_text(*job.model_init), "hookpoint": hookpoint, "data": source,
+            "token_hygiene": hygiene,
             **results[str(job.dir)],
             **optional_sections(cfg, explain_tools, saes[str(job.dir)], model, tokenizer, hookpoint, windows, job.dir),
         }

@@ -1,8 +1,8 @@
 """Residual-stream activations from a causal LM, streamed and shuffled into training batches.
 
 token windows -> LM forward with hooks at the hookpoints (the forward stops as soon as the last
-hooked module has run) -> drop the first position of each window -> shuffle buffer ->
-{hookpoint: (batch_size, d_in)}. The window activations come from a "source": the LM
+hooked module has run) -> drop the first position of each window -> drop the rows token hygiene
+excludes (sae/hygiene.py: special tokens, outlier norms) -> shuffle buffer -> {hookpoint: (batch_size, d_in)}. The window activations come from a "source": the LM
 (LMWindowSource) or an activation cache on disk (sae.cache.CachedWindows), in the same order.
 
 The shuffle buffer works in blocks: it fills with `shuffle_buffer_tokens` activations from many
@@ -15,7 +15,7 @@ resuming re-runs the LM on that one block and skips ahead, which reproduces the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .config import INPUT_SITE_SUFFIX, TrainConfig
 from .data import TokenWindows
 from .errors import MissingFileError, UsageError, UserError
+from .hygiene import norm_keep_mask, token_keep_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,6 +119,19 @@ def _exception_chain(error: BaseException) -> list[BaseException]:
         chain.append(error)
         error = error.__cause__ or error.__context__
     return chain
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of model `name_or_path` alone (for a run that reads an activation cache), with
+    `load_model_and_tokenizer`'s one-line errors."""
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoTokenizer
+
+    check_model_folder(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, HFValidationError) as error:
+        raise model_load_error(name_or_path, error) from error
 
 
 def load_run_lm(cfg: TrainConfig, device: str | torch.device = "cpu"):
@@ -309,12 +323,20 @@ def capture_activations(model: nn.Module, module: nn.Module, input_ids: Tensor) 
     return capture_many(model, [module], input_ids)[0]
 
 
+class WindowRows(NamedTuple):
+    """The rows of consecutive windows, first positions dropped, in window order: what a source hands out."""
+
+    activations: list[Tensor]
+    """Per hookpoint, (n_windows * (ctx_len - 1), d) float32."""
+    token_ids: Tensor
+    """(n_windows * (ctx_len - 1),) int64: the token at each row (-1 where a source has no text)."""
+
+
 class LMWindowSource:
     """Activations of consecutive token windows, computed by the LM: the source of a streamed run.
 
     `next_activations(n)` reads the next n windows, runs the LM on them in batches of
-    `lm_batch_windows`, drops each window's first position and returns, per hookpoint, the rows in
-    window order: (n * (ctx_len - 1), d) float32.
+    `lm_batch_windows`, drops each window's first position and returns their `WindowRows`.
     """
 
     def __init__(self, model: nn.Module, hookpoints: list[str], windows: TokenWindows, lm_batch_windows: int = 64):
@@ -326,13 +348,15 @@ class LMWindowSource:
         self.ctx_len = windows.ctx_len
         self.device = next(model.parameters()).device
 
-    def next_activations(self, n_windows: int) -> list[Tensor]:
+    def next_activations(self, n_windows: int) -> WindowRows:
         input_ids = torch.stack([next(self.windows) for _ in range(n_windows)]).to(self.device)
         per_batch = [
             capture_many(self.model, self.modules, input_ids[i : i + self.lm_batch_windows])
             for i in range(0, len(input_ids), self.lm_batch_windows)
         ]
-        return [torch.cat([outputs[h][:, 1:] for outputs in per_batch]).flatten(0, 1).float() for h in range(len(self.modules))]
+        activations = [torch.cat([outputs[h][:, 1:] for outputs in per_batch]).flatten(0, 1).float()
+                       for h in range(len(self.modules))]
+        return WindowRows(activations, input_ids[:, 1:].flatten())
 
     def state_dict(self) -> dict[str, Any]:
         return self.windows.state_dict()
@@ -351,6 +375,9 @@ class ActivationStream:
     Yields, per step, a dict {hookpoint: (batch_size, d) float32}: the same tokens (rows) for every
     hookpoint, so several SAEs trained from one stream see the same batches. `source` hands out the
     activations of consecutive windows: an LMWindowSource (streaming) or sae.cache.CachedWindows.
+    The rows of `excluded_token_ids`, and with `outlier_norm_ratio` > 0 those of outlier norm, are
+    dropped from each block before it is shuffled (sae/hygiene.py), so a block yields a varying number
+    of batches, the same each time its windows are read again.
     """
 
     def __init__(
@@ -360,6 +387,8 @@ class ActivationStream:
         shuffle_buffer_tokens: int,
         seed: int = 0,
         rank: int = 0,
+        excluded_token_ids: Sequence[int] = (),
+        outlier_norm_ratio: float = 0.0,
     ):
         tokens_per_window = source.ctx_len - 1  # the first position of each window is dropped
         self.windows_per_block = -(-max(shuffle_buffer_tokens, batch_size) // tokens_per_window)
@@ -369,8 +398,11 @@ class ActivationStream:
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
+        self.excluded_token_ids = list(excluded_token_ids)
+        self.outlier_norm_ratio = outlier_norm_ratio
         self.block_index = -1  # the block being handed out; -1 before the first
         self.batches_done = 0  # batches of the current block handed out
+        self.batches_in_block = 0  # batches the current block yields (batches_per_block, less the rows dropped)
         self._block: list[Tensor] | None = None
         self._source_state_at_block_start: dict[str, Any] | None = None
 
@@ -378,8 +410,14 @@ class ActivationStream:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        if self._block is None or self.batches_done == self.batches_per_block:
+        empty_blocks = 0
+        while self._block is None or self.batches_done == self.batches_in_block:
             self._fill_block(self.block_index + 1)
+            empty_blocks += self.batches_in_block == 0
+            if empty_blocks == MAX_EMPTY_BLOCKS:
+                raise UsageError(f"{MAX_EMPTY_BLOCKS} shuffle blocks in a row held fewer than a batch of rows that token "
+                                 "hygiene keeps (special tokens, outlier norms): the text is almost all special tokens, "
+                                 "or data.outlier_norm_ratio is too low")
         start = self.batches_done * self.batch_size
         self.batches_done += 1
         return {hookpoint: block[start : start + self.batch_size] for hookpoint, block in zip(self.hookpoints, self._block)}
@@ -387,9 +425,15 @@ class ActivationStream:
     def _fill_block(self, block_index: int) -> None:
         """Take the next windows_per_block windows' activations and shuffle them (one permutation for all hookpoints)."""
         self._source_state_at_block_start = self.source.state_dict()
-        activations = self.source.next_activations(self.windows_per_block)
+        activations, token_ids = self.source.next_activations(self.windows_per_block)
+        keep = norm_keep_mask(activations, token_keep_mask(token_ids, self.excluded_token_ids), self.outlier_norm_ratio)
+        kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # None: every row (the order of old runs)
+        n_rows = len(activations[0]) if kept is None else len(kept)
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, block_index)) & (2**63 - 1))
-        order = torch.randperm(len(activations[0]), generator=generator)[: self.batches_per_block * self.batch_size]
+        self.batches_in_block = min(n_rows // self.batch_size, self.batches_per_block)
+        order = torch.randperm(n_rows, generator=generator)[: self.batches_in_block * self.batch_size]
+        if kept is not None:
+            order = kept[order.to(kept.device)]
         self._block = [rows[order.to(rows.device)] for rows in activations]
         self.block_index = block_index
         self.batches_done = 0
@@ -412,6 +456,11 @@ class ActivationStream:
             self.batches_done = state["batches_done"]
 
 
+MAX_EMPTY_BLOCKS = 100
+"""Shuffle blocks in a row with no batch of kept rows before the stream gives up (a text of almost only
+special tokens would otherwise read forever)."""
+
+
 class PlaceholderWindowSource:
     """Window source of the ranks of a latent-shard group other than its first.
 
@@ -426,9 +475,10 @@ class PlaceholderWindowSource:
         self.d_in_of = d_in_of
         self.device = device
 
-    def next_activations(self, n_windows: int) -> list[Tensor]:
+    def next_activations(self, n_windows: int) -> WindowRows:
         rows = n_windows * (self.ctx_len - 1)
-        return [torch.zeros(rows, self.d_in_of[hookpoint], device=self.device) for hookpoint in self.hookpoints]
+        return WindowRows([torch.zeros(rows, self.d_in_of[hookpoint], device=self.device) for hookpoint in self.hookpoints],
+                          torch.full((rows,), -1, dtype=torch.long, device=self.device))
 
     def state_dict(self) -> dict:
         return {}

@@ -128,6 +128,12 @@ class SaeConfig:
         return TRANSCODER_AUXK_COEF if self.transcode else SAE_AUXK_COEF
 
 
+def check_outlier_norm_ratio(ratio: float, name: str) -> None:
+    """A ValueError naming `name` unless `ratio` is 0 (off) or above 1 (a multiple of the median norm)."""
+    if ratio < 0 or 0 < ratio <= 1:
+        raise ValueError(f"{name} must be 0 (off) or above 1 (a multiple of the median norm), got {ratio}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the training text comes from and how it is cut into windows."""
@@ -158,6 +164,14 @@ class DataConfig:
     data_dir: str = "data"
     """Where generated corpora (the embedded default) are written."""
 
+    exclude_special_tokens: bool = True
+    """Leave out the activations of the tokenizer's BOS, EOS and pad tokens (EOS is also the document
+    separator the stream inserts), in training and in the eval of the SAE (sae/hygiene.py)."""
+
+    outlier_norm_ratio: float = 0.0
+    """Leave out activations whose norm exceeds this many times the median norm (of their shuffle block in
+    training, of the eval's text in an eval; sae/hygiene.py); 0 keeps them all."""
+
     activation_cache: str = ""
     """Read activations from this cache (`python -m sae.cache`) instead of running the LM. It must have
     been built for the same model, hookpoint and data settings; training then equals streaming."""
@@ -165,6 +179,7 @@ class DataConfig:
     def __post_init__(self):
         if self.ctx_len < 2:
             raise ValueError(f"DataConfig: ctx_len must be at least 2 (the first position is dropped), got {self.ctx_len}")
+        check_outlier_norm_ratio(self.outlier_norm_ratio, "DataConfig.outlier_norm_ratio")
 
 
 @dataclass(frozen=True)
@@ -408,6 +423,7 @@ class TrainConfig:
         return {
             "model": self.model, "hookpoint": hookpoint, "ctx_len": self.data.ctx_len, "dataset": self.data.dataset,
             "dataset_config": self.data.dataset_config, "split": self.data.split, "text_column": self.data.text_column,
+            "exclude_special_tokens": self.data.exclude_special_tokens, "outlier_norm_ratio": self.data.outlier_norm_ratio,
             **self.model_init_record(),
         }
 

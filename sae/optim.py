@@ -36,6 +36,24 @@ def default_lr(n_latents: int, k: int, optimizer: str, batch_size: int) -> float
     raise ValueError(f"unknown optimizer '{optimizer}'")
 
 
+LR_RULE_MEASURED_LATENTS = 8192
+LR_RULE_MEASURED_BATCH = 16384
+"""The widest SAE and the largest batch the schedule-free rule of `default_lr` was measured at (docs/peers.md)."""
+
+
+def lr_rule_note(sae_cfg: SaeConfig, cfg: TrainConfig) -> str | None:
+    """A one-line note when `default_lr`'s schedule-free rule is applied to a wider SAE or a larger batch than
+    it was measured at (None otherwise, or for Adam's rule)."""
+    if cfg.optimizer != "schedule_free_adam" or (sae_cfg.n_latents <= LR_RULE_MEASURED_LATENTS
+                                                 and cfg.batch_size <= LR_RULE_MEASURED_BATCH):
+        return None
+    lr = default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)
+    return (f"note: the default lr {lr:.3g} comes from a rule measured up to {LR_RULE_MEASURED_LATENTS:,} latents and "
+            f"batch {LR_RULE_MEASURED_BATCH:,}; this SAE has {sae_cfg.n_latents:,} latents at batch {cfg.batch_size:,}, "
+            "and at 32,768 latents and batch 32,768 the rule's lr was twice too high (docs/peers.md, \"The "
+            "learning-rate rule\"); pass --lr to set one")
+
+
 def run_lr(lr: float | None, sae_cfg: SaeConfig, cfg: TrainConfig) -> float:
     """The learning rate an SAE of shape `sae_cfg` trains at in run `cfg`: `lr` if given, else `default_lr`."""
     return lr if lr is not None else default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)

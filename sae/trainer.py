@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .activations import (ActivationStream, LMWindowSource, PlaceholderWindowSource, check_context_length,
-                          hookpoint_widths, load_run_lm)
+                          hookpoint_widths, load_run_lm, load_tokenizer)
 from .config import TrainConfig, to_dict
 from .data import TokenWindows, load_text_dataset, text_read_record
 from .distributed import (DistInfo, gather_objects, init_distributed, resolve_device, resolve_precision, shutdown,
@@ -38,13 +38,14 @@ from .distributed import (DistInfo, gather_objects, init_distributed, resolve_de
 from .errors import RunExistsError, UsageError
 from .files import atomic_write, check_writable_folder, disk_errors, disk_remedy
 from .batchtopk import update_running_threshold
+from .hygiene import excluded_ids
 from .initialization import initialize_from_batch, initialize_transcoder_from_batch
 from .memory import check_fits, estimate_memory, free_bytes
 from .full_state import drain
 from .members import Member, build_members, evaluation_sae, load_member, member_specs, member_state, save_member
 from .model import ForwardOutput, SparseAutoencoder
-from .optim import (NonFiniteLossError, check_loss_is_finite, clip_grad_norm_, lr_at, set_decoder_rows_to_unit_norm,
-                    set_lr)
+from .optim import (NonFiniteLossError, check_loss_is_finite, clip_grad_norm_, lr_at, lr_rule_note,
+                    set_decoder_rows_to_unit_norm, set_lr)
 from .parallel import ShardLayout
 from .stopping import RunStopped, StopOnSignal
 
@@ -222,8 +223,12 @@ def _train(cfg: TrainConfig, info: DistInfo, evaluator: EvaluatorFactory | None,
     prepare_run_folder(cfg, latest, info)  # before the model loads: a folder it cannot write is refused now
     source, d_in_of, model, tokenizer = open_source(cfg, layout, device)
     stream = ActivationStream(source, cfg.batch_size // layout.replicas, cfg.data.shuffle_buffer_tokens, cfg.seed,
-                              rank=layout.replica)
+                              rank=layout.replica, excluded_token_ids=run_excluded_ids(cfg, tokenizer),
+                              outlier_norm_ratio=cfg.data.outlier_norm_ratio)
     report_memory(cfg, d_in_of, layout, device, compute_dtype, model, stream, info)  # refuses before the SAEs exist
+    if info.is_main:
+        for note in lr_rule_notes(cfg, d_in_of):
+            print(note)
     members = build_members(cfg, d_in_of, layout, device, compute_dtype)  # same seed: the same init on every rank
     start_step, tokens_seen, wandb_id, batches = start_or_resume(cfg, info, members, stream, latest)
     log, score_held_out = open_log_and_evaluator(cfg, info, wandb_id, start_step, evaluator, model, tokenizer)
@@ -354,6 +359,13 @@ def report_memory(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
         print(line)
 
 
+def lr_rule_notes(cfg: TrainConfig, d_in_of: dict[str, int]) -> list[str]:
+    """The notes of the run's SAEs that train at the default lr outside the shapes its rule was measured at
+    (`optim.lr_rule_note`), one per distinct note."""
+    notes = [lr_rule_note(sae_cfg, cfg) for _, _, sae_cfg, lr in member_specs(cfg, d_in_of) if lr is None]
+    return list(dict.fromkeys(note for note in notes if note))
+
+
 def prepare_run_folder(cfg: TrainConfig, latest: list[Path], info: DistInfo) -> None:
     """Refuse to train into a folder that already holds anything unless --resume (nothing is overwritten
     silently); say so when --resume finds no checkpoint to continue from (a fresh start, as a cluster's
@@ -401,6 +413,14 @@ def open_source(cfg: TrainConfig, layout: ShardLayout, device: torch.device):
         windows = TokenWindows(dataset, tokenizer, cfg.data.ctx_len, cfg.data.text_column)
         source = LMWindowSource(model, hookpoints, windows, cfg.data.lm_batch_windows)
     return source, d_in_of, model, tokenizer
+
+
+def run_excluded_ids(cfg: TrainConfig, tokenizer) -> list[int]:
+    """The token ids whose rows the run leaves out (`hygiene.excluded_ids`); the tokenizer is loaded on its
+    own when the run has none (it reads a cache)."""
+    if not cfg.data.exclude_special_tokens:
+        return []
+    return excluded_ids(tokenizer if tokenizer is not None else load_tokenizer(cfg.model), True)
 
 
 def resume(cfg: TrainConfig, info: DistInfo, members: list[Member],

@@ -400,19 +400,19 @@ def test_cached_windows_loop_and_resume_exactly(built):
     rows = lambda first, count: everything[first * TOKENS_PER_WINDOW : (first + count) * TOKENS_PER_WINDOW]  # noqa: E731
     windows = CachedWindows(cache)
     assert windows.hookpoints == [HOOKPOINT] and windows.ctx_len == CTX_LEN
-    (first,) = windows.next_activations(60)  # one tensor per hookpoint, like LMWindowSource
+    (first,) = windows.next_activations(60).activations  # one tensor per hookpoint, like LMWindowSource
     assert torch.equal(first, rows(0, 60))
     assert windows.state_dict() == {"next_window": 60, "epoch": 0}
-    assert torch.equal(windows.next_activations(60)[0], torch.cat([rows(60, 40), rows(0, 20)]))  # around the end
+    assert torch.equal(windows.next_activations(60).activations[0], torch.cat([rows(60, 40), rows(0, 20)]))  # around the end
     state = json.loads(json.dumps(windows.state_dict()))
     assert state == {"next_window": 20, "epoch": 1}
 
     resumed = CachedWindows(ActivationCache(built))
     resumed.load_state_dict(state)
     for count in (30, 50, 250):
-        assert torch.equal(resumed.next_activations(count)[0], windows.next_activations(count)[0])
+        assert torch.equal(resumed.next_activations(count).activations[0], windows.next_activations(count).activations[0])
     assert windows.state_dict() == resumed.state_dict() == {"next_window": 50, "epoch": 4}
-    assert windows.next_activations(50)[0].shape == (50 * TOKENS_PER_WINDOW, 32)
+    assert windows.next_activations(50).activations[0].shape == (50 * TOKENS_PER_WINDOW, 32)
     assert windows.state_dict() == {"next_window": 0, "epoch": 5}
     with pytest.raises(ValueError, match="next_window=100 is outside the cache"):
         resumed.load_state_dict({"next_window": 100, "epoch": 0})
@@ -519,10 +519,10 @@ def test_a_subset_of_the_hookpoints_can_be_read(built2, lm, text_file):
     cache = ActivationCache(built2)
     only_h0 = CachedWindows(cache, hookpoints=["transformer.h.0"])
     assert only_h0.hookpoints == ["transformer.h.0"]
-    (rows,) = only_h0.next_activations(60)
+    (rows,) = only_h0.next_activations(60).activations
     assert torch.equal(rows, cache.read_windows(0, 60, "transformer.h.0"))
     reordered = CachedWindows(cache, hookpoints=["transformer.h.0", HOOKPOINT])
-    h0, h1 = reordered.next_activations(120)  # around the end
+    h0, h1 = reordered.next_activations(120).activations  # around the end
     assert torch.equal(h1, torch.cat([cache.read_windows(0, N_WINDOWS), cache.read_windows(0, 20)]))
     assert h0.shape == h1.shape == (120 * TOKENS_PER_WINDOW, 32)
 
@@ -605,7 +605,7 @@ def test_a_version_1_cache_is_read_but_not_added_to(built, tiny_lm_dir, text_fil
     assert (old.hookpoints, old.hookpoint, old.d_in_of, old.d_in) == ([HOOKPOINT], HOOKPOINT, {HOOKPOINT: 32}, 32)
     assert torch.equal(old.read_windows(0, N_WINDOWS, HOOKPOINT), new.read_windows(0, N_WINDOWS))
     assert torch.equal(old.input_ids(0, N_WINDOWS), new.input_ids(0, N_WINDOWS))
-    assert torch.equal(CachedWindows(old).next_activations(130)[0], CachedWindows(new).next_activations(130)[0])
+    assert torch.equal(CachedWindows(old).next_activations(130).activations[0], CachedWindows(new).next_activations(130).activations[0])
     cfg = cache_config(tiny_lm_dir, text_file)
     check_same_identity(old.manifest, cache_identity(cfg, "float32"), out)  # trainable, as the trainer checks it
     with pytest.raises(CacheError, match=r"holds a version 1 cache .* can be read and trained from, but not added to"):

@@ -110,3 +110,17 @@ def test_a_schedule_free_run_with_lr_decay_runs_at_lr_at_and_keeps_full_weights(
     (group,) = state["members"][""]["optimizer"]["param_groups"]
     assert group["lr_max"] == base_lr and group["r"] == 1.0 and group["weight_lr_power"] == 2.0
     assert group["weight_sum"] == pytest.approx(sum(t * base_lr**2 for t in range(1, steps + 1)), rel=1e-12)
+
+
+def test_the_lr_rule_notes_shapes_outside_those_it_was_measured_at():
+    from sae.config import SaeConfig, TrainConfig
+    from sae.optim import lr_rule_note
+
+    measured = TrainConfig(sae=SaeConfig(n_latents=8192, k=16), batch_size=16384)
+    assert lr_rule_note(measured.sae, measured) is None
+    wide = TrainConfig(sae=SaeConfig(n_latents=32768, k=32), batch_size=32768)
+    note = lr_rule_note(wide.sae, wide)
+    assert note.startswith("note: the default lr 0.032 ") and "32,768 latents at batch 32,768" in note and "--lr" in note
+    big_batch = TrainConfig(sae=SaeConfig(n_latents=2048, k=16), batch_size=65536)
+    assert "batch 65,536" in lr_rule_note(big_batch.sae, big_batch)
+    assert lr_rule_note(wide.sae, TrainConfig(sae=wide.sae, batch_size=32768, optimizer="adam")) is None

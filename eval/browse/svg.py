@@ -220,7 +220,10 @@ def scaling_chart(title: str, dots: list[tuple[float, float, str, str]],
     xs = [x for x, _, _, _ in dots]
     ys = [y for _, y, _, _ in dots] + [y for _, _, line in curves for _, y in line]
     x_range, y_range = (min(xs) / 1.15, max(xs) * 1.15), (min(ys) / 1.08, max(ys) * 1.08)
-    frame = LogLogFrame(x_range, y_range, power_of_two_ticks(*x_range), decimal_log_ticks(*y_range), extra_bottom=34)
+    legend = _legend_places(groups, LogLogFrame.LEFT, LogLogFrame.WIDTH - LogLogFrame.RIGHT)
+    rows = max(row for _, _, row in legend) + 1 if legend else 1
+    frame = LogLogFrame(x_range, y_range, power_of_two_ticks(*x_range), decimal_log_ticks(*y_range),
+                        extra_bottom=34 + 16 * (rows - 1))
     parts = frame.axes(title, x_label, y_label)
     for group, dashed, line in curves:
         coordinates = " ".join(f"{frame.x(x)},{frame.y(y)}" for x, y in line)
@@ -229,10 +232,22 @@ def scaling_chart(title: str, dots: list[tuple[float, float, str, str]],
     for x, y, group, tooltip in dots:
         parts.append(f'<circle cx="{frame.x(x)}" cy="{frame.y(y)}" r="3" fill="{colour[group]}">'
                      f'<title>{esc(tooltip)}</title></circle>')
-    legend_row = frame.HEIGHT + 8
-    for index, group in enumerate(groups):
-        left = frame.LEFT + 62 * index
-        parts.append(f'<circle cx="{left}" cy="{legend_row}" r="3" fill="{colour[group]}"/>')
-        parts.append(svg_text(left + 7, legend_row + 4, group))
-    parts.append(svg_text(frame.LEFT, legend_row + 20, note))
+    for group, left, row in legend:
+        top = frame.HEIGHT + 8 + 16 * row
+        parts.append(f'<circle cx="{left}" cy="{top}" r="3" fill="{colour[group]}"/>')
+        parts.append(svg_text(left + 7, top + 4, group))
+    parts.append(svg_text(frame.LEFT, frame.HEIGHT + 8 + 16 * (rows - 1) + 20, note))
     return frame.svg(title, parts, standalone=True)
+
+
+def _legend_places(groups: list[str], left: int, right: int) -> list[tuple[str, float, int]]:
+    """(group, x, row) of each legend entry: left to right, at least 62 px apart and wide enough for the
+    name (about 6.5 px a character of 11px type), wrapping to a new row past `right`."""
+    places, x, row = [], left, 0
+    for group in groups:
+        width = max(62, 6.5 * len(group) + 20)
+        if x > left and x + width - 20 > right:
+            x, row = left, row + 1
+        places.append((group, x, row))
+        x += width
+    return places

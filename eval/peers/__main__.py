@@ -51,6 +51,7 @@ from sae.optim import run_lr
 from ..__main__ import EvalConfig, run_eval
 from ..missing import report_json
 from .dead import window_dead_fraction
+from .fronts import lr_family, write_fronts
 from .ours import train_ours
 from .rows import shared_batches
 
@@ -151,11 +152,6 @@ def peer_lr_factor(system: str) -> float:
     return system_overrides(system)[1]
 
 
-def lr_family(system: str) -> str:
-    """A peer's system spec without its learning-rate factor: what the factors tuned on validation vary."""
-    return " ".join(part for part in system.split() if not part.startswith("--lr_factor="))
-
-
 def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
     """Our config for one run of the benchmark: the file's, the system's config overrides (a peer's: the kind
     of sparse coder), this hookpoint and k."""
@@ -201,8 +197,7 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     if is_ours(system):
         folders = train_ours(train_cfg, steps, out_dir, metadata)
     else:
-        batches = shared_batches(cache, hookpoint, train_cfg.batch_size, train_cfg.data.shuffle_buffer_tokens,
-                                 train_cfg.seed, transcode=train_cfg.sae.transcode)
+        batches = shared_batches(cache, hookpoint, train_cfg)
         trainer = _peer_trainer(system, train_cfg.sae)
         folders = trainer(batches, steps[-1], train_cfg.batch_size, activations.d_in_of[hookpoint],
                           train_cfg.sae.n_latents, k, steps, out_dir, metadata, seed=train_cfg.seed,
@@ -214,12 +209,14 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
 
 
 def peer_task(train_cfg: TrainConfig) -> dict:
-    """What a peer's run depends on in our config: the rows (cache, hookpoint, order) and the SAE's shape
-    and kind (the KIND_KEYS off their defaults, so that a plain SAE's record is what it was before there
-    were kinds, and a transcoder's what it was before BatchTopK)."""
+    """What a peer's run depends on in our config: the rows (cache, hookpoint, order, token hygiene) and the
+    SAE's shape and kind (the KIND_KEYS off their defaults, so that a plain SAE's record is what it was before
+    there were kinds, and a transcoder's what it was before BatchTopK)."""
     return {"hookpoint": train_cfg.hookpoint, "k": train_cfg.sae.k, "n_latents": train_cfg.sae.n_latents,
             "batch_size": train_cfg.batch_size, "seed": train_cfg.seed, "cache": train_cfg.data.activation_cache,
-            "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens, **sae_kind(train_cfg.sae)}
+            "shuffle_buffer_tokens": train_cfg.data.shuffle_buffer_tokens,
+            "exclude_special_tokens": train_cfg.data.exclude_special_tokens,
+            "outlier_norm_ratio": train_cfg.data.outlier_norm_ratio, **sae_kind(train_cfg.sae)}
 
 
 def sae_kind(sae: SaeConfig) -> dict[str, bool | str | list[int]]:
@@ -331,6 +328,8 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     table = markdown_table(rows)
     (out / "report.json").write_text(report_json(rows, indent=1) + "\n")
     (out / "report.md").write_text(table + "\n")
+    for path in write_fronts(rows, out):
+        print(f"wrote {path}")
     print(table)
     print(f"held-out text: {rows[0]['held_out']}; ce_clean={rows[0]['ce_clean']:.4f}")
     return rows

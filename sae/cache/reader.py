@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..activations import WindowRows
 from ..data import read_position
 from .format import (
     _SAFETENSORS_DTYPES,
@@ -222,22 +223,25 @@ class CachedWindows:
         self.next_window = 0
         self.epoch = 0
 
-    def next_activations(self, n_windows: int) -> list[Tensor]:
-        """Per hookpoint, (n_windows*(ctx_len-1), d_in) float32: the next n_windows windows, from the start again
-        after the end."""
+    def next_activations(self, n_windows: int) -> WindowRows:
+        """The `WindowRows` of the next n_windows windows (per hookpoint, (n_windows*(ctx_len-1), d_in)
+        float32, and their tokens), from the start again after the end."""
         pieces: list[list[Tensor]] = [[] for _ in self.hookpoints]
+        token_ids: list[Tensor] = []
         remaining = n_windows
         while remaining > 0:
             count = min(remaining, self.cache.n_windows - self.next_window)
             for parts, hookpoint in zip(pieces, self.hookpoints):
                 parts.append(self.cache.read_windows(self.next_window, count, hookpoint))
+            token_ids.append(self.cache.input_ids(self.next_window, count)[:, 1:].flatten())
             self.next_window += count
             remaining -= count
             if self.next_window == self.cache.n_windows:
                 self.next_window = 0
                 self.epoch += 1
         d_in = self.cache.d_in_of
-        return [torch.cat(parts) if parts else torch.zeros(0, d_in[hookpoint]) for parts, hookpoint in zip(pieces, self.hookpoints)]
+        activations = [torch.cat(parts) if parts else torch.zeros(0, d_in[hookpoint]) for parts, hookpoint in zip(pieces, self.hookpoints)]
+        return WindowRows(activations, torch.cat(token_ids) if token_ids else torch.zeros(0, dtype=torch.long))
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: the next window to hand out and the number of full passes made."""

@@ -52,13 +52,20 @@ def test_zero_and_mean_reconstructions_recover_nothing(embedded_lm, embedded_win
     assert reports["mean"]["l0"] > 0 and reports["zero"]["never_fired_frac"] < 1
 
 
-def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm, embedded_windows):
+@pytest.mark.parametrize("hygiene", ["none", "token", "token+norm"])
+def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm, embedded_windows, hygiene):
+    """With token hygiene the positions of the excluded token (here the text's most frequent one) and,
+    with a ratio, those of norm above ratio x the median keep their clean activations and leave the
+    reconstruction metrics."""
     model, _ = embedded_lm
     model64 = type(model)(model.config)
     model64.load_state_dict(model.state_dict())
     model64 = model64.double().eval()
     sae = random_sae(D, n_latents=96, k=6, seed=3)
-    report = evaluate(sae.double(), model64, embedded_windows, HOOKPOINT, batch_windows=4)
+    excluded = [] if hygiene == "none" else [int(embedded_windows[:, 1:].flatten().mode().values)]
+    ratio = 1.2 if hygiene == "token+norm" else 0.0
+    report = evaluate(sae.double(), model64, embedded_windows, HOOKPOINT, batch_windows=4, excluded_token_ids=excluded,
+                      outlier_norm_ratio=ratio)
 
     module = get_module(model64, HOOKPOINT)
     with torch.no_grad():
@@ -67,7 +74,12 @@ def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm
         handle = module.register_forward_hook(lambda m, i, out: captured.append(out))
         model64(input_ids=embedded_windows)
         handle.remove()
-        acts = captured[0][:, 1:].reshape(-1, D)
+        all_acts = captured[0][:, 1:].reshape(-1, D)
+        keep = ~torch.isin(embedded_windows[:, 1:].reshape(-1), torch.tensor(excluded, dtype=torch.long))
+        if ratio:
+            keep &= all_acts.norm(dim=-1) <= ratio * all_acts[keep].norm(dim=-1).median()
+        assert 0 < keep.sum() < len(keep) or hygiene == "none"
+        acts = all_acts[keep]
         pre = (acts - sae.b_dec) @ sae.encoder.weight.T + sae.encoder.bias
         top = pre.topk(6, dim=-1)
         dense = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
@@ -75,7 +87,9 @@ def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm
 
         def splice(m, i, out):
             out = out.clone()
-            out[:, 1:] = x_hat.view(10, 15, D)
+            spliced = all_acts.clone()
+            spliced[keep] = x_hat
+            out[:, 1:] = spliced.view(10, 15, D)
             return out
 
         handle = module.register_forward_hook(splice)
@@ -93,6 +107,7 @@ def test_numbers_match_a_float64_reference_without_the_splice_runner(embedded_lm
     assert math.isclose(report["fvu"], (error / (acts - acts.mean(0)).pow(2).sum()).item(), rel_tol=1e-6)
     assert math.isclose(report["nmse"], (error / acts.pow(2).sum()).item(), rel_tol=1e-6)
     assert report["l0"] == (top.values > 0).sum().item() / len(acts)
+    assert report["tokens"] == len(acts) and report["ce_positions"] == 10 * 14
 
 
 def test_several_saes_in_one_pass_equal_one_at_a_time(embedded_lm, embedded_windows):

@@ -122,7 +122,7 @@ def test_peers_read_exactly_the_batches_our_trainer_trains_on(train_config, tmp_
     folders = train_ours(cfg, [3, 6], tmp_path / "ours", {"model": "m"})
     monkeypatch.undo()
     assert sorted(folders) == [3, 6] and len(trained_on) == 6
-    peers = shared_batches(tmp_path / "cache", hookpoint, 128, 512, cfg.seed, transcode=bool(kind))
+    peers = shared_batches(tmp_path / "cache", hookpoint, cfg)
     for inputs, targets in trained_on:
         peer_inputs, peer_targets = next(peers)
         assert torch.equal(peer_inputs, inputs) and torch.equal(peer_targets, targets)

@@ -11,7 +11,7 @@ import torch
 from eval.peers.__main__ import main
 from eval.peers.rows import shared_batches
 from sae.cache import ActivationCache
-from sae.config import ConfigError
+from sae.config import ConfigError, parse_args
 from sae.folder import read_sae_config
 from sae.model import SparseAutoencoder
 
@@ -53,7 +53,8 @@ def test_transcoders_train_on_the_same_mlp_rows_for_equal_tokens_and_are_scored_
     # sparsify was fed the MLP's (input, output) pairs in our trainer's order, with and without its skip
     trained = [(skip, x, y) for transcode, skip, x, y in fed if transcode and len(x) == 128]
     assert len(trained) == 4 * 2 and {skip for skip, _, _ in trained} == {False, True}
-    first = next(shared_batches(out / "cache", HOOKPOINT, 128, 512, seed=0, transcode=True))
+    cfg = parse_args(["--config", str(train_config), "--hookpoint", HOOKPOINT, "--sae.transcode"])
+    first = next(shared_batches(out / "cache", HOOKPOINT, cfg))
     for skip, x, y in trained[::2]:  # each run's first batch
         assert torch.equal(x, first[0]) and torch.equal(y, first[1]) and not torch.equal(x, y)
     cache = ActivationCache(out / "cache")
