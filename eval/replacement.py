@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae.activations import get_module, hookpoint_widths, module_input
+from sae.activations import get_module, hookpoint_widths, module_input, output_hidden, with_hidden
 from sae.config import input_site
 from sae.errors import UsageError
 from sae.model import SparseAutoencoder
@@ -42,7 +42,6 @@ from .downstream import LossStats
 from .evaluate import activation_means
 from .reconstruction import ReconstructionStats
 from .report import kind_keys
-from .splice import output_hidden, with_hidden
 
 Members = Mapping[str, tuple[SparseAutoencoder, str]]
 """{name (e.g. its folder): (transcoder, the module whose output it replaces)}."""

@@ -21,7 +21,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from sae.activations import module_input
+from sae.activations import module_input, output_hidden, with_hidden
 from sae.errors import UsageError
 
 Replacement = Callable[[Tensor], Tensor] | None
@@ -30,16 +30,6 @@ None keeps them (the clean run). It may run twice for the first batch (see `Spli
 it must not accumulate anything: whatever it records, it overwrites."""
 
 SpliceMode = Literal["auto", "expand_in_hook", "repeat_inputs"]
-
-
-def output_hidden(output) -> Tensor:
-    """The (B, T, d) activations in a hooked module's output: the tensor, or a tuple's first element."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def with_hidden(output, hidden: Tensor):
-    """The module's `output` with its activations replaced by `hidden`."""
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def stack_variants(hidden: Tensor, replacements: Sequence[Replacement], start: int) -> Tensor:

@@ -156,6 +156,16 @@ def module_input(args: tuple, kwargs: dict):
     return args[0] if args else next(iter(kwargs.values()), None)
 
 
+def output_hidden(output) -> Tensor:
+    """The (B, T, d) activations in a hooked module's output: the tensor, or a tuple's first element."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: Tensor):
+    """The module's `output` with its activations replaced by `hidden` (what a forward hook returns to splice)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 class Site(NamedTuple):
     """Where activations are read: a module's output, or (`reads_input`) its first input."""
 

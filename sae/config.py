@@ -251,6 +251,11 @@ class TrainConfig:
     max_tokens: int = 4_000_000
     """Training tokens in total, rounded down to whole batches (`total_steps`; the trainer says so)."""
 
+    finetune_tokens: int = 0
+    """After training, fine-tune each SAE end to end for this many tokens (`python -m sae.finetune`'s defaults:
+    KL to the clean LM plus the training loss, docs/finetune.md) into RUN-finetuned (RUN-finetuned-NAME for a
+    variant); 0: none. One process only (not under torchrun)."""
+
     optimizer: Literal["adam", "schedule_free_adam"] = "schedule_free_adam"
     """"adam": Adam (Gao et al.). "schedule_free_adam": schedule-free AdamW without weight decay
     (Defazio et al. 2024); its SAEs are the averaged iterate (sae/members.py, `evaluation_sae`)."""
@@ -371,7 +376,7 @@ class TrainConfig:
         if self.max_tokens < self.batch_size:
             raise ValueError(f"TrainConfig.max_tokens ({self.max_tokens:,}) is less than one batch (batch_size "
                              f"{self.batch_size:,}): the run would take no step and save an untrained SAE")
-        for name in ("eval_every", "save_every", "lr_warmup_steps"):
+        for name in ("eval_every", "save_every", "lr_warmup_steps", "finetune_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lr_decay_frac <= 1:
@@ -416,6 +421,11 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name
+
+    def sae_folders(self) -> list[Path]:
+        """The folder each SAE of the run is saved in: RUN_DIR/NAME for a variant, RUN_DIR/HOOKPOINT alone."""
+        names = [variant.name for variant in self.variants] or [""]
+        return [self.run_dir / (name or hookpoint) for name, (hookpoint, _) in zip(names, self.member_configs())]
 
     def provenance(self, hookpoint: str) -> dict[str, Any]:
         """What an SAE of this run at `hookpoint` was trained on, for its cfg.json: the LM, the hookpoint

@@ -91,12 +91,11 @@ def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout
     would, and every rank's latents are the slice of that init), training in `compute_dtype`
     (`distributed.resolve_precision` of cfg.precision, resolved once by the trainer)."""
     members = []
-    for name, hookpoint, sae_cfg, lr in member_specs(cfg, d_in_of):
+    for (name, hookpoint, sae_cfg, lr), out_dir in zip(member_specs(cfg, d_in_of), cfg.sae_folders()):
         torch.manual_seed(cfg.seed)
         sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=compute_dtype)
         base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)
-        out_dir = cfg.run_dir / (name or hookpoint)
         members.append(Member(name, hookpoint, sae, optimizer, base_lr,
                               torch.zeros(sae.n_local, dtype=torch.long, device=device), out_dir))
     return members

@@ -59,7 +59,7 @@ EvaluatorFactory = Callable[[TrainConfig, Any, Any], HeldOutScorer]
 # Config keys that may differ between a run and its resumption; anything else must match.
 _RESUMABLE_CHANGES = {
     "max_tokens", "log_every", "save_every", "keep_checkpoints", "resume", "wandb_mode", "device",
-    "eval_every", "eval_tokens", "eval_split", "collective_timeout_s", "precision",
+    "eval_every", "eval_tokens", "eval_split", "collective_timeout_s", "precision", "finetune_tokens",
 }
 
 
