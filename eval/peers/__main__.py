@@ -52,7 +52,7 @@ from ..__main__ import EvalConfig, run_eval
 from ..missing import report_json
 from .dead import window_dead_fraction
 from .fronts import lr_family, write_fronts
-from .ours import train_ours
+from .ours import finetune_final, train_ours
 from .rows import shared_batches
 
 PEERS = {"sparsify": ("transcode", "skip_connection"), "saelens": ("activation", "matryoshka")}
@@ -110,6 +110,11 @@ class PeersConfig:
     peer_lr_factors: tuple[float, ...] = ()
     """Also train each peer at these multiples of its default learning rate and mark the one with the lowest
     final validation fvu "(tuned)"; empty: peers at their defaults only."""
+
+    finetune_tokens: int = 0
+    """Also fine-tune the final SAE of each of our systems end to end for this many LM tokens (`python -m
+    sae.finetune`'s defaults, docs/finetune.md) and score it as the system "SYSTEM +finetune", whose tokens
+    count both phases; 0: none."""
 
     out: str = "runs/peers"
     """Folder of the cache, the runs and the report."""
@@ -280,6 +285,8 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     hookpoints = list(cfg.hookpoints or [base.hookpoint])
     ks = list(cfg.ks or [base.sae.k])
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
+    if cfg.finetune_tokens < 0:
+        raise ConfigError(f"--finetune_tokens must be >= 0 (0: no fine-tune), got {cfg.finetune_tokens}")
     if cfg.dead_window_tokens < 0:
         raise ConfigError(f"--dead_window_tokens must be >= 0 (0 leaves the column out), got {cfg.dead_window_tokens}")
     if any(not factor > 0 for factor in cfg.peer_lr_factors):
@@ -307,6 +314,11 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
                 print(f"== {hookpoint} k={k} {system}")
                 result = train_system(cfg, system, hookpoint, k, cache, out / hookpoint / f"k{k}" / system_label(system))
                 runs.append({"hookpoint": hookpoint, "k": k, "system": system, **result})
+    if cfg.finetune_tokens:
+        for run in [run for run in runs if is_ours(run["system"])]:
+            print(f"== {run['hookpoint']} k={run['k']} {run['system']} +finetune")
+            result = finetune_final(run, cfg.finetune_tokens, base.seed, base.data.data_dir)
+            runs.append({**run, "system": f"{run['system']} +finetune", **result})
     folders = [folder for run in runs for folder in run["folders"].values()]
     activations = ActivationCache(cache)
     scored = EvalConfig(tokens=cfg.eval_tokens, data_dir=base.data.data_dir, split=cfg.split)

@@ -37,11 +37,14 @@ def front_points(rows: list[dict], hookpoint: str, metric: str) -> dict[str, lis
     return {system: sorted(line) for system, line in points.items()}
 
 
-def fronts_svg(rows: list[dict], hookpoint: str, metric: str) -> str:
-    """The standalone SVG of `metric` against held-out L0 at `hookpoint`, one line per system."""
+def fronts_svg(rows: list[dict], hookpoint: str, metric: str) -> str | None:
+    """The standalone SVG of `metric` against held-out L0 at `hookpoint`, one line per system; the axes are
+    logarithmic, so values <= 0 (a delta CE below the clean LM's) are left out, and None when none is left."""
     points = front_points(rows, hookpoint, metric)
     dots = [(l0, value, system, f"{system}, k={k}: L0 {l0:.1f}, {metric} {value:.4g}")
             for system, line in points.items() for l0, value, k in line if value > 0]
+    if not dots:
+        return None
     curves = [(system, False, [(l0, value) for l0, value, _ in line if value > 0]) for system, line in points.items()]
     tokens = max(row["tokens"] for row in rows if row["hookpoint"] == hookpoint)
     return scaling_chart(f"{FRONT_METRICS[metric]} vs L0 at {hookpoint}", dots, curves, list(points),
@@ -49,8 +52,8 @@ def fronts_svg(rows: list[dict], hookpoint: str, metric: str) -> str:
 
 
 def write_fronts(rows: list[dict], out: Path) -> list[Path]:
-    """OUT/fronts-HOOKPOINT-METRIC.svg for each hookpoint with more than one k and each FRONT_METRICS;
-    the paths written."""
+    """OUT/fronts-HOOKPOINT-METRIC.svg for each hookpoint with more than one k and each FRONT_METRICS with a
+    positive value to draw; the paths written."""
     written = []
     for hookpoint in dict.fromkeys(row["hookpoint"] for row in rows):
         if len({row["k"] for row in rows if row["hookpoint"] == hookpoint}) < 2:
@@ -58,6 +61,8 @@ def write_fronts(rows: list[dict], out: Path) -> list[Path]:
         for metric in FRONT_METRICS:
             path = out / f"fronts-{hookpoint}-{metric}.svg"
             svg = fronts_svg(rows, hookpoint, metric)
+            if svg is None:
+                continue
             atomic_write(path, lambda tmp: Path(tmp).write_text(svg + "\n"))
             written.append(path)
     return written

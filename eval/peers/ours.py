@@ -1,7 +1,11 @@
-"""Our SAE in the benchmark: `sae.trainer.train` on the cache, its checkpoints exported as SAE folders."""
+"""Our SAE in the benchmark: `sae.trainer.train` on the cache, its checkpoints exported as SAE folders, and
+optionally its final SAE fine-tuned end to end (`sae.finetune`)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +15,7 @@ from sae import checkpoint
 from sae.cache import ActivationCache
 from sae.config import TrainConfig
 from sae.distributed import resolve_precision
+from sae.finetune import FinetuneOptions, finetune
 from sae.members import build_members, evaluation_sae, load_member
 from sae.parallel import ShardLayout
 from sae.trainer import train
@@ -41,3 +46,25 @@ def train_ours(cfg: TrainConfig, checkpoint_steps: list[int], out_dir: Path, met
                                           output_scale=member.output_scale,
                                           metadata={**metadata, "system": "ours", "tokens_trained": state["tokens_seen"]})
     return folders
+
+
+def finetune_final(run: dict, tokens: int, seed: int, data_dir: str) -> dict:
+    """The final SAE of one of our benchmark runs (`run`: {"folders": {tokens: folder}, ...}) fine-tuned end
+    to end for `tokens` LM tokens at `sae.finetune`'s defaults, into FOLDER/../finetune-TOKENS (reused when
+    it was done before from the same folder with the same tokens and seed): {"folders": {training tokens +
+    tokens: folder}, "wall_s", "cpu_s", "identity"}."""
+    last = max(run["folders"], key=int)
+    source = Path(run["folders"][last])
+    run_dir = source.parent / f"finetune-{tokens}"
+    identity = {"source": str(source), "tokens": tokens, "seed": seed}
+    record = run_dir / "run.json"
+    if record.exists() and (earlier := json.loads(record.read_text())).get("identity") == identity:
+        return earlier
+    if run_dir.exists():  # the benchmark's own folder of an older fine-tune
+        shutil.rmtree(run_dir)
+    wall, cpu = time.perf_counter(), time.process_time()
+    folder = finetune(source, run_dir, FinetuneOptions(tokens=tokens, seed=seed, data_dir=data_dir))
+    result = {"folders": {str(int(last) + tokens): str(folder)}, "wall_s": time.perf_counter() - wall,
+              "cpu_s": time.process_time() - cpu, "identity": identity}
+    record.write_text(json.dumps(result, indent=1) + "\n")
+    return result

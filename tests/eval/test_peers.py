@@ -2,6 +2,7 @@
 checkpoint as the state after exactly that many steps, and is scored on one held-out text."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,25 @@ def test_a_sparsify_learning_rate_factor_scales_the_rate_its_trainer_chose(tmp_p
         sparsify_trainer.train_sparsify(iter(zip(batches, batches)), 2, 64, 16, 48, 4, [2], tmp_path / f"x{factor}", {"model": "m"},
                                         lr_factor=factor)
     assert len(rates[0]) == 1 and rates[1] == [4.0 * rates[0][0]]
+
+
+def test_our_final_saes_are_also_fine_tuned_and_the_fronts_drawn(train_config, tmp_path):
+    """--finetune_tokens adds "SYSTEM +finetune" rows: the final SAE fine-tuned end to end from that folder,
+    its tokens counting both phases, reused on a second call; with two ks the fronts are drawn."""
+    argv = ["--train_config", str(train_config), "--systems", "[ours, sparsify]", "--ks", "[2, 4]",
+            "--tokens", str(128 * 4), "--checkpoint_tokens", str(128 * 4), "--eval_tokens", "480",
+            "--dead_window_tokens", "0", "--finetune_tokens", str(32 * 16), "--out", str(tmp_path / "peers")]
+    rows = main(argv)
+    assert [(row["k"], row["system"], row["tokens"]) for row in rows] == [
+        (2, "ours", 512), (2, "sparsify", 512), (4, "ours", 512), (4, "sparsify", 512),
+        (2, "ours +finetune", 1024), (4, "ours +finetune", 1024)]
+    for k in (2, 4):
+        [final] = [row for row in rows if row["k"] == k and row["system"] == "ours"]
+        [tuned] = [row for row in rows if row["k"] == k and row["system"] == "ours +finetune"]
+        record = json.loads((tmp_path / "peers" / "transformer.h.1" / f"k{k}" / "ours" / "finetune-512" / "transformer.h.1"
+                             / "cfg.json").read_text())["finetune"]
+        assert record["source"] == str(Path(final["sae"]).resolve()) and tuned["final"]
+        assert tuned["fvu"] != final["fvu"]
+    assert (tmp_path / "peers" / "fronts-transformer.h.1-fvu.svg").is_file()  # delta CE may be < 0 on this LM
+    again = main(argv)
+    assert [row["wall_s"] for row in again] == [row["wall_s"] for row in rows]

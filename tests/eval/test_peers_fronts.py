@@ -38,3 +38,4 @@ def test_the_svg_has_a_line_and_a_dot_per_point_and_a_legend(tmp_path):
     written = write_fronts(ROWS, tmp_path)
     assert [path.name for path in written] == ["fronts-h-fvu.svg", "fronts-h-delta_ce.svg"]  # "other" has one k
     ElementTree.parse(written[0])
+    assert fronts_svg([{**r, "delta_ce": -1.0} for r in ROWS], "h", "delta_ce") is None  # nothing for a log axis
