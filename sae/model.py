@@ -575,8 +575,12 @@ class SparseAutoencoder(nn.Module):
         there and the known ones; weights with NaN or inf values are refused naming the file and the
         tensors (`read_sae_files`).
         dtype: default the stored one (SAELens: its cfg.json's, which SAELens computes in).
+        `path` may be on the Hugging Face Hub: hf://OWNER/REPO[/SUBFOLDER][@REVISION], fetched into (or, with
+        HF_HUB_OFFLINE=1, read from) huggingface_hub's cache (sae/hub.py).
         """
-        files = read_sae_files(Path(path))
+        from .hub import resolve_sae_path  # here: sae.hub reads sae.formats, which import this module
+
+        files = read_sae_files(resolve_sae_path(path))
         return cls.from_state_dict(files.cfg, files.tensors, device, dtype, files.input_norm)
 
     @classmethod

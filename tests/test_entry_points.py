@@ -145,6 +145,7 @@ def test_other_entry_points_exit_2_with_one_line(tmp_path):
         ("eval.browse", [str(tmp_path / "nowhere")], ["--out"]),
         ("sae.cache", ["--out", str(tmp_path / "cache"), "--verify"], ["no activation cache"]),
         ("sae.finetune", [str(tmp_path / "nowhere"), "--tokens", "1024"], ["SAE folder not found", "nowhere"]),
+        ("sae.publish", [str(tmp_path / "nowhere"), "owner/repo", "--dry_run", str(tmp_path / "staged")], ["run folder not found", "nowhere"]),
     ]:
         result = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=180)
         assert_one_line_error(result, *words)
