@@ -8,7 +8,7 @@ Model, hookpoint, dataset and ctx_len come from each SAE's cfg.json unless given
 model and data share the eval tokens (and one LM forward per batch per hookpoint), so their numbers
 compare directly. A transcoder (cfg.json "transcode": true; kind "transcoder" or "skip transcoder" in the
 tables) at module M is spliced as its prediction of M's output from M's input, and its latent sections
-(--explain, --n2g, --probe, --ablation) read its codes of M's input.
+(--explain, --n2g, --probe, --sparse_probe, --ablation) read its codes of M's input.
 """
 
 from __future__ import annotations
@@ -137,12 +137,22 @@ class EvalConfig(ScoringOptions):
     """Probe loss (Gao et al. §4.2): the best 1-D logistic probe over latents for binary tasks labelled
     from the text itself, against the label prior and the same probe on the hookpoint's neurons (eval/probe.py)."""
 
+    sparse_probe: bool = False
+    """k-sparse probing (Gurnee et al. 2023; Kantamneni et al. 2025; SAEBench): per probe task, a logistic
+    probe on the k latents whose mean differs most between positive and negative tokens, ranked and
+    fitted on one half of the windows, its accuracy and AUC on the other; the same on the hookpoint's
+    neurons (eval/sparse_probe.py). A random-model SAE is another folder of the same call."""
+
+    sparse_probe_ks: tuple[int, ...] = (1, 2, 5, 16)
+    """How many latents (and neurons) the sparse probes read, e.g. "[1,2,5,16]"."""
+
     probe_tasks: str = ""
-    """A jsonl of extra probe tasks, one {"task", "text", "labels": per-token 0/1} per line."""
+    """A jsonl of extra probe tasks (for --probe and --sparse_probe), one {"task", "text", "labels":
+    per-token 0/1} per line."""
 
     probe_tokens: int = 0
-    """Score the probes on the first this many eval positions (0: all of them); the dense neuron
-    reference costs tokens x d_in per Newton pass, the part to cap on a CPU."""
+    """Score the probes (--probe, --sparse_probe) on the first this many eval positions (0: all of them);
+    the dense neuron reference of --probe costs tokens x d_in per Newton pass, the part to cap on a CPU."""
 
     n2g: int = 0
     """N2G explanations (Foote et al. 2023; Gao et al. §4.4) of this many random live latents, scored by
@@ -160,15 +170,21 @@ class EvalConfig(ScoringOptions):
     run them without --replace_all."""
 
     def __post_init__(self):
-        per_folder = [f"--{name}" for name in ("explain", "n2g", "probe", "ablation", "wandb") if getattr(self, name)]
+        per_folder = [f"--{name}" for name in ("explain", "n2g", "probe", "sparse_probe", "ablation", "wandb")
+                      if getattr(self, name)]
         if self.replace_all and per_folder:
             raise ValueError(f"--replace_all evaluates the folders as one replacement model; the per-folder options "
                              f"{', '.join(per_folder)} run without it")
         for name in ("explain", "ablation", "n2g", "probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.probe_tasks and not self.probe:
-            raise ValueError("EvalConfig.probe_tasks names extra probe tasks: add --probe to run the probes")
+        if self.probe_tasks and not (self.probe or self.sparse_probe):
+            raise ValueError("EvalConfig.probe_tasks names extra probe tasks: add --probe or --sparse_probe to run "
+                             "the probes")
+        if self.sparse_probe:
+            from .sparse_probe import check_ks
+
+            check_ks(self.sparse_probe_ks)
         for name in ("ablation_per_latent", "ablation_horizon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
@@ -369,8 +385,14 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
     per batch for all of them), each with the optional sections the options ask for."""
     hookpoint, data = jobs[0].hookpoint, jobs[0].data  # one hygiene: jobs are grouped by their data
     saes = {str(job.dir): SparseAutoencoder.load(job.dir, device=device) for job in jobs}
+    if cfg.sparse_probe:  # before the eval pass, not after it
+        from .sparse_probe import check_ks
+
+        for sae in saes.values():
+            check_ks(cfg.sparse_probe_ks, min(sae.cfg.n_latents, sae.cfg.d_in))
+    excluded = excluded_ids(tokenizer, data.exclude_special_tokens)
     results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True,
-                            excluded_token_ids=excluded_ids(tokenizer, data.exclude_special_tokens),
+                            excluded_token_ids=excluded,
                             outlier_norm_ratio=data.outlier_norm_ratio)
     hygiene = {"exclude_special_tokens": data.exclude_special_tokens, "outlier_norm_ratio": data.outlier_norm_ratio}
     reports = {}
@@ -380,19 +402,28 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
             "model_init": _model_init_text(*job.model_init), "hookpoint": hookpoint, "data": source,
             "token_hygiene": hygiene,
             **results[str(job.dir)],
-            **optional_sections(cfg, explain_tools, saes[str(job.dir)], model, tokenizer, hookpoint, windows, job.dir),
+            **optional_sections(cfg, explain_tools, saes[str(job.dir)], model, tokenizer, hookpoint, windows, job.dir,
+                                excluded),
         }
     return reports
 
 
 def optional_sections(cfg: EvalConfig, explain_tools, sae, model, tokenizer, hookpoint: str, windows,
-                      sae_dir: Path) -> dict:
+                      sae_dir: Path, excluded_token_ids: list[int]) -> dict:
     """The report sections beyond the reconstruction metrics that the options ask for: `explain`,
-    then Gao et al.'s other metrics (ablation sparsity, probe loss, N2G)."""
+    then Gao et al.'s other metrics (ablation sparsity, probe loss, N2G) and k-sparse probing, which
+    leaves out the positions of `excluded_token_ids` (token hygiene)."""
     sections = {}
     if cfg.explain:
         sections["explain"] = _explain(cfg, explain_tools, sae, model, tokenizer, hookpoint, windows, sae_dir)
     sections.update(_gao_metrics(cfg, sae, model, tokenizer, hookpoint, windows))
+    if cfg.sparse_probe:
+        from .sparse_probe import sparse_probe_section
+
+        sections["sparse_probe"] = sparse_probe_section(
+            model, tokenizer, sae, hookpoint, windows, cfg.sparse_probe_ks, batch_windows=cfg.batch,
+            tasks_file=cfg.probe_tasks or None, max_tokens=cfg.probe_tokens or None,
+            excluded_token_ids=excluded_token_ids)
     return sections
 
 

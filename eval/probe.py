@@ -277,15 +277,15 @@ class SumsProvider(Protocol):
         """Sums for `units` (U,) int64 at their probes weight (U,), bias (U,)."""
 
 
-def _softplus(s: Tensor) -> Tensor:
+def softplus(s: Tensor) -> Tensor:
     """log(1 + e^s), exact for large |s| (neither overflows nor rounds to 0)."""
     return s.clamp_min(0) + torch.log1p(torch.exp(-s.abs()))
 
 
-def _logistic_terms(s: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def logistic_terms(s: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per element: (loss, r, q) of a logit s against label y; see the module docstring."""
     p = torch.sigmoid(s)
-    return _softplus(s) - y * s, p - y, p * (1 - p)
+    return softplus(s) - y * s, p - y, p * (1 - p)
 
 
 class SparseSums:
@@ -320,7 +320,7 @@ class SparseSums:
         entry_unit = position[self.latents]
         asked = entry_unit >= 0
         unit, z, y = entry_unit[asked], self.values[asked], self.entry_labels[asked]
-        loss, r, q = _logistic_terms(weight[unit] * z + bias[unit], y)
+        loss, r, q = logistic_terms(weight[unit] * z + bias[unit], y)
 
         def total(per_entry: Tensor) -> Tensor:
             return torch.zeros(len(units), dtype=torch.float64, device=self.device).index_add_(0, unit, per_entry)
@@ -328,7 +328,7 @@ class SparseSums:
         silent = self.n_tokens - self.fired[units]  # tokens where the unit is 0
         silent_positives = self.positives - self.fired_positives[units]
         p = torch.sigmoid(bias)
-        silent_loss = silent_positives * _softplus(-bias) + (silent - silent_positives) * _softplus(bias)
+        silent_loss = silent_positives * softplus(-bias) + (silent - silent_positives) * softplus(bias)
         return ProbeSums(
             loss=total(loss) + silent_loss,
             grad_w=total(r * z),
@@ -360,7 +360,7 @@ class DenseSums:
         for first in range(0, len(units), self.chunk_units):
             chunk = slice(first, first + self.chunk_units)
             z = self.columns.index_select(0, units[chunk]).double()  # (c, N)
-            loss, r, q = _logistic_terms(weight[chunk, None] * z + bias[chunk, None], self.labels)
+            loss, r, q = logistic_terms(weight[chunk, None] * z + bias[chunk, None], self.labels)
             parts.append(ProbeSums(loss.sum(1), (r * z).sum(1), r.sum(1), (q * z * z).sum(1), (q * z).sum(1), q.sum(1)))
         return ProbeSums(*(torch.cat(field) for field in zip(*parts)))
 
@@ -463,8 +463,18 @@ def _window_labels(windows: Tensor, tokenizer) -> dict[str, Tensor]:
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in labels.items()}
 
 
+class ProbeTask(NamedTuple):
+    """A task's scored positions (N of them, positions >= 1 of each window or text, in order)."""
+
+    labels: Tensor
+    """(N,) float64 0/1."""
+    token_ids: Tensor
+    """(N,) int64: the token at each position (what token hygiene reads)."""
+    features: Features
+
+
 def _user_tasks(user_texts: dict[str, list[TextLabels]], model: nn.Module, hookpoint: str,
-                sae: SparseAutoencoder) -> dict[str, tuple[Tensor, Features]]:
+                sae: SparseAutoencoder) -> dict[str, ProbeTask]:
     """Per user task, its labels and features: each text truncated to the model's context, position 0 dropped."""
     config = getattr(model, "config", None)
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
@@ -472,7 +482,9 @@ def _user_tasks(user_texts: dict[str, list[TextLabels]], model: nn.Module, hookp
     for name, texts in user_texts.items():
         texts = [TextLabels(text.ids[:context], text.labels[:context]) for text in texts]
         labels = torch.tensor([label for text in texts for label in text.labels[1:]], dtype=torch.float64)
-        tasks[name] = labels, _features(model, hookpoint, sae, [torch.tensor([text.ids]) for text in texts])
+        token_ids = torch.tensor([token for text in texts for token in text.ids[1:]], dtype=torch.long)
+        tasks[name] = ProbeTask(labels, token_ids,
+                                _features(model, hookpoint, sae, [torch.tensor([text.ids]) for text in texts]))
     return tasks
 
 
@@ -480,6 +492,19 @@ def fit_half(n_tokens: int, block: int) -> Tensor:
     """(n_tokens,) bool: the tokens probes are fitted on, blocks 0, 2, 4, ... of `block` consecutive
     tokens (one eval window each); the other blocks are the held-out half the losses are measured on."""
     return torch.arange(n_tokens) // block % 2 == 0
+
+
+def too_few_reason(labels: Tensor, fit: Tensor, min_class_tokens: int) -> str | None:
+    """Why a task of `labels` (N,) 0/1 split by `fit` (N,) bool cannot be scored: fewer than
+    `min_class_tokens` (at least 1) positive or negative tokens in either half; None when it can."""
+    tokens, positives = len(labels), int(labels.sum())
+    counts = [(int(labels[half].sum()), int((1 - labels[half]).sum())) for half in (fit, ~fit)]
+    if min(count for half in counts for count in half) >= max(min_class_tokens, 1):
+        return None
+    (fit_pos, fit_neg), (held_pos, held_neg) = counts
+    return (f"{positives} positive and {tokens - positives} negative tokens of {tokens} ({fit_pos} and {fit_neg} "
+            f"in the fit half, {held_pos} and {held_neg} in the held-out half); needs at least "
+            f"{min_class_tokens} of each in each half")
 
 
 def held_out_prior_loss(fit_labels: Tensor, scored_labels: Tensor) -> float:
@@ -505,22 +530,51 @@ def _score_task(labels: Tensor, features: Features, n_latents: int, min_class_to
     nor the choice among thousands of latents (against d_in neurons) fits the tokens it is scored on."""
     fit = fit_half(len(labels), block)
     tokens, positives = len(labels), int(labels.sum())
-    counts = [(int(labels[half].sum()), int((1 - labels[half]).sum())) for half in (fit, ~fit)]
-    if min(count for half in counts for count in half) < max(min_class_tokens, 1):
-        (fit_pos, fit_neg), (held_pos, held_neg) = counts
-        return (f"{positives} positive and {tokens - positives} negative tokens of {tokens} ({fit_pos} and {fit_neg} "
-                f"in the fit half, {held_pos} and {held_neg} in the held-out half); needs at least "
-                f"{min_class_tokens} of each in each half")
+    if (reason := too_few_reason(labels, fit, min_class_tokens)) is not None:
+        return reason
     device = features.values.device
     labels, fit = labels.to(device), fit.to(device)
     latent_loss, best_latent = held_out_best(
         lambda rows: SparseSums.from_codes(features.values[rows], features.indices[rows], labels[rows], n_latents), fit)
     neuron_loss, best_neuron = held_out_best(lambda rows: DenseSums(features.neurons[:, rows].T, labels[rows]), fit)
     return {
-        "positives": positives, "tokens": tokens, "held_out_tokens": counts[1][0] + counts[1][1],
+        "positives": positives, "tokens": tokens, "held_out_tokens": int((~fit).sum()),
         "baseline_loss": held_out_prior_loss(labels[fit], labels[~fit]),
         "loss": latent_loss, "best_latent": best_latent, "neuron_loss": neuron_loss, "best_neuron": best_neuron,
     }
+
+
+def probe_tasks(
+    model: nn.Module,
+    tokenizer,
+    sae: SparseAutoencoder,
+    hookpoint: str,
+    windows: Tensor,
+    batch_windows: int = 16,
+    tasks_file: str | Path | None = None,
+    max_tokens: int | None = None,
+) -> dict[str, ProbeTask]:
+    """Every task's labels, token ids and features: the built-in tasks (TASKS) on `windows` (n_windows,
+    ctx_len), positions >= 1, the first `max_tokens` of them when given; the user tasks of `tasks_file`
+    (read_task_file) on their own texts. What `probe_section` and eval/sparse_probe.py score."""
+    if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n_windows >= 1, ctx_len >= 2), got shape {tuple(windows.shape)}")
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    user_texts = read_task_file(tasks_file, tokenizer) if tasks_file is not None else {}  # its errors first
+    if max_tokens is not None:
+        windows = windows[: math.ceil(max_tokens / (windows.shape[1] - 1))]
+    batches = [windows[first : first + batch_windows] for first in range(0, len(windows), batch_windows)]
+    features = _features(model, hookpoint, sae, batches)
+    n = len(features.values)
+    if max_tokens is not None and max_tokens < n:  # the last window only in part
+        n = max_tokens
+        features = Features(features.values[:n], features.indices[:n], features.neurons[:, :n].contiguous())
+    token_ids = windows[:, 1:].flatten()[:n].long()
+    tasks = {name: ProbeTask(labels[:n], token_ids, features)
+             for name, labels in _window_labels(windows, tokenizer).items()}
+    tasks.update(_user_tasks(user_texts, model, hookpoint, sae))
+    return tasks
 
 
 def probe_section(
@@ -544,25 +598,10 @@ def probe_section(
     eval tokens (positions >= 1, the first windows first); `tasks_file` adds user tasks (read_task_file),
     scored on their own texts.
     """
-    if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be (n_windows >= 1, ctx_len >= 2), got shape {tuple(windows.shape)}")
-    if max_tokens is not None and max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    user_texts = read_task_file(tasks_file, tokenizer) if tasks_file is not None else {}  # its errors first
-    if max_tokens is not None:
-        windows = windows[: math.ceil(max_tokens / (windows.shape[1] - 1))]
-    batches = [windows[first : first + batch_windows] for first in range(0, len(windows), batch_windows)]
-    features = _features(model, hookpoint, sae, batches)
-    n = len(features.values)
-    if max_tokens is not None and max_tokens < n:  # the last window only in part
-        n = max_tokens
-        features = Features(features.values[:n], features.indices[:n], features.neurons[:, :n].contiguous())
-    tasks = {name: (labels[:n], features) for name, labels in _window_labels(windows, tokenizer).items()}
-    tasks.update(_user_tasks(user_texts, model, hookpoint, sae))
-
+    tasks = probe_tasks(model, tokenizer, sae, hookpoint, windows, batch_windows, tasks_file, max_tokens)
     scored, skipped = {}, {}
-    for name, (labels, task_features) in tasks.items():
-        result = _score_task(labels, task_features, sae.cfg.n_latents, min_class_tokens, block=windows.shape[1] - 1)
+    for name, task in tasks.items():
+        result = _score_task(task.labels, task.features, sae.cfg.n_latents, min_class_tokens, block=windows.shape[1] - 1)
         (skipped if isinstance(result, str) else scored)[name] = result
     return {
         "mean_loss": mean_or_none(task["loss"] for task in scored.values()),

@@ -97,11 +97,21 @@ def replacement_table(report: dict) -> str:
     return "\n".join([*_aligned([header, *rows]), "", footer])
 
 
-INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "n2g")
-"""Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--n2g`)."""
+INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "sparse_probe", "n2g")
+"""Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--sparse_probe`, `--n2g`)."""
 
 
-_INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "ablation", "probe (prior / neurons)", "n2g P / R (shuffled)")
+_SPARSE_PROBE_COLUMN = "sparse probe AUC (neurons)"
+_INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "ablation", "probe (prior / neurons)", _SPARSE_PROBE_COLUMN,
+                             "n2g P / R (shuffled)")
+
+
+def _sparse_probe_cell(section: dict) -> str:
+    """Mean test AUC of the sparse probes at the smallest and largest k, the neurons' in brackets:
+    "k=1 0.912 (0.801) · k=16 0.950 (0.930)"."""
+    ks = section["ks"] if len(section["ks"]) == 1 else [section["ks"][0], section["ks"][-1]]
+    return " · ".join(f"k={k} {format_or_dash(section['mean'][str(k)]['auc'], '.3f')} "
+                      f"({format_or_dash(section['neuron_mean'][str(k)]['auc'], '.3f')})" for k in ks)
 
 
 def _interpretability_cells(report: dict) -> dict[str, str]:
@@ -113,6 +123,8 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
     if probe := report.get("probe"):
         cells["probe (prior / neurons)"] = (f"{format_or_dash(probe['mean_loss'], '.4f')} ({format_or_dash(probe['baseline_loss'], '.4f')} / "
                                             f"{format_or_dash(probe['neuron_mean_loss'], '.4f')})")
+    if sparse_probe := report.get("sparse_probe"):
+        cells[_SPARSE_PROBE_COLUMN] = _sparse_probe_cell(sparse_probe)
     if n2g := report.get("n2g"):
         cells["n2g P / R (shuffled)"] = (f"{format_or_dash(n2g['precision'], '.3f')} / {format_or_dash(n2g['recall'], '.3f')} "
                                          f"({format_or_dash(n2g['precision_shuffled'], '.3f')} / {format_or_dash(n2g['recall_shuffled'], '.3f')})")
@@ -121,7 +133,8 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
 
 def interpretability_table(reports: Sequence[dict]) -> str:
     """One row per SAE: its kind, the LM it reads (pretrained or random init), the explain score (top-and-random,
-    primary simulator), mean ablation sparsity, probe loss and N2G precision / recall; "–" where not run."""
+    primary simulator), mean ablation sparsity, probe loss, sparse probe AUC and N2G precision / recall; "–"
+    where not run."""
     rows = [_interpretability_cells(report) for report in reports]
     header = [column for column in _INTERPRETABILITY_COLUMNS if any(column in row for row in rows)]
     return "\n".join(_aligned([header, *([row.get(key, "–") for key in header] for row in rows)]))

@@ -1,5 +1,5 @@
 """The index page's sections for Gao et al.'s other metrics, from the eval report: ablation sparsity
-(`--ablation`), probe loss (`--probe`), N2G (`--n2g`), and the scaling fit of the run (`python -m
+(`--ablation`), probe loss (`--probe`), k-sparse probing (`--sparse_probe`), N2G (`--n2g`), and the scaling fit of the run (`python -m
 eval.scaling`). Each section is "" when its input is absent, so a report without them renders as before."""
 
 from __future__ import annotations
@@ -55,6 +55,37 @@ def probe_html(report: dict) -> str:
             "one-latent logistic probe (Gao et al. §4.2), the label prior's entropy, and the same probe on the "
             "hookpoint's neurons. Lower is better.</p>\n"
             f'{means}\n<table class="sortable" id="probe-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>\n" + (f'<p class="note">Skipped:</p><ul>{note}</ul>' if note else ""))
+
+
+def sparse_probe_html(report: dict) -> str:
+    """Per task and k, the test AUC of the k-sparse probe on latents and on neurons; means with accuracy."""
+    section = report.get("sparse_probe")
+    if not isinstance(section, dict):
+        return ""
+    ks = [str(k) for k in section.get("ks") or []]
+    means, neuron_means = section.get("mean") or {}, section.get("neuron_mean") or {}
+    facts = [(f"k={k}: {label} {metric}", (means if label == "latents" else neuron_means).get(k, {}).get(metric))
+             for k in ks for label in ("latents", "neurons") for metric in ("auc", "accuracy")]
+    rows = []
+    for name, task in (section.get("tasks") or {}).items():
+        latents, neurons = task.get("latents") or {}, task.get("neurons") or {}
+        cells = [text_cell(name), number_cell(task.get("test_positives")), number_cell(task.get("test_negatives")),
+                 number_cell(task.get("majority_accuracy"))]
+        for k in ks:
+            cells += [number_cell(latents.get(k, {}).get("auc")), number_cell(neurons.get(k, {}).get("auc"))]
+        first = (latents.get(ks[0], {}).get("units") or [None])[0] if ks else None
+        rows.append("<tr>" + "".join(cells + [number_cell(first)]) + "</tr>")
+    skipped = section.get("skipped") or {}
+    note = "".join(f"<li>{esc(name)}: {esc(reason)}</li>" for name, reason in skipped.items())
+    titles = ["task", "test positives", "test negatives", "majority accuracy",
+              *(title for k in ks for title in (f"AUC k={k}", f"neurons k={k}")), "top latent"]
+    head = "".join(f"<th>{esc(title)}</th>" for title in titles)
+    return ('<h2 id="sparse-probe">k-sparse probing</h2>\n<p class="note">Per task, the test AUC of a logistic '
+            "probe on the k latents (and the k hookpoint neurons) whose mean differs most between positive and "
+            "negative tokens, ranked and fitted on the other half of the windows (Gurnee et al. 2023; Kantamneni "
+            "et al. 2025). Higher is better; 0.5 is chance.</p>\n"
+            f'{facts_table(facts)}\n<table class="sortable" id="sparse-probe-table"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>\n" + (f'<p class="note">Skipped:</p><ul>{note}</ul>' if note else ""))
 
 
