@@ -24,6 +24,7 @@ from torch import Tensor
 from sae.activations import check_context_length, load_model_and_tokenizer
 from sae.config import DataConfig, check_outlier_norm_ratio, parse_args
 from sae.folder import is_sae_folder, read_any_sae_metadata
+from sae.hub import is_hub_path, resolve_sae_path
 from sae.hygiene import excluded_ids
 from sae.model import SparseAutoencoder
 from sae.distributed import resolve_device
@@ -507,6 +508,19 @@ def split_positionals(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:first_option], argv[first_option:]
 
 
+def fetch_hub_saes(cfg: EvalConfig, sae_dirs: list[str]) -> list[str]:
+    """The SAE folders with each hf://OWNER/REPO/SUBFOLDER replaced by its folder in huggingface_hub's cache
+    (sae/hub.py: fetched, or read offline). Nothing is written beside an SAE read from that cache:
+    --explain needs --explain_out, and --wandb (which writes next to the SAE) is refused."""
+    hub = [sae_dir for sae_dir in sae_dirs if is_hub_path(sae_dir)]
+    if hub and cfg.explain and not cfg.explain_out:
+        raise UsageError(f"{hub[0]} is read from huggingface_hub's cache; --explain writes its records beside the SAE, "
+                         "so pass --explain_out FILE")
+    if hub and cfg.wandb:
+        raise UsageError(f"--wandb writes into the SAE's training run, which {hub[0]} from the Hub does not have here")
+    return [str(resolve_sae_path(sae_dir)) if is_hub_path(sae_dir) else sae_dir for sae_dir in sae_dirs]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     sae_dirs, options = split_positionals(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(options, EvalConfig, usage=__doc__)
@@ -514,6 +528,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise UsageError("name one or more SAE folders: python -m eval SAE_DIR [SAE_DIR ...] [--options]; --help lists the options")
     if cfg.out:
         check_report_path(cfg.out)  # before the work, not after it
+    sae_dirs = fetch_hub_saes(cfg, sae_dirs)
     started = time.perf_counter()
     if cfg.replace_all:
         reports = [run_replacement(cfg, sae_dirs)]

@@ -331,3 +331,19 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, hub_cache, capsys):
     assert "eval report" in cli_error([str(run), REPO, "--report", str(tmp_path / "bad-report.json")], capsys)
     assert "HF_HUB_OFFLINE is set" in cli_error([str(run), REPO], capsys)  # the real HfApi, offline
     assert not (tmp_path / "o").exists()
+
+
+def test_python_m_eval_reads_an_sae_from_the_hub_cache(tmp_path, hub_cache, tiny_lm_dir, text_file):
+    from eval.__main__ import main as eval_main
+    from sae.errors import UsageError
+
+    tree = tmp_path / "tree"
+    metadata = {"model": str(tiny_lm_dir), "hookpoint": "transformer.h.1", "dataset": str(text_file), "split": "train",
+                "ctx_len": 16, "exclude_special_tokens": True}
+    random_sae(3).save(tree / "transformer.h.1", metadata=metadata)
+    put_in_cache(hub_cache, "owner/tiny", tree, COMMIT_A, refs=("main",))
+    [from_hub] = eval_main(["hf://owner/tiny/transformer.h.1", "--tokens", "480", "--split", "test"])
+    [local] = eval_main([str(tree / "transformer.h.1"), "--tokens", "480", "--split", "test"])
+    assert from_hub["fvu"] == local["fvu"] and from_hub["token_hygiene"]["exclude_special_tokens"]
+    with pytest.raises(UsageError, match="--explain_out"):
+        eval_main(["hf://owner/tiny/transformer.h.1", "--explain", "2"])
