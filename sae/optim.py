@@ -50,8 +50,8 @@ def lr_rule_note(sae_cfg: SaeConfig, cfg: TrainConfig) -> str | None:
     lr = default_lr(sae_cfg.n_latents, sae_cfg.k, cfg.optimizer, cfg.batch_size)
     return (f"note: the default lr {lr:.3g} comes from a rule measured up to {LR_RULE_MEASURED_LATENTS:,} latents and "
             f"batch {LR_RULE_MEASURED_BATCH:,}; this SAE has {sae_cfg.n_latents:,} latents at batch {cfg.batch_size:,}, "
-            "and at 32,768 latents and batch 32,768 the rule's lr was twice too high (docs/peers.md, \"The "
-            "learning-rate rule\"); pass --lr to set one")
+            "and at 32,768 latents (batch 32,768) and 131,072 latents (batch 4,096) half the rule's lr trained "
+            "better (docs/peers.md, \"The learning-rate rule\"); pass --lr to set one")
 
 
 def run_lr(lr: float | None, sae_cfg: SaeConfig, cfg: TrainConfig) -> float:
