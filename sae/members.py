@@ -26,7 +26,7 @@ from .files import TensorSpec, atomic_folder
 from .full_state import (drain, full_state_chunks, full_state_specs, gather_full_state, load_from_full_state,
                          sae_from_full_state)
 from .folder import fold_scales, write_sae_folder
-from .divergence import DivergenceWatch
+from .divergence import DeadLatentWatch, DivergenceWatch
 from .model import SparseAutoencoder, normalize_rows_
 from .optim import evaluated_rows, make_optimizer, run_lr
 from .parallel import ShardLayout
@@ -59,6 +59,8 @@ class Member:
     eval_metrics: dict = field(default_factory=dict)
     divergence: DivergenceWatch = field(default_factory=DivergenceWatch)
     """Rank 0's watch on the logged training fvu (`divergence.py`)."""
+    dead_watch: DeadLatentWatch = field(default_factory=DeadLatentWatch)
+    """Rank 0's watch on the logged dead fraction (`divergence.py`)."""
 
     @property
     def input_site(self) -> str:

@@ -330,14 +330,18 @@ def run_steps(run: Run, batches: Iterator[dict[str, Tensor]], start_step: int, t
 
 def write_log_line(run: Run, line: dict[str, Any], progress: tqdm) -> None:
     """Rank 0: log a step's line, show the first member's metrics on the progress bar, and warn once per
-    member whose training fvu has risen for a sustained stretch (`divergence.DivergenceWatch`)."""
+    member whose training fvu has risen for a sustained stretch (`divergence.DivergenceWatch`), and once
+    per member whose dead fraction passes `divergence.DEAD_FRACTION`."""
     if run.log is None:
         return
     run.log.write(line)
     for member in run.members:
-        if member.divergence.update(member.metrics["fvu"]):
-            what = member.name or member.hookpoint
-            progress.write(member.divergence.message(what, member.metrics["lr"], line["step"]), file=sys.stderr)
+        what, metrics = member.name or member.hookpoint, member.metrics
+        if member.divergence.update(metrics["fvu"]):
+            progress.write(member.divergence.message(what, metrics["lr"], line["step"]), file=sys.stderr)
+        if member.dead_watch.update(metrics["dead_frac"]):
+            progress.write(member.dead_watch.message(what, metrics["dead_frac"], metrics["lr"], line["step"]),
+                           file=sys.stderr)
     first = run.members[0].metrics
     progress.set_postfix(fvu=f"{first['fvu']:.4f}", l0=f"{first['l0']:.1f}",
                          dead=f"{first['dead_frac']:.3f}", tok_s=f"{line['tokens_per_s']:,.0f}")

@@ -1,9 +1,10 @@
-"""The late-divergence warning (sae/divergence.py): it fires once on a sustained rise of the logged fvu,
-never on a noisy plateau, and the trainer prints it in one line naming the SAE and the lr."""
+"""The warnings of sae/divergence.py: late divergence fires once on a sustained rise of the logged fvu, never
+on a noisy plateau; the dead-latent one once when the dead fraction passes DEAD_FRACTION; the trainer prints
+each in one line naming the SAE and the lr."""
 
 import random
 
-from sae.divergence import PATIENCE, DivergenceWatch
+from sae.divergence import DEAD_FRACTION, PATIENCE, DeadLatentWatch, DivergenceWatch
 
 
 def warned_at(values) -> list[int]:
@@ -38,10 +39,36 @@ def test_the_trainer_prints_it_once_in_one_line(capsys):
         def set_postfix(self, **_):
             pass
 
-    member = SimpleNamespace(name="k16", hookpoint="transformer.h.2", metrics={}, divergence=DivergenceWatch())
+    member = SimpleNamespace(name="k16", hookpoint="transformer.h.2", metrics={}, divergence=DivergenceWatch(),
+                             dead_watch=DeadLatentWatch())
     run = SimpleNamespace(log=SimpleNamespace(write=lambda line: None), members=[member])
     for step, fvu in enumerate([0.5 * 0.95**i for i in range(60)] + [0.5] * 60, start=1):
         member.metrics = {"fvu": fvu, "lr": 0.032, "l0": 16.0, "dead_frac": 0.0}
         write_log_line(run, {"step": step, "tokens_per_s": 1.0}, Progress())
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "k16" in lines[0] and "lr 0.032" in lines[0] and lines[0].startswith("warning:")
+
+
+def test_latents_dying_in_numbers_warn_once_in_one_line(capsys):
+    from types import SimpleNamespace
+
+    from sae.trainer import write_log_line
+
+    class Progress:
+        def write(self, text, file):
+            print(text, file=file)
+
+        def set_postfix(self, **_):
+            pass
+
+    watch = DeadLatentWatch()
+    assert [watch.update(dead) for dead in (0.0, DEAD_FRACTION, 0.125, 0.3, 0.05, 0.5)] == [
+        False, False, True, False, False, False]
+    member = SimpleNamespace(name="", hookpoint="transformer.h.2", metrics={}, divergence=DivergenceWatch(),
+                             dead_watch=DeadLatentWatch())
+    run = SimpleNamespace(log=SimpleNamespace(write=lambda line: None), members=[member])
+    for step, dead in enumerate([0.0] * 30 + [0.02, 0.08, 0.125, 0.34], start=1):
+        member.metrics = {"fvu": 0.1, "lr": 0.019, "l0": 32.0, "dead_frac": dead}
+        write_log_line(run, {"step": step, "tokens_per_s": 1.0}, Progress())
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: 12.5% of transformer.h.2's latents are dead at step 33") and "lr 0.019" in line
