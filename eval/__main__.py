@@ -497,7 +497,8 @@ def _explain(cfg: EvalConfig, tools: tuple, sae, model, tokenizer, hookpoint: st
     section = explain_sae(sae, model, tokenizer, hookpoint, windows, n_units=cfg.explain, simulators=simulators,
                           explainer_backend=explainer_backend, latents=latents, neurons=cfg.explain_neurons,
                           neuron_site=named_neuron_site(model, cfg.neuron_module) if cfg.neuron_module else None,
-                          seed=cfg.seed, batch_windows=cfg.batch, jsonl_path=jsonl)
+                          seed=cfg.seed, batch_windows=cfg.batch, jsonl_path=jsonl,
+                          methods=cfg.scorers)
     print(explain_table(section))
     return section
 

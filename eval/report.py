@@ -102,8 +102,8 @@ INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "sparse_probe"
 
 
 _SPARSE_PROBE_COLUMN = "sparse probe AUC (neurons)"
-_INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "ablation", "probe (prior / neurons)", _SPARSE_PROBE_COLUMN,
-                             "n2g P / R (shuffled)")
+_INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "detection / fuzzing AUC", "ablation",
+                             "probe (prior / neurons)", _SPARSE_PROBE_COLUMN, "n2g P / R (shuffled)")
 
 
 def _sparse_probe_cell(section: dict) -> str:
@@ -118,6 +118,9 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
     cells = {"sae": report["sae"], "kind": kind_of(report), "lm": report.get("model_init", "pretrained")}
     if explain := report.get("explain"):
         cells["explain"] = format_or_dash(explain["mean_score_top_and_random"], ".3f")
+        if "mean_detection_auc" in explain:
+            cells["detection / fuzzing AUC"] = (f"{format_or_dash(explain['mean_detection_auc'], '.3f')} / "
+                                                f"{format_or_dash(explain['mean_fuzzing_auc'], '.3f')}")
     if ablation := report.get("ablation_sparsity"):
         cells["ablation"] = format_or_dash(ablation["mean"], ".4g")
     if probe := report.get("probe"):

@@ -8,6 +8,9 @@ is not in the prompt. Those S extra tokens ride along in the same forward pass: 
 after the prompt, each with the position id of its slot and an attention mask that lets it see only
 the prompt before its slot and itself, so each gives exactly what a separate forward on
 (prompt[:slot] + "1") would. The prompt's own rows keep the causal mask.
+
+Detection and fuzzing (eval/explain/classifiers.py) read one-token answers (" no", " yes") at their slots
+from one forward pass (`answer_distributions`).
 """
 
 from __future__ import annotations
@@ -50,9 +53,8 @@ class TransformersBackend:
             text = text.split(marker)[0]
         return text
 
-    @torch.no_grad()
-    def digit_distributions(self, prompt: str, slot_offsets: list[int]) -> list[list[float]]:
-        """For each slot (a character offset where a prompt token begins), P("0".."10") renormalised."""
+    def _slot_positions(self, prompt: str, slot_offsets: list[int]) -> tuple[list[int], list[int]]:
+        """The prompt's token ids, and the index of the token that begins at each slot offset."""
         encoding = self.tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         token_at = {start: index for index, (start, _end) in enumerate(offsets)}
@@ -61,10 +63,30 @@ class TransformersBackend:
             if offset not in token_at or token_at[offset] == 0:
                 raise ValueError(f"no token of the prompt begins at slot offset {offset}: the tokenizer merged it with the text before")
             positions.append(token_at[offset])
+        if self.max_positions and len(ids) > self.max_positions:
+            raise ValueError(f"the prompt has {len(ids)} tokens; {self.name} takes at most {self.max_positions}")
+        return ids, positions
+
+    @torch.no_grad()
+    def answer_distributions(self, prompt: str, slot_offsets: list[int], answers: list[str]) -> list[list[float]]:
+        """For each slot, P(each of `answers`, e.g. " no", " yes") as the next token there, renormalised
+        over them: one forward pass. Each answer must be one token of this tokenizer."""
+        answer_ids = [self.tokenizer.encode(answer, add_special_tokens=False) for answer in answers]
+        if any(len(ids) != 1 for ids in answer_ids):
+            raise ValueError(f"{self.name}: the answers {list(answers)} are not one token each: {answer_ids}")
+        if not slot_offsets:
+            return []
+        ids, positions = self._slot_positions(prompt, slot_offsets)
+        log_probs = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().log_softmax(-1)
+        chosen = log_probs[torch.tensor(positions, device=self.device) - 1][:, [ids[0] for ids in answer_ids]]
+        return chosen.double().softmax(-1).tolist()
+
+    @torch.no_grad()
+    def digit_distributions(self, prompt: str, slot_offsets: list[int]) -> list[list[float]]:
+        """For each slot (a character offset where a prompt token begins), P("0".."10") renormalised."""
+        ids, positions = self._slot_positions(prompt, slot_offsets)
         n_prompt, n_slots = len(ids), len(positions)
         extra = 0 if self.ten_is_one_token else n_slots
-        if self.max_positions and n_prompt > self.max_positions:
-            raise ValueError(f"the simulator prompt has {n_prompt} tokens; {self.name} takes at most {self.max_positions}")
 
         input_ids = torch.tensor([ids + [self.digit_ids[1][0]] * extra], device=self.device)
         position_ids = torch.tensor([list(range(n_prompt)) + positions[:extra]], device=self.device)

@@ -10,6 +10,9 @@ request with `echo` (and `max_tokens: 1`: some servers refuse 0; the one generat
 the prompt and is ignored) makes the server score the prompt itself, and the top
 logprobs of the token at each placeholder give the model's distribution over the values "0".."10".
 
+Detection and fuzzing (Paulo et al. 2024; eval/explain/classifiers.py) read yes/no answers at their slots
+the same way, one echo request per batch of excerpts (`answer_distributions`).
+
 Tokenizers that split digits (Llama-2, Mistral) write the value 10 as two tokens, "1" "0", so the
 token at a placeholder cannot tell 1 from 10. Once per backend, a probe request (TEN_PROBE_PROMPT,
 echoed) shows how the server's own tokenizer writes "10" in a slot. When it is two tokens, a second
@@ -167,16 +170,7 @@ class HttpBackend:
         if not slot_offsets:
             return []
         ten_is_one_token = self._server_writes_ten_as_one_token()
-        payload = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": 1,
-            "echo": True,
-            "logprobs": self.top_logprobs,
-            "temperature": 0,
-        }
-        reply = self._request("/completions", payload, _check_echo_reply)
-        logprobs = reply["choices"][0]["logprobs"]
+        logprobs = self._echo_logprobs(prompt)
         # With "10" split, no token "10" exists: the value 10 is read through the "1".
         value_tokens = DIGITS if ten_is_one_token else DIGITS[:10]
         slot_weights = [
@@ -189,7 +183,31 @@ class HttpBackend:
                 one_or_ten = weights.pop(1, 0.0)
                 weights[1] = one_or_ten * (1.0 - zero)
                 weights[10] = one_or_ten * zero
-        return [_renormalised(weights) for weights in slot_weights]
+        return [_renormalised(weights, len(DIGITS)) for weights in slot_weights]
+
+    def answer_distributions(self, prompt: str, slot_offsets: list[int], answers: list[str]) -> list[list[float]]:
+        """For each slot, the model's probabilities of the token written there being each of `answers`
+        (e.g. " no", " yes"), renormalised over them: one echo request for every slot, read as
+        `digit_distributions` reads its values (an answer missing from the top logprobs gets 0; none of
+        them there raises ValueError naming the slot)."""
+        if not slot_offsets:
+            return []
+        logprobs = self._echo_logprobs(prompt)
+        return [_renormalised(_value_weights_at(logprobs, offset, list(answers), self.top_logprobs), len(answers))
+                for offset in slot_offsets]
+
+    def _echo_logprobs(self, prompt: str) -> dict[str, Any]:
+        """choices[0].logprobs of POST {base_url}/completions with echo: the server's top logprobs of
+        every token of `prompt` given the tokens before it."""
+        payload = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": self.top_logprobs,
+            "temperature": 0,
+        }
+        return self._request("/completions", payload, _check_echo_reply)["choices"][0]["logprobs"]
 
     def map(self, function: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
         """function(item) for every item, up to `concurrency` at a time, results in input order.
@@ -467,10 +485,10 @@ def _value_weights_at(
     return {value: math.exp(logprob - largest) for value, logprob in value_logprobs.items()}
 
 
-def _renormalised(weights: dict[int, float]) -> list[float]:
-    """11 probabilities (index = value 0..10) proportional to `weights`, 0 for values absent."""
+def _renormalised(weights: dict[int, float], size: int) -> list[float]:
+    """`size` probabilities (index = value, e.g. 0..10) proportional to `weights`, 0 for values absent."""
     total = sum(weights.values())
-    return [weights.get(value, 0.0) / total for value in range(len(DIGITS))]
+    return [weights.get(value, 0.0) / total for value in range(size)]
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -16,6 +16,11 @@ class ScoringOptions:
     """Comma-separated: token-lookup, embedding, llm, n2g (N2G patterns, its own explainer; `python -m eval`
     only); "auto" uses every one available."""
 
+    scorers: str = "simulation,detection,fuzzing"
+    """Comma-separated scoring methods of `python -m eval --explain`: simulation (Bills et al.'s
+    correlation), detection and fuzzing (Paulo et al. 2024: yes/no questions scored by balanced accuracy,
+    F1 and AUC), each under every simulator's scorer. The puzzles use simulation only."""
+
     simulator_url: str = ""
     """OpenAI-compatible server (e.g. http://host:8000/v1) for the all-at-once LLM simulator (completions
     with echo + logprobs)."""

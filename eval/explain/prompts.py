@@ -113,3 +113,54 @@ def simulator_prompt(explanation: str, tokens: list[str], unit: str = "latent") 
         slots.append(len(prompt))
         prompt += f"{UNKNOWN}\n"
     return prompt + "<end>\n", slots
+
+
+# ---- detection and fuzzing (Paulo et al. 2024; eval/explain/detection.py) ------------------------------
+
+ANSWERS = (" no", " yes")
+"""The answers a detection or fuzzing prompt reads at each slot, index 1 = yes."""
+
+MARK_OPEN, MARK_CLOSE = "<<", ">>"
+"""Around each marked token of a fuzzing excerpt (delphi's delimiters)."""
+
+_DETECT_INTRO = (
+    "Below are a description of one {unit} of a neural network and numbered stretches of text. After each "
+    "stretch, answer yes if the {unit} responds to some token of it, following its description, else no.\n\n"
+    "Description: the main thing this {unit} does is find years written as four digits.\n"
+    "Text 1: The treaty was signed in 1783 and revised later.\nAnswer: yes\n"
+    "Text 2: She closed the window because of the rain.\nAnswer: no\n\n"
+)
+
+_FUZZ_INTRO = (
+    "Below are a description of one {unit} of a neural network and numbered stretches of text in which some "
+    "tokens are marked " + MARK_OPEN + "like this" + MARK_CLOSE + ". After each stretch, answer yes if the "
+    "marked tokens are ones the {unit} responds to, following its description, else no.\n\n"
+    "Description: the main thing this {unit} does is find years written as four digits.\n"
+    "Text 1: The treaty was signed in " + MARK_OPEN + " 17" + MARK_CLOSE + MARK_OPEN + "83" + MARK_CLOSE
+    + " and revised later.\nAnswer: yes\n"
+    "Text 2: The " + MARK_OPEN + " treaty" + MARK_CLOSE + " was signed in 1783 and " + MARK_OPEN + " revised"
+    + MARK_CLOSE + " later.\nAnswer: no\n\n"
+)
+
+
+def marked_text(tokens: list[str], marks: list[bool] | None = None) -> str:
+    """An excerpt on one line (tabs and newlines escaped), each marked token between the delimiters."""
+    marks = marks or [False] * len(tokens)
+    return "".join(MARK_OPEN + escape(token) + MARK_CLOSE if marked else escape(token)
+                   for token, marked in zip(tokens, marks, strict=True))
+
+
+def yes_no_prompt(explanation: str, excerpts: list[list[str]], marks: list[list[bool]] | None = None,
+                  unit: str = "latent") -> tuple[str, list[int]]:
+    """Detection (no `marks`) or fuzzing prompt for a batch of excerpts, and the character offset of each
+    answer's slot: every answer is written " unknown", so one forward pass scores the prompt and the
+    next-token probabilities of ANSWERS at each slot are the answers (as `simulator_prompt` does)."""
+    parts = [(_DETECT_INTRO if marks is None else _FUZZ_INTRO).format(unit=unit),
+             f"Description: the main thing this {unit} does is find {explanation}.\n"]
+    prompt = "".join(parts)
+    slots = []
+    for number, tokens in enumerate(excerpts, start=1):
+        prompt += f"Text {number}: {marked_text(tokens, None if marks is None else marks[number - 1])}\nAnswer:"
+        slots.append(len(prompt))
+        prompt += f" {UNKNOWN}\n"
+    return prompt, slots

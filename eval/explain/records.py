@@ -16,6 +16,12 @@ the top excerpts of even rank; scoring uses those of odd rank and the random exc
 excerpt is one the explainer saw. Random excerpts come from one seeded draw of windows, the same for
 every unit except that a unit skips the windows of its own explanation excerpts (the next windows of
 the draw take their place): a unit that rarely fires shows mostly zeros there, as it should.
+
+With `n_quantiles`, each unit also gets activating excerpts across its activation distribution, for
+detection and fuzzing (Paulo et al. 2024 draw activating examples across activation quantiles, not only
+the top ones): its activating windows (maximum > 0) ranked by maximum, cut into `n_quantiles` bins of
+equal size, one window drawn from each; never one of its top or random windows. The pass keeps every
+window's maximum per unit ((units, windows) floats); a second pass reads the drawn windows.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class UnitRecords:
     random: list[Excerpt]
     """Random excerpts: windows of one seeded draw, none of them an explanation excerpt's window."""
 
+    quantile: list[Excerpt] = field(default_factory=list)
+    """Activating excerpts, one per bin of the unit's activation distribution, strongest bin first
+    (`collect_records`' n_quantiles); none from a top or random excerpt's window."""
+
     extra: dict = field(default_factory=dict)
 
     def explanation_excerpts(self, count: int = 5) -> list[Excerpt]:
@@ -110,21 +120,25 @@ def collect_records(
     n_random: int = 20,
     batch_windows: int = 32,
     seed: int = 0,
+    n_quantiles: int = 0,
 ) -> list[UnitRecords]:
     """Records for `units` (their activations come from `unit_activations`, in that order).
 
     Each unit gets `n_random` random excerpts (fewer only when `windows` has too few windows besides
-    its explanation excerpts')."""
+    its explanation excerpts'), and up to `n_quantiles` quantile excerpts (module docstring)."""
     n_windows = len(windows)
     n_top = min(n_top, n_windows)
     # enough windows in the draw for every unit to skip its explanation windows and keep n_random
     pool_ids = random_window_draw(n_windows, n_random + len(explanation_ranks(n_top)), seed)
     top_scores = top_ids = top_acts = pool_acts = None
+    maxima = []  # (U, B) per batch: every window's maximum per unit, for the quantile draw
     for first in range(0, n_windows, batch_windows):
         acts = unit_activations(windows[first : first + batch_windows]).float().cpu()  # (B, T-1, U)
         batch_ids = torch.arange(first, first + len(acts))
         per_unit = acts.permute(2, 0, 1)  # (U, B, T-1)
         scores = per_unit.amax(-1)  # (U, B)
+        if n_quantiles:
+            maxima.append(scores)
         if top_scores is None:
             top_scores, top_ids, top_acts = scores, batch_ids.expand_as(scores), per_unit
             pool_acts = acts.new_zeros(len(pool_ids), *acts.shape[1:])  # (pool, T-1, U)
@@ -148,7 +162,41 @@ def collect_records(
         rows = held_out_rows(pool_ids, seen, n_random)
         random = [excerpt(int(pool_ids[row]), pool_acts[row, :, column]) for row in rows]
         records.append(UnitRecords(unit=unit, kind=kind, top=top, random=random))
+    if n_quantiles and records:
+        add_quantile_excerpts(records, windows, unit_activations, torch.cat(maxima, 1), token_strings, n_quantiles,
+                              batch_windows, seed)
     return records
+
+
+def quantile_window_ids(maxima: Tensor, excluded: list[set[int]], n_quantiles: int, seed: int) -> list[list[int]]:
+    """Per unit (a row of `maxima`, (U, N) window maxima), one window drawn at random (seeded) from each of
+    `n_quantiles` equal bins of its activating windows (maximum > 0, none in `excluded[unit]`) ranked by
+    maximum, strongest bin first; fewer windows than bins fill as many bins."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for row, skip in zip(maxima, excluded, strict=True):
+        ranked = [w for w in torch.argsort(row, descending=True, stable=True).tolist() if row[w] > 0 and w not in skip]
+        bins = [ranked[len(ranked) * q // n_quantiles : len(ranked) * (q + 1) // n_quantiles] for q in range(n_quantiles)]
+        chosen.append([b[int(torch.randint(len(b), (1,), generator=generator))] for b in bins if b])
+    return chosen
+
+
+@torch.no_grad()
+def add_quantile_excerpts(records: list[UnitRecords], windows: Tensor, unit_activations: UnitActivations, maxima: Tensor,
+                          token_strings: Callable[[Tensor], list[str]], n_quantiles: int, batch_windows: int, seed: int) -> None:
+    """Fills each record's `quantile` excerpts (records in the order of the units of `unit_activations`):
+    windows from `quantile_window_ids`, away from the record's top and random windows, read in one more
+    pass over just those windows."""
+    excluded = [{excerpt.window for excerpt in record.top + record.random} for record in records]
+    chosen = quantile_window_ids(maxima, excluded, n_quantiles, seed)
+    wanted = sorted({window for ids in chosen for window in ids})
+    if not wanted:
+        return
+    row_of = {window: row for row, window in enumerate(wanted)}
+    acts = torch.cat([unit_activations(windows[wanted[first : first + batch_windows]]).float().cpu()
+                      for first in range(0, len(wanted), batch_windows)])  # (len(wanted), T-1, U)
+    for column, (record, ids) in enumerate(zip(records, chosen)):
+        record.quantile = [Excerpt(token_strings(windows[w, 1:]), acts[row_of[w], :, column].tolist(), w) for w in ids]
 
 
 def random_window_draw(n_windows: int, count: int, seed: int) -> Tensor:

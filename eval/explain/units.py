@@ -25,8 +25,10 @@ def pick(candidates: list[int], count: int, seed: int) -> list[int]:
 
 
 def latent_records(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoint: str, windows: Tensor,
-                   n_units: int = 50, latents: list[int] | None = None, seed: int = 0, batch_windows: int = 32) -> list[UnitRecords]:
-    """Records of `latents`, or of `n_units` latents drawn at random among those alive on `windows`."""
+                   n_units: int = 50, latents: list[int] | None = None, seed: int = 0, batch_windows: int = 32,
+                   n_quantiles: int = 0) -> list[UnitRecords]:
+    """Records of `latents`, or of `n_units` latents drawn at random among those alive on `windows` (with
+    `n_quantiles` quantile excerpts each, records.collect_records)."""
     if latents is None:
         counts = latent_fire_counts(model, hookpoint, sae, windows, batch_windows)
         latents = pick(torch.nonzero(counts).flatten().tolist(), n_units, seed)
@@ -34,16 +36,18 @@ def latent_records(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoin
     if bad:
         raise UsageError(f"latent ids {bad} are out of range for an SAE with {sae.cfg.n_latents} latents")
     activations = sae_latent_activations(model, hookpoint, sae, latents)
-    return collect_records(windows, activations, latents, TokenStrings(tokenizer), "latent", batch_windows=batch_windows, seed=seed)
+    return collect_records(windows, activations, latents, TokenStrings(tokenizer), "latent", batch_windows=batch_windows, seed=seed,
+                           n_quantiles=n_quantiles)
 
 
 def neuron_records(model: nn.Module, tokenizer, site: NeuronSite, windows: Tensor, n_units: int = 50, seed: int = 0,
-                   batch_windows: int = 32) -> list[UnitRecords]:
+                   batch_windows: int = 32, n_quantiles: int = 0) -> list[UnitRecords]:
     """Records of `n_units` random neurons of `site` (e.g. `find_mlp_neurons`: the MLP of the hookpoint's block)."""
     width = capture_neurons(model, site, windows[:1, :2].to(next(model.parameters()).device)).shape[-1]
     neurons = pick(list(range(width)), n_units, seed)
     activations = neuron_activations(model, site, neurons)
-    return collect_records(windows, activations, neurons, TokenStrings(tokenizer), "neuron", batch_windows=batch_windows, seed=seed)
+    return collect_records(windows, activations, neurons, TokenStrings(tokenizer), "neuron", batch_windows=batch_windows, seed=seed,
+                           n_quantiles=n_quantiles)
 
 
 def derangement(count: int, seed: int) -> list[int]:

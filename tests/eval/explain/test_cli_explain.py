@@ -48,7 +48,7 @@ def test_latents_by_id_and_bad_ids(embedded_sae_dir, tmp_path):
 
 class EchoServer:
     """An OpenAI-compatible server: chat completions return a fixed explanation; completions echo the
-    prompt split at tabs and newlines, with digit logprobs at every token."""
+    prompt split at tabs, newlines and before spaces, with digit and " yes" / " no" logprobs at every token."""
 
     def __init__(self):
         self.paths = []
@@ -64,9 +64,10 @@ class EchoServer:
                 if self.path.endswith("/chat/completions"):
                     reply = {"choices": [{"message": {"content": "words about files and paths."}}]}
                 else:
-                    pieces = [m for m in re.finditer(r"\t|\n|[^\t\n]+", body["prompt"])]
+                    pieces = [m for m in re.finditer(r"\t|\n| ?[^\t\n ]+| ", body["prompt"])]
                     tokens = [m.group() for m in pieces]
-                    top = [None] + [{str(len(prev) % 11): -0.3, "0": -1.2, "10": -4.0} for prev in tokens[:-1]]
+                    top = [None] + [{str(len(prev) % 11): -0.3, "0": -1.2, "10": -4.0, " yes": -0.2 - len(prev) % 3,
+                                     " no": -1.0} for prev in tokens[:-1]]
                     reply = {"choices": [{"text": body["prompt"], "logprobs": {
                         "tokens": tokens, "top_logprobs": top, "text_offset": [m.start() for m in pieces]}}]}
                 data = json.dumps(reply).encode()
