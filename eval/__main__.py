@@ -147,12 +147,18 @@ class EvalConfig(ScoringOptions):
     sparse_probe_ks: tuple[int, ...] = (1, 2, 5, 16)
     """How many latents (and neurons) the sparse probes read, e.g. "[1,2,5,16]"."""
 
+    absorption: bool = False
+    """Feature absorption (Chanin et al. 2024, first-letter task): per letter, a logistic probe on the
+    hookpoint's activations for "the token starts with L" and the SAE's main latents for it (k-sparse probing);
+    on the probe's true positives of the test half, how often the main latents stay silent while other
+    latents carry the probe direction (SAEBench's absorption fraction and full-absorption rate; eval/absorption.py)."""
+
     probe_tasks: str = ""
     """A jsonl of extra probe tasks (for --probe and --sparse_probe), one {"task", "text", "labels":
     per-token 0/1} per line."""
 
     probe_tokens: int = 0
-    """Score the probes (--probe, --sparse_probe) on the first this many eval positions (0: all of them);
+    """Score the probes (--probe, --sparse_probe, --absorption) on the first this many eval positions (0: all of them);
     the dense neuron reference of --probe costs tokens x d_in per Newton pass, the part to cap on a CPU."""
 
     n2g: int = 0
@@ -171,8 +177,8 @@ class EvalConfig(ScoringOptions):
     run them without --replace_all."""
 
     def __post_init__(self):
-        per_folder = [f"--{name}" for name in ("explain", "n2g", "probe", "sparse_probe", "ablation", "wandb")
-                      if getattr(self, name)]
+        per_folder = [f"--{name}" for name in ("explain", "n2g", "probe", "sparse_probe", "absorption", "ablation",
+                                               "wandb") if getattr(self, name)]
         if self.replace_all and per_folder:
             raise ValueError(f"--replace_all evaluates the folders as one replacement model; the per-folder options "
                              f"{', '.join(per_folder)} run without it")
@@ -391,6 +397,11 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
 
         for sae in saes.values():
             check_ks(cfg.sparse_probe_ks, min(sae.cfg.n_latents, sae.cfg.d_in))
+    if cfg.absorption:
+        from .absorption import check_absorption_sae
+
+        for sae_dir, sae in saes.items():
+            check_absorption_sae(sae, sae_dir)
     excluded = excluded_ids(tokenizer, data.exclude_special_tokens)
     results = evaluate_many(saes, model, windows, hookpoint, batch_windows=cfg.batch, progress=True,
                             excluded_token_ids=excluded,
@@ -412,8 +423,8 @@ def evaluate_at_hookpoint(cfg: EvalConfig, jobs: list[EvalJob], model, tokenizer
 def optional_sections(cfg: EvalConfig, explain_tools, sae, model, tokenizer, hookpoint: str, windows,
                       sae_dir: Path, excluded_token_ids: list[int]) -> dict:
     """The report sections beyond the reconstruction metrics that the options ask for: `explain`,
-    then Gao et al.'s other metrics (ablation sparsity, probe loss, N2G) and k-sparse probing, which
-    leaves out the positions of `excluded_token_ids` (token hygiene)."""
+    then Gao et al.'s other metrics (ablation sparsity, probe loss, N2G), k-sparse probing and feature
+    absorption, which leave out the positions of `excluded_token_ids` (token hygiene)."""
     sections = {}
     if cfg.explain:
         sections["explain"] = _explain(cfg, explain_tools, sae, model, tokenizer, hookpoint, windows, sae_dir)
@@ -424,6 +435,12 @@ def optional_sections(cfg: EvalConfig, explain_tools, sae, model, tokenizer, hoo
         sections["sparse_probe"] = sparse_probe_section(
             model, tokenizer, sae, hookpoint, windows, cfg.sparse_probe_ks, batch_windows=cfg.batch,
             tasks_file=cfg.probe_tasks or None, max_tokens=cfg.probe_tokens or None,
+            excluded_token_ids=excluded_token_ids)
+    if cfg.absorption:
+        from .absorption import absorption_section
+
+        sections["absorption"] = absorption_section(
+            model, tokenizer, sae, hookpoint, windows, batch_windows=cfg.batch, max_tokens=cfg.probe_tokens or None,
             excluded_token_ids=excluded_token_ids)
     return sections
 

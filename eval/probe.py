@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from sae.errors import MissingFileError, UsageError
 from sae.model import SparseAutoencoder
 
-from .explain.records import TokenStrings, encode_windows
+from .explain.records import TokenStrings, cat_codes, encode_windows
 from .missing import mean_or_none
 
 MIN_CLASS_TOKENS = 32
@@ -449,7 +449,7 @@ def _features(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, batches:
         values.append(codes.values)
         indices.append(codes.indices)
         neurons.append(codes.hidden.flatten(0, 1).float().T)
-    return Features(torch.cat(values), torch.cat(indices), torch.cat(neurons, 1))
+    return Features(*cat_codes(values, indices), torch.cat(neurons, 1))
 
 
 def _window_labels(windows: Tensor, tokenizer) -> dict[str, Tensor]:

@@ -97,13 +97,15 @@ def replacement_table(report: dict) -> str:
     return "\n".join([*_aligned([header, *rows]), "", footer])
 
 
-INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "sparse_probe", "n2g")
-"""Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--sparse_probe`, `--n2g`)."""
+INTERPRETABILITY_KEYS = ("explain", "ablation_sparsity", "probe", "sparse_probe", "absorption", "n2g")
+"""Report sections of the interpretability metrics (`--explain`, `--ablation`, `--probe`, `--sparse_probe`,
+`--absorption`, `--n2g`)."""
 
 
 _SPARSE_PROBE_COLUMN = "sparse probe AUC (neurons)"
+_ABSORPTION_COLUMN = "absorption (full)"
 _INTERPRETABILITY_COLUMNS = ("sae", "kind", "lm", "explain", "detection / fuzzing AUC", "ablation",
-                             "probe (prior / neurons)", _SPARSE_PROBE_COLUMN, "n2g P / R (shuffled)")
+                             "probe (prior / neurons)", _SPARSE_PROBE_COLUMN, _ABSORPTION_COLUMN, "n2g P / R (shuffled)")
 
 
 def _sparse_probe_cell(section: dict) -> str:
@@ -112,6 +114,16 @@ def _sparse_probe_cell(section: dict) -> str:
     ks = section["ks"] if len(section["ks"]) == 1 else [section["ks"][0], section["ks"][-1]]
     return " · ".join(f"k={k} {format_or_dash(section['mean'][str(k)]['auc'], '.3f')} "
                       f"({format_or_dash(section['neuron_mean'][str(k)]['auc'], '.3f')})" for k in ks)
+
+
+def _absorption_cell(section: dict) -> str:
+    """Mean absorption fraction (full-absorption rate) over the letters whose probe is usable, and how many
+    letters and probe true positives back it: "0.143 (0.209) · 3/20 letters, 723 tokens"."""
+    quality = section["probe_quality"]
+    scored = len(quality["usable_letters"]) + len(quality["unusable_letters"])
+    return (f"{format_or_dash(section['mean_absorption_fraction'], '.3f')} "
+            f"({format_or_dash(section['full_absorption_rate'], '.3f')}) · {section['letters_averaged']}/{scored} "
+            f"letters, {section['probe_true_positives']:,} tokens")
 
 
 def _interpretability_cells(report: dict) -> dict[str, str]:
@@ -128,6 +140,8 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
                                             f"{format_or_dash(probe['neuron_mean_loss'], '.4f')})")
     if sparse_probe := report.get("sparse_probe"):
         cells[_SPARSE_PROBE_COLUMN] = _sparse_probe_cell(sparse_probe)
+    if absorption := report.get("absorption"):
+        cells[_ABSORPTION_COLUMN] = _absorption_cell(absorption)
     if n2g := report.get("n2g"):
         cells["n2g P / R (shuffled)"] = (f"{format_or_dash(n2g['precision'], '.3f')} / {format_or_dash(n2g['recall'], '.3f')} "
                                          f"({format_or_dash(n2g['precision_shuffled'], '.3f')} / {format_or_dash(n2g['recall_shuffled'], '.3f')})")
@@ -136,8 +150,8 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
 
 def interpretability_table(reports: Sequence[dict]) -> str:
     """One row per SAE: its kind, the LM it reads (pretrained or random init), the explain score (top-and-random,
-    primary simulator), mean ablation sparsity, probe loss, sparse probe AUC and N2G precision / recall; "–"
-    where not run."""
+    primary simulator), mean ablation sparsity, probe loss, sparse probe AUC, feature absorption and N2G
+    precision / recall; "–" where not run."""
     rows = [_interpretability_cells(report) for report in reports]
     header = [column for column in _INTERPRETABILITY_COLUMNS if any(column in row for row in rows)]
     return "\n".join(_aligned([header, *([row.get(key, "–") for key in header] for row in rows)]))

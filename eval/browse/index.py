@@ -7,7 +7,7 @@ from pathlib import Path
 from ..missing import mean_or_none
 from ..report import sae_kind
 from .inputs import Unit, log_series, read_training_log
-from .metrics import ablation_html, n2g_html, probe_html, scaling_html, sparse_probe_html
+from .metrics import absorption_html, ablation_html, n2g_html, probe_html, scaling_html, sparse_probe_html
 from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
 from .svg import bar_chart, esc, format_number, line_chart
 
@@ -239,7 +239,8 @@ def index_html(cfg: dict, units: list[Unit], explain_path: Path, report: dict | 
             units_subtitle_html(units, explain_path),
             headline_html(cfg, report, report_path),
             density_histogram_html(report) if report is not None else "",
-            *((ablation_html(report), probe_html(report), sparse_probe_html(report), n2g_html(report))
+            *((ablation_html(report), probe_html(report), sparse_probe_html(report), absorption_html(report),
+               n2g_html(report))
               if report is not None else ()),
             scaling_html(scaling_svg),
             training_curves_html(log_path),

@@ -1,6 +1,6 @@
 """The index page's sections for Gao et al.'s other metrics, from the eval report: ablation sparsity
-(`--ablation`), probe loss (`--probe`), k-sparse probing (`--sparse_probe`), N2G (`--n2g`), and the scaling fit of the run (`python -m
-eval.scaling`). Each section is "" when its input is absent, so a report without them renders as before."""
+(`--ablation`), probe loss (`--probe`), k-sparse probing (`--sparse_probe`), feature absorption (`--absorption`), N2G (`--n2g`),
+and the scaling fit of the run (`python -m eval.scaling`). Each section is "" when its input is absent, so a report without them renders as before."""
 
 from __future__ import annotations
 
@@ -86,6 +86,41 @@ def sparse_probe_html(report: dict) -> str:
             "negative tokens, ranked and fitted on the other half of the windows (Gurnee et al. 2023; Kantamneni "
             "et al. 2025). Higher is better; 0.5 is chance.</p>\n"
             f'{facts_table(facts)}\n<table class="sortable" id="sparse-probe-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>\n" + (f'<p class="note">Skipped:</p><ul>{note}</ul>' if note else ""))
+
+
+def absorption_html(report: dict) -> str:
+    """Per letter, the probe's test F1, the main latents and the absorption on the probe's true positives;
+    the means over letters with a usable probe, the probe quality, and the skipped letters."""
+    section = report.get("absorption")
+    if not isinstance(section, dict):
+        return ""
+    quality = section.get("probe_quality") or {}
+    facts = facts_table([("mean absorption fraction", section.get("mean_absorption_fraction")),
+                         ("full-absorption rate", section.get("full_absorption_rate")),
+                         ("letters averaged", section.get("letters_averaged")),
+                         ("probe true positives behind them", section.get("probe_true_positives")),
+                         ("probe verdict", quality.get("verdict")), ("probe mean test F1", quality.get("mean_f1"))])
+    rows = []
+    for letter, entry in (section.get("letters") or {}).items():
+        probe = entry.get("probe") or {}
+        cells = [text_cell(letter), number_cell(entry.get("test_positives")), number_cell(probe.get("f1")),
+                 text_cell("yes" if entry.get("usable") else "no"),
+                 text_cell(", ".join(map(str, entry.get("main_latents") or []))),
+                 number_cell(entry.get("probe_true_positives")), number_cell(entry.get("mean_absorption_fraction")),
+                 number_cell(entry.get("full_absorption_rate")),
+                 text_cell(", ".join(f"{latent} ×{count}" for latent, count in entry.get("top_absorbers") or []))]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    skipped = section.get("skipped") or {}
+    note = "".join(f"<li>{esc(letter)}: {esc(reason)}</li>" for letter, reason in skipped.items())
+    head = "".join(f"<th>{title}</th>" for title in ("letter", "test positives", "probe F1", "usable", "main latents",
+                                                     "true positives", "absorption", "full", "top full absorbers"))
+    return ('<h2 id="absorption">Feature absorption</h2>\n<p class="note">Per first letter, a probe on the '
+            "hookpoint's activations and the SAE's main latents for it; on the probe's true positives, how often "
+            "the main latents stay silent while other latents carry the probe direction (Chanin et al. 2024; "
+            "SAEBench's absorption fraction and full-absorption rate). Lower is better; only letters whose probe "
+            f"reaches test F1 {esc(quality.get('min_f1', ''))} count in the means.</p>\n"
+            f'{facts}\n<table class="sortable" id="absorption-table"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>\n" + (f'<p class="note">Skipped:</p><ul>{note}</ul>' if note else ""))
 
 

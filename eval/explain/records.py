@@ -246,6 +246,18 @@ def encode_windows(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, inp
     return WindowCodes(hidden, values, indices)
 
 
+def cat_codes(values: list[Tensor], indices: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The codes of several batches, values and indices each (N_b, c_b), as one (N, c) pair. A BatchTopK SAE's
+    codes are as wide as the busiest token of their batch, so narrower batches are padded with value 0 at
+    latent 0, an entry every reader of codes skips (a latent fires where its value is > 0)."""
+    width = max(codes.shape[1] for codes in values)
+
+    def padded(codes: Tensor) -> Tensor:
+        return torch.nn.functional.pad(codes, (0, width - codes.shape[1]))
+
+    return torch.cat([padded(codes) for codes in values]), torch.cat([padded(codes) for codes in indices])
+
+
 def sae_latent_activations(model: nn.Module, hookpoint: str, sae: SparseAutoencoder, latents: list[int]) -> UnitActivations:
     """The chosen latents' values (0 where a latent is not in a token's top k)."""
     get_module(model, hookpoint)  # a wrong name fails here, not at the first call

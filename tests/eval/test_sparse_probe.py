@@ -250,3 +250,18 @@ def test_table_cell_and_browser_section_from_a_report():
     assert 'id="sparse-probe-table"' in html and "has_digit" in html and "code_block: 0 positive" in html
     assert 'data-value="0.8125"' in html and 'data-value="12"' in html
     assert sparse_probe_html({"sae": "runs/a"}) == ""
+
+
+def test_a_batchtopk_sae_whose_codes_differ_in_width_from_batch_to_batch(tiny_lm, windows):
+    """BatchTopK codes are as wide as the busiest token of their batch: the probes pad them (this crashed)."""
+    from sae.config import SaeConfig
+    from sae.model import SparseAutoencoder
+
+    model, tokenizer = tiny_lm
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4, activation="batchtopk"))
+    with torch.no_grad():
+        sae.threshold.fill_(0.05)
+    section = sparse_probe.sparse_probe_section(model, tokenizer, sae, "transformer.h.1", windows, ks=(1,),
+                                                min_class_tokens=1, batch_windows=3)
+    assert section["tasks"] or section["skipped"]
