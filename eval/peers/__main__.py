@@ -184,14 +184,14 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
     # The run is reused only if it was trained with this very config, its learning rate resolved (a changed
     # default retrains it). Changes to the code itself are not seen: benchmark those into a new --out.
     if is_ours(system):
-        identity = {"system": system, "config": to_dict(train_cfg), "lr": run_lr(train_cfg.lr, train_cfg.sae, train_cfg),
-                    "checkpoint_steps": steps}
+        identity = {"system": system, "config": training_config(to_dict(train_cfg)),
+                    "lr": run_lr(train_cfg.lr, train_cfg.sae, train_cfg), "checkpoint_steps": steps}
     else:
         identity = {"system": system, "task": peer_task(train_cfg), "checkpoint_steps": steps,
                     "lr_factor": peer_lr_factor(system)}
     record = out_dir / "run.json"
-    if record.exists() and (earlier := json.loads(record.read_text())).get("identity") == identity:
-        return earlier
+    if record.exists() and same_run(json.loads(record.read_text()).get("identity"), identity):
+        return json.loads(record.read_text())
     if out_dir.exists():  # the benchmark's own folder of an older run of this system
         print(f"{out_dir}: trained with another config; training it again")
         shutil.rmtree(out_dir)
@@ -211,6 +211,25 @@ def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: P
               "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "identity": identity}
     record.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+NOT_TRAINING_KEYS = ("finetune_tokens",)
+"""Config keys of ours that do not change what its training run writes (the benchmark fine-tunes with its
+own --finetune_tokens): a run recorded before or after such a key existed is the same run."""
+
+
+def training_config(config: dict) -> dict:
+    """A config dict (`to_dict`) without NOT_TRAINING_KEYS."""
+    return {key: value for key, value in config.items() if key not in NOT_TRAINING_KEYS}
+
+
+def same_run(recorded: dict | None, identity: dict) -> bool:
+    """Whether a run.json's recorded identity is `identity`, ours' configs compared without NOT_TRAINING_KEYS."""
+    if recorded is None:
+        return False
+    if "config" in recorded:
+        recorded = {**recorded, "config": training_config(recorded["config"])}
+    return recorded == identity
 
 
 def peer_task(train_cfg: TrainConfig) -> dict:

@@ -192,3 +192,14 @@ def test_our_final_saes_are_also_fine_tuned_and_the_fronts_drawn(train_config, t
     assert (tmp_path / "peers" / "fronts-transformer.h.1-fvu.svg").is_file()  # delta CE may be < 0 on this LM
     again = main(argv)
     assert [row["wall_s"] for row in again] == [row["wall_s"] for row in rows]
+
+
+def test_a_config_key_that_does_not_change_training_does_not_retrain_a_recorded_run():
+    from eval.peers.__main__ import same_run
+
+    now = {"system": "ours", "config": {"lr": 0.01}, "lr": 0.01, "checkpoint_steps": [3]}
+    assert same_run({**now, "config": {"lr": 0.01, "finetune_tokens": 0}}, now)  # recorded after the key existed
+    assert same_run(now, now) and not same_run(None, now)
+    assert not same_run({**now, "config": {"lr": 0.02, "finetune_tokens": 0}}, now)
+    peer = {"system": "sparsify", "task": {"k": 4}, "checkpoint_steps": [3], "lr_factor": 1.0}
+    assert same_run(dict(peer), peer) and not same_run({**peer, "lr_factor": 4.0}, peer)
