@@ -46,9 +46,10 @@ def fronts_svg(rows: list[dict], hookpoint: str, metric: str) -> str | None:
     if not dots:
         return None
     curves = [(system, False, [(l0, value) for l0, value, _ in line if value > 0]) for system, line in points.items()]
-    tokens = max(row["tokens"] for row in rows if row["hookpoint"] == hookpoint)
-    return scaling_chart(f"{FRONT_METRICS[metric]} vs L0 at {hookpoint}", dots, curves, list(points),
-                         "held-out L0", FRONT_METRICS[metric], f"{tokens:,} training tokens each; test split")
+    tokens = min(row["tokens"] for row in rows if row["hookpoint"] == hookpoint and row["final"])
+    finetuned = " (+finetune: then its fine-tune's)" if any(system.endswith("+finetune") for system in points) else ""
+    return scaling_chart(f"{FRONT_METRICS[metric]} vs L0 at {hookpoint}", dots, curves, list(points), "held-out L0",
+                         FRONT_METRICS[metric], f"{tokens:,} training tokens each{finetuned}; test split")
 
 
 def write_fronts(rows: list[dict], out: Path) -> list[Path]:
