@@ -3,9 +3,9 @@
 Two rules, both recorded in cfg.json (`DataConfig.exclude_special_tokens`, `DataConfig.outlier_norm_ratio`):
 
 - special tokens: the rows of the tokenizer's BOS, EOS and pad tokens are dropped (on by default). The
-  document separator the stream inserts is EOS, so this drops it too. Their activations are attention
-  sinks with norms far above the text's, what SAELens, sparsify, dictionary_learning and SAEBench leave
-  out as well; an SAE that spends latents on them reconstructs them and little else better.
+  document separator the stream inserts is EOS, so this drops it too. In many LMs these tokens are
+  attention sinks with norms far above the text's (not in the embedded model: docs/token-hygiene.md),
+  and SAELens (`exclude_special_tokens`) and sparsify (`exclude_tokens`) can leave them out too.
 - outlier norms (off by default, 0): a row whose norm, at any of the stream's hookpoints, exceeds
   `ratio` x the median norm of that hookpoint's rows is dropped. The median is over the rows left by the
   first rule: in training those of one shuffle block (a fixed set of windows, so a resumed run drops the

@@ -103,8 +103,13 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, free: int | None) -> str:
-    """The line a run prints about its memory; raises OutOfMemoryPlan if it needs more than `free`.
+TRAINING_REMEDY = "lower sae.n_latents or batch_size, or split the latents with --shard_latents under torchrun"
+
+
+def check_fits(estimate, device: torch.device, free: int | None, run: str = "the run",
+               remedy: str = TRAINING_REMEDY) -> str:
+    """The line `run` prints about its memory; raises OutOfMemoryPlan, naming `remedy`, if it needs more
+    than `free`. `estimate` has `total`, `lm` and `summary()` (a MemoryEstimate, or the fine-tune's).
 
     The LM is already loaded when this runs, so its bytes are not part of what must still fit."""
     line = f"memory per device ({device}, estimated): {estimate.summary()}"
@@ -112,8 +117,6 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, free: int | None)
         return line
     needed = estimate.total - estimate.lm
     if needed > free:
-        raise OutOfMemoryPlan(
-            f"the run needs about {gib(needed)} more on {device} but {gib(free)} is free ({estimate.summary()}); "
-            "lower sae.n_latents or batch_size, or split the latents with --shard_latents under torchrun"
-        )
+        raise OutOfMemoryPlan(f"{run} needs about {gib(needed)} more on {device} but {gib(free)} is free "
+                              f"({estimate.summary()}); {remedy}")
     return line + f"; {gib(free)} free"

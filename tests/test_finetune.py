@@ -261,3 +261,15 @@ def test_train_py_fine_tunes_each_sae_after_training_and_refuses_a_taken_folder_
         run_cli(lambda: train.main([*argv[:-3], "--run_name=again", *argv[-2:]]))
     assert exit_info.value.code == 2 and "already holds files" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()  # refused before training
+
+
+def test_a_fine_tune_that_does_not_fit_is_refused_naming_its_remedy(lm64):
+    from sae.finetune.memory import estimate
+    from sae.memory import OutOfMemoryPlan, check_fits
+
+    model, _ = lm64
+    plan = estimate(model, HOOKPOINT, SaeConfig(d_in=32, n_latents=64, k=4), 4, CTX, torch.device("cpu"))
+    assert plan.total > plan.lm > 0 and plan.layers > 0 and plan.logits > 0
+    with pytest.raises(OutOfMemoryPlan, match="the fine-tune needs about .* lower --batch_windows"):
+        check_fits(plan, torch.device("cpu"), 1024, "the fine-tune", "lower --batch_windows")
+    assert check_fits(plan, torch.device("cpu"), 2**40, "the fine-tune", "lower --batch_windows").endswith("free")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import SaeConfig
-from ..memory import FLOAT_BYTES, OutOfMemoryPlan, estimate_memory, gib
+from ..memory import FLOAT_BYTES, estimate_memory, gib
 
 LOGIT_COPIES = 8
 """(B, T, vocab) float32 tensors alive at the peak of a step (module docstring). Checked on the CPU: from
@@ -74,15 +74,3 @@ def estimate(model: nn.Module, hookpoint: str, sae_cfg: SaeConfig, batch_windows
     lm = sum(p.numel() * p.element_size() for p in model.parameters())
     sae = estimate_memory([(sae_cfg, sae_cfg.n_latents)], batch_windows * (ctx_len - 1), [sae_cfg.d_in], 0, 0, device)
     return FinetuneMemory(lm, layers, logits, sae.total)
-
-
-def check_fits(plan: FinetuneMemory, device: torch.device, free: int | None) -> str:
-    """The line the fine-tune prints about its memory; an OutOfMemoryPlan when what is still to be
-    allocated (all but the loaded LM) exceeds `free` bytes."""
-    line = f"memory ({device}, estimated): {plan.summary()}"
-    if free is None:
-        return line
-    if plan.total - plan.lm > free:
-        raise OutOfMemoryPlan(f"the fine-tune needs about {gib(plan.total - plan.lm)} more on {device} but {gib(free)} "
-                              f"is free ({plan.summary()}); lower --batch_windows")
-    return line + f"; {gib(free)} free"

@@ -29,7 +29,7 @@ from ..errors import MissingFileError, RunExistsError, UsageError
 from ..files import atomic_folder, atomic_write, check_writable_folder
 from ..folder import is_sae_folder, read_sae_config, read_sae_provenance
 from ..hygiene import excluded_ids
-from ..memory import free_bytes
+from ..memory import check_fits, free_bytes
 from ..model import SparseAutoencoder
 from ..optim import check_loss_is_finite, lr_at, set_decoder_rows_to_unit_norm, set_lr
 from ..splits import SPLIT_PER_MILLE
@@ -186,7 +186,7 @@ def finetune(sae_dir: str | Path, run_dir: str | Path | None, options: FinetuneO
     check_width(model, hookpoint, source.cfg)
     sae = load_sae(source.folder, device)
     plan = memory.estimate(model, hookpoint, source.cfg, options.batch_windows, source.data.ctx_len, device)
-    print(memory.check_fits(plan, device, free_bytes(device)), flush=True)
+    print(check_fits(plan, device, free_bytes(device), "the fine-tune", "lower --batch_windows"), flush=True)
     windows = TokenWindows(load_text_dataset(source.data), tokenizer, source.data.ctx_len, source.data.text_column)
     batches = WindowBatches(windows, options.batch_windows, BLOCK_WINDOWS, options.seed)
     optimizer = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=options.lr, betas=ADAM_BETAS,
