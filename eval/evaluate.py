@@ -253,7 +253,7 @@ def evaluate(sae: SparseAutoencoder, model: nn.Module, tokens: Tensor, hookpoint
 
 
 # Keys of the report the trainer logs during training (as eval/KEY).
-TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "never_fired_frac", "never_fired_tokens", "ce_clean", "ce_sae",
+TRAINING_EVAL_KEYS = ("fvu", "nmse", "l0", "never_fired_frac", "never_fired_tokens", "dense_frac", "ce_clean", "ce_sae",
                       "ce_recovered", "ce_recovered_mean", "delta_ce", "kl")
 
 

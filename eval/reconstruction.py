@@ -15,6 +15,9 @@ Sums are kept in float64 so that a long eval does not drift; the ratios are take
                        eval tokens. Not training's `dead_frac` (latents silent for the last `dead_tokens`
                        training tokens, the AuxK set): over a short eval a rare but live latent can be
                        silent, so the token count goes with the fraction.
+    dense_frac       = fraction of latents firing on more than DENSE_DENSITY (10%) of the eval tokens: a
+                       latent that fires that often says little about any one token (the threshold is ours;
+                       the density histogram has the whole distribution).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 from torch import Tensor
 
 from sae.model import fire_counts
+
+DENSE_DENSITY = 0.1
 
 # Edges of the latent-density histogram, in log10(fraction of tokens a latent fires on).
 DENSITY_BIN_EDGES = [edge / 2 for edge in range(-16, 1)]  # -8.0, -7.5, ..., 0.0
@@ -61,7 +66,7 @@ class ReconstructionStats:
         self.fire_counts += fire_counts(values, indices, self.n_latents)
 
     def summary(self) -> dict:
-        """nmse, fvu, mse, l0, never_fired_frac and never_fired_tokens, and the density histogram (see
+        """nmse, fvu, mse, l0, never_fired_frac and never_fired_tokens, dense_frac, and the density histogram (see
         the module docstring)."""
         if self.tokens == 0:
             raise ValueError("no tokens were evaluated")
@@ -78,6 +83,7 @@ class ReconstructionStats:
             "l0": self.active_latents / self.tokens,
             "never_fired_frac": float((self.fire_counts == 0).double().mean().item()),
             "never_fired_tokens": self.tokens,
+            "dense_frac": float((density > DENSE_DENSITY).double().mean().item()),
             "density_histogram": {
                 "log10_bin_edges": list(DENSITY_BIN_EDGES),
                 "counts": counts,

@@ -22,6 +22,7 @@ _COLUMNS = [
     ("ce_recovered", "ce_rec", "{:.4f}"),
     ("ce_recovered_mean", "ce_rec_mean", "{:.4f}"),
     ("never_fired_frac", "never_fired", "{:.4f}"),
+    ("dense_frac", "dense", "{:.4f}"),
 ]
 
 
@@ -54,7 +55,9 @@ def comparison_table(reports: Sequence[dict]) -> str:
     hookpoint's output), then per model/hookpoint/text the SAE-independent losses and the number of tokens
     the never_fired column counts over."""
     header = ["sae", "kind", "hookpoint", *(title for _, title, _ in _COLUMNS)]
-    rows = [[r["sae"], kind_of(r), r["hookpoint"], *(fmt.format(r[key]) for key, _, fmt in _COLUMNS)] for r in reports]
+    # "–" for a key a report read from an older file lacks (dense_frac)
+    rows = [[r["sae"], kind_of(r), r["hookpoint"], *(fmt.format(r[key]) if key in r else "–" for key, _, fmt in _COLUMNS)]
+            for r in reports]
     lines = _aligned([header, *rows])
     baselines = {}
     for r in reports:  # one line per model, hookpoint and evaluation text: rows on other text get their own
@@ -146,6 +149,32 @@ def _interpretability_cells(report: dict) -> dict[str, str]:
         cells["n2g P / R (shuffled)"] = (f"{format_or_dash(n2g['precision'], '.3f')} / {format_or_dash(n2g['recall'], '.3f')} "
                                          f"({format_or_dash(n2g['precision_shuffled'], '.3f')} / {format_or_dash(n2g['recall_shuffled'], '.3f')})")
     return cells
+
+
+HEADLINE_KEYS = ("fvu", "delta_ce", "kl", "l0", "never_fired_frac", "dense_frac")
+"""The reconstruction and downstream numbers every report has (dense_frac: not those read from older files)."""
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    """One report's scalar metrics, for summaries over many SAEs (`python -m eval.pareto`): HEADLINE_KEYS, and
+    one or two numbers per interpretability section the report has (the comparison table's), each missing
+    or undefined (None) one left out."""
+    metrics = {key: report.get(key) for key in HEADLINE_KEYS}
+    if explain := report.get("explain"):
+        metrics.update(explain_score=explain.get("mean_score_top_and_random"),
+                       detection_auc=explain.get("mean_detection_auc"), fuzzing_auc=explain.get("mean_fuzzing_auc"))
+    if ablation := report.get("ablation_sparsity"):
+        metrics["ablation_sparsity"] = ablation["mean"]
+    if probe := report.get("probe"):
+        metrics["probe_loss"] = probe["mean_loss"]
+    if sparse_probe := report.get("sparse_probe"):
+        metrics.update({f"sparse_probe_auc_k{k}": sparse_probe["mean"][str(k)]["auc"] for k in sparse_probe["ks"]})
+    if absorption := report.get("absorption"):
+        metrics.update(absorption_fraction=absorption["mean_absorption_fraction"],
+                       full_absorption_rate=absorption["full_absorption_rate"])
+    if n2g := report.get("n2g"):
+        metrics.update(n2g_precision=n2g["precision"], n2g_recall=n2g["recall"])
+    return {key: float(value) for key, value in metrics.items() if value is not None}
 
 
 def interpretability_table(reports: Sequence[dict]) -> str:

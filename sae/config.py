@@ -204,6 +204,9 @@ class SaeVariant:
     activation: Literal["topk", "batchtopk"] | None = None
     matryoshka: tuple[int, ...] | None = None
     lr: float | None = None
+    seed: int | None = None
+    """Seeds this SAE's initialisation (default: the run's `seed`). The batches stay the run's: variants that
+    differ only in seed measure the spread that initialisation alone gives (`python -m eval.pareto`)."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -405,6 +408,10 @@ class TrainConfig:
         for hookpoint, sae in self.member_configs():
             sites += [input_site(hookpoint), hookpoint] if sae.transcode else [hookpoint]
         return list(dict.fromkeys(sites))
+
+    def member_seeds(self) -> list[int]:
+        """The initialisation seed of each SAE of the run, in `member_configs`' order."""
+        return [variant.seed if variant.seed is not None else self.seed for variant in self.variants] or [self.seed]
 
     def member_configs(self) -> list[tuple[str, SaeConfig]]:
         """(hookpoint, SAE config) of each SAE of the run: its variants', or the single `sae` at `hookpoint`."""

@@ -89,12 +89,13 @@ def member_specs(cfg: TrainConfig, d_in_of: dict[str, int]) -> list[tuple[str, s
 
 def build_members(cfg: TrainConfig, d_in_of: dict[str, int], layout: ShardLayout, device: torch.device,
                   compute_dtype: torch.dtype) -> list[Member]:
-    """The run's SAEs, each initialised from the seed alone (so a variant starts as its own single run
-    would, and every rank's latents are the slice of that init), training in `compute_dtype`
+    """The run's SAEs, each initialised from its seed alone (`TrainConfig.member_seeds`: a variant starts as
+    its own single run would, and every rank's latents are the slice of that init), training in `compute_dtype`
     (`distributed.resolve_precision` of cfg.precision, resolved once by the trainer)."""
     members = []
-    for (name, hookpoint, sae_cfg, lr), out_dir in zip(member_specs(cfg, d_in_of), cfg.sae_folders()):
-        torch.manual_seed(cfg.seed)
+    for (name, hookpoint, sae_cfg, lr), out_dir, seed in zip(member_specs(cfg, d_in_of), cfg.sae_folders(),
+                                                             cfg.member_seeds()):
+        torch.manual_seed(seed)
         sae = SparseAutoencoder(sae_cfg, device=device, layout=layout, compute_dtype=compute_dtype)
         base_lr = run_lr(lr, sae_cfg, cfg)
         optimizer = make_optimizer(cfg, sae.parameters(), base_lr)

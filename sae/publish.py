@@ -45,7 +45,7 @@ SAELENS_FOLDER = "saelens"
 CARD_FILE = "README.md"
 REPORT_FILE = "eval_report.json"
 RESERVED_NAMES = (SAELENS_FOLDER, CARD_FILE, REPORT_FILE)
-REPORT_KEYS = ("fvu", "delta_ce", "kl", "l0", "never_fired_frac")
+REPORT_KEYS = ("fvu", "delta_ce", "kl", "l0", "never_fired_frac", "dense_frac")
 LIBRARY_NAME = "saelens"
 """The card's library_name: the Hub knows "saelens" (huggingface.js model-libraries.ts; SAELens's own uploads
 write it: sae_lens/training/upload_saes_to_huggingface.py) and has no "sparsify"; sparsify writes no card."""

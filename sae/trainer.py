@@ -518,10 +518,10 @@ def save_members(run: Run, source, tokens_seen: int) -> None:
     # What each replica's stream read of the text (its first rank reads for its shard group), so that an
     # eval on a dataset without a held-out split can skip exactly that (eval/data.py, rule 4).
     text_read = text_read_record(gather_objects(source.text_read(), run.info)[:: run.layout.shards], cfg.data)  # collective
-    for member in run.members:
+    for member, init_seed in zip(run.members, cfg.member_seeds()):
         metadata = {
             **cfg.provenance(member.hookpoint), "tokens_trained": tokens_seen, "text_read": text_read,
-            "run_name": cfg.run_name, "variant": member.name or None,
+            "run_name": cfg.run_name, "variant": member.name or None, "init_seed": init_seed,
             "final_metrics": final_metrics(member),
         }
         if run.log is not None and cfg.wandb_mode != "disabled":  # lets `python -m eval --wandb` add to this run

@@ -237,7 +237,7 @@ def test_dry_run_writes_the_repo_tree_each_library_loads(tmp_path):
     card = (out / "README.md").read_text()
     for words in ["| `transformer.h.1` | gpt2 | transformer.h.1 | SAE | 64 | 4 | topk | 4,096 | Skylion007/openwebtext |",
                   "exclude_special_tokens=true, outlier_norm_ratio=50.0", "## Evaluation",
-                  "| `transformer.h.0` | 0.125 | 0.25 | 0.2 | 4 | 0 | embedded test |",
+                  "| `transformer.h.0` | 0.125 | 0.25 | 0.2 | 4 | 0 | – | embedded test |",
                   'SparseAutoencoder.load("hf://owner/repo/transformer.h.0")',
                   'SparseCoder.load_from_hub("owner/repo", hookpoint="transformer.h.0")',
                   'SAE.from_pretrained(release="owner/repo", sae_id="saelens/transformer.h.0")']:

@@ -93,3 +93,16 @@ def test_variants_at_two_hookpoints_train_from_one_cache_as_from_the_stream(tiny
         b = SparseAutoencoder.load(cached.run_dir / variant.name)
         for name, tensor in a.state_dict().items():
             assert torch.equal(b.state_dict()[name], tensor), (variant.name, name)
+
+
+def test_a_variant_seed_reseeds_its_init_only(tiny_lm_dir, text_file, tmp_path):
+    """A variant's `seed` draws another init from the same batches; unset, it is the run's seed."""
+    cfg = base_config(tiny_lm_dir, text_file, tmp_path, seed=3, save_every=0, max_tokens=128 * 4,
+                      variants=(SaeVariant("default"), SaeVariant("same", seed=3), SaeVariant("other", seed=4)))
+    train(cfg)
+    default, same, other = (SparseAutoencoder.load(cfg.run_dir / name) for name in ("default", "same", "other"))
+    for name, tensor in default.state_dict().items():
+        assert torch.equal(same.state_dict()[name], tensor), name
+    assert not torch.allclose(other.W_dec, default.W_dec)
+    seeds = [json.loads((cfg.run_dir / name / "cfg.json").read_text())["init_seed"] for name in ("default", "same", "other")]
+    assert seeds == [3, 3, 4]

@@ -15,8 +15,9 @@ From Python: `build_site(sae_dir, out_dir, report_path=None, force=False)` retur
 """
 
 # Modules: inputs.py (cfg.json, explain.jsonl, the log, the report), svg.py (numbers, ticks, charts),
-# pages.py (HTML pieces, CSS, unit pages), index.py (the index page), site.py (writing the site,
-# build_site), __main__.py (the CLI; its --help prints the docstring above and the options).
+# pages.py (HTML pieces, CSS, unit pages), index.py (the index page), metrics.py and detection.py (its
+# report sections; detection and fuzzing AUC), site.py (writing the site, build_site), __main__.py (the
+# CLI; its --help prints the docstring above and the options).
 
 from .inputs import BrowseError
 from .site import build_site

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..missing import mean_or_none
 from ..report import sae_kind
+from .detection import auc_cells, auc_columns, auc_header_html, classification_summary_html
 from .inputs import Unit, log_series, read_training_log
 from .metrics import absorption_html, ablation_html, n2g_html, probe_html, scaling_html, sparse_probe_html
 from .pages import facts_table, kinds_of, number_cell, page, plural, run_title, score_of, simulator_names, text_cell
@@ -49,8 +50,9 @@ SORT_SCRIPT = """
 "use strict";
 // Click a header of a table.sortable to sort its rows by that column (again to reverse).
 function cellKey(row, column) {
-  const cell = row.cells[column];
-  return cell.dataset.value === undefined ? cell.textContent.trim().toLowerCase() : Number(cell.dataset.value);
+  const cell = row.cells[column], value = cell.dataset.value;
+  if (value === undefined) return cell.textContent.trim().toLowerCase();
+  return value === "" ? NaN : Number(value);  // "": a missing number ("–")
 }
 function isMissing(key) {
   return typeof key === "number" && isNaN(key);
@@ -204,20 +206,22 @@ def units_table_html(units: list[Unit], kind: str) -> str:
     """The sortable table of the units of one kind, each linking to its page."""
     of_kind = [unit for unit in units if unit.kind == kind]
     simulators = simulator_names(of_kind)
+    aucs = auc_columns(of_kind)
     head = ('<th class="num">unit</th><th class="num">max act.</th><th class="num">density*</th><th>explanation</th>'
-            + "".join(f'<th class="num">{esc(name)}</th>' for name in simulators))
+            + "".join(f'<th class="num">{esc(name)}</th>' for name in simulators) + auc_header_html(aucs))
     rows = []
     for unit in of_kind:
         cells = [f'<td class="num" data-value="{unit.unit}"><a href="{esc(unit.page)}">{unit.unit}</a></td>',
                  number_cell(unit.max_activation), number_cell(unit.random_density), text_cell(unit.explanation),
-                 *(number_cell(score_of(unit.scores, name)) for name in simulators)]
+                 *(number_cell(score_of(unit.scores, name)) for name in simulators), *auc_cells(unit, aucs)]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return (f'<h2 id="{esc(kind)}s">{esc(plural(kind))} ({len(of_kind)})</h2>\n'
             f'<table class="sortable units" id="{esc(kind)}-table"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>\n"
             '<p class="note">max act.: largest activation over the unit\'s excerpts. *density: fraction of the tokens '
             "of its random excerpts where it is &gt; 0 (measured on the random excerpts only). Scores: top+random "
-            "correlation per simulator. Click a header to sort.</p>")
+            "correlation per simulator" + ("; detection / fuzzing AUC under the primary scorer" if aucs else "")
+            + ". Click a header to sort.</p>")
 
 
 def units_subtitle_html(units: list[Unit], explain_path: Path) -> str:
@@ -245,5 +249,6 @@ def index_html(cfg: dict, units: list[Unit], explain_path: Path, report: dict | 
             scaling_html(scaling_svg),
             training_curves_html(log_path),
             score_summary_html(units),
+            classification_summary_html(units, report),
             *(units_table_html(units, kind) for kind in kinds_of(units))]
     return page(f"SAE latents: {title}", "\n".join(part for part in body if part), SORT_SCRIPT)

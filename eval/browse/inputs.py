@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae.errors import UserError
@@ -13,6 +13,12 @@ from sae.errors import UserError
 
 class BrowseError(UserError, ValueError):
     """An input is missing or unreadable, or the output folder may not be written into."""
+
+
+CLASSIFICATION_METHODS = ("detection", "fuzzing")
+"""The scoring methods of Paulo et al. 2024 (eval/explain/detection.py) whose metrics a record may hold,
+each as {scorer: {"balanced_accuracy", "f1", "auc", "positives", "negatives", "flags"}}, and its shuffled
+control under "<method>_shuffled"."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,14 @@ class Unit:
     shuffled_explanation_of: int | None
     top: tuple[Excerpt, ...]
     random: tuple[Excerpt, ...]
+    classification: dict = field(default_factory=dict)
+    """Detection and fuzzing metrics: {"detection" | "fuzzing" | "<method>_shuffled": {scorer: metrics}};
+    empty for records written before them."""
+
+    def metric(self, method: str, scorer: str, metric: str = "auc") -> float | None:
+        """One detection or fuzzing metric (`method` may end in "_shuffled"); None when absent or undefined."""
+        value = self.classification.get(method, {}).get(scorer, {}).get(metric)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property
     def page(self) -> str:
@@ -99,6 +113,19 @@ def _excerpts(record: dict, group: str, where: str) -> tuple[Excerpt, ...]:
     return tuple(excerpts)
 
 
+def _classification(record: dict) -> dict:
+    """The record's detection and fuzzing metrics (and shuffled controls) that are {scorer: {metric: value}}."""
+    keys = [key for method in CLASSIFICATION_METHODS for key in (method, f"{method}_shuffled")]
+    found = {}
+    for key in keys:
+        by_scorer = record.get(key)
+        if isinstance(by_scorer, dict):
+            by_scorer = {str(name): metrics for name, metrics in by_scorer.items() if isinstance(metrics, dict)}
+            if by_scorer:
+                found[key] = by_scorer
+    return found
+
+
 def unit_from_record(record: dict, where: str) -> Unit:
     """A Unit from one parsed line of explain.jsonl (`where` names the line in errors)."""
     if not isinstance(record, dict):
@@ -120,6 +147,7 @@ def unit_from_record(record: dict, where: str) -> Unit:
         shuffled_explanation_of=record.get("shuffled_explanation_of"),
         top=_excerpts(record, "top", where),
         random=_excerpts(record, "random", where),
+        classification=_classification(record),
     )
 
 

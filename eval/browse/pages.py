@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .inputs import Excerpt, Unit
+from .inputs import CLASSIFICATION_METHODS, Excerpt, Unit
 from .svg import bar_chart, esc, format_number, histogram
 
 SHADE_RGB = "255, 140, 0"
@@ -156,6 +156,29 @@ def scores_table_html(scores: dict) -> str:
             f'<th class="num">random only</th><th>flags</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+CLASSIFICATION_METRICS = (("balanced_accuracy", "balanced accuracy"), ("f1", "F1"), ("auc", "AUC"))
+"""(key, column title) of the detection and fuzzing metrics, in the order shown."""
+
+
+def classification_table_html(unit: Unit) -> str:
+    """A table of one unit's detection and fuzzing metrics: per method and scorer, balanced accuracy, F1 and
+    AUC, the same of the shuffled control where the record has it, the questions asked and any flags."""
+    shuffled = any(key.endswith("_shuffled") for key in unit.classification)
+    groups = [("", "")] + ([("_shuffled", "shuffled ")] if shuffled else [])
+    head = "".join(f'<th class="num">{esc(prefix + title)}</th>' for _, prefix in groups for _, title in CLASSIFICATION_METRICS)
+    rows = []
+    for method in (method for method in CLASSIFICATION_METHODS if method in unit.classification):
+        for scorer, metrics in unit.classification[method].items():
+            cells = [number_cell(unit.metric(method + suffix, scorer, key)) for suffix, _ in groups
+                     for key, _ in CLASSIFICATION_METRICS]
+            asked = f"{format_number(metrics.get('positives'))} / {format_number(metrics.get('negatives'))}"
+            flags = "; ".join(map(str, metrics.get("flags") or []))
+            rows.append(f"<tr><th>{esc(method)}</th><th>{esc(scorer)}</th>{''.join(cells)}"
+                        f"{text_cell(asked)}{text_cell(flags)}</tr>")
+    return ('<table class="scores classification"><thead><tr><th>method</th><th>scorer</th>'
+            f'{head}<th>yes / no questions</th><th>flags</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def unit_nav_html(unit: Unit, previous: Unit | None, following: Unit | None) -> str:
     """Links to the index and to the previous and next unit of the same kind."""
     links = [f'<a href="index.html#{esc(unit.kind)}s">↑ index</a>']
@@ -174,6 +197,12 @@ def unit_html(unit: Unit, cfg: dict, previous: Unit | None, following: Unit | No
             f'<blockquote class="explanation">{esc(unit.explanation) or "(no explanation)"}</blockquote>']
     if unit.scores:
         body += ["<h2>Scores</h2>", scores_table_html(unit.scores)]
+    if any(method in unit.classification for method in CLASSIFICATION_METHODS):
+        body += ["<h2>Detection and fuzzing</h2>",
+                 ('<p class="note">Yes/no questions with known answers (Paulo et al. 2024): detection asks whether '
+                  "the unit fires in an excerpt, fuzzing whether the marked tokens are ones where it fires. AUC 0.5 "
+                  "is chance. Shuffled: the same questions answered from the shuffled control's explanation.</p>"),
+                 classification_table_html(unit)]
     if unit.shuffled_scores:
         other = unit.shuffled_explanation_of
         other_page = f"{unit.kind}-{other}.html"

@@ -212,13 +212,16 @@ def bar_chart(title: str, edges: list[float], counts: list[int], x_label: str, y
 
 def scaling_chart(title: str, dots: list[tuple[float, float, str, str]],
                   curves: list[tuple[str, bool, list[tuple[float, float]]]], groups: list[str],
-                  x_label: str, y_label: str, note: str) -> str:
-    """A standalone log-log SVG of widths against a loss: dots (x, y, group, tooltip) and curves (group,
-    dashed, [(x, y) ...]) in their group's colour, a legend of `groups` (in order; the order picks the
-    colours) and a `note` line below it. x ticks at powers of two, y ticks at 1, 2, 5 times powers of 10."""
+                  x_label: str, y_label: str, note: str,
+                  bars: list[tuple[float, float, float, str]] = ()) -> str:
+    """A standalone log-log SVG of widths against a loss: dots (x, y, group, tooltip), curves (group,
+    dashed, [(x, y) ...]) and vertical error bars (x, y low, y high, group; all positive) in their group's
+    colour, a legend of `groups` (in order; the order picks the colours) and a `note` line below it. x
+    ticks at powers of two, y ticks at 1, 2, 5 times powers of 10."""
     colour = {group: SERIES_COLOURS[index % len(SERIES_COLOURS)] for index, group in enumerate(groups)}
     xs = [x for x, _, _, _ in dots]
-    ys = [y for _, y, _, _ in dots] + [y for _, _, line in curves for _, y in line]
+    ys = ([y for _, y, _, _ in dots] + [y for _, _, line in curves for _, y in line]
+          + [y for _, low, high, _ in bars for y in (low, high)])
     x_range, y_range = (min(xs) / 1.15, max(xs) * 1.15), (min(ys) / 1.08, max(ys) * 1.08)
     legend = _legend_places(groups, LogLogFrame.LEFT, LogLogFrame.WIDTH - LogLogFrame.RIGHT)
     rows = max(row for _, _, row in legend) + 1 if legend else 1
@@ -229,6 +232,9 @@ def scaling_chart(title: str, dots: list[tuple[float, float, str, str]],
         coordinates = " ".join(f"{frame.x(x)},{frame.y(y)}" for x, y in line)
         parts.append(f'<polyline fill="none" stroke="{colour[group]}" stroke-width="1.5"'
                      + (' stroke-dasharray="5,3"' if dashed else "") + f' points="{coordinates}"/>')
+    for x, low, high, group in bars:
+        parts.append(f'<line class="interval" x1="{frame.x(x)}" x2="{frame.x(x)}" y1="{frame.y(low)}" '
+                     f'y2="{frame.y(high)}" stroke="{colour[group]}" stroke-width="1"/>')
     for x, y, group, tooltip in dots:
         parts.append(f'<circle cx="{frame.x(x)}" cy="{frame.y(y)}" r="3" fill="{colour[group]}">'
                      f'<title>{esc(tooltip)}</title></circle>')

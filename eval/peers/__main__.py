@@ -4,6 +4,7 @@
     python -m eval.peers --ks "[8, 16, 32, 64]" --hookpoints "[transformer.h.1, transformer.h.2]"
     python -m eval.peers --systems "[ours, ours --grad_clip=0, sparsify]"      # an ablation of ours
     python -m eval.peers --peer_lr_factors "[0.25, 4, 16]"       # each peer also at these multiples of its lr
+    python -m eval.peers --ks "[8, 16, 32, 64]" --seeds "[0, 1, 2]"   # every run at 3 seeds: means, 95% intervals
     python -m eval.peers --hookpoints "[transformer.h.2.mlp]" --systems "[ours --sae.transcode, sparsify --sae.transcode]"
     python -m eval.peers --systems '["ours --sae.activation=batchtopk", "saelens --sae.activation=batchtopk",
         "saelens --sae.activation=batchtopk --sae.matryoshka=[128,512]"]'    # BatchTopK and Matryoshka SAEs
@@ -26,8 +27,11 @@ chose our defaults. Then one `python -m eval` pass scores every folder on the sa
 `--split` (test: nothing is chosen on it); the table (markdown,
 also in OUT/report.md, and OUT/report.json) has held-out fvu, delta CE, KL, the fraction of latents
 that never fired on the held-out tokens and L0 at every checkpoint, with each run's wall and CPU
-seconds. A run already in OUT with the same resolved config is reused, not retrained; one with another
-config (a changed default, say) is trained again.
+seconds. With `--seeds`, every run is trained once per seed (the data order and every system's init),
+and the report adds each metric's mean and 95% interval per hookpoint, k and system, the fronts drawn at
+the means with the intervals as bars, and which differences exceed seed noise (eval/seeds.py: the
+intervals separate). A run already in OUT with the same resolved config is reused, not retrained; one with
+another config (a changed default, say) is trained again.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from sae.optim import run_lr
 from ..__main__ import EvalConfig, run_eval
 from ..missing import report_json
 from .dead import window_dead_fraction
-from .fronts import lr_family, write_fronts
+from ..fronts import lr_family, write_fronts
+from ..seeds import comparison, json_ready, summarize
 from .ours import finetune_final, train_ours
 from .rows import shared_batches
 
@@ -67,7 +72,7 @@ KIND_KEYS = ("transcode", "skip_connection", "activation", "matryoshka")
 defaults): part of the task, which a peer's system spec may override as ours does ("--sae.transcode",
 "--sae.activation=batchtopk"), and which the peer's trainer is given."""
 
-REPORT_KEYS = ("fvu", "delta_ce", "kl", "never_fired_frac", "never_fired_tokens", "l0", "ce_clean")
+REPORT_KEYS = ("fvu", "delta_ce", "kl", "never_fired_frac", "never_fired_tokens", "dense_frac", "l0", "ce_clean")
 """The keys of each checkpoint's eval report that its row of the benchmark carries."""
 
 
@@ -110,6 +115,11 @@ class PeersConfig:
     peer_lr_factors: tuple[float, ...] = ()
     """Also train each peer at these multiples of its default learning rate and mark the one with the lowest
     final validation fvu "(tuned)"; empty: peers at their defaults only."""
+
+    seeds: tuple[int, ...] = ()
+    """Train every run once per seed (the seed of the data order and of each system's init); empty: the train
+    config's seed only. With two or more, the report gives each metric's mean and 95% interval and says
+    which differences exceed seed noise."""
 
     finetune_tokens: int = 0
     """Also fine-tune the final SAE of each of our systems end to end for this many LM tokens (`python -m
@@ -157,12 +167,14 @@ def peer_lr_factor(system: str) -> float:
     return system_overrides(system)[1]
 
 
-def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path) -> TrainConfig:
+def run_config(train_config: str, system: str, hookpoint: str, k: int, tokens: int, cache: Path,
+               seed: int | None = None) -> TrainConfig:
     """Our config for one run of the benchmark: the file's, the system's config overrides (a peer's: the kind
-    of sparse coder), this hookpoint and k."""
+    of sparse coder), this hookpoint and k, and `seed` (None: the file's)."""
     overrides, _ = system_overrides(system)
     cfg = parse_args(["--config", train_config, *overrides], TrainConfig)
     return replace(cfg, hookpoint=hookpoint, sae=replace(cfg.sae, k=k), max_tokens=tokens, eval_every=0,
+                   seed=cfg.seed if seed is None else seed,
                    wandb_mode="disabled", resume=False, data=replace(cfg.data, activation_cache=str(cache)))
 
 
@@ -175,11 +187,11 @@ def checkpoint_steps(tokens: int, checkpoint_tokens: int, batch_size: int) -> li
     return sorted({*range(every, steps + 1, every), steps})
 
 
-def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, cache: Path, out_dir: Path) -> dict:
-    """Train one system once (or reuse OUT's earlier run of it):
+def train_system(cfg: PeersConfig, system: str, hookpoint: str, k: int, seed: int, cache: Path, out_dir: Path) -> dict:
+    """Train one system once at `seed` (or reuse OUT's earlier run of it):
     {"folders": {tokens trained: folder}, "wall_s", "cpu_s"} (the time of the whole run)."""
     # a peer takes from our config only what defines the task: data order, width, kind, batch size, seed
-    train_cfg = run_config(cfg.train_config, system, hookpoint, k, cfg.tokens, cache)
+    train_cfg = run_config(cfg.train_config, system, hookpoint, k, cfg.tokens, cache, seed)
     steps = checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, train_cfg.batch_size)
     # The run is reused only if it was trained with this very config, its learning rate resolved (a changed
     # default retrains it). Changes to the code itself are not seen: benchmark those into a new --out.
@@ -281,18 +293,19 @@ def _peer_trainer(system: str, sae: SaeConfig) -> Callable[..., dict[int, Path]]
 def markdown_table(rows: list[dict]) -> str:
     """The report's table; "never fired (N held-out tokens)" counts latents silent on all N held-out
     tokens, "dead (N train tokens)" those silent on N rows of the training text's activations (present
-    when the rows carry it); "(tuned)" marks the peer learning rate chosen on validation. Every row is
-    scored on the same held-out tokens."""
+    when the rows carry it); "(tuned)" marks the peer learning rate chosen on validation; a seed column
+    when the rows have several. Every row is scored on the same held-out tokens."""
     held_out_tokens = rows[0]["never_fired_tokens"] if rows else 0
     window = rows[0].get("dead_window_tokens") if rows else None
     window_column = f" dead ({window:,} train tokens) |" if window else ""
-    header = (f"| hookpoint | k | system | tokens | held-out fvu | delta CE | KL | never fired ({held_out_tokens:,} "
-              f"held-out tokens) |{window_column} L0 | train wall s | train CPU s |")
+    seeded = len({row.get("seed", 0) for row in rows}) > 1
+    header = (f"| hookpoint | k | system |{' seed |' if seeded else ''} tokens | held-out fvu | delta CE | KL | never "
+              f"fired ({held_out_tokens:,} held-out tokens) |{window_column} L0 | train wall s | train CPU s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         times = (f"{row['wall_s']:.0f} | {row['cpu_s']:.0f}" if row["final"] else " | ")
         window_cell = f" {row['dead_window']:.3f} |" if window else ""
-        system = row["system"] + (" (tuned)" if row.get("tuned") else "")
+        system = row["system"] + (" (tuned)" if row.get("tuned") else "") + (f" | {row['seed']}" if seeded else "")
         lines.append(f"| {row['hookpoint']} | {row['k']} | {system} | {row['tokens']:,} | {row['fvu']:.4f} | "
                      f"{row['delta_ce']:.4f} | {row['kl']:.4f} | {row['never_fired_frac']:.3f} |{window_cell} "
                      f"{row['l0']:.1f} | {times} |")
@@ -303,6 +316,7 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     base = parse_args(["--config", cfg.train_config], TrainConfig)
     hookpoints = list(cfg.hookpoints or [base.hookpoint])
     ks = list(cfg.ks or [base.sae.k])
+    seeds = list(dict.fromkeys(cfg.seeds or [base.seed]))
     checkpoint_steps(cfg.tokens, cfg.checkpoint_tokens, base.batch_size)  # bad numbers fail before any work
     if cfg.finetune_tokens < 0:
         raise ConfigError(f"--finetune_tokens must be >= 0 (0: no fine-tune), got {cfg.finetune_tokens}")
@@ -327,16 +341,19 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
     build_cache(replace(base, max_tokens=cfg.tokens, hookpoint=hookpoints[0]), cache, hookpoints=cache_hookpoints)
 
     runs = []
-    for hookpoint in hookpoints:
-        for k in ks:
-            for system in systems:
-                print(f"== {hookpoint} k={k} {system}")
-                result = train_system(cfg, system, hookpoint, k, cache, out / hookpoint / f"k{k}" / system_label(system))
-                runs.append({"hookpoint": hookpoint, "k": k, "system": system, **result})
+    for seed in seeds:
+        for hookpoint in hookpoints:
+            for k in ks:
+                for system in systems:
+                    print(f"== {hookpoint} k={k} {system}" + (f" seed {seed}" if len(seeds) > 1 else ""))
+                    # the config's own seed keeps the folder it had before there were seeds, so it is reused
+                    label = system_label(system) + ("" if seed == base.seed else f"-seed{seed}")
+                    result = train_system(cfg, system, hookpoint, k, seed, cache, out / hookpoint / f"k{k}" / label)
+                    runs.append({"hookpoint": hookpoint, "k": k, "system": system, "seed": seed, **result})
     if cfg.finetune_tokens:
         for run in [run for run in runs if is_ours(run["system"])]:
             print(f"== {run['hookpoint']} k={run['k']} {run['system']} +finetune")
-            result = finetune_final(run, cfg.finetune_tokens, base.seed, base.data.data_dir)
+            result = finetune_final(run, cfg.finetune_tokens, run["seed"], base.data.data_dir)
             runs.append({**run, "system": f"{run['system']} +finetune", **result})
     folders = [folder for run in runs for folder in run["folders"].values()]
     activations = ActivationCache(cache)
@@ -348,7 +365,8 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
         last = max(run["folders"], key=int)
         for tokens, folder in run["folders"].items():
             report = reports[folder]
-            rows.append({"hookpoint": run["hookpoint"], "k": run["k"], "system": run["system"], "tokens": int(tokens),
+            rows.append({"hookpoint": run["hookpoint"], "k": run["k"], "system": run["system"], "seed": run["seed"],
+                         "tokens": int(tokens), "split": cfg.split,
                          "tuned": (run["hookpoint"], run["k"], run["system"]) in tuned,
                          "final": tokens == last, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "sae": folder,
                          "held_out": report["data"]["held_out"],
@@ -357,6 +375,12 @@ def benchmark(cfg: PeersConfig) -> list[dict]:
                 rows[-1]["dead_window"], rows[-1]["dead_window_tokens"] = window_dead_fraction(
                     folder, activations, run["hookpoint"], cfg.dead_window_tokens)
     table = markdown_table(rows)
+    if len(seeds) > 1:
+        summary = summarize([row for row in rows if row["final"]], SEED_KEYS, SEED_METRICS)
+        statements = seed_comparisons(summary)
+        table += "\n\n" + seed_table(summary) + "\n\n" + "\n".join(f"- {line}" for line in statements)
+        (out / "seeds.json").write_text(report_json({"summary": [json_ready(entry) for entry in summary],
+                                                     "comparisons": statements}, indent=1) + "\n")
     (out / "report.json").write_text(report_json(rows, indent=1) + "\n")
     (out / "report.md").write_text(table + "\n")
     for path in write_fronts(rows, out):
@@ -378,15 +402,56 @@ def with_lr_variants(systems: tuple[str, ...], factors: tuple[float, ...]) -> li
 
 
 def tuned_peers(runs: list[dict], validation: EvalConfig) -> set[tuple[str, int, str]]:
-    """(hookpoint, k, system) of each peer's learning-rate variant whose final SAE has the lowest fvu on the
-    validation split, among that peer's variants (its `lr_family`) at that hookpoint and k."""
+    """(hookpoint, k, system) of each peer's learning-rate variant whose final SAEs have the lowest fvu on
+    the validation split (the mean over the seeds), among that peer's variants (its `lr_family`) at that
+    hookpoint and k."""
     finals = {run["folders"][max(run["folders"], key=int)]: run for run in runs if not is_ours(run["system"])}
     fvu = {report["sae"]: report["fvu"] for report in run_eval(validation, list(finals))}
-    best: dict[tuple, tuple[float, str]] = {}
+    by_system: dict[tuple[str, int, str], list[float]] = {}
     for folder, run in finals.items():
-        key = (run["hookpoint"], run["k"], lr_family(run["system"]))
-        best[key] = min(best.get(key, (float("inf"), "")), (fvu[folder], run["system"]))
+        by_system.setdefault((run["hookpoint"], run["k"], run["system"]), []).append(fvu[folder])
+    best: dict[tuple, tuple[float, str]] = {}
+    for (hookpoint, k, system), values in by_system.items():
+        key = (hookpoint, k, lr_family(system))
+        best[key] = min(best.get(key, (float("inf"), "")), (sum(values) / len(values), system))
     return {(hookpoint, k, system) for (hookpoint, k, _), (_, system) in best.items()}
+
+
+SEED_KEYS = ("hookpoint", "k", "system", "tuned")
+SEED_METRICS = ("fvu", "delta_ce", "kl", "never_fired_frac", "dead_window", "dense_frac", "l0")
+"""What the seeds summary groups the final rows by, and the metrics it gives means and intervals of."""
+
+COMPARED_METRICS = ("fvu", "delta_ce")
+
+
+def seed_table(summary: list[dict]) -> str:
+    """Markdown: per hookpoint, k and system, each metric's mean ± the half-width of its 95% interval."""
+    metrics = [metric for metric in SEED_METRICS if any(metric in entry for entry in summary)]
+    header = "| hookpoint | k | system | seeds | " + " | ".join(metrics) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for entry in summary:
+        cells = [entry[metric].text(".1f" if metric == "l0" else ".4f") if metric in entry else "–" for metric in metrics]
+        system = entry["system"] + (" (tuned)" if entry["tuned"] else "")
+        lines.append(f"| {entry['hookpoint']} | {entry['k']} | {system} | {len(entry['seeds'])} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_comparisons(summary: list[dict]) -> list[str]:
+    """At each hookpoint and k, each of our systems against every peer (at its tuned lr when it was tuned)
+    and the first of ours against our others, on COMPARED_METRICS: a difference is stated only where the 95%
+    intervals separate."""
+    statements = []
+    for (hookpoint, k) in dict.fromkeys((entry["hookpoint"], entry["k"]) for entry in summary):
+        entries = [entry for entry in summary if (entry["hookpoint"], entry["k"]) == (hookpoint, k)]
+        ours = [entry for entry in entries if is_ours(entry["system"])]
+        tuned = {lr_family(entry["system"]) for entry in entries if entry["tuned"]}
+        peers = [entry for entry in entries if not is_ours(entry["system"])
+                 and (entry["tuned"] or lr_family(entry["system"]) not in tuned)]
+        pairs = [(a, b) for a in ours for b in peers]
+        pairs += [(ours[0], b) for b in ours[1:]]
+        statements += [f"{hookpoint} k={k}: " + comparison(a, b, metric) for a, b in pairs for metric in COMPARED_METRICS]
+    return statements
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

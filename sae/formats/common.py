@@ -65,7 +65,7 @@ PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
     "dataset_config": _STRING_OR_NULL, "split": _STRING_OR_NULL, "text_column": _STRING_OR_NULL,
     "model_init": _STRING_OR_NULL, "model_init_seed": _INT_OR_NULL, "model_init_versions": _OBJECT_OR_NULL,
     "tokens_trained": _INT_OR_NULL, "text_read": _OBJECT_OR_NULL, "run_name": _STRING_OR_NULL,
-    "variant": _STRING_OR_NULL, "final_metrics": _OBJECT_OR_NULL, "wandb_run_id": _STRING_OR_NULL,
+    "variant": _STRING_OR_NULL, "init_seed": _INT_OR_NULL, "final_metrics": _OBJECT_OR_NULL, "wandb_run_id": _STRING_OR_NULL,
     "wandb_project": _STRING_OR_NULL, "converted_from": _OBJECT_OR_NULL, "input_scale_folded": (int, float), "output_scale_folded": (int, float),
 }
 """The JSON types of the provenance keys our code reads from cfg.json (sae/config.py `provenance`, the

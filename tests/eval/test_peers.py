@@ -203,3 +203,26 @@ def test_a_config_key_that_does_not_change_training_does_not_retrain_a_recorded_
     assert not same_run({**now, "config": {"lr": 0.02, "finetune_tokens": 0}}, now)
     peer = {"system": "sparsify", "task": {"k": 4}, "checkpoint_steps": [3], "lr_factor": 1.0}
     assert same_run(dict(peer), peer) and not same_run({**peer, "lr_factor": 4.0}, peer)
+
+
+def test_with_seeds_every_run_is_trained_per_seed_and_differences_are_stated_against_seed_noise(train_config, tmp_path):
+    """--seeds trains each system once per seed (the config's seed in the folder it always had), and adds each
+    metric's mean and 95% interval and which differences exceed seed noise."""
+    argv = ["--train_config", str(train_config), "--systems", "[ours, sparsify]", "--seeds", "[0, 1]",
+            "--tokens", str(128 * 4), "--checkpoint_tokens", str(128 * 4), "--eval_tokens", "480",
+            "--dead_window_tokens", "0", "--out", str(tmp_path / "peers")]
+    rows = main(argv)
+    assert [(row["system"], row["seed"]) for row in rows] == [("ours", 0), ("sparsify", 0), ("ours", 1), ("sparsify", 1)]
+    k_dir = tmp_path / "peers" / "transformer.h.1" / "k4"
+    assert sorted(path.name for path in k_dir.iterdir()) == ["ours", "ours-seed1", "sparsify", "sparsify-seed1"]
+    assert json.loads((k_dir / "sparsify-seed1" / "run.json").read_text())["identity"]["task"]["seed"] == 1
+    assert len({row["fvu"] for row in rows}) == 4
+    seeds = json.loads((tmp_path / "peers" / "seeds.json").read_text())
+    ours = seeds["summary"][0]
+    assert (ours["system"], ours["seeds"]) == ("ours", [0, 1])
+    assert ours["fvu"]["values"] == [rows[0]["fvu"], rows[2]["fvu"]]
+    [fvu_line, delta_ce_line] = seeds["comparisons"]
+    assert fvu_line.startswith("transformer.h.1 k=4: ours") and "sparsify" in fvu_line and "fvu" in fvu_line
+    assert "delta_ce" in delta_ce_line
+    report = (tmp_path / "peers" / "report.md").read_text()
+    assert "| transformer.h.1 | 4 | ours | 1 | 512 |" in report and "| transformer.h.1 | 4 | ours | 2 | " in report

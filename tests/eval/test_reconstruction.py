@@ -36,6 +36,9 @@ def test_summary_matches_float64_reference_on_fixed_activations():
     # latents silent on all of these tokens, with the count of tokens it holds for; not training's dead_frac
     assert summary["never_fired_frac"] == 1 - fired.double().mean().item() and summary["never_fired_tokens"] == len(x)
     assert "dead_frac" not in summary
+    density = (dense > 0).double().mean(0)  # per latent, the fraction of tokens it fires on
+    assert summary["dense_frac"] == (density > 0.1).double().mean().item()
+    assert 0 < summary["dense_frac"] < 1  # the check sees both kinds of latent here
     histogram = summary["density_histogram"]
     assert histogram["never_fired"] == (~fired).sum().item()
     assert sum(histogram["counts"]) == fired.sum().item()
