@@ -14,7 +14,7 @@ from known_saes import constant_sae, identity_sae, random_sae
 
 HOOKPOINT = "transformer.h.1"
 D = 128  # the embedded model's width
-FLOAT_KEYS = {"nmse", "fvu", "mse", "l0", "never_fired_frac", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
+FLOAT_KEYS = {"nmse", "fvu", "mse", "l0", "never_fired_frac", "dense_frac", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
               "ce_recovered", "ce_recovered_mean", "delta_ce", "kl"}
 
 
