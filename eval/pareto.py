@@ -93,7 +93,8 @@ def family_fields(family: str) -> dict:
         key, equals, value = part.partition("=")
         if not equals or key in ("name", "k", "seed", "hookpoint"):
             raise ConfigError(f"family '{family}': each setting is KEY=VALUE of an SAE field (n_latents, k_aux, "
-                              f"activation, matryoshka, lr, ...); k and seed are the sweep's, got '{part}'")
+                              f"activation, matryoshka, lr, ...); name, k, seed and hookpoint are the sweep's, "
+                              f"got '{part}'")
         fields[key] = yaml.safe_load(value)
     return fields
 

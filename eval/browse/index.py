@@ -29,6 +29,7 @@ REPORT_METRICS = [
     ("l0", "L0 (active latents per token)"),
     ("never_fired_frac", "latents that never fired (fraction)"),
     ("never_fired_tokens", "tokens never_fired_frac counts over"),
+    ("dense_frac", "latents firing on more than 10% of those tokens (fraction)"),
     ("ce_clean", "LM cross-entropy, clean"),
     ("ce_sae", "LM cross-entropy, SAE spliced in"),
     ("ce_recovered", "CE loss recovered (vs zero ablation)"),

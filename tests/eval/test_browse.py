@@ -80,7 +80,7 @@ def make_sae_dir(root, with_log=True, with_explain=True, final_metrics=FINAL_MET
 def write_report(path):
     """A small eval report as `python -m eval --out` writes it (the keys the index shows)."""
     report = {"sae": "elsewhere", "nmse": 0.2, "fvu": 0.25, "l0": 2.0, "never_fired_frac": 0.125,
-              "never_fired_tokens": 4096, "tokens": 4096, "ce_clean": 3.0,
+              "never_fired_tokens": 4096, "dense_frac": 0.0625, "tokens": 4096, "ce_clean": 3.0,
               "ce_sae": 3.5, "ce_recovered": 0.9375, "ce_recovered_mean": 0.75, "kl": 0.4,
               "density_histogram": {"log10_bin_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [1, 5, 2], "never_fired": 4},
               "ablation_sparsity": {"mean": 0.02, "median": 0.015, "latents": 3, "ablations": 9, "horizon": 16,
@@ -240,6 +240,7 @@ def test_headline_says_which_weights_and_tokens_each_number_is_from(site):
     assert held_out["tokens never_fired_frac counts over"] == "2,048"
     report = cards["Evaluation"]
     assert report["latents that never fired (fraction)"] == "0.125" and report["tokens never_fired_frac counts over"] == "4,096"
+    assert report["latents firing on more than 10% of those tokens (fraction)"] == "0.0625"
     assert not any("dead" in label for label in [*held_out, *report])
 
 

@@ -54,8 +54,9 @@ def test_the_run_is_the_config_with_its_overrides_and_one_variant_per_family_k_a
 
 
 def test_bad_options_are_one_line(train_config, tmp_path):
-    with pytest.raises(ConfigError, match="k and seed are the sweep's"):
-        main(argv(train_config, tmp_path / "p", "--families", '["k=8"]'))
+    for setting in ("k=8", "seed=1", "activation"):
+        with pytest.raises(ConfigError, match="name, k, seed and hookpoint are the sweep's"):
+            main(argv(train_config, tmp_path / "p", "--families", json.dumps([setting])))
     with pytest.raises(ConfigError, match="must not repeat"):
         main(argv(train_config, tmp_path / "p", "--seeds", "[1, 1]"))
     with pytest.raises(ConfigError, match="--eval.out is not used"):
