@@ -63,3 +63,28 @@ def test_bad_options_are_one_line(train_config, tmp_path):
         main(argv(train_config, tmp_path / "p", "--eval.out", "x.json"))
     with pytest.raises(ConfigError, match="family.activaton"):
         main(argv(train_config, tmp_path / "p", "--families", '["activaton=batchtopk"]'))
+
+
+def test_a_stopped_run_is_resumed_and_a_changed_config_retrained(train_config, tmp_path, monkeypatch):
+    import eval.pareto as pareto_module
+
+    cfg = ParetoConfig(train_config=str(train_config), ks=(4,), seeds=(0,), tokens=128 * 3, out=str(tmp_path / "p"))
+    sweep = sweep_config(cfg)
+    calls = []
+
+    def stopped(run_cfg):
+        calls.append(run_cfg.resume)
+        run_cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pareto_module, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pareto_module.train_sweep(sweep, tmp_path / "p")
+    monkeypatch.setattr(pareto_module, "train", lambda run_cfg: calls.append(run_cfg.resume))
+    pareto_module.train_sweep(sweep, tmp_path / "p")  # the same config: resumed
+    assert calls == [False, True]
+    assert pareto_module.train_sweep(sweep, tmp_path / "p")["done"] and calls == [False, True]  # done: reused
+    other = sweep_config(ParetoConfig(train_config=str(train_config), ks=(4,), seeds=(1,), tokens=128 * 3,
+                                      out=str(tmp_path / "p")))
+    pareto_module.train_sweep(other, tmp_path / "p")  # another config: its old run folder goes, a fresh start
+    assert calls == [False, True, False] and not sweep.run_dir.exists()
