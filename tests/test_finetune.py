@@ -21,12 +21,12 @@ F64 = torch.float64
 HOOKPOINT, CTX = "transformer.h.1", 16
 
 
-def tiny_sae_folder(path, lm_dir, text_file, d_in=32, split="train", recorded=None, **fields):
+def tiny_sae_folder(path, lm_dir, text_file, d_in=32, split="train", recorded=None, hookpoint=HOOKPOINT, **fields):
     """An untrained SAE (64 latents, k 4) on the tiny LM's block 1 (width 32), saved with the provenance the
     trainer records."""
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(d_in=d_in, n_latents=64, k=4, **fields))
-    metadata = {"model": str(lm_dir), "hookpoint": HOOKPOINT, "dataset": str(text_file), "dataset_config": None,
+    metadata = {"model": str(lm_dir), "hookpoint": hookpoint, "dataset": str(text_file), "dataset_config": None,
                 "split": split, "text_column": "text", "ctx_len": CTX} | (recorded or {})
     return sae.save(path, metadata=metadata)
 
@@ -98,6 +98,44 @@ def test_loss_equals_a_plain_float64_computation(lm64):
     assert loss.total.dtype == F64
     assert torch.allclose(loss.total, expected, rtol=1e-10, atol=0)
     assert torch.allclose(loss.sae.fvu, fvu, rtol=1e-10, atol=0)
+
+
+def test_a_transcoders_loss_equals_a_plain_float64_computation(lm64):
+    """A transcoder at block 1's MLP: encoded from the MLP's input (no b_dec subtracted), its prediction
+    replaces the MLP's output, and its fvu is of that output."""
+    model, _ = lm64
+    torch.manual_seed(2)
+    sae = SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4, transcode=True), dtype=F64)
+    with torch.no_grad():
+        sae.b_dec.normal_(std=0.1)
+        sae.encoder.bias.normal_(std=0.1)
+    input_ids = torch.randint(1, 300, (3, CTX))
+
+    loss = finetune_loss(model, get_module(model, HOOKPOINT + ".mlp"), sae, input_ids, [], kl_coef=0.5)
+
+    block = model.transformer.h[1]
+    hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states[1]  # block 0's output
+    h = hidden + block.attn(block.ln_1(hidden))[0]  # block 1 up to its MLP
+    mlp_in = block.ln_2(h)
+    mlp_out = block.mlp(mlp_in)
+    x, y = mlp_in[:, 1:].reshape(-1, 32), mlp_out[:, 1:].reshape(-1, 32)
+    pre = x @ sae.encoder.weight.T + sae.encoder.bias
+    values, indices = pre.topk(4, dim=-1)
+    y_hat = (values.relu().unsqueeze(-1) * sae.W_dec[indices]).sum(1) + sae.b_dec
+    fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+    spliced = h + torch.cat([mlp_out[:, :1], y_hat.view(3, CTX - 1, 32)], dim=1)
+    expected = 0.5 * plain_kl(model(input_ids=input_ids).logits, logits_from_block_2(model, spliced)) + fvu
+    assert torch.allclose(loss.total, expected, rtol=1e-10, atol=0)
+    assert torch.allclose(loss.sae.fvu, fvu, rtol=1e-10, atol=0)
+
+
+def test_a_transcoder_fine_tunes_into_a_transcoder_folder(tmp_path, tiny_lm_dir, text_file):
+    source = tiny_sae_folder(tmp_path / "src", tiny_lm_dir, text_file, hookpoint=HOOKPOINT + ".mlp", transcode=True)
+    out = finetune(source, tmp_path / "run", options(save_every=0))
+    tuned = SparseAutoencoder.load(out)
+    assert tuned.cfg.transcode and out == tmp_path / "run" / (HOOKPOINT + ".mlp")
+    assert not torch.equal(tuned.W_dec, SparseAutoencoder.load(source).W_dec)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
 
 
 def test_the_kl_reaches_the_sae_through_the_later_layers_and_the_lm_stays_frozen(lm64):
@@ -229,10 +267,6 @@ def test_bad_input_is_one_line(tmp_path, tiny_lm_dir, text_file, capsys, monkeyp
     assert "already holds files" in cli_error(taken, capsys)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert "no checkpoint" in cli_error(taken + ["--resume"], capsys)
-    transcoder = tmp_path / "transcoder"
-    SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4, transcode=True)).save(
-        transcoder, metadata={"model": str(tiny_lm_dir), "hookpoint": "transformer.h.1.mlp"})
-    assert "not yet supported" in cli_error([str(transcoder), "--tokens", "1000"], capsys)
     assert "less than one step" in cli_error([source, "--tokens", "10", "--out", str(tmp_path / "short"),
                                               "--device", "cpu"], capsys)
     narrow = str(tiny_sae_folder(tmp_path / "narrow", tiny_lm_dir, text_file, d_in=16))

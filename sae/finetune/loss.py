@@ -11,6 +11,10 @@ predictions at positions 1 .. T-1 (those that can see a spliced position). With 
 (`exclude_special_tokens`), the positions of BOS/EOS/pad tokens keep their clean activations too and are
 left out of the reconstruction loss, as training left them out.
 
+A transcoder (Dunefsky et al. 2024) reads the module's input and predicts its output: its forward runs on
+the input's rows with the output's as its target, and its prediction replaces the output; the rest is the
+same.
+
 The spliced activations are exactly the reconstruction `x_hat` of the SAE's training forward, so both terms
 reach the SAE through one forward: the KL through the LM's layers after the hookpoint (frozen: their
 parameters get no gradient, the activations do), the reconstruction loss directly.
@@ -48,21 +52,28 @@ def splice_mask(input_ids: Tensor, excluded: list[int]) -> Tensor:
     return mask
 
 
+class CleanRun(NamedTuple):
+    """The LM's clean forward: the hooked module's first input and its output (B, T, d), the logits (B, T, vocab)."""
+
+    inputs: Tensor
+    hidden: Tensor
+    logits: Tensor
+
+
 @torch.no_grad()
-def clean_run(model: nn.Module, module: nn.Module, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """The LM's clean forward on `input_ids` (B, T): (the hooked module's activations (B, T, d), the
-    logits (B, T, vocab)), without gradient."""
+def clean_run(model: nn.Module, module: nn.Module, input_ids: Tensor) -> CleanRun:
+    """The LM's clean forward on `input_ids` (B, T), without gradient."""
     captured = {}
 
-    def hook(_module, _args, output):
-        captured["hidden"] = output_hidden(output)
+    def hook(_module, args, output):
+        captured["inputs"], captured["hidden"] = args[0], output_hidden(output)
 
     handle = module.register_forward_hook(hook)
     try:
         logits = model(input_ids=input_ids).logits
     finally:
         handle.remove()
-    return captured["hidden"], logits
+    return CleanRun(captured["inputs"], captured["hidden"], logits)
 
 
 def spliced_logits(model: nn.Module, module: nn.Module, input_ids: Tensor, hidden: Tensor) -> Tensor:
@@ -93,10 +104,14 @@ def finetune_loss(model: nn.Module, module: nn.Module, sae: SparseAutoencoder, i
     """The loss of one batch of windows `input_ids` (B, T) (module docstring). The SAE's forward runs on
     the rows of the spliced positions (`splice_mask`), N of them, in window order, with no dead-latent
     mask, so no AuxK: the SAE folder keeps no dead-latent counters, and counters started afresh would call
-    every latent alive for its first dead_tokens tokens; a short phase adjusts the live latents."""
-    hidden, clean_logits = clean_run(model, module, input_ids)
+    every latent alive for its first dead_tokens tokens; a short phase adjusts the live latents. A transcoder
+    reads the module's input rows and predicts its output rows."""
+    clean = clean_run(model, module, input_ids)
     mask = splice_mask(input_ids, excluded)
-    out = sae(hidden[mask])  # (N, d) rows
-    spliced = hidden.to(out.x_hat.dtype).masked_scatter(mask.unsqueeze(-1), out.x_hat)
-    kl = kl_clean_to_spliced(clean_logits, spliced_logits(model, module, input_ids, spliced))
+    if sae.cfg.transcode:
+        out = sae(clean.inputs[mask], target=clean.hidden[mask])  # (N, d) rows
+    else:
+        out = sae(clean.hidden[mask])
+    spliced = clean.hidden.to(out.x_hat.dtype).masked_scatter(mask.unsqueeze(-1), out.x_hat)
+    kl = kl_clean_to_spliced(clean.logits, spliced_logits(model, module, input_ids, spliced))
     return FinetuneLoss(kl_coef * kl + out.loss, kl, out)

@@ -22,7 +22,7 @@ import torch
 from .. import checkpoint
 from ..activations import check_context_length, get_module, hookpoint_widths, load_model_and_tokenizer
 from ..batchtopk import update_running_threshold
-from ..config import ConfigError, DataConfig, SaeConfig
+from ..config import ConfigError, DataConfig, SaeConfig, input_site
 from ..data import TokenWindows, load_text_dataset, text_read_record
 from ..distributed import resolve_device
 from ..errors import MissingFileError, RunExistsError, UsageError
@@ -103,13 +103,11 @@ class Source:
 
 
 def read_source(sae_dir: Path, data_dir: str) -> Source:
-    """The SAE folder `sae_dir`, refused in one line when it is missing, a transcoder or lacks the
-    provenance the fine-tune needs (model, hookpoint, the training text)."""
+    """The SAE folder `sae_dir`, refused in one line when it is missing or lacks the provenance the
+    fine-tune needs (model, hookpoint, the training text)."""
     if not is_sae_folder(sae_dir):
         raise MissingFileError(f"SAE folder not found: {sae_dir} (no sae.safetensors there)")
     cfg = read_sae_config(sae_dir)
-    if cfg.transcode:
-        raise UsageError(f"{sae_dir} is a transcoder: fine-tuning transcoders is not yet supported")
     provenance = read_sae_provenance(sae_dir)
     if provenance.get("split") in HELD_OUT_SPLITS:
         raise UsageError(f"{sae_dir}/cfg.json records split '{provenance['split']}' as its training text, a held-out "
@@ -213,11 +211,12 @@ def finetune(sae_dir: str | Path, run_dir: str | Path | None, options: FinetuneO
 
 
 def check_width(model, hookpoint: str, cfg: SaeConfig) -> None:
-    """Refuse (one line) a hookpoint that does not run, or whose activations are not the SAE's d_in wide
-    (`hookpoint_widths`: one probe forward)."""
-    width = hookpoint_widths(model, [hookpoint])[hookpoint]
-    if width != cfg.d_in:
-        raise UsageError(f"hookpoint '{hookpoint}' has width {width}, but the SAE's d_in is {cfg.d_in}")
+    """Refuse (one line) a hookpoint that does not run, or whose activations (a transcoder's: the module's
+    input and output) are not the SAE's d_in wide (`hookpoint_widths`: one probe forward)."""
+    sites = [input_site(hookpoint), hookpoint] if cfg.transcode else [hookpoint]
+    for site, width in hookpoint_widths(model, sites).items():
+        if width != cfg.d_in:
+            raise UsageError(f"hookpoint '{site}' has width {width}, but the SAE's d_in is {cfg.d_in}")
 
 
 def load_sae(folder: Path, device: torch.device) -> SparseAutoencoder:
