@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import sae.finetune.run as run_module
 from sae.activations import get_module, load_model_and_tokenizer
 from sae.config import SaeConfig
-from sae.errors import run_cli
+from sae.errors import UsageError, run_cli
 from sae.finetune import FinetuneOptions, finetune
 from sae.finetune.__main__ import main
 from sae.finetune.loss import finetune_loss
@@ -136,6 +136,32 @@ def test_a_transcoder_fine_tunes_into_a_transcoder_folder(tmp_path, tiny_lm_dir,
     assert tuned.cfg.transcode and out == tmp_path / "run" / (HOOKPOINT + ".mlp")
     assert not torch.equal(tuned.W_dec, SparseAutoencoder.load(source).W_dec)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_a_folded_transcoders_decoder_norm_moves_to_its_encoder_exactly(tmp_path, activation):
+    """A transcoder saved with its input and output scales folded in has decoder rows of norm s/t; the
+    fine-tune starts from unit rows computing the same function (its steps keep rows at unit norm)."""
+    torch.manual_seed(3)
+    trained = SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4, transcode=True, activation=activation))
+    with torch.no_grad():
+        trained.encoder.bias.normal_(std=0.1)
+        if trained.threshold is not None:
+            trained.threshold.fill_(0.05)
+    folder = trained.save(tmp_path / "tc", input_scale=0.8, output_scale=1.6)
+    saved = SparseAutoencoder.load(folder)
+    assert torch.allclose(saved.W_dec.norm(dim=1), torch.full((64,), 0.5))
+    moved = run_module.load_sae(folder, torch.device("cpu"))
+    assert torch.allclose(moved.W_dec.norm(dim=1), torch.ones(64))
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        expected = saved.decode(*saved.encode(x))
+        assert torch.allclose(moved.decode(*moved.encode(x)), expected, rtol=1e-5, atol=1e-6)
+    uneven = SparseAutoencoder(SaeConfig(d_in=32, n_latents=64, k=4))
+    with torch.no_grad():
+        uneven.W_dec[0] *= 2
+    with pytest.raises(UsageError, match="norms from 1 to 2"):
+        run_module.load_sae(uneven.save(tmp_path / "uneven"), torch.device("cpu"))
 
 
 def test_the_kl_reaches_the_sae_through_the_later_layers_and_the_lm_stays_frozen(lm64):

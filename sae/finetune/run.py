@@ -224,7 +224,29 @@ def load_sae(folder: Path, device: torch.device) -> SparseAutoencoder:
     if sae.input_norm != "none":
         raise UsageError(f"{folder} has input_norm {sae.input_norm!r} (an imported SAE): fine-tuning it is not "
                          "supported")
+    if sae.cfg.normalize_decoder:
+        move_decoder_norm_to_encoder(sae, folder)
     return sae
+
+
+def move_decoder_norm_to_encoder(sae: SparseAutoencoder, folder: Path) -> None:
+    """Give the decoder unit-norm rows, which each step keeps them at, without changing what the SAE
+    computes. A folded transcoder's rows all have one norm c = input scale / output scale
+    (`sae.folder.fold_scales`); W_dec / c with W_enc, b_enc and BatchTopK's threshold times c is the same
+    function, since a positive factor on the pre-activations keeps the top-k and commutes with ReLU. Rows of
+    different norms cannot be moved so: refused in one line."""
+    norms = sae.W_dec.detach().norm(dim=1)
+    c = norms.mean()
+    if (norms - c).abs().max() > 1e-4 * c:
+        raise UsageError(f"{folder}: its decoder rows have norms from {norms.min().item():.4g} to {norms.max().item():.4g}; "
+                         "the fine-tune keeps them at one norm (normalize_decoder), so it takes only SAEs whose rows "
+                         "share one")
+    with torch.no_grad():
+        sae.W_dec.div_(c)
+        sae.encoder.weight.mul_(c)
+        sae.encoder.bias.mul_(c)
+        if sae.threshold is not None:
+            sae.threshold.mul_(c)
 
 
 def training_step(model, module, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
