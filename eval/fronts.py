@@ -15,7 +15,7 @@ from pathlib import Path
 from sae.files import atomic_write
 
 from .browse.svg import scaling_chart
-from .seeds import Interval, mean_interval
+from .seeds import Interval, summarize
 
 FRONT_METRICS = {"fvu": "held-out fvu", "delta_ce": "delta CE (nats)"}
 
@@ -40,17 +40,16 @@ def front_points(rows: list[dict], hookpoint: str, metric: str) -> dict[str, lis
     as its family (the spec without --lr_factor), at the lr tuned at each k; its other lrs are left out."""
     finals = [row for row in rows if row["hookpoint"] == hookpoint and row["final"]]
     tuned = {(row["k"], lr_family(row["system"])) for row in finals if row.get("tuned")}
-    groups: dict[str, dict[int, list[dict]]] = {}
+    named = []
     for row in finals:
         family = lr_family(row["system"])
         if (row["k"], family) in tuned and not row.get("tuned"):
             continue
-        name = family if (row["k"], family) in tuned else row["system"]
-        groups.setdefault(name, {}).setdefault(row["k"], []).append(row)
-    return {system: sorted((FrontPoint(mean_interval([row["l0"] for row in seeds]),
-                                       mean_interval([row[metric] for row in seeds]), k)
-                            for k, seeds in by_k.items()), key=lambda point: point.l0.mean)
-            for system, by_k in groups.items()}
+        named.append({**row, "front": family if (row["k"], family) in tuned else row["system"]})
+    points: dict[str, list[FrontPoint]] = {}
+    for entry in summarize(named, ("front", "k"), ("l0", metric)):
+        points.setdefault(entry["front"], []).append(FrontPoint(entry["l0"], entry[metric], entry["k"]))
+    return {system: sorted(line, key=lambda point: point.l0.mean) for system, line in points.items()}
 
 
 def fronts_svg(rows: list[dict], hookpoint: str, metric: str) -> str | None:

@@ -39,7 +39,7 @@ from .__main__ import EvalConfig, run_eval
 from .fronts import write_fronts
 from .missing import report_json
 from .report import headline_metrics, write_report
-from .seeds import comparison, json_ready, summarize
+from .seeds import comparison, interval_table, json_ready, summarize
 
 COMPARED_METRICS = ("fvu", "delta_ce")
 """The metrics on which each family is compared with the first at every k."""
@@ -138,16 +138,6 @@ def train_sweep(train_cfg: TrainConfig, out: Path) -> dict:
     return record
 
 
-def summary_table(summary: list[dict], metrics: list[str]) -> str:
-    """Markdown: per family and k, each metric's mean ± the half-width of its 95% interval over the seeds."""
-    header = "| family | k | seeds | " + " | ".join(metrics) + " |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for entry in summary:
-        cells = [entry[metric].text(".1f" if metric == "l0" else ".4f") if metric in entry else "–" for metric in metrics]
-        lines.append(f"| {entry['system']} | {entry['k']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def family_comparisons(summary: list[dict]) -> list[str]:
     """At each k, every family against the first on COMPARED_METRICS (a difference only where the intervals separate)."""
     first = summary[0]["system"]
@@ -179,7 +169,8 @@ def pareto(cfg: ParetoConfig) -> dict:
     text = (f"{len(rows)} SAEs ({len(cfg.families)} famil{'y' if len(cfg.families) == 1 else 'ies'} x k {list(cfg.ks)} "
             f"x seeds {list(cfg.seeds)}), {rows[0]['tokens']:,} training tokens each from one stream; scored on "
             f"{reports[0]['never_fired_tokens']:,} held-out tokens ({held_out}); mean ± 95% interval over the seeds\n\n"
-            + summary_table(summary, metrics) + ("\n\n" + "\n".join(f"- {line}" for line in statements) if statements else ""))
+            + interval_table(["family", "k"], [[entry["system"], str(entry["k"])] for entry in summary], summary, metrics)
+            + ("\n\n" + "\n".join(f"- {line}" for line in statements) if statements else ""))
     result = {"config": to_dict(cfg), "held_out": held_out, "train_wall_s": record.get("wall_s"), "saes": rows,
               "summary": [json_ready(entry) for entry in summary], "comparisons": statements}
     atomic_write(out / "pareto.json", lambda tmp: Path(tmp).write_text(report_json(result, indent=1) + "\n"))

@@ -95,6 +95,18 @@ def comparison(a: dict, b: dict, metric: str, label: str = "system") -> str:
     return f"{a[label]}: {verdict} {metric} than {b[label]} {numbers}"
 
 
+def interval_table(titles: list[str], leading: list[list[str]], summary: list[dict], metrics: list[str]) -> str:
+    """Markdown: per summary entry its `leading` cells (under `titles`), its number of seeds, then each of
+    `metrics` as mean ± the half-width of its 95% interval (L0 to 0.1, the rest to 4 decimals; "–" where the
+    entry lacks it)."""
+    header = "| " + " | ".join([*titles, "seeds", *metrics]) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for cells, entry in zip(leading, summary):
+        values = [entry[metric].text(".1f" if metric == "l0" else ".4f") if metric in entry else "–" for metric in metrics]
+        lines.append("| " + " | ".join([*cells, str(len(entry["seeds"])), *values]) + " |")
+    return "\n".join(lines)
+
+
 def json_ready(entry: dict) -> dict:
     """A summary entry with its Intervals as dicts, for a JSON report."""
     return {key: value.to_dict() if isinstance(value, Interval) else value for key, value in entry.items()}

@@ -56,7 +56,7 @@ from ..__main__ import EvalConfig, run_eval
 from ..missing import report_json
 from .dead import window_dead_fraction
 from ..fronts import lr_family, write_fronts
-from ..seeds import comparison, json_ready, summarize
+from ..seeds import comparison, interval_table, json_ready, summarize
 from .ours import finetune_final, train_ours
 from .rows import shared_batches
 
@@ -427,14 +427,9 @@ COMPARED_METRICS = ("fvu", "delta_ce")
 def seed_table(summary: list[dict]) -> str:
     """Markdown: per hookpoint, k and system, each metric's mean ± the half-width of its 95% interval."""
     metrics = [metric for metric in SEED_METRICS if any(metric in entry for entry in summary)]
-    header = "| hookpoint | k | system | seeds | " + " | ".join(metrics) + " |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for entry in summary:
-        cells = [entry[metric].text(".1f" if metric == "l0" else ".4f") if metric in entry else "–" for metric in metrics]
-        system = entry["system"] + (" (tuned)" if entry["tuned"] else "")
-        lines.append(f"| {entry['hookpoint']} | {entry['k']} | {system} | {len(entry['seeds'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    leading = [[entry["hookpoint"], str(entry["k"]), entry["system"] + (" (tuned)" if entry["tuned"] else "")]
+               for entry in summary]
+    return interval_table(["hookpoint", "k", "system"], leading, summary, metrics)
 
 
 def seed_comparisons(summary: list[dict]) -> list[str]:
