@@ -16,7 +16,7 @@ from eval.explain.detection import (
 from eval.explain.explainers import Explanation, TokenLookupExplainer
 from eval.explain.n2g import N2GExplanation, PatternTrie
 from eval.explain.pipeline import explain_and_score, explain_table
-from eval.explain.records import Excerpt, UnitRecords, collect_records, quantile_window_ids
+from eval.explain.records import Excerpt, UnitRecords, quantile_window_ids
 from sae.errors import UsageError
 
 WORDS = [" the", " cat", " sat", " on", " a", " mat", " dog", " ran", " far", " away", ",", "."]
@@ -104,14 +104,8 @@ def test_questions_come_from_scoring_excerpts_and_fuzzing_marks_firing_or_quiet_
             assert sum(question.marks) == min(sum(fires), fires.count(False))
 
 
-def test_scoring_excerpts_are_disjoint_from_the_explainers_with_quantile_excerpts():
-    generator = torch.Generator().manual_seed(1)
-    n_windows, n_units = 80, 30
-    windows = torch.arange(n_windows)[:, None].expand(-1, 9)  # each window's tokens name it
-    fires = torch.rand(n_windows, 1, n_units, generator=generator) < 0.5
-    table = torch.rand(n_windows, 8, n_units, generator=generator) * fires
-    records = collect_records(windows, lambda ids: table[ids[:, 0]], list(range(n_units)),
-                              lambda ids: [str(i) for i in ids.tolist()], "latent", batch_windows=7, seed=3, n_quantiles=10)
+def test_scoring_excerpts_are_disjoint_from_the_explainers_with_quantile_excerpts(window_named_records):
+    records, table = window_named_records(80, 30, 0.5, n_quantiles=10)
     for record in records:
         seen = {str(e.window) for e in record.explanation_excerpts(len(record.top))}
         assert len(record.quantile) == 10

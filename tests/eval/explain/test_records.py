@@ -32,16 +32,11 @@ def excerpt_windows(excerpts):
     return {excerpt.window for excerpt in excerpts}
 
 
-def test_no_scoring_excerpt_comes_from_a_window_the_explainer_saw():
+def test_no_scoring_excerpt_comes_from_a_window_the_explainer_saw(window_named_records):
     """400 units that each fire in a few of 60 windows: with 5 explanation windows and 20 random ones of
     60, a shared random draw holds some unit's explanation window for most units."""
-    generator = torch.Generator().manual_seed(1)
-    n_windows, n_units = 60, 400
-    windows = torch.arange(n_windows)[:, None].expand(-1, 9)  # each window's tokens name it
-    fires = torch.rand(n_windows, 1, n_units, generator=generator) < 0.15
-    table = torch.rand(n_windows, 8, n_units, generator=generator) * fires
-    records = collect_records(windows, lambda ids: table[ids[:, 0]], list(range(n_units)),
-                              lambda ids: [str(i) for i in ids.tolist()], "latent", batch_windows=7, seed=3)
+    n_windows = 60
+    records, table = window_named_records(n_windows, 400, 0.15)
     draw = torch.randperm(n_windows, generator=torch.Generator().manual_seed(3)).tolist()
     shared = sorted(draw[:20])
     changed = 0
